@@ -1,0 +1,314 @@
+//! The contract between the zapvm VMM and its freestanding test guest.
+//!
+//! Both sides compile this crate: the VMM (std) and the test guest (`no_std`, no allocator).
+//! Everything here is plain data with a fixed `#[repr(C)]` layout plus the few pure functions
+//! both sides must agree on bit for bit (the memory pattern, how pages are split between vCPUs),
+//! so that the VMM can check from its own view of guest RAM what the guest claims to have written.
+//!
+//! # Boot
+//! The VMM loads the guest ELF, builds identity page tables (2 MiB pages, user-accessible), a GDT,
+//! an IDT page the guest fills itself, one TSS per vCPU, and a [`BootInfo`] at [`BOOT_INFO_GPA`].
+//! Every vCPU enters the ELF entry point with:
+//! - `rdi` = vCPU index, `rsi` = [`BOOT_INFO_GPA`], `rsp` = the top of that vCPU's stack;
+//! - CPL 3 (or CPL 0 when [`FLAG_CPL0`] is set), `RFLAGS.IOPL = 3`, interrupts off.
+//!
+//! # Ucalls
+//! A ucall is one 32-bit `out` to [`UCALL_PORT`] whose value is the guest-physical address of a
+//! [`Ucall`] record (on the guest stack, so always below 4 GiB). The VMM reads the record, acts, and
+//! resumes the vCPU; the guest may reuse the record once `out` returns.
+#![no_std]
+
+/// The port a ucall is written to (a 32-bit `out` of the record's guest-physical address).
+pub const UCALL_PORT: u16 = 0xe0;
+/// Version of this ABI; the guest's hello ucall carries it and the VMM refuses a mismatch.
+pub const ABI_VERSION: u64 = 1;
+/// Guest-physical address of the [`BootInfo`] page.
+pub const BOOT_INFO_GPA: u64 = 0x7000;
+/// [`BootInfo::magic`].
+pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"ZAPVMBI1");
+/// The longest message a ucall may carry; the VMM truncates longer ones.
+pub const MAX_MESSAGE_LEN: usize = 512;
+/// The most RAM ranges a [`BootInfo`] describes.
+pub const MAX_RANGES: usize = 8;
+/// Guest pages are 4 KiB.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// [`BootInfo::flags`]: the workload runs at CPL 0 (for VMX/SVM hosts, where ring 0 is not emulated).
+pub const FLAG_CPL0: u64 = 1 << 0;
+
+/// GDT selectors the VMM sets up (identical for the test guest and Linux's 64-bit boot protocol,
+/// which wants `__BOOT_CS` = 0x10 and `__BOOT_DS` = 0x18).
+pub mod selectors {
+    /// 64-bit ring-0 code (Linux's `__BOOT_CS`).
+    pub const KERNEL_CODE: u16 = 0x10;
+    /// Ring-0 data (Linux's `__BOOT_DS`).
+    pub const KERNEL_DATA: u16 = 0x18;
+    /// Ring-3 data, RPL 3.
+    pub const USER_DATA: u16 = 0x20 | 3;
+    /// 64-bit ring-3 code, RPL 3.
+    pub const USER_CODE: u16 = 0x28 | 3;
+    /// The first TSS descriptor; vCPU `i` uses `FIRST_TSS + 16 * i`.
+    pub const FIRST_TSS: u16 = 0x30;
+}
+
+/// What the guest runs after it said hello.
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Fill every word of every page of the vCPU's slice with [`pattern`], read it all back,
+    /// report the verified page count and the checksum in [`UcallKind::Done`].
+    Verify = 1,
+    /// Touch one word per page: cold write, warm write, warm read, each reported as a
+    /// [`UcallKind::Timing`]. The cost of guest memory access, for benchmarks.
+    Touch = 2,
+    /// Fail an assertion on purpose (tests that a guest failure reaches the user).
+    AssertFail = 3,
+    /// Execute `ud2` (tests that a guest exception reaches the user).
+    Exception = 4,
+}
+
+impl Workload {
+    /// Decodes the raw value stored in [`BootInfo::workload`].
+    pub fn from_raw(raw: u64) -> Option<Self> {
+        Some(match raw {
+            1 => Self::Verify,
+            2 => Self::Touch,
+            3 => Self::AssertFail,
+            4 => Self::Exception,
+            _ => return None,
+        })
+    }
+}
+
+/// A range of guest-physical addresses, `[start, end)`, page aligned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpaRange {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+}
+
+impl GpaRange {
+    /// Number of 4 KiB pages in the range.
+    pub fn pages(&self) -> u64 {
+        self.end.saturating_sub(self.start) / PAGE_SIZE
+    }
+}
+
+/// What the VMM tells every vCPU of the guest, at [`BOOT_INFO_GPA`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BootInfo {
+    /// [`BOOT_INFO_MAGIC`].
+    pub magic: u64,
+    /// [`ABI_VERSION`] of the VMM.
+    pub abi_version: u64,
+    /// Number of vCPUs running the workload.
+    pub nr_vcpus: u64,
+    /// A [`Workload`] as `u64`.
+    pub workload: u64,
+    /// `FLAG_*` bits.
+    pub flags: u64,
+    /// Seed of the memory pattern.
+    pub seed: u64,
+    /// Guest-physical address of the IDT page (256 16-byte gates) the guest fills itself.
+    pub idt_gpa: u64,
+    /// Number of valid entries in `work`.
+    pub nr_work: u64,
+    /// The RAM the workload owns, split between the vCPUs by [`slice_pages`].
+    pub work: [GpaRange; MAX_RANGES],
+}
+
+/// Kinds of ucall.
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UcallKind {
+    /// First thing a vCPU does: `args[0]` = [`ABI_VERSION`], `args[1]` = guest TSC at entry.
+    Hello = 1,
+    /// A line of text for the console (the message).
+    Print = 2,
+    /// The vCPU entered a stage of its workload: `args[0]` = stage number.
+    Stage = 3,
+    /// Progress of the current stage: `args[0]` = done, `args[1]` = total.
+    Progress = 4,
+    /// A timed pass: `args[0]` = [`Pass`], `args[1]` = pages touched, `args[2]` = TSC cycles.
+    Timing = 5,
+    /// The workload failed; the message says why.
+    Failure = 6,
+    /// The workload finished: `args[0]` = pages verified, `args[1]` = checksum of the slice.
+    Done = 7,
+    /// A CPU exception: `args[0]` = vector, `args[1]` = error code, `args[2]` = RIP,
+    /// `args[3]` = CR2, `args[4]` = CS.
+    Exception = 8,
+}
+
+impl UcallKind {
+    /// Decodes [`Ucall::kind`].
+    pub fn from_raw(raw: u64) -> Option<Self> {
+        Some(match raw {
+            1 => Self::Hello,
+            2 => Self::Print,
+            3 => Self::Stage,
+            4 => Self::Progress,
+            5 => Self::Timing,
+            6 => Self::Failure,
+            7 => Self::Done,
+            8 => Self::Exception,
+            _ => return None,
+        })
+    }
+}
+
+/// Timed passes of [`Workload::Touch`] (and of the fill/verify passes of [`Workload::Verify`]).
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// First write of each page since boot.
+    ColdWrite = 1,
+    /// Second write of each page.
+    WarmWrite = 2,
+    /// Read of each page after it was written.
+    WarmRead = 3,
+    /// Verify: the fill pass (every word written).
+    Fill = 4,
+    /// Verify: the check pass (every word read and compared).
+    Check = 5,
+}
+
+impl Pass {
+    /// Decodes a pass number from a [`UcallKind::Timing`] ucall.
+    pub fn from_raw(raw: u64) -> Option<Self> {
+        Some(match raw {
+            1 => Self::ColdWrite,
+            2 => Self::WarmWrite,
+            3 => Self::WarmRead,
+            4 => Self::Fill,
+            5 => Self::Check,
+            _ => return None,
+        })
+    }
+}
+
+/// The record a ucall points at.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Ucall {
+    /// A [`UcallKind`] as `u64`.
+    pub kind: u64,
+    /// The vCPU index the guest was entered with.
+    pub vcpu: u64,
+    /// Arguments, meaning per kind.
+    pub args: [u64; 6],
+    /// Guest-physical address of a UTF-8 message, or 0.
+    pub msg_gpa: u64,
+    /// Length of the message in bytes.
+    pub msg_len: u64,
+}
+
+impl Ucall {
+    /// A ucall of `kind` with no arguments and no message.
+    pub const fn new(kind: UcallKind, vcpu: u64) -> Self {
+        Self { kind: kind as u64, vcpu, args: [0; 6], msg_gpa: 0, msg_len: 0 }
+    }
+}
+
+/// The value the test guest writes at the 8-byte word at guest-physical address `gpa`.
+///
+/// Cheap (one multiply), different for every word and every seed, and never zero for a
+/// non-zero seed's odd image, so a page read back as zeros never passes for a written one.
+#[inline(always)]
+pub fn pattern(seed: u64, gpa: u64) -> u64 {
+    (gpa ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+}
+
+/// Calls `f` with the guest-physical address of every page of `vcpu`'s slice of `work`.
+///
+/// The pages of all ranges, taken in order, are cut into `nr_vcpus` contiguous slices whose sizes
+/// differ by at most one page; vCPU `i` owns slice `i`.
+pub fn slice_pages(work: &[GpaRange], nr_vcpus: u64, vcpu: u64, mut f: impl FnMut(u64)) {
+    let total: u64 = work.iter().map(GpaRange::pages).sum();
+    if nr_vcpus == 0 || vcpu >= nr_vcpus {
+        return;
+    }
+    let first = total * vcpu / nr_vcpus;
+    let last = total * (vcpu + 1) / nr_vcpus;
+    let mut index = 0u64;
+    for range in work {
+        let pages = range.pages();
+        // The part of [first, last) that falls into this range.
+        let lo = first.max(index);
+        let hi = last.min(index + pages);
+        let mut page = lo;
+        while page < hi {
+            f(range.start + (page - index) * PAGE_SIZE);
+            page += 1;
+        }
+        index += pages;
+    }
+}
+
+/// The checksum the guest reports for a fully verified slice: the wrapping sum of [`pattern`]
+/// over every word of every page the slice owns. The VMM recomputes it from its side.
+pub fn page_checksum(seed: u64, page_gpa: u64) -> u64 {
+    let mut sum = 0u64;
+    let mut word = 0;
+    while word < PAGE_SIZE {
+        sum = sum.wrapping_add(pattern(seed, page_gpa + word));
+        word += 8;
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec::Vec;
+
+    #[test]
+    fn slices_cover_every_page_exactly_once() {
+        let work = [
+            GpaRange { start: 0x40_0000, end: 0x40_0000 + 7 * PAGE_SIZE },
+            GpaRange { start: 0x1_0000_0000, end: 0x1_0000_0000 + 5 * PAGE_SIZE },
+        ];
+        for nr in 1..=13u64 {
+            let mut all = Vec::new();
+            let mut sizes = Vec::new();
+            for vcpu in 0..nr {
+                let before = all.len();
+                slice_pages(&work, nr, vcpu, |gpa| all.push(gpa));
+                sizes.push(all.len() - before);
+            }
+            let mut expected = Vec::new();
+            for r in &work {
+                let mut a = r.start;
+                while a < r.end {
+                    expected.push(a);
+                    a += PAGE_SIZE;
+                }
+            }
+            assert_eq!(all, expected, "{nr} vCPUs");
+            let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+            assert!(max - min <= 1, "{nr} vCPUs: unbalanced {sizes:?}");
+        }
+    }
+
+    #[test]
+    fn pattern_is_never_zero_and_depends_on_seed_and_address() {
+        for gpa in (0..1 << 20).step_by(8) {
+            assert_ne!(pattern(7, gpa), 0);
+            assert_ne!(pattern(7, gpa), pattern(8, gpa));
+            assert_ne!(pattern(7, gpa), pattern(7, gpa + 8));
+        }
+    }
+
+    #[test]
+    fn unknown_raw_values_are_rejected() {
+        assert_eq!(Workload::from_raw(0), None);
+        assert_eq!(UcallKind::from_raw(99), None);
+        assert_eq!(Pass::from_raw(0), None);
+        assert_eq!(Workload::from_raw(Workload::Touch as u64), Some(Workload::Touch));
+    }
+}

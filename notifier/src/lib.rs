@@ -1,0 +1,1 @@
+//! Range-based invalidation of guest-RAM mappings (placeholder; see issue 4).

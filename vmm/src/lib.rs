@@ -1,0 +1,1 @@
+//! zapvm VMM (placeholder)

@@ -1,0 +1,447 @@
+//! The subscriber list, the in-flight teardowns, and the grace period of unsubscribe.
+//!
+//! Why hand-written instead of an RCU crate: the guarantee needed is not "no reader still sees the
+//! old list" (what `arc-swap`/`crossbeam-epoch` give) but "no teardown that delivered, or will
+//! deliver, a callback to this subscriber is still in flight" — the start..end pair is one
+//! read-side section, so that a subscriber that got `start` always gets `end` before `unsubscribe`
+//! returns. That needs the set of in-flight teardowns anyway (late joiners are added to it), so one
+//! mutex-protected list of them is both the SRCU read-side bookkeeping and the grace-period test.
+//!
+//! # Invariants (all kept under `Registry::state`)
+//!
+//! * R1. `subs` is replaced, never mutated in place: a teardown's snapshot (an `Arc` clone taken in
+//!   `begin`) never changes, so its start, range and end callbacks go to the same subscribers.
+//! * R2. A teardown is in `inflight` from before its first callback until after its last one, and
+//!   its record names every subscriber it may still call: the snapshot plus `late`.
+//! * R3. `unsubscribe` removes the entry from `subs` (so no teardown that begins later sees it),
+//!   then waits until no record in `inflight` names it. With R2 this means no callback of that
+//!   subscriber runs after `unsubscribe` returns (the SRCU guarantee of mm/mmu_notifier.c, with
+//!   the whole start..end as the read-side section so ends are never lost).
+//! * R4. A subscriber registered while a teardown overlapping its interval is in flight is added to
+//!   that teardown's `late` list and told `invalidate_range_joined` under the lock, so it gets the
+//!   teardown's `invalidate_range_end` and never installs a translation of the range before that
+//!   end. Records whose ends are being delivered (`ending`) accept no late joiners: the joiner
+//!   could otherwise miss the end.
+//! * R5. `waiters` counts threads blocked on `cv`; `notify_all` is only issued when it is non-zero,
+//!   which keeps the futex syscall off the fast path.
+
+// loom's `thread_local!` does not accept a `const { }` initializer.
+#![allow(clippy::missing_const_for_thread_local)]
+
+use std::cell::Cell;
+
+use crate::range::overlaps;
+use crate::stats::{KindStats, SubscriberStats};
+use crate::subscriber::Subscriber;
+use std::sync::Arc;
+
+use crate::sync::{self, thread_local, AtomicU64, Condvar, Mutex, Ordering};
+use crate::{Error, Event, Origin, Range};
+
+thread_local! {
+    /// Depth of teardowns (begin..end) running on this thread; `unsubscribe` and `release` refuse
+    /// to wait inside one (they would wait for themselves).
+    static IN_TEARDOWN: Cell<u32> = Cell::new(0);
+}
+
+pub(crate) fn in_teardown() -> bool {
+    IN_TEARDOWN.with(|c| c.get() > 0)
+}
+
+/// Identifies a subscription.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct SubscriptionId(pub u64);
+
+#[derive(Default)]
+pub(crate) struct SubCounters {
+    pub starts: AtomicU64,
+    pub invalidates: AtomicU64,
+    pub ends: AtomicU64,
+    pub refusals: AtomicU64,
+    pub joined: AtomicU64,
+}
+
+pub(crate) struct Entry {
+    pub id: u64,
+    pub start: usize,
+    pub end: usize,
+    pub sub: Arc<dyn Subscriber>,
+    pub c: SubCounters,
+}
+
+impl Entry {
+    fn covers(&self, r: &Range) -> bool {
+        overlaps(self.start, self.end, r.start, r.end)
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct KindCounters {
+    pub starts: AtomicU64,
+    pub ends: AtomicU64,
+    pub refusals: AtomicU64,
+    pub retries: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+struct Inflight {
+    id: u64,
+    range: Range,
+    snapshot: Arc<Vec<Arc<Entry>>>,
+    late: Vec<Arc<Entry>>,
+    /// The ends are being delivered; no more late joiners (R4).
+    ending: bool,
+}
+
+struct State {
+    subs: Arc<Vec<Arc<Entry>>>,
+    inflight: Vec<Inflight>,
+    next_teardown: u64,
+    waiters: u32,
+    released: bool,
+}
+
+pub(crate) struct Registry {
+    state: Mutex<State>,
+    cv: Condvar,
+    next_sub: AtomicU64,
+    kinds: Vec<KindCounters>,
+}
+
+fn kind_slot(ev: &Event, origin: Origin) -> usize {
+    ev.index() * 2 + (origin == Origin::External) as usize
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Registry {
+            state: Mutex::new(State {
+                subs: Arc::new(Vec::new()),
+                inflight: Vec::new(),
+                next_teardown: 0,
+                waiters: 0,
+                released: false,
+            }),
+            cv: Condvar::new(),
+            next_sub: AtomicU64::new(1),
+            kinds: (0..Event::KINDS * 2)
+                .map(|_| KindCounters::default())
+                .collect(),
+        }
+    }
+
+    pub fn kind(&self, ev: &Event, origin: Origin) -> &KindCounters {
+        &self.kinds[kind_slot(ev, origin)]
+    }
+
+    /// Registers `sub` for ranges overlapping `[start, end)`.
+    pub fn subscribe(
+        &self,
+        sub: Arc<dyn Subscriber>,
+        start: usize,
+        end: usize,
+    ) -> Result<SubscriptionId, Error> {
+        if start >= end {
+            return Err(Error::Empty);
+        }
+        let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(Entry {
+            id,
+            start,
+            end,
+            sub,
+            c: SubCounters::default(),
+        });
+        let mut st = sync::lock(&self.state);
+        if st.released {
+            return Err(Error::Released);
+        }
+        // R1: publish a new list.
+        let mut v: Vec<Arc<Entry>> = st.subs.as_ref().clone();
+        v.push(entry.clone());
+        st.subs = Arc::new(v);
+        // R4: join overlapping teardowns whose start has run (all records in `inflight` that are
+        // not yet ending: a record is pushed before its first start callback, so joining one whose
+        // starts are still running is merely conservative).
+        for rec in st.inflight.iter_mut() {
+            if !rec.ending && entry.covers(&rec.range) {
+                entry.sub.invalidate_range_joined(&rec.range);
+                entry.c.joined.fetch_add(1, Ordering::Relaxed);
+                rec.late.push(entry.clone());
+            }
+        }
+        Ok(SubscriptionId(id))
+    }
+
+    /// Removes a subscription and waits until none of its callbacks can still run (R3).
+    pub fn unsubscribe(&self, id: SubscriptionId) -> Result<SubscriberStats, Error> {
+        if in_teardown() {
+            return Err(Error::InCallback);
+        }
+        let mut st = sync::lock(&self.state);
+        let Some(pos) = st.subs.iter().position(|e| e.id == id.0) else {
+            return Err(Error::NoSuchSubscriber);
+        };
+        let mut v: Vec<Arc<Entry>> = st.subs.as_ref().clone();
+        let entry = v.remove(pos);
+        st.subs = Arc::new(v);
+        st = self.wait_unreferenced(st, id.0);
+        drop(st);
+        Ok(stats_of(&entry))
+    }
+
+    /// Blocks until no in-flight record names subscriber `id` (R2, R3).
+    fn wait_unreferenced<'a>(
+        &self,
+        mut st: sync::MutexGuard<'a, State>,
+        id: u64,
+    ) -> sync::MutexGuard<'a, State> {
+        while st.inflight.iter().any(|rec| {
+            rec.snapshot
+                .iter()
+                .any(|e| e.id == id && e.covers(&rec.range))
+                || rec.late.iter().any(|e| e.id == id)
+        }) {
+            st.waiters += 1;
+            st = sync::wait(&self.cv, st);
+            st.waiters -= 1;
+        }
+        st
+    }
+
+    /// Removes every subscriber, waits for each one's callbacks to finish, then calls its
+    /// `release`. Later subscriptions fail with [`Error::Released`].
+    pub fn release_all(&self) -> Result<(), Error> {
+        if in_teardown() {
+            return Err(Error::InCallback);
+        }
+        let mut st = sync::lock(&self.state);
+        st.released = true;
+        let subs = std::mem::replace(&mut st.subs, Arc::new(Vec::new()));
+        for e in subs.iter() {
+            st = self.wait_unreferenced(st, e.id);
+        }
+        drop(st);
+        for e in subs.iter() {
+            e.sub.release();
+        }
+        Ok(())
+    }
+
+    /// Starts a teardown of `range`: records it in flight, then calls `invalidate_range_start` of
+    /// every overlapping subscriber. On refusal (only honoured when `!range.blockable`) the
+    /// subscribers that accepted get their end, the record is dropped and `Err` names the refuser.
+    pub fn begin(&self, range: Range) -> Result<Teardown<'_>, Error> {
+        let kc = self.kind(&range.event, range.origin);
+        let (id, snapshot) = {
+            let mut st = sync::lock(&self.state);
+            let id = st.next_teardown;
+            st.next_teardown += 1;
+            let snapshot = st.subs.clone();
+            // R2: in flight before the first callback.
+            st.inflight.push(Inflight {
+                id,
+                range,
+                snapshot: snapshot.clone(),
+                late: Vec::new(),
+                ending: false,
+            });
+            (id, snapshot)
+        };
+        IN_TEARDOWN.with(|c| c.set(c.get() + 1));
+        kc.starts.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(
+            target: "notifier::range",
+            phase = "start",
+            start = range.start,
+            end = range.end,
+            exact_start = range.exact_start,
+            exact_end = range.exact_end,
+            event = range.event.name(),
+            origin = ?range.origin,
+            blockable = range.blockable,
+            "invalidate_range_start"
+        );
+        let mut td = Teardown {
+            reg: self,
+            id,
+            range,
+            snapshot,
+            accepted: 0,
+            ended: false,
+        };
+        for (i, e) in td.snapshot.iter().enumerate() {
+            if !e.covers(&range) {
+                continue;
+            }
+            match e.sub.invalidate_range_start(&range) {
+                Ok(()) => {
+                    e.c.starts.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(crate::Refused) => {
+                    e.c.refusals.fetch_add(1, Ordering::Relaxed);
+                    kc.refusals.fetch_add(1, Ordering::Relaxed);
+                    if range.blockable {
+                        tracing::warn!(
+                            subscriber = e.sub.name(),
+                            "refusal of a blockable invalidate_range_start ignored"
+                        );
+                        e.c.starts.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        let err = Error::Refused {
+                            subscriber: SubscriptionId(e.id),
+                            name: e.sub.name().to_string(),
+                        };
+                        tracing::trace!(target: "notifier::range", subscriber = e.sub.name(), "refused");
+                        // Only the first `i` got a start: `end` delivers to those.
+                        td.accepted = i;
+                        td.finish(false);
+                        return Err(err);
+                    }
+                }
+            }
+        }
+        td.accepted = td.snapshot.len();
+        Ok(td)
+    }
+}
+
+/// An in-flight teardown. Dropping it delivers `invalidate_range_end` (so an early return or a
+/// panic between start and end still pairs every start with an end).
+pub(crate) struct Teardown<'a> {
+    reg: &'a Registry,
+    id: u64,
+    range: Range,
+    snapshot: Arc<Vec<Arc<Entry>>>,
+    /// Subscribers `snapshot[..accepted]` got a start.
+    accepted: usize,
+    ended: bool,
+}
+
+impl Teardown<'_> {
+    /// The non-sleeping callback right after the host page tables changed.
+    pub fn invalidate_range(&self) {
+        for e in self.snapshot[..self.accepted].iter() {
+            if e.covers(&self.range) {
+                e.c.invalidates.fetch_add(1, Ordering::Relaxed);
+                e.sub.invalidate_range(&self.range);
+            }
+        }
+        // Late joiners are not told: they hold nothing of the range (they joined after its start
+        // and cannot install into it before its end).
+    }
+
+    /// Delivers the ends (also done by `Drop`).
+    pub fn end(mut self) {
+        self.finish(true);
+    }
+
+    /// Delivers the ends of a teardown whose operation failed (not counted in `bytes`).
+    pub fn abort(mut self) {
+        self.finish(false);
+    }
+
+    fn finish(&mut self, completed: bool) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        let range = self.range;
+        for e in self.snapshot[..self.accepted].iter() {
+            if e.covers(&range) {
+                e.sub.invalidate_range_end(&range);
+                e.c.ends.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let reg = self.reg;
+        let mut st = sync::lock(&reg.state);
+        let pos = st
+            .inflight
+            .iter()
+            .position(|r| r.id == self.id)
+            .expect("in-flight record present until finish (R2)");
+        if !st.inflight[pos].late.is_empty() {
+            // R4: close the record to joiners, deliver their ends without the lock, then retire.
+            st.inflight[pos].ending = true;
+            let late = std::mem::take(&mut st.inflight[pos].late);
+            drop(st);
+            for e in late.iter() {
+                e.sub.invalidate_range_end(&range);
+                e.c.ends.fetch_add(1, Ordering::Relaxed);
+            }
+            st = sync::lock(&reg.state);
+        }
+        let pos = st.inflight.iter().position(|r| r.id == self.id).unwrap();
+        st.inflight.swap_remove(pos);
+        if st.waiters > 0 {
+            // R5
+            reg.cv.notify_all();
+        }
+        drop(st);
+        IN_TEARDOWN.with(|c| c.set(c.get() - 1));
+        let kc = reg.kind(&range.event, range.origin);
+        kc.ends.fetch_add(1, Ordering::Relaxed);
+        if completed {
+            kc.bytes.fetch_add(range.len() as u64, Ordering::Relaxed);
+        }
+        tracing::trace!(
+            target: "notifier::range",
+            phase = "end",
+            start = range.start,
+            end = range.end,
+            event = range.event.name(),
+            origin = ?range.origin,
+            completed,
+            "invalidate_range_end"
+        );
+    }
+}
+
+impl Drop for Teardown<'_> {
+    fn drop(&mut self) {
+        self.finish(true);
+    }
+}
+
+fn stats_of(e: &Entry) -> SubscriberStats {
+    SubscriberStats {
+        id: e.id,
+        name: e.sub.name().to_string(),
+        start: e.start,
+        end: e.end,
+        starts: e.c.starts.load(Ordering::Relaxed),
+        invalidates: e.c.invalidates.load(Ordering::Relaxed),
+        ends: e.c.ends.load(Ordering::Relaxed),
+        refusals: e.c.refusals.load(Ordering::Relaxed),
+        joined: e.c.joined.load(Ordering::Relaxed),
+        read_retries: e.sub.read_retries(),
+    }
+}
+
+impl Registry {
+    pub fn subscriber_stats(&self) -> Vec<SubscriberStats> {
+        let subs = sync::lock(&self.state).subs.clone();
+        subs.iter().map(|e| stats_of(e)).collect()
+    }
+
+    pub fn kind_stats(&self) -> Vec<KindStats> {
+        (0..Event::KINDS * 2)
+            .map(|i| {
+                let k = &self.kinds[i];
+                KindStats {
+                    kind: Event::name_of(i / 2),
+                    origin: if i % 2 == 0 { "vmm" } else { "external" },
+                    starts: k.starts.load(Ordering::Relaxed),
+                    ends: k.ends.load(Ordering::Relaxed),
+                    refusals: k.refusals.load(Ordering::Relaxed),
+                    retries: k.retries.load(Ordering::Relaxed),
+                    bytes: k.bytes.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        sync::lock(&self.state).subs.len()
+    }
+}

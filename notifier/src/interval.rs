@@ -193,6 +193,11 @@ impl<T: Send> Interval<T> {
         self.in_progress.load(Ordering::Acquire)
     }
 
+    /// Readers currently blocked in `read_begin` (for tests and diagnostics).
+    pub fn waiting_readers(&self) -> u32 {
+        sync::lock(&self.inner).waiters
+    }
+
     /// Reads that had to wait in `read_begin`.
     pub fn waits(&self) -> u64 {
         self.waits.load(Ordering::Relaxed)

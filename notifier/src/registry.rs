@@ -362,8 +362,9 @@ impl Teardown<'_> {
             .expect("in-flight record present until finish (R2)");
         if !st.inflight[pos].late.is_empty() {
             // R4: close the record to joiners, deliver their ends without the lock, then retire.
+            // The record keeps naming them (R2) until it is removed below, after their ends.
             st.inflight[pos].ending = true;
-            let late = std::mem::take(&mut st.inflight[pos].late);
+            let late = st.inflight[pos].late.clone();
             drop(st);
             for e in late.iter() {
                 e.sub.invalidate_range_end(&range);

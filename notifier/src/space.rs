@@ -252,7 +252,9 @@ impl OwnOps {
                     o.start <= start && end <= o.end
                 }
                 (RawEvent::Remap { from, to, len }, OwnKind::Remap { dst }) => {
-                    o.start <= from && from + len <= o.end && to - from == dst - o.start
+                    o.start <= from
+                        && from + len <= o.end
+                        && to.wrapping_sub(from) == dst.wrapping_sub(o.start)
                 }
                 _ => false,
             }

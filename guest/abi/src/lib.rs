@@ -60,6 +60,11 @@ pub enum Workload {
     Verify = 1,
     /// Touch one word per page: cold write, warm write, warm read, each reported as a
     /// [`UcallKind::Timing`]. The cost of guest memory access, for benchmarks.
+    ///
+    /// The word is the first of each page; both write passes store `pattern(seed, page_gpa)` there.
+    /// [`UcallKind::Done`] then carries `args[0]` = pages touched and `args[1]` = the wrapping sum
+    /// of the words the warm read pass read, i.e. the wrapping sum of `pattern(seed, page_gpa)`
+    /// over the slice's pages when memory behaved.
     Touch = 2,
     /// Fail an assertion on purpose (tests that a guest failure reaches the user).
     AssertFail = 3,

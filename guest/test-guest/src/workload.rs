@@ -36,11 +36,13 @@ fn timed_pass_with_progress(
     let step = (pages / PROGRESS_REPORTS).max(1);
     let mut reporting = 0u64;
     let mut done_pages = 0u64;
+    let mut next_report = step;
     let start = arch::rdtsc();
     slice_pages(work(boot), boot.nr_vcpus, vcpu, |page| {
         per_page(page, done_pages);
         done_pages += 1;
-        if done_pages % step == 0 {
+        if done_pages == next_report {
+            next_report += step;
             let before = arch::rdtsc();
             report(vcpu, UcallKind::Progress, &[done_pages, pages]);
             reporting += arch::rdtsc() - before;
@@ -116,7 +118,7 @@ pub fn touch(vcpu: u64, boot: &BootInfo) -> ! {
     let pages = slice_len(boot, vcpu);
     let each_page = |f: &mut dyn FnMut(u64)| {
         let start = arch::rdtsc();
-        slice_pages(work(boot), boot.nr_vcpus, vcpu, |page| f(page));
+        slice_pages(work(boot), boot.nr_vcpus, vcpu, &mut *f);
         arch::rdtsc() - start
     };
     let write = &mut |page: u64| {

@@ -160,9 +160,12 @@ impl Monitor {
                     wspace.external(ev);
                 }
             })
-            .map_err(|source| Error::Os {
-                op: "spawn",
-                source,
+            .map_err(|source| {
+                Self::deactivate(space);
+                Error::Os {
+                    op: "spawn",
+                    source,
+                }
             })?;
         let worker_id = worker.thread().id();
         let (rspace, ruffd, rstop, rstopfd) = (
@@ -174,9 +177,13 @@ impl Monitor {
         let reader = std::thread::Builder::new()
             .name("notifier-uffd-reader".into())
             .spawn(move || reader_loop(&rspace, &ruffd, &rstop, rstopfd, opts, tx))
-            .map_err(|source| Error::Os {
-                op: "spawn",
-                source,
+            .map_err(|source| {
+                // The worker exits when the sender (moved into the failed closure) is dropped.
+                Self::deactivate(space);
+                Error::Os {
+                    op: "spawn",
+                    source,
+                }
             })?;
         Ok(Monitor {
             space: space.clone(),
@@ -327,7 +334,9 @@ fn reader_loop(
             return;
         }
         if last_event.is_some_and(|t| t.elapsed() < opts.spin) {
-            std::hint::spin_loop();
+            // Yield rather than spin: on a small host the caller and the worker may need this
+            // CPU, and a pure spin would steal it from them.
+            std::thread::yield_now();
             continue;
         }
         last_event = None;

@@ -1,1 +1,22 @@
-//! zapvm VMM (placeholder)
+//! zapvm: a minimal KVM hypervisor whose memory layer is a secondary MMU done right.
+//!
+//! The crate is split by concern, and data flows one way through it:
+//! - [`memory`]: guest RAM (layout, host backing, THP);
+//! - [`vstate`]: the KVM VM ([`vstate::vm`]) and its vCPU threads ([`vstate::vcpu`]);
+//! - [`arch`]: x86_64 descriptor tables, identity page tables, vCPU registers;
+//! - [`boot`]: the test guest and Linux boot paths;
+//! - [`devices`]: the port/MMIO buses and the emulated devices;
+//! - [`ucall`]: the test guest's channel to the VMM;
+//! - [`pvm`]: the few adjustments PVM hosts need, inert elsewhere;
+//! - [`machine`]: builds a VM from a [`machine::VmConfig`] and runs it to a [`machine::RunReport`];
+//! - [`bench`]: `zapvm bench` measurements.
+
+pub mod arch;
+pub mod bench;
+pub mod boot;
+pub mod devices;
+pub mod machine;
+pub mod memory;
+pub mod pvm;
+pub mod ucall;
+pub mod vstate;

@@ -1,1 +1,279 @@
-fn main() {}
+//! The `zapvm` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use guest_abi::Workload;
+use vmm::boot::test_guest::TestGuestParams;
+use vmm::machine::{self, BootSource, Console, RunReport, VmConfig, VmOutcome};
+use vmm::memory::{parse_size, MemoryBackend, MemoryConfig};
+use vmm::vstate::vcpu::{pass_name, VcpuOutcome};
+
+#[derive(Parser)]
+#[command(
+    name = "zapvm",
+    version,
+    about = "A minimal KVM hypervisor whose memory layer is a secondary MMU done right"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM: the built-in test guest by default, or a Linux kernel.
+    Run(RunArgs),
+    /// Measure.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WorkloadArg {
+    /// Fill every page with a pattern and verify it.
+    Verify,
+    /// Touch one word per page: cold write, warm write, warm read (timed).
+    Touch,
+    /// Fail an assertion on purpose.
+    AssertFail,
+    /// Raise a CPU exception on purpose.
+    Exception,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Linux kernel (bzImage or vmlinux) to boot instead of the test guest.
+    #[arg(long, conflicts_with = "guest")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk for the kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (default: serial console and the host's workarounds).
+    #[arg(long, requires = "kernel")]
+    cmdline: Option<String>,
+    /// A test guest ELF to boot instead of the built-in one.
+    #[arg(long)]
+    guest: Option<PathBuf>,
+    /// Guest RAM (e.g. 256M, 1G); a multiple of 4 KiB.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Host backing of guest RAM.
+    #[arg(long, value_enum, default_value_t = MemoryBackend::Anonymous)]
+    mem_backend: MemoryBackend,
+    /// Back guest RAM with transparent huge pages (madvise MADV_HUGEPAGE).
+    #[arg(long)]
+    thp: bool,
+    /// Stop the VM after this many seconds (0: never).
+    #[arg(long, default_value_t = 0.0)]
+    timeout: f64,
+    /// The test guest's workload.
+    #[arg(long, value_enum, default_value_t = WorkloadArg::Verify)]
+    workload: WorkloadArg,
+    /// Seed of the test guest's memory pattern.
+    #[arg(long, default_value_t = 0x5eed)]
+    seed: u64,
+    /// Run the test guest's workload at CPL 0 (for VMX/SVM hosts; very slow on PVM).
+    #[arg(long)]
+    cpl0: bool,
+    /// The KVM device.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+    /// Print the run report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// VMM start to first guest instruction, and guest touch cost per page.
+    Boot {
+        /// Fresh VMs per configuration.
+        #[arg(long, default_value_t = 7)]
+        runs: usize,
+        /// Guest RAM per VM.
+        #[arg(long, default_value = "64M", value_parser = parse_size)]
+        mem: u64,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+        /// The KVM device.
+        #[arg(long, default_value = "/dev/kvm")]
+        kvm_device: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZAPVM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Bench(BenchCommand::Boot {
+            runs,
+            mem,
+            json_out,
+            kvm_device,
+        }) => bench_boot(runs, mem, json_out, kvm_device),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("zapvm: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<ExitCode, String> {
+    let boot = match args.kernel {
+        Some(kernel) => BootSource::Linux {
+            kernel,
+            initrd: args.initrd,
+            cmdline: args
+                .cmdline
+                .unwrap_or_else(vmm::boot::linux::default_cmdline),
+        },
+        None => BootSource::TestGuest {
+            elf: args.guest,
+            params: TestGuestParams {
+                workload: match args.workload {
+                    WorkloadArg::Verify => Workload::Verify,
+                    WorkloadArg::Touch => Workload::Touch,
+                    WorkloadArg::AssertFail => Workload::AssertFail,
+                    WorkloadArg::Exception => Workload::Exception,
+                },
+                seed: args.seed,
+                cpl0: args.cpl0,
+            },
+        },
+    };
+    if !(args.timeout >= 0.0 && args.timeout.is_finite()) {
+        return Err(format!(
+            "--timeout {} is not a number of seconds",
+            args.timeout
+        ));
+    }
+    let config = VmConfig {
+        kvm_device: args.kvm_device,
+        memory: MemoryConfig {
+            size: args.mem,
+            backend: args.mem_backend,
+            thp: args.thp,
+        },
+        vcpus: args.vcpus,
+        boot,
+        timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),
+        console: Console::Stdout,
+    };
+    let report = machine::run(&config).map_err(|e| e.to_string())?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serialises")
+        );
+    } else {
+        print_summary(&config, &report);
+    }
+    Ok(if report.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_summary(config: &VmConfig, report: &RunReport) {
+    let mem = config.memory;
+    println!(
+        "zapvm: {} MiB {:?}{} RAM, {} vCPU(s); {}",
+        mem.size >> 20,
+        mem.backend,
+        if mem.thp {
+            if report.thp_aligned {
+                " THP"
+            } else {
+                " THP (mapping not 2 MiB aligned!)"
+            }
+        } else {
+            ""
+        },
+        config.vcpus,
+        report.boot
+    );
+    for v in &report.vcpus {
+        let khz = v.tsc_khz.unwrap_or(0) as f64;
+        let timings: Vec<String> = v
+            .timings
+            .iter()
+            .map(|t| {
+                let ms = if khz > 0.0 {
+                    t.cycles as f64 / khz
+                } else {
+                    f64::NAN
+                };
+                format!("{} {:.1} ms", pass_name(t.pass), ms)
+            })
+            .collect();
+        let first = v
+            .first_exit_us
+            .map(|us| format!(", first exit {:.2} ms after VMM start", us as f64 / 1000.0));
+        match &v.outcome {
+            VcpuOutcome::Done { pages, checksum } => println!(
+                "zapvm: vCPU {}: verified {pages} pages ({} MiB), checksum {checksum:#018x}{}; {}",
+                v.index,
+                pages * 4096 >> 20,
+                first.unwrap_or_default(),
+                timings.join(", ")
+            ),
+            other => println!("zapvm: vCPU {}: {:?}", v.index, other),
+        }
+    }
+    if let Some(check) = &report.host_check {
+        println!(
+            "zapvm: host check: read back {} pages through the VMM's own mapping, {} differ from what the guest wrote",
+            check.pages, check.bad_pages
+        );
+    }
+    match &report.outcome {
+        VmOutcome::Success => {
+            println!("zapvm: success in {:.1} ms", report.wall_us as f64 / 1000.0)
+        }
+        VmOutcome::Reset => println!("zapvm: the guest reset the machine"),
+        VmOutcome::Failed { message } => eprintln!("zapvm: failed: {message}"),
+        VmOutcome::TimedOut { seconds } => eprintln!("zapvm: timed out after {seconds} s"),
+    }
+}
+
+fn bench_boot(
+    runs: usize,
+    mem: u64,
+    json_out: Option<PathBuf>,
+    kvm_device: PathBuf,
+) -> Result<ExitCode, String> {
+    if runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
+    let opts = vmm::bench::BootBenchOptions {
+        runs,
+        mem,
+        kvm_device,
+    };
+    let rows = vmm::bench::boot(&opts, &mut |line| eprintln!("{line}"))?;
+    print!("{}", vmm::bench::boot_table(&rows));
+    if let Some(path) = json_out {
+        let json = serde_json::to_string_pretty(&rows).expect("rows serialise");
+        std::fs::write(&path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

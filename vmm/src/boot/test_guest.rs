@@ -1,0 +1,286 @@
+//! Loading the project's test guest and laying out its machine.
+//!
+//! Guest-physical layout (all below 2 MiB is the VMM's; the ELF links at 2 MiB):
+//!
+//! | range | what |
+//! |---|---|
+//! | 0x1000 | GDT ([`gdt`]) |
+//! | 0x2000 | IDT page, zeroed; the guest fills its own gates |
+//! | 0x7000 | [`BootInfo`] |
+//! | 0x8000, 0x9000 | PML4, PDPT |
+//! | 0x1_0000 | one TSS per vCPU, then their shared I/O bitmap at 0x1_8000 |
+//! | 0x10_0000 - 0x20_0000 | page directories (one per GiB mapped) |
+//! | 0x20_0000 | the ELF image |
+//! | next 2 MiB boundary | per vCPU: 64 KiB stack, 16 KiB ring-0 stack |
+//! | next 2 MiB boundary - end of RAM | the workload's pages, split between vCPUs |
+
+use std::io::Cursor;
+
+use guest_abi::{
+    BootInfo, GpaRange, Workload, BOOT_INFO_GPA, BOOT_INFO_MAGIC, FLAG_CPL0, MAX_RANGES,
+};
+use linux_loader::loader::{Elf, KernelLoader};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
+
+use super::{BootError, BootPlan};
+use crate::arch::cpu::EntryState;
+use crate::arch::gdt;
+use crate::arch::paging::{self, PageTableLayout};
+use crate::memory::{GuestRam, HUGE_PAGE_SIZE, MMIO_GAP_END};
+
+/// Where the test guest's ELF is linked.
+pub const IMAGE_BASE: u64 = 0x20_0000;
+const PAGE_TABLES: PageTableLayout = PageTableLayout {
+    pml4: 0x8000,
+    pdpt: 0x9000,
+    pds: 0x10_0000,
+};
+/// Page directories fit in [0x10_0000, 0x20_0000): 256 of them, one per GiB.
+const MAX_MAPPED: u64 = 256 << 30;
+const STACK_SIZE: u64 = 64 << 10;
+const RING0_STACK_SIZE: u64 = 16 << 10;
+
+/// The test guest built with this VMM.
+pub const BUILT_IN_ELF: &[u8] = include_bytes!(env!("ZAPVM_TEST_GUEST_ELF"));
+
+/// What the test guest should do.
+#[derive(Clone, Copy, Debug)]
+pub struct TestGuestParams {
+    /// Its workload.
+    pub workload: Workload,
+    /// Seed of the memory pattern.
+    pub seed: u64,
+    /// Run at CPL 0 instead of CPL 3.
+    pub cpl0: bool,
+}
+
+/// A loaded test guest.
+#[derive(Debug, Clone)]
+pub struct LoadedTestGuest {
+    /// How the vCPUs start.
+    pub plan: BootPlan,
+    /// What the guest was told.
+    pub boot_info: BootInfo,
+}
+
+// SAFETY: `BootInfo` is `repr(C)` plain old data made of u64s (no padding); any bits are valid.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct BootInfoBytes(BootInfo);
+unsafe impl ByteValued for BootInfoBytes {}
+
+/// The extent `[lowest, highest)` of an ELF's loadable segments, with a check that the file is
+/// a complete x86_64 ELF64 executable (linux-loader trusts the headers more than a user's file
+/// deserves).
+fn elf_extent(elf: &[u8]) -> Result<(u64, u64), String> {
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
+    if elf.get(..4) != Some(b"\x7fELF") {
+        return Err("no ELF magic".into());
+    }
+    if elf.get(4) != Some(&2) || u16_at(18) != Some(62) {
+        return Err("not an x86_64 ELF64 file".into());
+    }
+    let truncated = || "truncated ELF headers".to_string();
+    let phoff = u64_at(32).ok_or_else(truncated)? as usize;
+    let phentsize = u16_at(54).ok_or_else(truncated)? as usize;
+    let phnum = u16_at(56).ok_or_else(truncated)? as usize;
+    if phentsize < 56 || phnum == 0 {
+        return Err("no program headers".into());
+    }
+    let shoff = u64_at(40).ok_or_else(truncated)?;
+    let shentsize = u16_at(58).ok_or_else(truncated)? as u64;
+    let shnum = u16_at(60).ok_or_else(truncated)? as u64;
+    let sh_end = shoff.saturating_add(shentsize.saturating_mul(shnum));
+    if shoff != 0 && sh_end > elf.len() as u64 {
+        return Err(format!(
+            "truncated: section headers end at {sh_end:#x}, the file at {:#x}",
+            elf.len()
+        ));
+    }
+    let (mut lo, mut hi) = (u64::MAX, 0u64);
+    for i in 0..phnum {
+        let ph = phoff.checked_add(i * phentsize).ok_or_else(truncated)?;
+        if u32_at(ph).ok_or_else(truncated)? != 1 {
+            continue; // not PT_LOAD
+        }
+        let offset = u64_at(ph + 8).ok_or_else(truncated)?;
+        let paddr = u64_at(ph + 24).ok_or_else(truncated)?;
+        let filesz = u64_at(ph + 32).ok_or_else(truncated)?;
+        let memsz = u64_at(ph + 40).ok_or_else(truncated)?;
+        if offset
+            .checked_add(filesz)
+            .is_none_or(|end| end > elf.len() as u64)
+        {
+            return Err(format!(
+                "truncated: a segment needs bytes up to {:#x}, the file has {:#x}",
+                offset.saturating_add(filesz),
+                elf.len()
+            ));
+        }
+        let end = paddr
+            .checked_add(memsz)
+            .ok_or("segment address overflows")?;
+        lo = lo.min(paddr);
+        hi = hi.max(end);
+    }
+    if lo >= hi {
+        return Err("no loadable segments".into());
+    }
+    Ok((lo, hi))
+}
+
+const fn align_up(x: u64, to: u64) -> u64 {
+    x.div_ceil(to) * to
+}
+
+/// Loads the test guest `elf` (named `name` in errors) for `nr_vcpus` vCPUs.
+pub fn load(
+    ram: &GuestRam,
+    elf: &[u8],
+    name: &str,
+    nr_vcpus: usize,
+    params: TestGuestParams,
+) -> Result<LoadedTestGuest, BootError> {
+    let bad = |reason: String| BootError::BadImage {
+        what: "test guest ELF",
+        path: name.into(),
+        reason,
+    };
+    let (lo, hi) = elf_extent(elf).map_err(bad)?;
+    if lo < IMAGE_BASE {
+        return Err(bad(format!(
+            "it loads at {lo:#x}, below {IMAGE_BASE:#x} where the VMM keeps its tables"
+        )));
+    }
+    let low_ram_end = ram.regions().next().map(|(_, _, size)| size).unwrap_or(0);
+    let stacks = align_up(hi, HUGE_PAGE_SIZE);
+    let work_start = align_up(
+        stacks + nr_vcpus as u64 * (STACK_SIZE + RING0_STACK_SIZE),
+        HUGE_PAGE_SIZE,
+    );
+    // The workload needs at least one page of its own per vCPU.
+    let needed = work_start + nr_vcpus as u64 * guest_abi::PAGE_SIZE;
+    if needed > low_ram_end {
+        return Err(BootError::MemoryTooSmall {
+            what: format!(
+                "the test guest image ({} KiB) and {nr_vcpus} vCPU stacks",
+                (hi - lo) / 1024
+            ),
+            mem: ram.size(),
+            needed,
+        });
+    }
+    let loaded = Elf::load(
+        ram.memory().as_ref(),
+        None,
+        &mut Cursor::new(elf),
+        Some(GuestAddress(IMAGE_BASE)),
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    let entry = loaded.kernel_load.0;
+    if !(lo..hi).contains(&entry) {
+        return Err(bad(format!(
+            "entry point {entry:#x} lies outside the image [{lo:#x}, {hi:#x})"
+        )));
+    }
+
+    // The workload's RAM: the rest of the low region, and all of the high one.
+    let mut work = [GpaRange::default(); MAX_RANGES];
+    let mut nr_work = 0;
+    for (gpa, _, size) in ram.regions() {
+        let start = if gpa.0 == 0 { work_start } else { gpa.0 };
+        let end = gpa.0 + size;
+        if start < end {
+            work[nr_work] = GpaRange { start, end };
+            nr_work += 1;
+        }
+    }
+    let top = ram
+        .regions()
+        .map(|(gpa, _, size)| gpa.0 + size)
+        .max()
+        .unwrap_or(0);
+    let mapped = top.max(MMIO_GAP_END);
+    if mapped > MAX_MAPPED {
+        return Err(BootError::AddressSpaceTooLarge {
+            max: MAX_MAPPED,
+            top,
+        });
+    }
+    let write = |what| move |source| BootError::Write { what, source };
+    let mem = ram.memory().as_ref();
+    paging::write_identity_tables(mem, PAGE_TABLES, mapped, true).map_err(write("page tables"))?;
+    let stack_base = |i: u64| stacks + i * (STACK_SIZE + RING0_STACK_SIZE);
+    let rsp0: Vec<u64> = (0..nr_vcpus as u64)
+        .map(|i| stack_base(i) + STACK_SIZE + RING0_STACK_SIZE)
+        .collect();
+    gdt::write_tables(mem, &rsp0).map_err(write("descriptor tables"))?;
+
+    let boot_info = BootInfo {
+        magic: BOOT_INFO_MAGIC,
+        abi_version: guest_abi::ABI_VERSION,
+        nr_vcpus: nr_vcpus as u64,
+        workload: params.workload as u64,
+        flags: if params.cpl0 { FLAG_CPL0 } else { 0 },
+        seed: params.seed,
+        idt_gpa: gdt::IDT_GPA,
+        nr_work: nr_work as u64,
+        work,
+    };
+    mem.write_obj(BootInfoBytes(boot_info), GuestAddress(BOOT_INFO_GPA))
+        .map_err(write("boot info"))?;
+
+    let entries = (0..nr_vcpus)
+        .map(|i| {
+            Some(EntryState {
+                rip: entry,
+                rsp: stack_base(i as u64) + STACK_SIZE,
+                rdi: i as u64,
+                rsi: BOOT_INFO_GPA,
+                cr3: PAGE_TABLES.pml4,
+                ring3: !params.cpl0,
+                load_tss: true,
+                idt: (gdt::IDT_GPA, 4095),
+                gdt_limit: gdt::gdt_limit(nr_vcpus),
+            })
+        })
+        .collect();
+    let work_pages: u64 = work[..nr_work].iter().map(GpaRange::pages).sum();
+    let summary = format!(
+        "test guest {name}: image [{lo:#x}, {hi:#x}), entry {entry:#x}, {} , workload {:?} over {work_pages} pages ({} MiB) from {work_start:#x}",
+        if params.cpl0 { "CPL 0" } else { "CPL 3" },
+        params.workload,
+        work_pages * guest_abi::PAGE_SIZE >> 20,
+    );
+    Ok(LoadedTestGuest {
+        plan: BootPlan { entries, summary },
+        boot_info,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncated_and_foreign_files_are_refused() {
+        assert!(elf_extent(b"").unwrap_err().contains("magic"));
+        assert!(elf_extent(b"MZ\x90\0").unwrap_err().contains("magic"));
+        let (lo, hi) = elf_extent(BUILT_IN_ELF).unwrap();
+        assert!(lo >= IMAGE_BASE && hi > lo);
+        for cut in [16, 64, BUILT_IN_ELF.len() / 2, BUILT_IN_ELF.len() - 1] {
+            assert!(
+                elf_extent(&BUILT_IN_ELF[..cut]).is_err(),
+                "cut at {cut} accepted"
+            );
+        }
+    }
+}

@@ -1,0 +1,571 @@
+//! Building a VM from a [`VmConfig`] and running it to an outcome.
+//!
+//! Data flows one way: the config makes guest RAM, the VM and its devices; the boot path
+//! fills RAM and says how each vCPU enters; vCPU threads run and report to the event loop on
+//! this thread; the loop decides when the VM ends and returns a [`RunReport`].
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use guest_abi::{page_checksum, pattern, slice_pages, BootInfo, Workload};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+
+use crate::arch::{cpu, gdt};
+use crate::boot::{self, test_guest, BootError};
+use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
+use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT};
+use crate::devices::{Bus, BusError};
+use crate::memory::{GuestRam, MemoryConfig, MemoryError};
+use crate::vstate::vcpu::{
+    install_kick_handler, kick_signal, Vcpu, VcpuEvent, VcpuOutcome, VcpuReport, VcpuShared,
+};
+use crate::vstate::vm::{open_kvm, Vm, VmError};
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Default)]
+pub enum Console {
+    /// The VMM's standard output.
+    #[default]
+    Stdout,
+    /// Nowhere.
+    Null,
+    /// A buffer (tests).
+    Buffer(Arc<Mutex<Vec<u8>>>),
+}
+
+struct BufferWriter(Arc<Mutex<Vec<u8>>>);
+impl Write for BufferWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    fn writer(&self) -> Box<dyn Write + Send> {
+        match self {
+            Console::Stdout => Box::new(std::io::stdout()),
+            Console::Null => Box::new(std::io::sink()),
+            Console::Buffer(buf) => Box::new(BufferWriter(buf.clone())),
+        }
+    }
+}
+
+/// What to boot.
+#[derive(Clone, Debug)]
+pub enum BootSource {
+    /// The project's test guest: the built-in one, or an ELF at a path.
+    TestGuest {
+        /// An ELF to boot instead of the built-in guest.
+        elf: Option<PathBuf>,
+        /// What it does.
+        params: test_guest::TestGuestParams,
+    },
+    /// A Linux kernel.
+    Linux {
+        /// bzImage or vmlinux.
+        kernel: PathBuf,
+        /// Initial ramdisk.
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        cmdline: String,
+    },
+}
+
+/// Everything a VM is made from.
+#[derive(Clone)]
+pub struct VmConfig {
+    /// The KVM device (normally `/dev/kvm`).
+    pub kvm_device: PathBuf,
+    /// Guest RAM.
+    pub memory: MemoryConfig,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// What to boot.
+    pub boot: BootSource,
+    /// Stop the VM after this long.
+    pub timeout: Option<Duration>,
+    /// Where the serial console goes.
+    pub console: Console,
+}
+
+/// Errors that keep a VM from starting (bad input or a host problem), each a one-line message.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Zero vCPUs.
+    #[error("a VM needs at least one vCPU")]
+    NoVcpus,
+    /// More vCPUs than the VMM's descriptor layout holds.
+    #[error("{wanted} vCPUs requested; zapvm supports at most {max}")]
+    TooManyVcpus {
+        /// Asked for.
+        wanted: u32,
+        /// Most supported.
+        max: u32,
+    },
+    /// KVM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading the guest.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A vCPU could not be set up.
+    #[error("vCPU {index}: {source}")]
+    Cpu {
+        /// Which vCPU.
+        index: usize,
+        /// What failed.
+        #[source]
+        source: cpu::CpuSetupError,
+    },
+    /// Device setup.
+    #[error("device setup: {0}")]
+    Device(String),
+    /// Threads, eventfds, epoll.
+    #[error("{what}: {source}")]
+    Host {
+        /// What failed.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<BusError> for Error {
+    fn from(e: BusError) -> Self {
+        Error::Device(e.to_string())
+    }
+}
+
+fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Host { what, source }
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum VmOutcome {
+    /// Every vCPU finished its workload and the host saw what the guest wrote.
+    Success,
+    /// The guest reset the machine (how a Linux guest ends).
+    Reset,
+    /// A vCPU failed; the message says which and why.
+    Failed {
+        /// What went wrong.
+        message: String,
+    },
+    /// The timeout expired.
+    TimedOut {
+        /// After how many seconds.
+        seconds: f64,
+    },
+}
+
+/// What the host found when it checked guest RAM after the guest finished.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HostCheck {
+    /// Pages the host read back.
+    pub pages: u64,
+    /// Pages whose contents differ from the pattern.
+    pub bad_pages: u64,
+    /// The first difference.
+    pub first_bad: Option<String>,
+}
+
+/// The result of running a VM.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunReport {
+    /// How it ended.
+    pub outcome: VmOutcome,
+    /// What was booted.
+    pub boot: String,
+    /// Each vCPU.
+    pub vcpus: Vec<VcpuReport>,
+    /// The host's check of the workload's pages.
+    pub host_check: Option<HostCheck>,
+    /// Bytes of RAM.
+    pub mem_bytes: u64,
+    /// Whether RAM is mapped so that THP can back it with whole 2 MiB pages.
+    pub thp_aligned: bool,
+    /// Microseconds the run took, from the start of the VM build.
+    pub wall_us: u64,
+}
+
+impl RunReport {
+    /// Whether the run succeeded.
+    pub fn success(&self) -> bool {
+        matches!(self.outcome, VmOutcome::Success | VmOutcome::Reset)
+    }
+}
+
+/// Watches the eventfds that end a run: vCPU threads finishing and the guest's reset.
+struct Watcher {
+    vcpu_wake: EventFd,
+    reset: EventFd,
+    reset_seen: bool,
+}
+
+impl MutEventSubscriber for Watcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.reset.as_raw_fd_i32() {
+            let _ = self.reset.read();
+            self.reset_seen = true;
+        } else {
+            let _ = self.vcpu_wake.read();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [&self.vcpu_wake, &self.reset] {
+            if let Err(e) = ops.add(event_manager::Events::new(fd, EventSet::IN)) {
+                tracing::error!("cannot watch an eventfd: {e:?}");
+            }
+        }
+    }
+}
+
+trait RawFdI32 {
+    fn as_raw_fd_i32(&self) -> i32;
+}
+impl RawFdI32 for EventFd {
+    fn as_raw_fd_i32(&self) -> i32 {
+        std::os::fd::AsRawFd::as_raw_fd(self)
+    }
+}
+
+/// Builds the VM `config` describes and runs it to the end.
+pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
+    let started = Instant::now();
+    let nr_vcpus = config.vcpus;
+    if nr_vcpus == 0 {
+        return Err(Error::NoVcpus);
+    }
+    if nr_vcpus > gdt::MAX_VCPUS {
+        return Err(Error::TooManyVcpus {
+            wanted: nr_vcpus,
+            max: gdt::MAX_VCPUS,
+        });
+    }
+    let kvm = open_kvm(&config.kvm_device)?;
+    if nr_vcpus as usize > kvm.get_max_vcpus() {
+        return Err(VmError::TooManyVcpus {
+            wanted: nr_vcpus,
+            max: kvm.get_max_vcpus(),
+        }
+        .into());
+    }
+    let ram = GuestRam::new(config.memory)?;
+    let vm = Vm::new(&kvm)?;
+    vm.register_memory(&ram)?;
+
+    // Boot: fill RAM, decide entries.
+    let (plan, boot_info) = match &config.boot {
+        BootSource::TestGuest { elf, params } => {
+            let (bytes, name) = match elf {
+                Some(path) => (
+                    std::fs::read(path).map_err(|source| BootError::Read {
+                        what: "test guest ELF",
+                        path: path.display().to_string(),
+                        source,
+                    })?,
+                    path.display().to_string(),
+                ),
+                None => (test_guest::BUILT_IN_ELF.to_vec(), "built-in".to_string()),
+            };
+            let loaded = test_guest::load(&ram, &bytes, &name, nr_vcpus as usize, *params)?;
+            (loaded.plan, Some(loaded.boot_info))
+        }
+        BootSource::Linux {
+            kernel,
+            initrd,
+            cmdline,
+        } => (
+            boot::linux::load(&ram, kernel, initrd.as_deref(), cmdline, nr_vcpus as usize)?,
+            None,
+        ),
+    };
+    tracing::info!("{}", plan.summary);
+
+    // Devices.
+    let reset = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
+    vm.fd()
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(|e| Error::Device(format!("KVM_IRQFD for the serial port: {e}")))?;
+    let mut pio = Bus::default();
+    pio.insert(
+        COM1_PORT,
+        8,
+        Arc::new(Mutex::new(SerialDevice::new(
+            serial_irq,
+            config.console.writer(),
+        ))),
+    )?;
+    pio.insert(
+        I8042_PORT,
+        I8042_LEN,
+        Arc::new(Mutex::new(I8042::new(
+            reset.try_clone().map_err(host("eventfd"))?,
+        ))),
+    )?;
+
+    // vCPUs.
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| Error::Cpu {
+            index: 0,
+            source: cpu::CpuSetupError::Kvm {
+                what: "KVM_GET_SUPPORTED_CPUID",
+                source,
+            },
+        })?;
+    let mut vcpus = Vec::with_capacity(nr_vcpus as usize);
+    for (index, entry) in plan.entries.iter().enumerate() {
+        let fd = vm
+            .fd()
+            .create_vcpu(index as u64)
+            .map_err(|source| Error::Cpu {
+                index,
+                source: cpu::CpuSetupError::Kvm {
+                    what: "KVM_CREATE_VCPU",
+                    source,
+                },
+            })?;
+        let setup = || -> Result<(), cpu::CpuSetupError> {
+            cpu::set_cpuid(&fd, &supported, index as u32)?;
+            cpu::set_boot_msrs(&fd)?;
+            cpu::set_fpu(&fd)?;
+            cpu::set_lint(&fd)?;
+            if let Some(entry) = entry {
+                cpu::set_entry_state(&fd, index, entry)?;
+            }
+            Ok(())
+        };
+        setup().map_err(|source| Error::Cpu { index, source })?;
+        vcpus.push(Vcpu::new(fd, index));
+    }
+
+    let (events_tx, events_rx) = channel();
+    let shared = Arc::new(VcpuShared {
+        memory: ram.memory().clone(),
+        pio: Arc::new(pio),
+        mmio: Arc::new(Bus::default()),
+        stop: Default::default(),
+        events: events_tx,
+        wake: EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?,
+        nr_vcpus: u64::from(nr_vcpus),
+        progress: (0..nr_vcpus)
+            .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
+            .collect(),
+        started,
+    });
+
+    let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(|e| Error::Device(format!("epoll: {e:?}")))?;
+    let watcher = Arc::new(Mutex::new(Watcher {
+        vcpu_wake: shared.wake.try_clone().map_err(host("eventfd"))?,
+        reset,
+        reset_seen: false,
+    }));
+    manager.add_subscriber(watcher.clone());
+
+    install_kick_handler().map_err(|e| Error::Host {
+        what: "installing the vCPU kick signal",
+        source: e.into(),
+    })?;
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        let shared = shared.clone();
+        let index = threads.len();
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || vcpu.run(&shared))
+            .map_err(host("spawning a vCPU thread"))?;
+        threads.push(handle);
+    }
+
+    let outcome = event_loop(
+        config,
+        &mut manager,
+        &watcher,
+        &events_rx,
+        threads.len(),
+        started,
+    );
+
+    // Stop every vCPU still running: flag first, then kick (see the protocol in vstate::vcpu).
+    shared.stop.store(true, Ordering::SeqCst);
+    let finished: Vec<bool> = {
+        let mut f = vec![false; threads.len()];
+        while let Ok(VcpuEvent::Finished { index, .. }) = events_rx.try_recv() {
+            f[index] = true;
+        }
+        f
+    };
+    for (handle, done) in threads.iter().zip(&finished) {
+        if !done {
+            let _ = handle.kill(kick_signal());
+        }
+    }
+    let reports: Vec<VcpuReport> = threads
+        .into_iter()
+        .enumerate()
+        .map(|(index, t)| {
+            t.join().unwrap_or_else(|_| VcpuReport {
+                index,
+                outcome: VcpuOutcome::Error {
+                    message: "vCPU thread panicked".into(),
+                },
+                timings: vec![],
+                first_exit_us: None,
+                exits: 0,
+                tsc_khz: None,
+            })
+        })
+        .collect();
+
+    let mut outcome =
+        outcome.unwrap_or_else(|| first_failure(&reports).unwrap_or(VmOutcome::Success));
+    let mut host_check = None;
+    if let (Some(info), VmOutcome::Success) = (&boot_info, &outcome) {
+        let (check, failure) = check_workload(&ram, info, &reports);
+        host_check = check;
+        if let Some(message) = failure {
+            outcome = VmOutcome::Failed { message };
+        }
+    }
+    Ok(RunReport {
+        outcome,
+        boot: plan.summary,
+        vcpus: reports,
+        host_check,
+        mem_bytes: ram.size(),
+        thp_aligned: ram.huge_page_aligned(),
+        wall_us: started.elapsed().as_micros() as u64,
+    })
+}
+
+/// Runs the event loop until the VM should end; `None` means "every vCPU finished".
+fn event_loop(
+    config: &VmConfig,
+    manager: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    watcher: &Arc<Mutex<Watcher>>,
+    events: &Receiver<VcpuEvent>,
+    nr_threads: usize,
+    started: Instant,
+) -> Option<VmOutcome> {
+    let deadline = config.timeout.map(|t| started + t);
+    let mut finished = vec![false; nr_threads];
+    loop {
+        let wait_ms = deadline
+            .map(|d| {
+                d.saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .min(1000) as i32
+            })
+            .unwrap_or(1000);
+        if let Err(e) = manager.run_with_timeout(wait_ms.max(1)) {
+            tracing::error!("event loop: {e:?}");
+        }
+        while let Ok(VcpuEvent::Finished { index, fatal }) = events.try_recv() {
+            finished[index] = true;
+            if fatal {
+                return None; // the failing vCPU's report says why
+            }
+        }
+        if watcher.lock().unwrap_or_else(|e| e.into_inner()).reset_seen {
+            return Some(VmOutcome::Reset);
+        }
+        if finished.iter().all(|&f| f) {
+            return None;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Some(VmOutcome::TimedOut {
+                seconds: config.timeout.unwrap_or_default().as_secs_f64(),
+            });
+        }
+    }
+}
+
+fn first_failure(reports: &[VcpuReport]) -> Option<VmOutcome> {
+    reports.iter().find_map(|r| {
+        let what = match &r.outcome {
+            VcpuOutcome::GuestFailure { message } => format!("guest failure: {message}"),
+            VcpuOutcome::GuestException { message } => format!("guest exception: {message}"),
+            VcpuOutcome::Error { message } => message.clone(),
+            VcpuOutcome::Stopped | VcpuOutcome::Done { .. } => return None,
+        };
+        Some(VmOutcome::Failed {
+            message: format!("vCPU {}: {what}", r.index),
+        })
+    })
+}
+
+/// Checks from the host's side what the guest says it wrote: every page of each vCPU's slice
+/// holds the pattern (Verify), and the guest's checksum is the one the pattern gives.
+fn check_workload(
+    ram: &GuestRam,
+    info: &BootInfo,
+    reports: &[VcpuReport],
+) -> (Option<HostCheck>, Option<String>) {
+    if Workload::from_raw(info.workload) != Some(Workload::Verify) {
+        return (None, None);
+    }
+    let work = &info.work[..info.nr_work as usize];
+    let mut check = HostCheck::default();
+    let mut failure = None;
+    let mut page = vec![0u8; guest_abi::PAGE_SIZE as usize];
+    for report in reports {
+        let VcpuOutcome::Done { pages, checksum } = report.outcome else {
+            continue;
+        };
+        let (mut expected_pages, mut expected_sum) = (0u64, 0u64);
+        slice_pages(work, info.nr_vcpus, report.index as u64, |gpa| {
+            expected_pages += 1;
+            expected_sum = expected_sum.wrapping_add(page_checksum(info.seed, gpa));
+            check.pages += 1;
+            let ok = ram
+                .memory()
+                .read_slice(&mut page, GuestAddress(gpa))
+                .is_ok()
+                && page.chunks_exact(8).enumerate().all(|(i, w)| {
+                    u64::from_le_bytes(w.try_into().unwrap())
+                        == pattern(info.seed, gpa + 8 * i as u64)
+                });
+            if !ok {
+                check.bad_pages += 1;
+                check
+                    .first_bad
+                    .get_or_insert_with(|| format!("page {gpa:#x} does not hold the pattern"));
+            }
+        });
+        if pages != expected_pages || checksum != expected_sum {
+            failure.get_or_insert(format!(
+                "vCPU {}: guest reported {pages} pages / checksum {checksum:#x}, the host expects {expected_pages} / {expected_sum:#x}",
+                report.index
+            ));
+        }
+    }
+    if let Some(bad) = &check.first_bad {
+        failure.get_or_insert(format!("host check: {} bad pages; {bad}", check.bad_pages));
+    }
+    (Some(check), failure)
+}

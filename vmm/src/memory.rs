@@ -1,0 +1,355 @@
+//! Guest RAM: its layout in guest-physical space, its host backing, and its KVM memslots.
+//!
+//! RAM starts at guest-physical 0. Whatever does not fit below [`MMIO_GAP_START`] (3 GiB) goes
+//! above the 32-bit MMIO hole, at 4 GiB, so device windows (virtio-mmio, the LAPIC and IOAPIC)
+//! never overlap RAM.
+//!
+//! Two backings are offered:
+//! - [`MemoryBackend::Anonymous`]: private anonymous memory (`MAP_PRIVATE | MAP_ANONYMOUS`), the
+//!   default. Discarding it (`MADV_DONTNEED`) frees the pages and the next touch reads zeros.
+//! - [`MemoryBackend::Memfd`]: one `memfd` mapped `MAP_SHARED`. Discarding it needs
+//!   `fallocate(PUNCH_HOLE)` or `MADV_REMOVE`; `MADV_DONTNEED` only drops the mapping and the
+//!   page cache keeps the data (HOST.md measured this).
+//!
+//! With `thp`, every region is `madvise(MADV_HUGEPAGE)`d so that the host backs it with 2 MiB
+//! transparent huge pages where it can (this host's THP mode is `madvise`).
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+};
+
+/// The guest memory type of the VMM.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Start of the 32-bit MMIO hole (3 GiB); no RAM between here and [`MMIO_GAP_END`].
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// End of the 32-bit MMIO hole (4 GiB), where RAM continues.
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// Host and guest page size.
+pub const PAGE_SIZE: u64 = 4096;
+/// Size of a transparent huge page / 2 MiB guest mapping.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+/// Smallest guest RAM zapvm accepts.
+pub const MIN_MEM_SIZE: u64 = 4 << 20;
+
+/// How guest RAM is backed on the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryBackend {
+    /// Private anonymous memory.
+    #[default]
+    Anonymous,
+    /// A memfd mapped shared.
+    Memfd,
+}
+
+/// What guest RAM to create.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Bytes of RAM; a multiple of [`PAGE_SIZE`].
+    pub size: u64,
+    /// Host backing.
+    pub backend: MemoryBackend,
+    /// Ask for transparent huge pages.
+    pub thp: bool,
+}
+
+/// Errors creating guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Size is not a page multiple.
+    #[error("memory size {0:#x} is not a multiple of the 4 KiB page size")]
+    NotPageAligned(u64),
+    /// Size too small.
+    #[error("memory size {size} bytes is below the minimum of {min} bytes")]
+    TooSmall {
+        /// Requested.
+        size: u64,
+        /// Minimum.
+        min: u64,
+    },
+    /// Size too large for the host address space or the layout.
+    #[error("memory size {0:#x} is too large")]
+    TooLarge(u64),
+    /// memfd_create or ftruncate failed.
+    #[error("cannot create the memfd backing guest RAM: {0}")]
+    Memfd(#[source] std::io::Error),
+    /// mmap failed.
+    #[error("cannot map {size} bytes of guest RAM: {source}")]
+    Mmap {
+        /// Bytes asked for.
+        size: u64,
+        /// What vm-memory said.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// Region overlap (cannot happen with the fixed layout, but vm-memory checks).
+    #[error("cannot assemble guest memory: {0}")]
+    Assemble(#[source] vm_memory::GuestRegionCollectionError),
+    /// madvise(MADV_HUGEPAGE) failed.
+    #[error("madvise(MADV_HUGEPAGE) on guest RAM failed: {0}")]
+    Thp(#[source] std::io::Error),
+}
+
+/// The guest-physical ranges `size` bytes of RAM occupy: below the MMIO hole first, the rest
+/// above 4 GiB.
+pub fn ram_layout(size: u64) -> Vec<(GuestAddress, u64)> {
+    let low = size.min(MMIO_GAP_START);
+    let mut ranges = vec![(GuestAddress(0), low)];
+    if size > low {
+        ranges.push((GuestAddress(MMIO_GAP_END), size - low));
+    }
+    ranges
+}
+
+/// Parses a size such as `256M`, `1G`, `4096K`, `2T` or plain bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => {
+                    return Err(format!(
+                        "unknown size suffix {c:?} in {text:?} (use K, M, G or T)"
+                    ))
+                }
+            };
+            (&text[..i], shift)
+        }
+        _ => (text, 0),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (examples: 256M, 1G, 4096K, 1048576)"))?;
+    value
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {text:?} overflows 64 bits"))
+}
+
+/// Guest RAM with the facts the rest of the VMM needs about its backing.
+#[derive(Debug)]
+pub struct GuestRam {
+    memory: Arc<GuestMemoryMmap>,
+    config: MemoryConfig,
+    /// The memfd, for the memfd backend (fallocate needs it).
+    memfd: Option<Arc<File>>,
+}
+
+impl GuestRam {
+    /// Creates guest RAM as `config` says.
+    pub fn new(config: MemoryConfig) -> Result<Self, MemoryError> {
+        if config.size % PAGE_SIZE != 0 {
+            return Err(MemoryError::NotPageAligned(config.size));
+        }
+        if config.size < MIN_MEM_SIZE {
+            return Err(MemoryError::TooSmall {
+                size: config.size,
+                min: MIN_MEM_SIZE,
+            });
+        }
+        // One PDPT of identity tables covers 512 GiB; the layout adds the 1 GiB hole.
+        if config.size > (512 << 30) - (MMIO_GAP_END - MMIO_GAP_START) {
+            return Err(MemoryError::TooLarge(config.size));
+        }
+        let layout = ram_layout(config.size);
+        let memfd = match config.backend {
+            MemoryBackend::Anonymous => None,
+            MemoryBackend::Memfd => Some(Arc::new(create_memfd(config.size)?)),
+        };
+        let mut regions = Vec::with_capacity(layout.len());
+        let mut file_offset = 0u64;
+        for &(base, size) in &layout {
+            let builder = MmapRegionBuilder::new(size as usize)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+            let builder = match &memfd {
+                None => builder
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
+                Some(file) => builder
+                    .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                    .with_file_offset(FileOffset::from_arc(file.clone(), file_offset)),
+            };
+            let region: MmapRegion<()> = builder
+                .build()
+                .map_err(|source| MemoryError::Mmap { size, source })?;
+            if config.thp {
+                // SAFETY: the range is exactly the mapping vm-memory just created and owns;
+                // MADV_HUGEPAGE changes no contents and no mapping, only the fault policy.
+                let ret = unsafe {
+                    libc::madvise(region.as_ptr().cast(), size as usize, libc::MADV_HUGEPAGE)
+                };
+                if ret != 0 {
+                    return Err(MemoryError::Thp(std::io::Error::last_os_error()));
+                }
+            }
+            regions.push(
+                GuestRegionMmap::new(region, base).expect("layout ranges never overflow u64"),
+            );
+            file_offset += size;
+        }
+        let memory = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Assemble)?;
+        Ok(Self {
+            memory: Arc::new(memory),
+            config,
+            memfd,
+        })
+    }
+
+    /// The guest memory, for loaders and devices.
+    pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
+        &self.memory
+    }
+
+    /// What this RAM was created from.
+    pub fn config(&self) -> MemoryConfig {
+        self.config
+    }
+
+    /// The memfd behind the memfd backend.
+    pub fn memfd(&self) -> Option<&Arc<File>> {
+        self.memfd.as_ref()
+    }
+
+    /// Each region as (guest-physical start, host address, size).
+    pub fn regions(&self) -> impl Iterator<Item = (GuestAddress, u64, u64)> + '_ {
+        self.memory
+            .iter()
+            .map(|r| (r.start_addr(), r.as_ptr() as u64, r.len()))
+    }
+
+    /// Whether every region's host mapping is 2 MiB aligned (what THP needs to map whole
+    /// huge pages at the guest's 2 MiB boundaries).
+    pub fn huge_page_aligned(&self) -> bool {
+        self.regions()
+            .all(|(gpa, hva, _)| hva % HUGE_PAGE_SIZE == gpa.0 % HUGE_PAGE_SIZE)
+    }
+
+    /// Total bytes of RAM.
+    pub fn size(&self) -> u64 {
+        self.config.size
+    }
+
+    /// Whether `[gpa, gpa + len)` lies entirely inside one RAM region.
+    pub fn contains(&self, gpa: u64, len: u64) -> bool {
+        let Some(end) = gpa.checked_add(len) else {
+            return false;
+        };
+        self.regions()
+            .any(|(start, _, size)| gpa >= start.0 && end <= start.0 + size)
+    }
+}
+
+fn create_memfd(size: u64) -> Result<File, MemoryError> {
+    // SAFETY: the name is a valid NUL-terminated string; the call has no memory effects.
+    let fd = unsafe { libc::memfd_create(c"zapvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(MemoryError::Memfd)?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn layout_puts_memory_above_the_hole() {
+        assert_eq!(ram_layout(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+        assert_eq!(
+            ram_layout(5 << 30),
+            vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 2 << 30)]
+        );
+        assert_eq!(ram_layout(3 << 30), vec![(GuestAddress(0), 3 << 30)]);
+    }
+
+    #[test]
+    fn sizes_parse_with_suffixes_and_reject_garbage() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("8K"), Ok(8192));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("abc").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        let cfg = |size| MemoryConfig {
+            size,
+            backend: MemoryBackend::Anonymous,
+            thp: false,
+        };
+        assert!(matches!(
+            GuestRam::new(cfg((64 << 20) + 1)),
+            Err(MemoryError::NotPageAligned(_))
+        ));
+        assert!(matches!(
+            GuestRam::new(cfg(4096)),
+            Err(MemoryError::TooSmall { .. })
+        ));
+        assert!(matches!(
+            GuestRam::new(cfg(1 << 40)),
+            Err(MemoryError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn memfd_backing_is_shared_with_the_file() {
+        use std::os::unix::fs::FileExt;
+        let ram = GuestRam::new(MemoryConfig {
+            size: 8 << 20,
+            backend: MemoryBackend::Memfd,
+            thp: false,
+        })
+        .unwrap();
+        ram.memory()
+            .write_obj(0xdead_beef_u32, GuestAddress(0x3000))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        ram.memfd()
+            .unwrap()
+            .read_exact_at(&mut buf, 0x3000)
+            .unwrap();
+        assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
+    }
+
+    #[test]
+    fn high_memory_is_addressable_above_4g() {
+        // 3 GiB + 8 MiB of MAP_NORESERVE memory: only touched pages cost anything.
+        let ram = GuestRam::new(MemoryConfig {
+            size: (3 << 30) + (8 << 20),
+            backend: MemoryBackend::Anonymous,
+            thp: true,
+        })
+        .unwrap();
+        assert!(ram.contains(MMIO_GAP_END, 8 << 20));
+        assert!(!ram.contains(MMIO_GAP_START, 4096));
+        ram.memory()
+            .write_obj(7u64, GuestAddress(MMIO_GAP_END + 4096))
+            .unwrap();
+        assert_eq!(
+            ram.memory()
+                .read_obj::<u64>(GuestAddress(MMIO_GAP_END + 4096))
+                .unwrap(),
+            7
+        );
+        assert!(
+            ram.huge_page_aligned(),
+            "6.x kernels align large anonymous mappings to 2 MiB"
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! Decoding the test guest's ucalls (see [`guest_abi`]): a 32-bit `out` to
+//! [`guest_abi::UCALL_PORT`] carrying the guest-physical address of a [`guest_abi::Ucall`].
+//!
+//! Everything read here is guest input: the record and its message must lie in guest RAM, the
+//! kind must be known, and the message is cut at [`guest_abi::MAX_MESSAGE_LEN`] bytes. A bad
+//! record is an error naming what was wrong, never a host read outside guest RAM.
+
+use guest_abi::{Pass, Ucall, UcallKind, MAX_MESSAGE_LEN};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
+
+use crate::memory::GuestMemoryMmap;
+
+/// A wrapper that lets vm-memory read a [`Ucall`] as plain bytes.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct RawUcall(UcallBytes);
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct UcallBytes([u64; std::mem::size_of::<Ucall>() / 8]);
+
+impl Default for UcallBytes {
+    fn default() -> Self {
+        Self([0; std::mem::size_of::<Ucall>() / 8])
+    }
+}
+
+// SAFETY: `RawUcall` is an array of u64s with no padding; every bit pattern is valid.
+unsafe impl ByteValued for RawUcall {}
+
+/// What a vCPU's ucall said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UcallEvent {
+    /// The guest started.
+    Hello {
+        /// The guest's ABI version.
+        abi_version: u64,
+        /// Guest TSC at its entry.
+        entry_tsc: u64,
+    },
+    /// A line of text.
+    Print(String),
+    /// A new stage.
+    Stage(u64),
+    /// Progress of the stage.
+    Progress {
+        /// Units done.
+        done: u64,
+        /// Units in all.
+        total: u64,
+    },
+    /// A timed pass.
+    Timing {
+        /// Which pass.
+        pass: Pass,
+        /// Pages it touched.
+        pages: u64,
+        /// TSC cycles it took.
+        cycles: u64,
+    },
+    /// The workload failed.
+    Failure(String),
+    /// The workload finished.
+    Done {
+        /// Pages verified.
+        pages: u64,
+        /// Checksum of what was read.
+        checksum: u64,
+    },
+    /// A CPU exception in the guest.
+    Exception {
+        /// Vector.
+        vector: u64,
+        /// Error code (0 where the CPU pushes none).
+        error_code: u64,
+        /// Faulting instruction.
+        rip: u64,
+        /// CR2 at the time (the faulting address of a #PF).
+        cr2: u64,
+    },
+}
+
+/// Why a ucall could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UcallError {
+    /// The record is not in guest RAM.
+    #[error("ucall record at {0:#x} is outside guest RAM")]
+    RecordOutsideRam(u64),
+    /// Unknown kind.
+    #[error("ucall of unknown kind {0}")]
+    UnknownKind(u64),
+    /// Unknown pass in a timing ucall.
+    #[error("timing ucall names unknown pass {0}")]
+    UnknownPass(u64),
+    /// The message is not in guest RAM.
+    #[error("ucall message at {gpa:#x} (+{len}) is outside guest RAM")]
+    MessageOutsideRam {
+        /// Where the guest said it was.
+        gpa: u64,
+        /// Its length (after truncation).
+        len: u64,
+    },
+    /// The `out` was not 4 bytes wide.
+    #[error("ucall port written with {0} bytes; a ucall is a 32-bit out")]
+    BadWidth(usize),
+}
+
+/// Decodes the ucall whose `out` data is `data`; returns the vCPU index the guest put in the
+/// record and the event.
+pub fn decode(mem: &GuestMemoryMmap, data: &[u8]) -> Result<(u64, UcallEvent), UcallError> {
+    let gpa = u64::from(u32::from_le_bytes(
+        data.try_into()
+            .map_err(|_| UcallError::BadWidth(data.len()))?,
+    ));
+    let raw: RawUcall = mem
+        .read_obj(GuestAddress(gpa))
+        .map_err(|_| UcallError::RecordOutsideRam(gpa))?;
+    let w = raw.0 .0;
+    let (kind, vcpu, args, msg_gpa, msg_len) =
+        (w[0], w[1], [w[2], w[3], w[4], w[5], w[6], w[7]], w[8], w[9]);
+    let message = || -> Result<String, UcallError> {
+        let len = msg_len.min(MAX_MESSAGE_LEN as u64);
+        let mut buf = vec![0u8; len as usize];
+        mem.read_slice(&mut buf, GuestAddress(msg_gpa))
+            .map_err(|_| UcallError::MessageOutsideRam { gpa: msg_gpa, len })?;
+        let mut text = String::from_utf8_lossy(&buf).into_owned();
+        if msg_len > len {
+            text.push_str("...");
+        }
+        Ok(text)
+    };
+    let event = match UcallKind::from_raw(kind).ok_or(UcallError::UnknownKind(kind))? {
+        UcallKind::Hello => UcallEvent::Hello {
+            abi_version: args[0],
+            entry_tsc: args[1],
+        },
+        UcallKind::Print => UcallEvent::Print(message()?),
+        UcallKind::Stage => UcallEvent::Stage(args[0]),
+        UcallKind::Progress => UcallEvent::Progress {
+            done: args[0],
+            total: args[1],
+        },
+        UcallKind::Timing => UcallEvent::Timing {
+            pass: Pass::from_raw(args[0]).ok_or(UcallError::UnknownPass(args[0]))?,
+            pages: args[1],
+            cycles: args[2],
+        },
+        UcallKind::Failure => UcallEvent::Failure(message()?),
+        UcallKind::Done => UcallEvent::Done {
+            pages: args[0],
+            checksum: args[1],
+        },
+        UcallKind::Exception => UcallEvent::Exception {
+            vector: args[0],
+            error_code: args[1],
+            rip: args[2],
+            cr2: args[3],
+        },
+    };
+    Ok((vcpu, event))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    fn put(mem: &GuestMemoryMmap, gpa: u64, words: [u64; 10]) {
+        for (i, w) in words.iter().enumerate() {
+            mem.write_obj(*w, GuestAddress(gpa + 8 * i as u64)).unwrap();
+        }
+    }
+
+    #[test]
+    fn decodes_a_failure_with_its_message() {
+        let m = mem();
+        m.write_slice(b"boom at 0x1000", GuestAddress(0x5000))
+            .unwrap();
+        put(&m, 0x4000, [6, 1, 0, 0, 0, 0, 0, 0, 0x5000, 14]);
+        let (vcpu, ev) = decode(&m, &0x4000u32.to_le_bytes()).unwrap();
+        assert_eq!(vcpu, 1);
+        assert_eq!(ev, UcallEvent::Failure("boom at 0x1000".into()));
+    }
+
+    #[test]
+    fn hostile_records_are_errors_not_reads_outside_ram() {
+        let m = mem();
+        assert_eq!(
+            decode(&m, &0xfff0_0000u32.to_le_bytes()),
+            Err(UcallError::RecordOutsideRam(0xfff0_0000))
+        );
+        // A record straddling the end of RAM.
+        assert_eq!(
+            decode(&m, &((1u32 << 20) - 16).to_le_bytes()),
+            Err(UcallError::RecordOutsideRam((1 << 20) - 16))
+        );
+        put(&m, 0x4000, [99, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            decode(&m, &0x4000u32.to_le_bytes()),
+            Err(UcallError::UnknownKind(99))
+        );
+        put(&m, 0x4000, [2, 0, 0, 0, 0, 0, 0, 0, 0xffff_0000, 8]);
+        assert!(matches!(
+            decode(&m, &0x4000u32.to_le_bytes()),
+            Err(UcallError::MessageOutsideRam { .. })
+        ));
+        assert_eq!(decode(&m, &[0, 0x40]), Err(UcallError::BadWidth(2)));
+    }
+
+    #[test]
+    fn long_messages_are_cut() {
+        let m = mem();
+        m.write_slice(&[b'a'; 4096], GuestAddress(0x5000)).unwrap();
+        put(&m, 0x4000, [2, 0, 0, 0, 0, 0, 0, 0, 0x5000, u64::MAX]);
+        let (_, ev) = decode(&m, &0x4000u32.to_le_bytes()).unwrap();
+        let UcallEvent::Print(text) = ev else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(text.len(), MAX_MESSAGE_LEN + 3);
+    }
+}

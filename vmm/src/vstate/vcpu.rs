@@ -1,0 +1,378 @@
+//! A vCPU thread: `KVM_RUN`, and what each exit means.
+//!
+//! Each vCPU runs on its own thread until its guest code reports an end (a ucall `Done`,
+//! `Failure` or `Exception`), a fatal exit happens, or the VMM stops it. Stopping uses the
+//! `immediate_exit` protocol of `kvm_run`: the VMM sets the shared stop flag and signals the
+//! thread; the signal handler sets `kvm_run.immediate_exit`, so a `KVM_RUN` that was about to
+//! start returns `EINTR` at once and one that was running is interrupted. The thread then sees
+//! the flag. No wake-up is lost whichever order the flag, the signal and `KVM_RUN` come in.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Once};
+use std::time::Instant;
+
+use guest_abi::{Pass, UCALL_PORT};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::devices::Bus;
+use crate::memory::GuestMemoryMmap;
+use crate::ucall::{self, UcallEvent};
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, while its vCPU runs (null otherwise).
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only async-signal-safe work: a const-initialised thread local and one byte store.
+    let flag = IMMEDIATE_EXIT.with(Cell::get);
+    if !flag.is_null() {
+        // SAFETY: the pointer is set by this thread to its own vCPU's mapped `kvm_run` and
+        // cleared before that vCPU is dropped; the handler runs on the same thread.
+        unsafe { flag.write_volatile(1) };
+    }
+}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| result = register_signal_handler(kick_signal(), handle_kick));
+    result
+}
+
+/// What every vCPU thread shares with the rest of the VMM.
+pub struct VcpuShared {
+    /// Guest RAM.
+    pub memory: Arc<GuestMemoryMmap>,
+    /// Port I/O devices.
+    pub pio: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio: Arc<Bus>,
+    /// Set by the VMM to stop every vCPU.
+    pub stop: AtomicBool,
+    /// Where vCPU threads report that they finished.
+    pub events: Sender<VcpuEvent>,
+    /// Wakes the VMM's event loop after an event was sent.
+    pub wake: EventFd,
+    /// Number of vCPUs (to validate the index a guest puts in its ucalls).
+    pub nr_vcpus: u64,
+    /// Per vCPU: pages done in the current pass, and the pass's total (for progress display).
+    pub progress: Vec<(AtomicU64, AtomicU64)>,
+    /// When the VMM started building the VM.
+    pub started: Instant,
+}
+
+/// What a vCPU thread tells the VMM loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// vCPU `index` stopped running; `fatal` when the VM should stop with it.
+    Finished {
+        /// Which vCPU.
+        index: usize,
+        /// Whether this ends the VM.
+        fatal: bool,
+    },
+}
+
+/// How a vCPU ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum VcpuOutcome {
+    /// The guest workload finished.
+    Done {
+        /// Pages the guest verified.
+        pages: u64,
+        /// Checksum the guest computed.
+        checksum: u64,
+    },
+    /// The guest reported a failure.
+    GuestFailure {
+        /// Its message.
+        message: String,
+    },
+    /// The guest took a CPU exception.
+    GuestException {
+        /// Description.
+        message: String,
+    },
+    /// The VMM stopped the vCPU.
+    Stopped,
+    /// KVM or the VMM failed running it.
+    Error {
+        /// Description.
+        message: String,
+    },
+}
+
+impl VcpuOutcome {
+    fn is_fatal(&self) -> bool {
+        !matches!(self, VcpuOutcome::Done { .. } | VcpuOutcome::Stopped)
+    }
+}
+
+/// A pass the guest timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PassTiming {
+    /// Which pass.
+    #[serde(serialize_with = "serialize_pass")]
+    pub pass: Pass,
+    /// Pages it touched.
+    pub pages: u64,
+    /// Guest TSC cycles it took.
+    pub cycles: u64,
+}
+
+fn serialize_pass<S: serde::Serializer>(pass: &Pass, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(pass_name(*pass))
+}
+
+/// A short name of a pass.
+pub fn pass_name(pass: Pass) -> &'static str {
+    match pass {
+        Pass::ColdWrite => "cold_write",
+        Pass::WarmWrite => "warm_write",
+        Pass::WarmRead => "warm_read",
+        Pass::Fill => "fill",
+        Pass::Check => "check",
+    }
+}
+
+/// What a vCPU thread returns.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VcpuReport {
+    /// vCPU index.
+    pub index: usize,
+    /// How it ended.
+    pub outcome: VcpuOutcome,
+    /// Passes the guest timed.
+    pub timings: Vec<PassTiming>,
+    /// Microseconds from VMM start to this vCPU's first exit (its hello ucall).
+    pub first_exit_us: Option<u64>,
+    /// Exits to the VMM.
+    pub exits: u64,
+    /// The guest TSC frequency, to turn cycles into time.
+    pub tsc_khz: Option<u32>,
+}
+
+/// A vCPU ready to run.
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: usize,
+}
+
+impl Vcpu {
+    /// Wraps a configured vCPU.
+    pub fn new(fd: VcpuFd, index: usize) -> Self {
+        Self { fd, index }
+    }
+
+    /// Runs until the guest ends, a fatal exit, or a stop; always tells the VMM it finished.
+    pub fn run(mut self, shared: &VcpuShared) -> VcpuReport {
+        let mut report = VcpuReport {
+            index: self.index,
+            outcome: VcpuOutcome::Stopped,
+            timings: Vec::new(),
+            first_exit_us: None,
+            exits: 0,
+            tsc_khz: self.fd.get_tsc_khz().ok(),
+        };
+        let immediate_exit = std::ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit);
+        IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
+        report.outcome = self.run_loop(shared, &mut report);
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+        let fatal = report.outcome.is_fatal();
+        // The receiver lives as long as the VMM loop that joins this thread.
+        let _ = shared.events.send(VcpuEvent::Finished {
+            index: self.index,
+            fatal,
+        });
+        let _ = shared.wake.write(1);
+        report
+    }
+
+    fn run_loop(&mut self, shared: &VcpuShared, report: &mut VcpuReport) -> VcpuOutcome {
+        loop {
+            if shared.stop.load(Ordering::Acquire) {
+                return VcpuOutcome::Stopped;
+            }
+            let exit = self.fd.run();
+            report.exits += 1;
+            let end = match exit {
+                Ok(VcpuExit::IoOut(port, data)) if port == UCALL_PORT => {
+                    // Copy out: `data` borrows the vCPU's kvm_run.
+                    let data = data.to_vec();
+                    self.handle_ucall(shared, report, &data)
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    shared.pio.write(u64::from(port), data);
+                    None
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    shared.pio.read(u64::from(port), data);
+                    None
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    shared.mmio.write(addr, data);
+                    None
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    shared.mmio.read(addr, data);
+                    None
+                }
+                Ok(VcpuExit::Intr) => None,
+                Ok(VcpuExit::Hlt) => Some(self.error("the guest halted with interrupts off")),
+                Ok(VcpuExit::Shutdown) => Some(VcpuOutcome::GuestException {
+                    message: format!("triple fault (KVM_EXIT_SHUTDOWN){}", self.where_now()),
+                }),
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    Some(self.error(&format!("system event {kind} (the guest asked for a reset or power-off)")))
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => Some(self.error(&format!(
+                    "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host CPU {cpu}"
+                ))),
+                Ok(VcpuExit::InternalError) => {
+                    let run = self.fd.get_kvm_run();
+                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the kernel filled
+                    // the `internal` member of the union.
+                    let internal = unsafe { run.__bindgen_anon_1.internal };
+                    Some(self.error(&format!(
+                        "KVM internal error, suberror {} (1 = the instruction emulator failed){}",
+                        internal.suberror,
+                        self.where_now()
+                    )))
+                }
+                Ok(VcpuExit::MemoryFault { flags, gpa, size }) => Some(self.error(&format!(
+                    "guest access to [{gpa:#x}, +{size:#x}) has no host memory behind it (KVM_EXIT_MEMORY_FAULT, flags {flags:#x})"
+                ))),
+                Ok(other) => Some(VcpuOutcome::Error { message: format!("unexpected exit {other:?}") }),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // Kicked: re-arm and look at the stop flag.
+                    self.fd.set_kvm_immediate_exit(0);
+                    None
+                }
+                Err(e) if e.errno() == libc::EFAULT => Some(self.error(&format!(
+                    "KVM_RUN: guest memory is not backed at some address (EFAULT){}",
+                    self.where_now()
+                ))),
+                Err(e) => Some(self.error(&format!("KVM_RUN failed: {e}"))),
+            };
+            if let Some(outcome) = end {
+                return outcome;
+            }
+        }
+    }
+
+    fn error(&self, message: &str) -> VcpuOutcome {
+        VcpuOutcome::Error {
+            message: message.to_owned(),
+        }
+    }
+
+    /// " at rip=..." when the registers can be read.
+    fn where_now(&self) -> String {
+        match self.fd.get_regs() {
+            Ok(regs) => format!(" at rip={:#x} rsp={:#x}", regs.rip, regs.rsp),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Acts on a ucall; returns the outcome when it ends this vCPU.
+    fn handle_ucall(
+        &self,
+        shared: &VcpuShared,
+        report: &mut VcpuReport,
+        data: &[u8],
+    ) -> Option<VcpuOutcome> {
+        let (vcpu, event) = match ucall::decode(&shared.memory, data) {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                return Some(VcpuOutcome::GuestFailure {
+                    message: format!("bad ucall: {e}"),
+                })
+            }
+        };
+        if vcpu != self.index as u64 {
+            return Some(VcpuOutcome::GuestFailure {
+                message: format!(
+                    "vCPU {} made a ucall claiming to be vCPU {vcpu}",
+                    self.index
+                ),
+            });
+        }
+        let (done, total) = &shared.progress[self.index];
+        match event {
+            UcallEvent::Hello { abi_version, .. } => {
+                report.first_exit_us = Some(shared.started.elapsed().as_micros() as u64);
+                if abi_version != guest_abi::ABI_VERSION {
+                    return Some(VcpuOutcome::GuestFailure {
+                        message: format!(
+                            "guest speaks ABI version {abi_version}, this VMM {}",
+                            guest_abi::ABI_VERSION
+                        ),
+                    });
+                }
+                tracing::debug!(vcpu = self.index, "guest said hello");
+            }
+            UcallEvent::Print(line) => println!("[guest vCPU {}] {line}", self.index),
+            UcallEvent::Stage(stage) => {
+                tracing::debug!(vcpu = self.index, stage, "guest stage");
+                done.store(0, Ordering::Relaxed);
+            }
+            UcallEvent::Progress { done: d, total: t } => {
+                done.store(d, Ordering::Relaxed);
+                total.store(t, Ordering::Relaxed);
+            }
+            UcallEvent::Timing { pass, pages, cycles } => {
+                report.timings.push(PassTiming { pass, pages, cycles })
+            }
+            UcallEvent::Failure(message) => return Some(VcpuOutcome::GuestFailure { message }),
+            UcallEvent::Done { pages, checksum } => {
+                done.store(pages, Ordering::Relaxed);
+                return Some(VcpuOutcome::Done { pages, checksum });
+            }
+            UcallEvent::Exception { vector, error_code, rip, cr2 } => {
+                return Some(VcpuOutcome::GuestException {
+                    message: format!(
+                        "{} (vector {vector}) at rip={rip:#x}, error code {error_code:#x}, cr2={cr2:#x}",
+                        exception_name(vector)
+                    ),
+                })
+            }
+        }
+        None
+    }
+}
+
+fn exception_name(vector: u64) -> &'static str {
+    match vector {
+        0 => "#DE divide error",
+        1 => "#DB debug",
+        2 => "NMI",
+        3 => "#BP breakpoint",
+        4 => "#OF overflow",
+        5 => "#BR bound range",
+        6 => "#UD invalid opcode",
+        7 => "#NM device not available",
+        8 => "#DF double fault",
+        10 => "#TS invalid TSS",
+        11 => "#NP segment not present",
+        12 => "#SS stack fault",
+        13 => "#GP general protection",
+        14 => "#PF page fault",
+        16 => "#MF x87 error",
+        17 => "#AC alignment check",
+        18 => "#MC machine check",
+        19 => "#XM SIMD error",
+        _ => "exception",
+    }
+}

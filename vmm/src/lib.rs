@@ -15,6 +15,7 @@ pub mod arch;
 pub mod bench;
 pub mod boot;
 pub mod devices;
+pub mod kvm_stats;
 pub mod machine;
 pub mod memory;
 pub mod pvm;

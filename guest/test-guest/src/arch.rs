@@ -191,11 +191,27 @@ pub unsafe fn install_exception_gates(idt_gpa: u64) {
         let gate = (idt_gpa + 16 * vector) as *mut u64;
         // SAFETY: the caller guarantees the IDT page is mapped, writable and ours; gate and
         // gate + 1 are the two 8-byte halves of gate `vector` < 32 inside that 4 KiB page.
+        // The high half goes first so that a gate whose present bit is visible is complete
+        // (x86 makes one CPU's stores visible to the others in program order).
         unsafe {
-            gate.write_volatile(low);
             gate.add(1).write_volatile(high);
+            gate.write_volatile(low);
         }
         vector += 1;
+    }
+}
+
+/// Waits until vCPU 0 has written every exception gate: the last gate's present bit is the
+/// last store of [`install_exception_gates`], so once it is visible all gates are.
+///
+/// # Safety
+/// `idt_gpa` must be the identity-mapped IDT page the VMM loaded into this vCPU's IDTR.
+pub unsafe fn wait_for_exception_gates(idt_gpa: u64) {
+    const PRESENT: u64 = 1 << 47;
+    let last = (idt_gpa + 16 * (NR_EXCEPTION_VECTORS - 1)) as *const u64;
+    // SAFETY: the caller guarantees the page is mapped; the gate lies inside it.
+    while unsafe { last.read_volatile() } & PRESENT == 0 {
+        core::hint::spin_loop();
     }
 }
 

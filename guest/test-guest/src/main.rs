@@ -93,12 +93,17 @@ extern "C" fn guest_main(vcpu: u64, boot: *const BootInfo) -> ! {
         );
     }
 
-    // vCPU 0 fills the exception gates; the others do not wait for it (a fault before the
-    // gates exist is a triple fault, which the VMM reports too).
-    if vcpu == 0 && boot.idt_gpa != 0 {
-        // SAFETY: idt_gpa is the IDT page the VMM loaded into every vCPU's IDTR, identity mapped
-        // and user-writable, and vCPU 0 is the only writer.
-        unsafe { arch::install_exception_gates(boot.idt_gpa) };
+    // vCPU 0 fills the exception gates; the others wait until it has (rendezvous), so that an
+    // exception on any vCPU is reported by its handler rather than becoming a triple fault.
+    if boot.idt_gpa != 0 {
+        if vcpu == 0 {
+            // SAFETY: idt_gpa is the IDT page the VMM loaded into every vCPU's IDTR, identity
+            // mapped and user-writable, and vCPU 0 is the only writer.
+            unsafe { arch::install_exception_gates(boot.idt_gpa) };
+        } else {
+            // SAFETY: as above; other vCPUs only read it.
+            unsafe { arch::wait_for_exception_gates(boot.idt_gpa) };
+        }
     }
 
     report(vcpu, UcallKind::Hello, &[ABI_VERSION, entry_tsc]);

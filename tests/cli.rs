@@ -1,0 +1,162 @@
+//! End-to-end: the `zapvm` command's contract with a user — exit status 0 on success, non-zero
+//! with a one-line message naming the problem on bad input or guest failure, never a panic.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn zapvm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zapvm")).args(args).output().expect("zapvm runs")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A bad-input run: non-zero exit, one `zapvm: error:` line containing `needle`, no panic.
+fn assert_refused(args: &[&str], needle: &str) {
+    let out = zapvm(args);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{args:?}\nstdout: {stdout}\nstderr: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("zapvm: error: ")).collect();
+    assert_eq!(errors.len(), 1, "{args:?}: want one error line, stderr: {stderr}");
+    assert!(errors[0].contains(needle), "{args:?}: {:?} does not mention {needle:?}", errors[0]);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("zapvm-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn default_run_boots_the_test_guest_and_exits_zero() {
+    let out = zapvm(&["run", "--timeout", "60"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("256 MiB"), "{stdout}");
+    assert!(stdout.contains("vCPU 0: verified"), "{stdout}");
+    assert!(stdout.contains("0 differ"), "{stdout}");
+}
+
+#[test]
+fn two_vcpus_each_report_their_slice() {
+    let out = zapvm(&["run", "--vcpus", "2", "--mem", "64M", "--timeout", "60"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("vCPU 0: verified") && stdout.contains("vCPU 1: verified"), "{stdout}");
+}
+
+#[test]
+fn json_report_is_machine_readable() {
+    let out = zapvm(&["run", "--mem", "32M", "--json", "--timeout", "60"]);
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    assert_eq!(report["outcome"]["kind"], "success");
+    assert_eq!(report["vcpus"][0]["outcome"]["kind"], "done");
+}
+
+#[test]
+fn guest_assertion_failure_exits_nonzero_with_the_message() {
+    let out = zapvm(&["run", "--mem", "16M", "--workload", "assert-fail", "--timeout", "60"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("deliberate assertion failure"), "{stderr}");
+}
+
+#[test]
+fn zero_vcpus_is_refused() {
+    assert_refused(&["run", "--vcpus", "0"], "at least one vCPU");
+}
+
+#[test]
+fn too_many_vcpus_is_refused() {
+    assert_refused(&["run", "--vcpus", "100000"], "vCPUs requested");
+}
+
+#[test]
+fn memory_that_is_not_page_multiple_is_refused() {
+    assert_refused(&["run", "--mem", "1048577"], "not a multiple of the 4 KiB page size");
+}
+
+#[test]
+fn memory_too_small_for_the_image_is_refused() {
+    assert_refused(&["run", "--mem", "4M"], "too small");
+}
+
+#[test]
+fn missing_guest_elf_is_refused() {
+    assert_refused(&["run", "--guest", "/nonexistent/guest.elf"], "cannot read test guest ELF /nonexistent/guest.elf");
+}
+
+#[test]
+fn truncated_guest_elf_is_refused() {
+    // An x86_64 ELF64 header cut off before its program header fields.
+    let path = scratch("truncated.elf");
+    let mut header = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\x3e\0".to_vec();
+    header.resize(40, 0);
+    std::fs::write(&path, &header).unwrap();
+    assert_refused(&["run", "--guest", path.to_str().unwrap()], "truncated");
+}
+
+#[test]
+fn garbage_guest_is_refused() {
+    let path = scratch("garbage.elf");
+    std::fs::write(&path, b"#!/bin/sh\necho not an elf\n").unwrap();
+    assert_refused(&["run", "--guest", path.to_str().unwrap()], "no ELF magic");
+}
+
+#[test]
+fn missing_kernel_is_refused() {
+    assert_refused(&["run", "--kernel", "/nonexistent/bzImage"], "cannot read kernel /nonexistent/bzImage");
+}
+
+#[test]
+fn truncated_kernel_is_refused() {
+    let path = scratch("bzImage");
+    let mut image = vec![0u8; 0x300];
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    std::fs::write(&path, &image[..0x210]).unwrap();
+    assert_refused(&["run", "--kernel", path.to_str().unwrap()], "is not a valid image");
+}
+
+#[test]
+fn missing_kvm_device_is_refused() {
+    assert_refused(&["run", "--kvm-device", "/nonexistent/kvm"], "/nonexistent/kvm does not exist");
+}
+
+#[test]
+fn inaccessible_kvm_device_is_refused() {
+    // A device node nobody may open, opened as an unprivileged user.
+    let path = scratch("kvm-no-access");
+    std::fs::write(&path, b"").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let dir = path.parent().unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_zapvm"));
+    cmd.args(["run", "--kvm-device", path.to_str().unwrap()]);
+    // Root opens anything: drop to `nobody` in the child (CommandExt::uid/gid).
+    if nix_is_root() {
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().unwrap();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is not accessible"), "{stderr}");
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+#[test]
+fn bad_size_syntax_is_a_usage_error() {
+    let out = zapvm(&["run", "--mem", "lots"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "clap's usage errors exit 2: {stderr}");
+    assert!(stderr.contains("invalid value 'lots' for '--mem"), "{stderr}");
+}

@@ -1,0 +1,120 @@
+//! End-to-end: the VMM boots the built-in test guest and its workload verifies every page it
+//! owns, for each memory backing, with and without THP, on one and two vCPUs; the host then
+//! reads the same pages back through its own mapping.
+
+use std::time::Duration;
+
+use guest_abi::Workload;
+use vmm::boot::test_guest::TestGuestParams;
+use vmm::machine::{run, BootSource, Console, RunReport, VmConfig, VmOutcome};
+use vmm::memory::{MemoryBackend, MemoryConfig};
+use vmm::vstate::vcpu::VcpuOutcome;
+
+fn config(mem_mib: u64, vcpus: u32, backend: MemoryBackend, thp: bool, workload: Workload) -> VmConfig {
+    VmConfig {
+        kvm_device: "/dev/kvm".into(),
+        memory: MemoryConfig { size: mem_mib << 20, backend, thp },
+        vcpus,
+        boot: BootSource::TestGuest {
+            elf: None,
+            params: TestGuestParams { workload, seed: 0xfeed ^ mem_mib, cpl0: false },
+        },
+        timeout: Some(Duration::from_secs(120)),
+        console: Console::Null,
+    }
+}
+
+/// Pages the test guest's workload owns: all RAM from the first 2 MiB boundary after its
+/// image and stacks (6 MiB for the built-in guest with up to 2 vCPUs; see boot::test_guest).
+fn expected_work_pages(report: &RunReport) -> u64 {
+    let (_, from) = report.boot.rsplit_once("from ").expect("boot summary names the work start");
+    let start = u64::from_str_radix(from.trim_start_matches("0x"), 16).unwrap();
+    (report.mem_bytes - start) / 4096
+}
+
+fn assert_verified(report: &RunReport, vcpus: u32) {
+    assert_eq!(report.outcome, VmOutcome::Success, "{report:#?}");
+    assert_eq!(report.vcpus.len(), vcpus as usize);
+    let total = expected_work_pages(report);
+    let mut sum = 0;
+    for v in &report.vcpus {
+        let VcpuOutcome::Done { pages, .. } = v.outcome else { panic!("vCPU {}: {:?}", v.index, v.outcome) };
+        // Slices differ by at most one page.
+        assert!(pages.abs_diff(total / u64::from(vcpus)) <= 1, "vCPU {} verified {pages} of {total}", v.index);
+        assert!(v.first_exit_us.is_some(), "vCPU {} never said hello", v.index);
+        sum += pages;
+    }
+    assert_eq!(sum, total, "the slices cover the work area exactly");
+    let check = report.host_check.as_ref().expect("Verify runs are checked by the host");
+    assert_eq!((check.pages, check.bad_pages), (total, 0), "{:?}", check.first_bad);
+}
+
+#[test]
+fn one_vcpu_anonymous() {
+    let report = run(&config(64, 1, MemoryBackend::Anonymous, false, Workload::Verify)).unwrap();
+    assert_verified(&report, 1);
+}
+
+#[test]
+fn two_vcpus_anonymous() {
+    let report = run(&config(64, 2, MemoryBackend::Anonymous, false, Workload::Verify)).unwrap();
+    assert_verified(&report, 2);
+}
+
+#[test]
+fn one_vcpu_memfd() {
+    let report = run(&config(64, 1, MemoryBackend::Memfd, false, Workload::Verify)).unwrap();
+    assert_verified(&report, 1);
+}
+
+#[test]
+fn two_vcpus_memfd() {
+    let report = run(&config(64, 2, MemoryBackend::Memfd, false, Workload::Verify)).unwrap();
+    assert_verified(&report, 2);
+}
+
+#[test]
+fn one_vcpu_anonymous_thp() {
+    let report = run(&config(64, 1, MemoryBackend::Anonymous, true, Workload::Verify)).unwrap();
+    assert!(report.thp_aligned, "guest RAM must be 2 MiB aligned for THP to back it");
+    assert_verified(&report, 1);
+}
+
+#[test]
+fn two_vcpus_memfd_thp() {
+    let report = run(&config(64, 2, MemoryBackend::Memfd, true, Workload::Verify)).unwrap();
+    assert_verified(&report, 2);
+}
+
+#[test]
+fn memory_above_the_32_bit_hole_is_used() {
+    // 3 GiB + 64 MiB: the last 64 MiB live at 4 GiB; THP keeps the fill fast.
+    let report = run(&config(3 * 1024 + 64, 2, MemoryBackend::Anonymous, true, Workload::Verify)).unwrap();
+    assert_verified(&report, 2);
+}
+
+#[test]
+fn touch_workload_reports_three_timed_passes() {
+    let report = run(&config(32, 1, MemoryBackend::Anonymous, false, Workload::Touch)).unwrap();
+    assert_eq!(report.outcome, VmOutcome::Success, "{report:#?}");
+    let v = &report.vcpus[0];
+    let passes: Vec<_> = v.timings.iter().map(|t| vmm::vstate::vcpu::pass_name(t.pass)).collect();
+    assert_eq!(passes, ["cold_write", "warm_write", "warm_read"]);
+    let total = expected_work_pages(&report);
+    assert!(v.timings.iter().all(|t| t.pages == total && t.cycles > 0), "{:?}", v.timings);
+}
+
+#[test]
+fn guest_assertion_failure_fails_the_run_with_its_message() {
+    let report = run(&config(16, 1, MemoryBackend::Anonymous, false, Workload::AssertFail)).unwrap();
+    let VmOutcome::Failed { message } = &report.outcome else { panic!("{report:#?}") };
+    assert!(message.contains("deliberate assertion failure"), "{message}");
+    assert!(message.contains("vCPU 0"), "{message}");
+}
+
+#[test]
+fn guest_exception_fails_the_run_naming_the_vector() {
+    let report = run(&config(16, 2, MemoryBackend::Anonymous, false, Workload::Exception)).unwrap();
+    let VmOutcome::Failed { message } = &report.outcome else { panic!("{report:#?}") };
+    assert!(message.contains("#UD"), "{message}");
+}

@@ -91,6 +91,16 @@ struct RunArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Cost of invalidation through the notifier versus the raw syscalls, and of the
+    /// userfaultfd monitor for external operations.
+    Notifier {
+        /// The full sizes (up to 1 GiB) and more rounds; the default is a quick run.
+        #[arg(long)]
+        full: bool,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
     /// VMM start to first guest instruction, and guest touch cost per page.
     Boot {
         /// Fresh VMs per configuration.
@@ -119,6 +129,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Bench(BenchCommand::Notifier { full, json_out }) => bench_notifier(full, json_out),
         Command::Bench(BenchCommand::Boot {
             runs,
             mem,
@@ -272,6 +283,18 @@ fn bench_boot(
     print!("{}", vmm::bench::boot_table(&rows));
     if let Some(path) = json_out {
         let json = serde_json::to_string_pretty(&rows).expect("rows serialise");
+        std::fs::write(&path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_notifier(full: bool, json_out: Option<PathBuf>) -> Result<ExitCode, String> {
+    let opts = if full { notifier::bench::BenchOptions::full() } else { notifier::bench::BenchOptions::quick() };
+    let report = notifier::bench::run(&opts, &mut |line| eprintln!("{line}"));
+    print!("{}", report.to_markdown_table());
+    if let Some(path) = json_out {
+        let json = serde_json::to_string_pretty(&report).expect("report serialises");
         std::fs::write(&path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }

@@ -88,7 +88,10 @@ fn memory_too_small_for_the_image_is_refused() {
 
 #[test]
 fn missing_guest_elf_is_refused() {
-    assert_refused(&["run", "--guest", "/nonexistent/guest.elf"], "cannot read test guest ELF /nonexistent/guest.elf");
+    assert_refused(
+        &["run", "--guest", "/nonexistent/guest.elf"],
+        "cannot read test guest ELF /nonexistent/guest.elf",
+    );
 }
 
 #[test]

@@ -40,7 +40,11 @@ fn assert_verified(report: &RunReport, vcpus: u32) {
     for v in &report.vcpus {
         let VcpuOutcome::Done { pages, .. } = v.outcome else { panic!("vCPU {}: {:?}", v.index, v.outcome) };
         // Slices differ by at most one page.
-        assert!(pages.abs_diff(total / u64::from(vcpus)) <= 1, "vCPU {} verified {pages} of {total}", v.index);
+        assert!(
+            pages.abs_diff(total / u64::from(vcpus)) <= 1,
+            "vCPU {} verified {pages} of {total}",
+            v.index
+        );
         assert!(v.first_exit_us.is_some(), "vCPU {} never said hello", v.index);
         sum += pages;
     }

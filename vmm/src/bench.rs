@@ -47,35 +47,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs `bench boot`; `progress` hears about each VM.
-pub fn boot(
-    opts: &BootBenchOptions,
-    progress: &mut dyn FnMut(&str),
-) -> Result<Vec<BootBenchRow>, String> {
+pub fn boot(opts: &BootBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<BootBenchRow>, String> {
     let mut rows = Vec::new();
     for (backing, thp) in [("4k", false), ("thp", true)] {
         let mut first_exit = Vec::new();
         let mut per_pass: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
         for run in 0..opts.runs {
-            progress(&format!(
-                "bench boot: {backing} run {}/{}",
-                run + 1,
-                opts.runs
-            ));
+            progress(&format!("bench boot: {backing} run {}/{}", run + 1, opts.runs));
             let config = VmConfig {
                 kvm_device: opts.kvm_device.clone(),
-                memory: MemoryConfig {
-                    size: opts.mem,
-                    backend: MemoryBackend::Anonymous,
-                    thp,
-                },
+                memory: MemoryConfig { size: opts.mem, backend: MemoryBackend::Anonymous, thp },
                 vcpus: 1,
                 boot: BootSource::TestGuest {
                     elf: None,
-                    params: TestGuestParams {
-                        workload: Workload::Touch,
-                        seed: run as u64 + 1,
-                        cpl0: false,
-                    },
+                    params: TestGuestParams { workload: Workload::Touch, seed: run as u64 + 1, cpl0: false },
                 },
                 timeout: Some(Duration::from_secs(120)),
                 console: Console::Null,
@@ -85,20 +70,13 @@ pub fn boot(
             if !matches!(vcpu.outcome, VcpuOutcome::Done { .. }) {
                 return Err(format!("bench VM failed: {:?}", report.outcome));
             }
-            let khz = vcpu
-                .tsc_khz
-                .ok_or("KVM_GET_TSC_KHZ is not available; cannot convert guest cycles")?
-                as f64;
+            let khz =
+                vcpu.tsc_khz.ok_or("KVM_GET_TSC_KHZ is not available; cannot convert guest cycles")? as f64;
             first_exit.push(vcpu.first_exit_us.unwrap_or_default() as f64);
             for t in &vcpu.timings {
-                if matches!(t.pass, Pass::ColdWrite | Pass::WarmWrite | Pass::WarmRead)
-                    && t.pages > 0
-                {
+                if matches!(t.pass, Pass::ColdWrite | Pass::WarmWrite | Pass::WarmRead) && t.pages > 0 {
                     let ns = t.cycles as f64 * 1e6 / khz / t.pages as f64;
-                    per_pass
-                        .entry(pass_name(t.pass).to_string())
-                        .or_default()
-                        .push(ns);
+                    per_pass.entry(pass_name(t.pass).to_string()).or_default().push(ns);
                 }
             }
         }
@@ -118,12 +96,7 @@ pub fn boot_table(rows: &[BootBenchRow]) -> String {
         "| backing | runs | VMM start -> first guest exit | cold write / page | warm write / page | warm read / page |\n|---|---|---|---|---|---|\n",
     );
     for r in rows {
-        let p = |k: &str| {
-            r.ns_per_page
-                .get(k)
-                .map(|ns| format!("{ns:.0} ns"))
-                .unwrap_or_else(|| "-".into())
-        };
+        let p = |k: &str| r.ns_per_page.get(k).map(|ns| format!("{ns:.0} ns")).unwrap_or_else(|| "-".into());
         out.push_str(&format!(
             "| {} | {} | {:.2} ms | {} | {} | {} |\n",
             r.backing,

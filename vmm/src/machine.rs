@@ -44,10 +44,7 @@ pub enum Console {
 struct BufferWriter(Arc<Mutex<Vec<u8>>>);
 impl Write for BufferWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(buf);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -259,18 +256,11 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         return Err(Error::NoVcpus);
     }
     if nr_vcpus > gdt::MAX_VCPUS {
-        return Err(Error::TooManyVcpus {
-            wanted: nr_vcpus,
-            max: gdt::MAX_VCPUS,
-        });
+        return Err(Error::TooManyVcpus { wanted: nr_vcpus, max: gdt::MAX_VCPUS });
     }
     let kvm = open_kvm(&config.kvm_device)?;
     if nr_vcpus as usize > kvm.get_max_vcpus() {
-        return Err(VmError::TooManyVcpus {
-            wanted: nr_vcpus,
-            max: kvm.get_max_vcpus(),
-        }
-        .into());
+        return Err(VmError::TooManyVcpus { wanted: nr_vcpus, max: kvm.get_max_vcpus() }.into());
     }
     let ram = GuestRam::new(config.memory)?;
     let vm = Vm::new(&kvm)?;
@@ -293,14 +283,9 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
             let loaded = test_guest::load(&ram, &bytes, &name, nr_vcpus as usize, *params)?;
             (loaded.plan, Some(loaded.boot_info))
         }
-        BootSource::Linux {
-            kernel,
-            initrd,
-            cmdline,
-        } => (
-            boot::linux::load(&ram, kernel, initrd.as_deref(), cmdline, nr_vcpus as usize)?,
-            None,
-        ),
+        BootSource::Linux { kernel, initrd, cmdline } => {
+            (boot::linux::load(&ram, kernel, initrd.as_deref(), cmdline, nr_vcpus as usize)?, None)
+        }
     };
     tracing::info!("{}", plan.summary);
 
@@ -311,44 +296,23 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(|e| Error::Device(format!("KVM_IRQFD for the serial port: {e}")))?;
     let mut pio = Bus::default();
-    pio.insert(
-        COM1_PORT,
-        8,
-        Arc::new(Mutex::new(SerialDevice::new(
-            serial_irq,
-            config.console.writer(),
-        ))),
-    )?;
+    pio.insert(COM1_PORT, 8, Arc::new(Mutex::new(SerialDevice::new(serial_irq, config.console.writer()))))?;
     pio.insert(
         I8042_PORT,
         I8042_LEN,
-        Arc::new(Mutex::new(I8042::new(
-            reset.try_clone().map_err(host("eventfd"))?,
-        ))),
+        Arc::new(Mutex::new(I8042::new(reset.try_clone().map_err(host("eventfd"))?))),
     )?;
 
     // vCPUs.
-    let supported = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| Error::Cpu {
-            index: 0,
-            source: cpu::CpuSetupError::Kvm {
-                what: "KVM_GET_SUPPORTED_CPUID",
-                source,
-            },
-        })?;
+    let supported = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(|source| {
+        Error::Cpu { index: 0, source: cpu::CpuSetupError::Kvm { what: "KVM_GET_SUPPORTED_CPUID", source } }
+    })?;
     let mut vcpus = Vec::with_capacity(nr_vcpus as usize);
     for (index, entry) in plan.entries.iter().enumerate() {
-        let fd = vm
-            .fd()
-            .create_vcpu(index as u64)
-            .map_err(|source| Error::Cpu {
-                index,
-                source: cpu::CpuSetupError::Kvm {
-                    what: "KVM_CREATE_VCPU",
-                    source,
-                },
-            })?;
+        let fd = vm.fd().create_vcpu(index as u64).map_err(|source| Error::Cpu {
+            index,
+            source: cpu::CpuSetupError::Kvm { what: "KVM_CREATE_VCPU", source },
+        })?;
         let setup = || -> Result<(), cpu::CpuSetupError> {
             cpu::set_cpuid(&fd, &supported, index as u32)?;
             cpu::set_boot_msrs(&fd)?;
@@ -372,9 +336,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         events: events_tx,
         wake: EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?,
         nr_vcpus: u64::from(nr_vcpus),
-        progress: (0..nr_vcpus)
-            .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
-            .collect(),
+        progress: (0..nr_vcpus).map(|_| (AtomicU64::new(0), AtomicU64::new(0))).collect(),
         started,
     });
 
@@ -387,10 +349,8 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     }));
     manager.add_subscriber(watcher.clone());
 
-    install_kick_handler().map_err(|e| Error::Host {
-        what: "installing the vCPU kick signal",
-        source: e.into(),
-    })?;
+    install_kick_handler()
+        .map_err(|e| Error::Host { what: "installing the vCPU kick signal", source: e.into() })?;
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         let shared = shared.clone();
@@ -402,14 +362,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         threads.push(handle);
     }
 
-    let outcome = event_loop(
-        config,
-        &mut manager,
-        &watcher,
-        &events_rx,
-        threads.len(),
-        started,
-    );
+    let outcome = event_loop(config, &mut manager, &watcher, &events_rx, threads.len(), started);
 
     // Stop every vCPU still running: flag first, then kick (see the protocol in vstate::vcpu).
     shared.stop.store(true, Ordering::SeqCst);
@@ -431,9 +384,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         .map(|(index, t)| {
             t.join().unwrap_or_else(|_| VcpuReport {
                 index,
-                outcome: VcpuOutcome::Error {
-                    message: "vCPU thread panicked".into(),
-                },
+                outcome: VcpuOutcome::Error { message: "vCPU thread panicked".into() },
                 timings: vec![],
                 first_exit_us: None,
                 exits: 0,
@@ -442,8 +393,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         })
         .collect();
 
-    let mut outcome =
-        outcome.unwrap_or_else(|| first_failure(&reports).unwrap_or(VmOutcome::Success));
+    let mut outcome = outcome.unwrap_or_else(|| first_failure(&reports).unwrap_or(VmOutcome::Success));
     let mut host_check = None;
     if let (Some(info), VmOutcome::Success) = (&boot_info, &outcome) {
         let (check, failure) = check_workload(&ram, info, &reports);
@@ -476,11 +426,7 @@ fn event_loop(
     let mut finished = vec![false; nr_threads];
     loop {
         let wait_ms = deadline
-            .map(|d| {
-                d.saturating_duration_since(Instant::now())
-                    .as_millis()
-                    .min(1000) as i32
-            })
+            .map(|d| d.saturating_duration_since(Instant::now()).as_millis().min(1000) as i32)
             .unwrap_or(1000);
         if let Err(e) = manager.run_with_timeout(wait_ms.max(1)) {
             tracing::error!("event loop: {e:?}");
@@ -498,9 +444,7 @@ fn event_loop(
             return None;
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Some(VmOutcome::TimedOut {
-                seconds: config.timeout.unwrap_or_default().as_secs_f64(),
-            });
+            return Some(VmOutcome::TimedOut { seconds: config.timeout.unwrap_or_default().as_secs_f64() });
         }
     }
 }
@@ -513,9 +457,7 @@ fn first_failure(reports: &[VcpuReport]) -> Option<VmOutcome> {
             VcpuOutcome::Error { message } => message.clone(),
             VcpuOutcome::Stopped | VcpuOutcome::Done { .. } => return None,
         };
-        Some(VmOutcome::Failed {
-            message: format!("vCPU {}: {what}", r.index),
-        })
+        Some(VmOutcome::Failed { message: format!("vCPU {}: {what}", r.index) })
     })
 }
 
@@ -542,19 +484,13 @@ fn check_workload(
             expected_pages += 1;
             expected_sum = expected_sum.wrapping_add(page_checksum(info.seed, gpa));
             check.pages += 1;
-            let ok = ram
-                .memory()
-                .read_slice(&mut page, GuestAddress(gpa))
-                .is_ok()
+            let ok = ram.memory().read_slice(&mut page, GuestAddress(gpa)).is_ok()
                 && page.chunks_exact(8).enumerate().all(|(i, w)| {
-                    u64::from_le_bytes(w.try_into().unwrap())
-                        == pattern(info.seed, gpa + 8 * i as u64)
+                    u64::from_le_bytes(w.try_into().unwrap()) == pattern(info.seed, gpa + 8 * i as u64)
                 });
             if !ok {
                 check.bad_pages += 1;
-                check
-                    .first_bad
-                    .get_or_insert_with(|| format!("page {gpa:#x} does not hold the pattern"));
+                check.first_bad.get_or_insert_with(|| format!("page {gpa:#x} does not hold the pattern"));
             }
         });
         if pages != expected_pages || checksum != expected_sum {

@@ -121,8 +121,7 @@ enum BenchCommand {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ZAPVM_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("ZAPVM_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -130,12 +129,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Bench(BenchCommand::Notifier { full, json_out }) => bench_notifier(full, json_out),
-        Command::Bench(BenchCommand::Boot {
-            runs,
-            mem,
-            json_out,
-            kvm_device,
-        }) => bench_boot(runs, mem, json_out, kvm_device),
+        Command::Bench(BenchCommand::Boot { runs, mem, json_out, kvm_device }) => {
+            bench_boot(runs, mem, json_out, kvm_device)
+        }
     };
     match result {
         Ok(code) => code,
@@ -151,9 +147,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         Some(kernel) => BootSource::Linux {
             kernel,
             initrd: args.initrd,
-            cmdline: args
-                .cmdline
-                .unwrap_or_else(vmm::boot::linux::default_cmdline),
+            cmdline: args.cmdline.unwrap_or_else(vmm::boot::linux::default_cmdline),
         },
         None => BootSource::TestGuest {
             elf: args.guest,
@@ -170,18 +164,11 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         },
     };
     if !(args.timeout >= 0.0 && args.timeout.is_finite()) {
-        return Err(format!(
-            "--timeout {} is not a number of seconds",
-            args.timeout
-        ));
+        return Err(format!("--timeout {} is not a number of seconds", args.timeout));
     }
     let config = VmConfig {
         kvm_device: args.kvm_device,
-        memory: MemoryConfig {
-            size: args.mem,
-            backend: args.mem_backend,
-            thp: args.thp,
-        },
+        memory: MemoryConfig { size: args.mem, backend: args.mem_backend, thp: args.thp },
         vcpus: args.vcpus,
         boot,
         timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),
@@ -189,18 +176,11 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
     };
     let report = machine::run(&config).map_err(|e| e.to_string())?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("report serialises")
-        );
+        println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
     } else {
         print_summary(&config, &report);
     }
-    Ok(if report.success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if report.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn print_summary(config: &VmConfig, report: &RunReport) {
@@ -227,17 +207,12 @@ fn print_summary(config: &VmConfig, report: &RunReport) {
             .timings
             .iter()
             .map(|t| {
-                let ms = if khz > 0.0 {
-                    t.cycles as f64 / khz
-                } else {
-                    f64::NAN
-                };
+                let ms = if khz > 0.0 { t.cycles as f64 / khz } else { f64::NAN };
                 format!("{} {:.1} ms", pass_name(t.pass), ms)
             })
             .collect();
-        let first = v
-            .first_exit_us
-            .map(|us| format!(", first exit {:.2} ms after VMM start", us as f64 / 1000.0));
+        let first =
+            v.first_exit_us.map(|us| format!(", first exit {:.2} ms after VMM start", us as f64 / 1000.0));
         match &v.outcome {
             VcpuOutcome::Done { pages, checksum } => println!(
                 "zapvm: vCPU {}: verified {pages} pages ({} MiB), checksum {checksum:#018x}{}; {}",
@@ -274,11 +249,7 @@ fn bench_boot(
     if runs == 0 {
         return Err("--runs must be at least 1".into());
     }
-    let opts = vmm::bench::BootBenchOptions {
-        runs,
-        mem,
-        kvm_device,
-    };
+    let opts = vmm::bench::BootBenchOptions { runs, mem, kvm_device };
     let rows = vmm::bench::boot(&opts, &mut |line| eprintln!("{line}"))?;
     print!("{}", vmm::bench::boot_table(&rows));
     if let Some(path) = json_out {
@@ -290,7 +261,8 @@ fn bench_boot(
 }
 
 fn bench_notifier(full: bool, json_out: Option<PathBuf>) -> Result<ExitCode, String> {
-    let opts = if full { notifier::bench::BenchOptions::full() } else { notifier::bench::BenchOptions::quick() };
+    let opts =
+        if full { notifier::bench::BenchOptions::full() } else { notifier::bench::BenchOptions::quick() };
     let report = notifier::bench::run(&opts, &mut |line| eprintln!("{line}"));
     print!("{}", report.to_markdown_table());
     if let Some(path) = json_out {

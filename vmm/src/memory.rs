@@ -117,22 +117,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
                 'M' => 20,
                 'G' => 30,
                 'T' => 40,
-                _ => {
-                    return Err(format!(
-                        "unknown size suffix {c:?} in {text:?} (use K, M, G or T)"
-                    ))
-                }
+                _ => return Err(format!("unknown size suffix {c:?} in {text:?} (use K, M, G or T)")),
             };
             (&text[..i], shift)
         }
         _ => (text, 0),
     };
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (examples: 256M, 1G, 4096K, 1048576)"))?;
-    value
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size {text:?} overflows 64 bits"))
+    let value: u64 =
+        digits.parse().map_err(|_| format!("{text:?} is not a size (examples: 256M, 1G, 4096K, 1048576)"))?;
+    value.checked_mul(1u64 << shift).ok_or_else(|| format!("size {text:?} overflows 64 bits"))
 }
 
 /// Guest RAM with the facts the rest of the VMM needs about its backing.
@@ -151,10 +144,7 @@ impl GuestRam {
             return Err(MemoryError::NotPageAligned(config.size));
         }
         if config.size < MIN_MEM_SIZE {
-            return Err(MemoryError::TooSmall {
-                size: config.size,
-                min: MIN_MEM_SIZE,
-            });
+            return Err(MemoryError::TooSmall { size: config.size, min: MIN_MEM_SIZE });
         }
         // One PDPT of identity tables covers 512 GiB; the layout adds the 1 GiB hole.
         if config.size > (512 << 30) - (MMIO_GAP_END - MMIO_GAP_START) {
@@ -168,39 +158,32 @@ impl GuestRam {
         let mut regions = Vec::with_capacity(layout.len());
         let mut file_offset = 0u64;
         for &(base, size) in &layout {
-            let builder = MmapRegionBuilder::new(size as usize)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+            let builder =
+                MmapRegionBuilder::new(size as usize).with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
             let builder = match &memfd {
-                None => builder
-                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
+                None => {
+                    builder.with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                }
                 Some(file) => builder
                     .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
                     .with_file_offset(FileOffset::from_arc(file.clone(), file_offset)),
             };
-            let region: MmapRegion<()> = builder
-                .build()
-                .map_err(|source| MemoryError::Mmap { size, source })?;
+            let region: MmapRegion<()> =
+                builder.build().map_err(|source| MemoryError::Mmap { size, source })?;
             if config.thp {
                 // SAFETY: the range is exactly the mapping vm-memory just created and owns;
                 // MADV_HUGEPAGE changes no contents and no mapping, only the fault policy.
-                let ret = unsafe {
-                    libc::madvise(region.as_ptr().cast(), size as usize, libc::MADV_HUGEPAGE)
-                };
+                let ret =
+                    unsafe { libc::madvise(region.as_ptr().cast(), size as usize, libc::MADV_HUGEPAGE) };
                 if ret != 0 {
                     return Err(MemoryError::Thp(std::io::Error::last_os_error()));
                 }
             }
-            regions.push(
-                GuestRegionMmap::new(region, base).expect("layout ranges never overflow u64"),
-            );
+            regions.push(GuestRegionMmap::new(region, base).expect("layout ranges never overflow u64"));
             file_offset += size;
         }
         let memory = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Assemble)?;
-        Ok(Self {
-            memory: Arc::new(memory),
-            config,
-            memfd,
-        })
+        Ok(Self { memory: Arc::new(memory), config, memfd })
     }
 
     /// The guest memory, for loaders and devices.
@@ -220,16 +203,13 @@ impl GuestRam {
 
     /// Each region as (guest-physical start, host address, size).
     pub fn regions(&self) -> impl Iterator<Item = (GuestAddress, u64, u64)> + '_ {
-        self.memory
-            .iter()
-            .map(|r| (r.start_addr(), r.as_ptr() as u64, r.len()))
+        self.memory.iter().map(|r| (r.start_addr(), r.as_ptr() as u64, r.len()))
     }
 
     /// Whether every region's host mapping is 2 MiB aligned (what THP needs to map whole
     /// huge pages at the guest's 2 MiB boundaries).
     pub fn huge_page_aligned(&self) -> bool {
-        self.regions()
-            .all(|(gpa, hva, _)| hva % HUGE_PAGE_SIZE == gpa.0 % HUGE_PAGE_SIZE)
+        self.regions().all(|(gpa, hva, _)| hva % HUGE_PAGE_SIZE == gpa.0 % HUGE_PAGE_SIZE)
     }
 
     /// Total bytes of RAM.
@@ -242,8 +222,7 @@ impl GuestRam {
         let Some(end) = gpa.checked_add(len) else {
             return false;
         };
-        self.regions()
-            .any(|(start, _, size)| gpa >= start.0 && end <= start.0 + size)
+        self.regions().any(|(start, _, size)| gpa >= start.0 && end <= start.0 + size)
     }
 }
 
@@ -267,10 +246,7 @@ mod tests {
     #[test]
     fn layout_puts_memory_above_the_hole() {
         assert_eq!(ram_layout(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
-        assert_eq!(
-            ram_layout(5 << 30),
-            vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 2 << 30)]
-        );
+        assert_eq!(ram_layout(5 << 30), vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 2 << 30)]);
         assert_eq!(ram_layout(3 << 30), vec![(GuestAddress(0), 3 << 30)]);
     }
 
@@ -288,42 +264,20 @@ mod tests {
 
     #[test]
     fn bad_sizes_are_refused() {
-        let cfg = |size| MemoryConfig {
-            size,
-            backend: MemoryBackend::Anonymous,
-            thp: false,
-        };
-        assert!(matches!(
-            GuestRam::new(cfg((64 << 20) + 1)),
-            Err(MemoryError::NotPageAligned(_))
-        ));
-        assert!(matches!(
-            GuestRam::new(cfg(4096)),
-            Err(MemoryError::TooSmall { .. })
-        ));
-        assert!(matches!(
-            GuestRam::new(cfg(1 << 40)),
-            Err(MemoryError::TooLarge(_))
-        ));
+        let cfg = |size| MemoryConfig { size, backend: MemoryBackend::Anonymous, thp: false };
+        assert!(matches!(GuestRam::new(cfg((64 << 20) + 1)), Err(MemoryError::NotPageAligned(_))));
+        assert!(matches!(GuestRam::new(cfg(4096)), Err(MemoryError::TooSmall { .. })));
+        assert!(matches!(GuestRam::new(cfg(1 << 40)), Err(MemoryError::TooLarge(_))));
     }
 
     #[test]
     fn memfd_backing_is_shared_with_the_file() {
         use std::os::unix::fs::FileExt;
-        let ram = GuestRam::new(MemoryConfig {
-            size: 8 << 20,
-            backend: MemoryBackend::Memfd,
-            thp: false,
-        })
-        .unwrap();
-        ram.memory()
-            .write_obj(0xdead_beef_u32, GuestAddress(0x3000))
-            .unwrap();
+        let ram =
+            GuestRam::new(MemoryConfig { size: 8 << 20, backend: MemoryBackend::Memfd, thp: false }).unwrap();
+        ram.memory().write_obj(0xdead_beef_u32, GuestAddress(0x3000)).unwrap();
         let mut buf = [0u8; 4];
-        ram.memfd()
-            .unwrap()
-            .read_exact_at(&mut buf, 0x3000)
-            .unwrap();
+        ram.memfd().unwrap().read_exact_at(&mut buf, 0x3000).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
     }
 
@@ -338,18 +292,8 @@ mod tests {
         .unwrap();
         assert!(ram.contains(MMIO_GAP_END, 8 << 20));
         assert!(!ram.contains(MMIO_GAP_START, 4096));
-        ram.memory()
-            .write_obj(7u64, GuestAddress(MMIO_GAP_END + 4096))
-            .unwrap();
-        assert_eq!(
-            ram.memory()
-                .read_obj::<u64>(GuestAddress(MMIO_GAP_END + 4096))
-                .unwrap(),
-            7
-        );
-        assert!(
-            ram.huge_page_aligned(),
-            "6.x kernels align large anonymous mappings to 2 MiB"
-        );
+        ram.memory().write_obj(7u64, GuestAddress(MMIO_GAP_END + 4096)).unwrap();
+        assert_eq!(ram.memory().read_obj::<u64>(GuestAddress(MMIO_GAP_END + 4096)).unwrap(), 7);
+        assert!(ram.huge_page_aligned(), "6.x kernels align large anonymous mappings to 2 MiB");
     }
 }

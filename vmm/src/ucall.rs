@@ -108,16 +108,10 @@ pub enum UcallError {
 /// Decodes the ucall whose `out` data is `data`; returns the vCPU index the guest put in the
 /// record and the event.
 pub fn decode(mem: &GuestMemoryMmap, data: &[u8]) -> Result<(u64, UcallEvent), UcallError> {
-    let gpa = u64::from(u32::from_le_bytes(
-        data.try_into()
-            .map_err(|_| UcallError::BadWidth(data.len()))?,
-    ));
-    let raw: RawUcall = mem
-        .read_obj(GuestAddress(gpa))
-        .map_err(|_| UcallError::RecordOutsideRam(gpa))?;
+    let gpa = u64::from(u32::from_le_bytes(data.try_into().map_err(|_| UcallError::BadWidth(data.len()))?));
+    let raw: RawUcall = mem.read_obj(GuestAddress(gpa)).map_err(|_| UcallError::RecordOutsideRam(gpa))?;
     let w = raw.0 .0;
-    let (kind, vcpu, args, msg_gpa, msg_len) =
-        (w[0], w[1], [w[2], w[3], w[4], w[5], w[6], w[7]], w[8], w[9]);
+    let (kind, vcpu, args, msg_gpa, msg_len) = (w[0], w[1], [w[2], w[3], w[4], w[5], w[6], w[7]], w[8], w[9]);
     let message = || -> Result<String, UcallError> {
         let len = msg_len.min(MAX_MESSAGE_LEN as u64);
         let mut buf = vec![0u8; len as usize];
@@ -130,32 +124,20 @@ pub fn decode(mem: &GuestMemoryMmap, data: &[u8]) -> Result<(u64, UcallEvent), U
         Ok(text)
     };
     let event = match UcallKind::from_raw(kind).ok_or(UcallError::UnknownKind(kind))? {
-        UcallKind::Hello => UcallEvent::Hello {
-            abi_version: args[0],
-            entry_tsc: args[1],
-        },
+        UcallKind::Hello => UcallEvent::Hello { abi_version: args[0], entry_tsc: args[1] },
         UcallKind::Print => UcallEvent::Print(message()?),
         UcallKind::Stage => UcallEvent::Stage(args[0]),
-        UcallKind::Progress => UcallEvent::Progress {
-            done: args[0],
-            total: args[1],
-        },
+        UcallKind::Progress => UcallEvent::Progress { done: args[0], total: args[1] },
         UcallKind::Timing => UcallEvent::Timing {
             pass: Pass::from_raw(args[0]).ok_or(UcallError::UnknownPass(args[0]))?,
             pages: args[1],
             cycles: args[2],
         },
         UcallKind::Failure => UcallEvent::Failure(message()?),
-        UcallKind::Done => UcallEvent::Done {
-            pages: args[0],
-            checksum: args[1],
-        },
-        UcallKind::Exception => UcallEvent::Exception {
-            vector: args[0],
-            error_code: args[1],
-            rip: args[2],
-            cr2: args[3],
-        },
+        UcallKind::Done => UcallEvent::Done { pages: args[0], checksum: args[1] },
+        UcallKind::Exception => {
+            UcallEvent::Exception { vector: args[0], error_code: args[1], rip: args[2], cr2: args[3] }
+        }
     };
     Ok((vcpu, event))
 }
@@ -177,8 +159,7 @@ mod tests {
     #[test]
     fn decodes_a_failure_with_its_message() {
         let m = mem();
-        m.write_slice(b"boom at 0x1000", GuestAddress(0x5000))
-            .unwrap();
+        m.write_slice(b"boom at 0x1000", GuestAddress(0x5000)).unwrap();
         put(&m, 0x4000, [6, 1, 0, 0, 0, 0, 0, 0, 0x5000, 14]);
         let (vcpu, ev) = decode(&m, &0x4000u32.to_le_bytes()).unwrap();
         assert_eq!(vcpu, 1);
@@ -188,25 +169,16 @@ mod tests {
     #[test]
     fn hostile_records_are_errors_not_reads_outside_ram() {
         let m = mem();
-        assert_eq!(
-            decode(&m, &0xfff0_0000u32.to_le_bytes()),
-            Err(UcallError::RecordOutsideRam(0xfff0_0000))
-        );
+        assert_eq!(decode(&m, &0xfff0_0000u32.to_le_bytes()), Err(UcallError::RecordOutsideRam(0xfff0_0000)));
         // A record straddling the end of RAM.
         assert_eq!(
             decode(&m, &((1u32 << 20) - 16).to_le_bytes()),
             Err(UcallError::RecordOutsideRam((1 << 20) - 16))
         );
         put(&m, 0x4000, [99, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(
-            decode(&m, &0x4000u32.to_le_bytes()),
-            Err(UcallError::UnknownKind(99))
-        );
+        assert_eq!(decode(&m, &0x4000u32.to_le_bytes()), Err(UcallError::UnknownKind(99)));
         put(&m, 0x4000, [2, 0, 0, 0, 0, 0, 0, 0, 0xffff_0000, 8]);
-        assert!(matches!(
-            decode(&m, &0x4000u32.to_le_bytes()),
-            Err(UcallError::MessageOutsideRam { .. })
-        ));
+        assert!(matches!(decode(&m, &0x4000u32.to_le_bytes()), Err(UcallError::MessageOutsideRam { .. })));
         assert_eq!(decode(&m, &[0, 0x40]), Err(UcallError::BadWidth(2)));
     }
 
@@ -216,9 +188,7 @@ mod tests {
         m.write_slice(&[b'a'; 4096], GuestAddress(0x5000)).unwrap();
         put(&m, 0x4000, [2, 0, 0, 0, 0, 0, 0, 0, 0x5000, u64::MAX]);
         let (_, ev) = decode(&m, &0x4000u32.to_le_bytes()).unwrap();
-        let UcallEvent::Print(text) = ev else {
-            panic!("{ev:?}")
-        };
+        let UcallEvent::Print(text) = ev else { panic!("{ev:?}") };
         assert_eq!(text.len(), MAX_MESSAGE_LEN + 3);
     }
 }

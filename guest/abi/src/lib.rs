@@ -215,13 +215,7 @@ pub struct Ucall {
 impl Ucall {
     /// A ucall of `kind` with no arguments and no message.
     pub const fn new(kind: UcallKind, vcpu: u64) -> Self {
-        Self {
-            kind: kind as u64,
-            vcpu,
-            args: [0; 6],
-            msg_gpa: 0,
-            msg_len: 0,
-        }
+        Self { kind: kind as u64, vcpu, args: [0; 6], msg_gpa: 0, msg_len: 0 }
     }
 }
 
@@ -281,14 +275,8 @@ mod tests {
     #[test]
     fn slices_cover_every_page_exactly_once() {
         let work = [
-            GpaRange {
-                start: 0x40_0000,
-                end: 0x40_0000 + 7 * PAGE_SIZE,
-            },
-            GpaRange {
-                start: 0x1_0000_0000,
-                end: 0x1_0000_0000 + 5 * PAGE_SIZE,
-            },
+            GpaRange { start: 0x40_0000, end: 0x40_0000 + 7 * PAGE_SIZE },
+            GpaRange { start: 0x1_0000_0000, end: 0x1_0000_0000 + 5 * PAGE_SIZE },
         ];
         for nr in 1..=13u64 {
             let mut all = Vec::new();
@@ -326,9 +314,6 @@ mod tests {
         assert_eq!(Workload::from_raw(0), None);
         assert_eq!(UcallKind::from_raw(99), None);
         assert_eq!(Pass::from_raw(0), None);
-        assert_eq!(
-            Workload::from_raw(Workload::Touch as u64),
-            Some(Workload::Touch)
-        );
+        assert_eq!(Workload::from_raw(Workload::Touch as u64), Some(Workload::Touch));
     }
 }

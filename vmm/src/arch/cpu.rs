@@ -86,11 +86,7 @@ pub fn set_cpuid(vcpu: &VcpuFd, supported: &CpuId, index: u32) -> Result<(), Cpu
 /// boot path do): SYSENTER/SYSCALL MSRs zeroed, TSC 0, fast strings on, MTRRs on with
 /// write-back default.
 pub fn set_boot_msrs(vcpu: &VcpuFd) -> Result<(), CpuSetupError> {
-    let entry = |index: u32, data: u64| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    };
+    let entry = |index: u32, data: u64| kvm_msr_entry { index, data, ..Default::default() };
     let entries = [
         entry(0x174, 0),             // IA32_SYSENTER_CS
         entry(0x175, 0),             // IA32_SYSENTER_ESP
@@ -107,21 +103,14 @@ pub fn set_boot_msrs(vcpu: &VcpuFd) -> Result<(), CpuSetupError> {
     let msrs = Msrs::from_entries(&entries).expect("fixed, small MSR list");
     let set = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
     if set != entries.len() {
-        return Err(CpuSetupError::Msrs {
-            set,
-            wanted: entries.len(),
-        });
+        return Err(CpuSetupError::Msrs { set, wanted: entries.len() });
     }
     Ok(())
 }
 
 /// Initialises the x87/SSE state as after `fninit` with all SSE exceptions masked.
 pub fn set_fpu(vcpu: &VcpuFd) -> Result<(), CpuSetupError> {
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))
 }
 
@@ -146,15 +135,9 @@ pub fn set_lint(vcpu: &VcpuFd) -> Result<(), CpuSetupError> {
 ///
 /// With the in-kernel irqchip every vCPU but 0 starts as an application processor waiting for
 /// INIT/SIPI; one given an entry state here is made runnable instead.
-pub fn set_entry_state(
-    vcpu: &VcpuFd,
-    index: usize,
-    entry: &EntryState,
-) -> Result<(), CpuSetupError> {
-    vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
-        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
-    })
-    .map_err(kvm("KVM_SET_MP_STATE"))?;
+pub fn set_entry_state(vcpu: &VcpuFd, index: usize, entry: &EntryState) -> Result<(), CpuSetupError> {
+    vcpu.set_mp_state(kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE })
+        .map_err(kvm("KVM_SET_MP_STATE"))?;
     let mut sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     let (code, data) = gdt::code_and_data(entry.ring3);
     sregs.cs = code;

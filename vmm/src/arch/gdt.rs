@@ -64,14 +64,8 @@ const TSS_AVAILABLE: u16 = 0x0089; // present, type 9 (64-bit TSS available)
 ///
 /// `rsp0` gives each vCPU's ring-0 stack top; pass none for a guest that never uses the TSS
 /// (Linux loads its own).
-pub fn write_tables<M: GuestMemory>(
-    mem: &M,
-    rsp0: &[u64],
-) -> Result<(), vm_memory::GuestMemoryError> {
-    assert!(
-        rsp0.len() <= MAX_VCPUS as usize,
-        "callers check the vCPU count first"
-    );
+pub fn write_tables<M: GuestMemory>(mem: &M, rsp0: &[u64]) -> Result<(), vm_memory::GuestMemoryError> {
+    assert!(rsp0.len() <= MAX_VCPUS as usize, "callers check the vCPU count first");
     let mut gdt = vec![0u64; selectors::FIRST_TSS as usize / 8 + 2 * rsp0.len()];
     gdt[1] = descriptor(KERNEL_CODE64, 0, 0xfffff);
     gdt[selectors::KERNEL_CODE as usize / 8] = descriptor(KERNEL_CODE64, 0, 0xfffff);
@@ -85,10 +79,7 @@ pub fn write_tables<M: GuestMemory>(
         gdt[slot + 1] = base >> 32;
         mem.write_slice(&[0u8; TSS_STRIDE as usize], GuestAddress(base))?;
         mem.write_obj(stack, GuestAddress(base + TSS_RSP0))?;
-        mem.write_obj(
-            (IO_BITMAP_GPA - base) as u16,
-            GuestAddress(base + TSS_IOMAP_BASE),
-        )?;
+        mem.write_obj((IO_BITMAP_GPA - base) as u16, GuestAddress(base + TSS_IOMAP_BASE))?;
     }
     if !rsp0.is_empty() {
         mem.write_slice(&[0u8; IO_BITMAP_LEN as usize], GuestAddress(IO_BITMAP_GPA))?;
@@ -111,11 +102,7 @@ fn segment(selector: u16, flags: u16, base: u64, limit: u32) -> kvm_segment {
     let granular = (flags >> 15) & 1 == 1;
     kvm_segment {
         base,
-        limit: if granular {
-            (limit << 12) | 0xfff
-        } else {
-            limit
-        },
+        limit: if granular { (limit << 12) | 0xfff } else { limit },
         selector,
         type_: (flags & 0xf) as u8,
         present: ((flags >> 7) & 1) as u8,
@@ -148,12 +135,7 @@ pub fn code_and_data(ring3: bool) -> (kvm_segment, kvm_segment) {
 /// The task register of vCPU `index` (its TSS, marked busy as after `ltr`).
 pub fn task_register(index: usize) -> kvm_segment {
     let (base, limit) = tss(index);
-    let mut tr = segment(
-        selectors::FIRST_TSS + 16 * index as u16,
-        TSS_AVAILABLE,
-        base,
-        limit,
-    );
+    let mut tr = segment(selectors::FIRST_TSS + 16 * index as u16, TSS_AVAILABLE, base, limit);
     tr.type_ = 0xb; // 64-bit TSS, busy
     tr
 }
@@ -169,10 +151,7 @@ mod tests {
         assert_eq!(descriptor(KERNEL_DATA, 0, 0xfffff), 0x00cf_9300_0000_ffff);
         assert_eq!(descriptor(USER_CODE64, 0, 0xfffff), 0x00af_fb00_0000_ffff);
         let s = segment(0x2b, USER_CODE64, 0, 0xfffff);
-        assert_eq!(
-            (s.dpl, s.l, s.db, s.present, s.type_, s.limit),
-            (3, 1, 0, 1, 0xb, u32::MAX)
-        );
+        assert_eq!((s.dpl, s.l, s.db, s.present, s.type_, s.limit), (3, 1, 0, 1, 0xb, u32::MAX));
     }
 
     #[test]
@@ -191,13 +170,9 @@ mod tests {
             let tr = task_register(i);
             assert_eq!((tr.base, tr.limit, tr.type_), (base, limit, 0xb));
         }
-        let port_0x3f8: u8 = mem
-            .read_obj(GuestAddress(IO_BITMAP_GPA + 0x3f8 / 8))
-            .unwrap();
+        let port_0x3f8: u8 = mem.read_obj(GuestAddress(IO_BITMAP_GPA + 0x3f8 / 8)).unwrap();
         assert_eq!(port_0x3f8, 0, "allowed");
-        let end: u8 = mem
-            .read_obj(GuestAddress(IO_BITMAP_GPA + IO_BITMAP_LEN))
-            .unwrap();
+        let end: u8 = mem.read_obj(GuestAddress(IO_BITMAP_GPA + IO_BITMAP_LEN)).unwrap();
         assert_eq!(end, 0xff);
     }
 }

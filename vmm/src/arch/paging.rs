@@ -63,48 +63,25 @@ mod tests {
 
     /// Walks the tables like the MMU does for a 2 MiB page.
     fn walk(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Option<(u64, u64)> {
-        let pml4e: u64 = mem
-            .read_obj(GuestAddress(cr3 + ((va >> 39) & 511) * 8))
-            .ok()?;
-        let pdpte: u64 = mem
-            .read_obj(GuestAddress((pml4e & !0xfff) + ((va >> 30) & 511) * 8))
-            .ok()?;
-        let pde: u64 = mem
-            .read_obj(GuestAddress((pdpte & !0xfff) + ((va >> 21) & 511) * 8))
-            .ok()?;
+        let pml4e: u64 = mem.read_obj(GuestAddress(cr3 + ((va >> 39) & 511) * 8)).ok()?;
+        let pdpte: u64 = mem.read_obj(GuestAddress((pml4e & !0xfff) + ((va >> 30) & 511) * 8)).ok()?;
+        let pde: u64 = mem.read_obj(GuestAddress((pdpte & !0xfff) + ((va >> 21) & 511) * 8)).ok()?;
         if pml4e & pdpte & pde & PRESENT == 0 || pde & HUGE == 0 {
             return None;
         }
-        Some((
-            (pde & !0x1f_ffff & ((1 << 52) - 1)) | (va & 0x1f_ffff),
-            pml4e & pdpte & pde,
-        ))
+        Some(((pde & !0x1f_ffff & ((1 << 52) - 1)) | (va & 0x1f_ffff), pml4e & pdpte & pde))
     }
 
     #[test]
     fn identity_maps_every_address_with_user_bits() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-        let layout = PageTableLayout {
-            pml4: 0x8000,
-            pdpt: 0x9000,
-            pds: 0x10_0000,
-        };
+        let layout = PageTableLayout { pml4: 0x8000, pdpt: 0x9000, pds: 0x10_0000 };
         write_identity_tables(&mem, layout, 5 << 30, true).unwrap();
-        for va in [
-            0,
-            0x20_1234,
-            0xd000_0000,
-            (4 << 30) + 0x12_3456,
-            (6 << 30) - 8,
-        ] {
+        for va in [0, 0x20_1234, 0xd000_0000, (4 << 30) + 0x12_3456, (6 << 30) - 8] {
             let (pa, flags) = walk(&mem, 0x8000, va).unwrap();
             assert_eq!(pa, va);
             assert_eq!(flags & (USER | WRITABLE), USER | WRITABLE);
         }
-        assert_eq!(
-            walk(&mem, 0x8000, 6 << 30),
-            None,
-            "only [0, 6 GiB) is mapped"
-        );
+        assert_eq!(walk(&mem, 0x8000, 6 << 30), None, "only [0, 6 GiB) is mapped");
     }
 }

@@ -16,9 +16,7 @@
 
 use std::io::Cursor;
 
-use guest_abi::{
-    BootInfo, GpaRange, Workload, BOOT_INFO_GPA, BOOT_INFO_MAGIC, FLAG_CPL0, MAX_RANGES,
-};
+use guest_abi::{BootInfo, GpaRange, Workload, BOOT_INFO_GPA, BOOT_INFO_MAGIC, FLAG_CPL0, MAX_RANGES};
 use linux_loader::loader::{Elf, KernelLoader};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
@@ -30,11 +28,7 @@ use crate::memory::{GuestRam, HUGE_PAGE_SIZE, MMIO_GAP_END};
 
 /// Where the test guest's ELF is linked.
 pub const IMAGE_BASE: u64 = 0x20_0000;
-const PAGE_TABLES: PageTableLayout = PageTableLayout {
-    pml4: 0x8000,
-    pdpt: 0x9000,
-    pds: 0x10_0000,
-};
+const PAGE_TABLES: PageTableLayout = PageTableLayout { pml4: 0x8000, pdpt: 0x9000, pds: 0x10_0000 };
 /// Page directories fit in [0x10_0000, 0x20_0000): 256 of them, one per GiB.
 const MAX_MAPPED: u64 = 256 << 30;
 const STACK_SIZE: u64 = 64 << 10;
@@ -74,14 +68,8 @@ unsafe impl ByteValued for BootInfoBytes {}
 /// deserves).
 fn elf_extent(elf: &[u8]) -> Result<(u64, u64), String> {
     let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| {
-        elf.get(o..o + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-    };
-    let u64_at = |o: usize| {
-        elf.get(o..o + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-    };
+    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
     if elf.get(..4) != Some(b"\x7fELF") {
         return Err("no ELF magic".into());
     }
@@ -100,10 +88,7 @@ fn elf_extent(elf: &[u8]) -> Result<(u64, u64), String> {
     let shnum = u16_at(60).ok_or_else(truncated)? as u64;
     let sh_end = shoff.saturating_add(shentsize.saturating_mul(shnum));
     if shoff != 0 && sh_end > elf.len() as u64 {
-        return Err(format!(
-            "truncated: section headers end at {sh_end:#x}, the file at {:#x}",
-            elf.len()
-        ));
+        return Err(format!("truncated: section headers end at {sh_end:#x}, the file at {:#x}", elf.len()));
     }
     let (mut lo, mut hi) = (u64::MAX, 0u64);
     for i in 0..phnum {
@@ -115,19 +100,14 @@ fn elf_extent(elf: &[u8]) -> Result<(u64, u64), String> {
         let paddr = u64_at(ph + 24).ok_or_else(truncated)?;
         let filesz = u64_at(ph + 32).ok_or_else(truncated)?;
         let memsz = u64_at(ph + 40).ok_or_else(truncated)?;
-        if offset
-            .checked_add(filesz)
-            .is_none_or(|end| end > elf.len() as u64)
-        {
+        if offset.checked_add(filesz).is_none_or(|end| end > elf.len() as u64) {
             return Err(format!(
                 "truncated: a segment needs bytes up to {:#x}, the file has {:#x}",
                 offset.saturating_add(filesz),
                 elf.len()
             ));
         }
-        let end = paddr
-            .checked_add(memsz)
-            .ok_or("segment address overflows")?;
+        let end = paddr.checked_add(memsz).ok_or("segment address overflows")?;
         lo = lo.min(paddr);
         hi = hi.max(end);
     }
@@ -149,11 +129,7 @@ pub fn load(
     nr_vcpus: usize,
     params: TestGuestParams,
 ) -> Result<LoadedTestGuest, BootError> {
-    let bad = |reason: String| BootError::BadImage {
-        what: "test guest ELF",
-        path: name.into(),
-        reason,
-    };
+    let bad = |reason: String| BootError::BadImage { what: "test guest ELF", path: name.into(), reason };
     let (lo, hi) = elf_extent(elf).map_err(bad)?;
     if lo < IMAGE_BASE {
         return Err(bad(format!(
@@ -162,34 +138,22 @@ pub fn load(
     }
     let low_ram_end = ram.regions().next().map(|(_, _, size)| size).unwrap_or(0);
     let stacks = align_up(hi, HUGE_PAGE_SIZE);
-    let work_start = align_up(
-        stacks + nr_vcpus as u64 * (STACK_SIZE + RING0_STACK_SIZE),
-        HUGE_PAGE_SIZE,
-    );
+    let work_start = align_up(stacks + nr_vcpus as u64 * (STACK_SIZE + RING0_STACK_SIZE), HUGE_PAGE_SIZE);
     // The workload needs at least one page of its own per vCPU.
     let needed = work_start + nr_vcpus as u64 * guest_abi::PAGE_SIZE;
     if needed > low_ram_end {
         return Err(BootError::MemoryTooSmall {
-            what: format!(
-                "the test guest image ({} KiB) and {nr_vcpus} vCPU stacks",
-                (hi - lo) / 1024
-            ),
+            what: format!("the test guest image ({} KiB) and {nr_vcpus} vCPU stacks", (hi - lo) / 1024),
             mem: ram.size(),
             needed,
         });
     }
-    let loaded = Elf::load(
-        ram.memory().as_ref(),
-        None,
-        &mut Cursor::new(elf),
-        Some(GuestAddress(IMAGE_BASE)),
-    )
-    .map_err(|e| bad(e.to_string()))?;
+    let loaded =
+        Elf::load(ram.memory().as_ref(), None, &mut Cursor::new(elf), Some(GuestAddress(IMAGE_BASE)))
+            .map_err(|e| bad(e.to_string()))?;
     let entry = loaded.kernel_load.0;
     if !(lo..hi).contains(&entry) {
-        return Err(bad(format!(
-            "entry point {entry:#x} lies outside the image [{lo:#x}, {hi:#x})"
-        )));
+        return Err(bad(format!("entry point {entry:#x} lies outside the image [{lo:#x}, {hi:#x})")));
     }
 
     // The workload's RAM: the rest of the low region, and all of the high one.
@@ -203,25 +167,17 @@ pub fn load(
             nr_work += 1;
         }
     }
-    let top = ram
-        .regions()
-        .map(|(gpa, _, size)| gpa.0 + size)
-        .max()
-        .unwrap_or(0);
+    let top = ram.regions().map(|(gpa, _, size)| gpa.0 + size).max().unwrap_or(0);
     let mapped = top.max(MMIO_GAP_END);
     if mapped > MAX_MAPPED {
-        return Err(BootError::AddressSpaceTooLarge {
-            max: MAX_MAPPED,
-            top,
-        });
+        return Err(BootError::AddressSpaceTooLarge { max: MAX_MAPPED, top });
     }
     let write = |what| move |source| BootError::Write { what, source };
     let mem = ram.memory().as_ref();
     paging::write_identity_tables(mem, PAGE_TABLES, mapped, true).map_err(write("page tables"))?;
     let stack_base = |i: u64| stacks + i * (STACK_SIZE + RING0_STACK_SIZE);
-    let rsp0: Vec<u64> = (0..nr_vcpus as u64)
-        .map(|i| stack_base(i) + STACK_SIZE + RING0_STACK_SIZE)
-        .collect();
+    let rsp0: Vec<u64> =
+        (0..nr_vcpus as u64).map(|i| stack_base(i) + STACK_SIZE + RING0_STACK_SIZE).collect();
     gdt::write_tables(mem, &rsp0).map_err(write("descriptor tables"))?;
 
     let boot_info = BootInfo {
@@ -235,8 +191,7 @@ pub fn load(
         nr_work: nr_work as u64,
         work,
     };
-    mem.write_obj(BootInfoBytes(boot_info), GuestAddress(BOOT_INFO_GPA))
-        .map_err(write("boot info"))?;
+    mem.write_obj(BootInfoBytes(boot_info), GuestAddress(BOOT_INFO_GPA)).map_err(write("boot info"))?;
 
     let entries = (0..nr_vcpus)
         .map(|i| {
@@ -260,10 +215,7 @@ pub fn load(
         params.workload,
         work_pages * guest_abi::PAGE_SIZE >> 20,
     );
-    Ok(LoadedTestGuest {
-        plan: BootPlan { entries, summary },
-        boot_info,
-    })
+    Ok(LoadedTestGuest { plan: BootPlan { entries, summary }, boot_info })
 }
 
 #[cfg(test)]
@@ -277,10 +229,7 @@ mod tests {
         let (lo, hi) = elf_extent(BUILT_IN_ELF).unwrap();
         assert!(lo >= IMAGE_BASE && hi > lo);
         for cut in [16, 64, BUILT_IN_ELF.len() / 2, BUILT_IN_ELF.len() - 1] {
-            assert!(
-                elf_extent(&BUILT_IN_ELF[..cut]).is_err(),
-                "cut at {cut} accepted"
-            );
+            assert!(elf_extent(&BUILT_IN_ELF[..cut]).is_err(), "cut at {cut} accepted");
         }
     }
 }

@@ -56,10 +56,7 @@ pub struct Bus {
 impl Bus {
     /// Inserts `device` at `[base, base + len)`.
     pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
-        let end = base
-            .checked_add(len)
-            .filter(|_| len > 0)
-            .ok_or(BusError::BadWindow { base, len })?;
+        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::BadWindow { base, len })?;
         let before = self.devices.range(..end).next_back();
         if before.is_some_and(|(&b, &(l, _))| b + l > base) {
             return Err(BusError::Overlap { base, len });
@@ -78,10 +75,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((offset, device)) => {
-                device
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read(offset, data);
+                device.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data);
                 true
             }
             None => {
@@ -96,10 +90,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((offset, device)) => {
-                device
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(offset, data);
+                device.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
                 true
             }
             None => {
@@ -132,8 +123,7 @@ mod tests {
     #[test]
     fn routes_by_window_and_refuses_overlaps() {
         let mut bus = Bus::default();
-        bus.insert(0x10, 4, Arc::new(Mutex::new(Register(vec![0; 4]))))
-            .unwrap();
+        bus.insert(0x10, 4, Arc::new(Mutex::new(Register(vec![0; 4])))).unwrap();
         assert!(matches!(
             bus.insert(0x12, 4, Arc::new(Mutex::new(Register(vec![0; 4])))),
             Err(BusError::Overlap { .. })
@@ -142,8 +132,7 @@ mod tests {
             bus.insert(0x0e, 4, Arc::new(Mutex::new(Register(vec![0; 4])))),
             Err(BusError::Overlap { .. })
         ));
-        bus.insert(0x14, 4, Arc::new(Mutex::new(Register(vec![0; 4]))))
-            .unwrap();
+        bus.insert(0x14, 4, Arc::new(Mutex::new(Register(vec![0; 4])))).unwrap();
         assert!(bus.write(0x12, &[7, 8]));
         let mut out = [0; 2];
         assert!(bus.read(0x12, &mut out));

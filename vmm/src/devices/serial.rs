@@ -34,9 +34,7 @@ pub struct SerialDevice {
 impl SerialDevice {
     /// A UART writing to `out` and raising `irq`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        Self {
-            serial: Serial::new(IrqLine(irq), out),
-        }
+        Self { serial: Serial::new(IrqLine(irq), out) }
     }
 }
 

@@ -192,10 +192,7 @@ impl Vcpu {
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
         let fatal = report.outcome.is_fatal();
         // The receiver lives as long as the VMM loop that joins this thread.
-        let _ = shared.events.send(VcpuEvent::Finished {
-            index: self.index,
-            fatal,
-        });
+        let _ = shared.events.send(VcpuEvent::Finished { index: self.index, fatal });
         let _ = shared.wake.write(1);
         report
     }
@@ -273,9 +270,7 @@ impl Vcpu {
     }
 
     fn error(&self, message: &str) -> VcpuOutcome {
-        VcpuOutcome::Error {
-            message: message.to_owned(),
-        }
+        VcpuOutcome::Error { message: message.to_owned() }
     }
 
     /// " at rip=..." when the registers can be read.
@@ -287,26 +282,14 @@ impl Vcpu {
     }
 
     /// Acts on a ucall; returns the outcome when it ends this vCPU.
-    fn handle_ucall(
-        &self,
-        shared: &VcpuShared,
-        report: &mut VcpuReport,
-        data: &[u8],
-    ) -> Option<VcpuOutcome> {
+    fn handle_ucall(&self, shared: &VcpuShared, report: &mut VcpuReport, data: &[u8]) -> Option<VcpuOutcome> {
         let (vcpu, event) = match ucall::decode(&shared.memory, data) {
             Ok(decoded) => decoded,
-            Err(e) => {
-                return Some(VcpuOutcome::GuestFailure {
-                    message: format!("bad ucall: {e}"),
-                })
-            }
+            Err(e) => return Some(VcpuOutcome::GuestFailure { message: format!("bad ucall: {e}") }),
         };
         if vcpu != self.index as u64 {
             return Some(VcpuOutcome::GuestFailure {
-                message: format!(
-                    "vCPU {} made a ucall claiming to be vCPU {vcpu}",
-                    self.index
-                ),
+                message: format!("vCPU {} made a ucall claiming to be vCPU {vcpu}", self.index),
             });
         }
         let (done, total) = &shared.progress[self.index];

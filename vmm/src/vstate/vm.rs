@@ -69,14 +69,9 @@ impl Vm {
     pub fn new(kvm: &Kvm) -> Result<Self, VmError> {
         let kvm_err = |what| move |source| VmError::Kvm { what, source };
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
+        fd.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         Ok(Self { fd })
     }
@@ -93,10 +88,8 @@ impl Vm {
             };
             // SAFETY: the host range is a live mapping owned by `ram`'s guest memory, which
             // the VM's owner keeps alive (and in place) for as long as the VM exists.
-            unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| VmError::Kvm {
-                what: "KVM_SET_USER_MEMORY_REGION",
-                source,
-            })?;
+            unsafe { self.fd.set_user_memory_region(region) }
+                .map_err(|source| VmError::Kvm { what: "KVM_SET_USER_MEMORY_REGION", source })?;
         }
         Ok(())
     }

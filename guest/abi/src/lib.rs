@@ -70,6 +70,12 @@ pub enum Workload {
     AssertFail = 3,
     /// Execute `ud2` (tests that a guest exception reaches the user).
     Exception = 4,
+    /// Fill the slice like [`Workload::Verify`], then a [`UcallKind::Rendezvous`] of kind
+    /// [`Rendezvous::Discard`]: the host discards ranges of the slice through its memory layer
+    /// and replies with them; the guest then checks that every page inside a discarded range
+    /// reads as zeros and every other page still holds the pattern. `Done` carries the pages
+    /// checked and the wrapping sum of [`page_checksum`] over the pages that kept the pattern.
+    DiscardVerify = 5,
 }
 
 impl Workload {
@@ -80,8 +86,29 @@ impl Workload {
             2 => Self::Touch,
             3 => Self::AssertFail,
             4 => Self::Exception,
+            5 => Self::DiscardVerify,
             _ => return None,
         })
+    }
+}
+
+/// What a [`UcallKind::Rendezvous`] asks the host to do (its `args[0]`).
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rendezvous {
+    /// Discard ranges of this vCPU's slice. `args[1]` = guest-physical address of an array of
+    /// [`GpaRange`], `args[2]` = its capacity in entries. The host fills the array with the ranges
+    /// it discarded and writes their number into `args[3]` of the record before resuming.
+    Discard = 1,
+}
+
+impl Rendezvous {
+    /// Decodes `args[0]` of a rendezvous.
+    pub fn from_raw(raw: u64) -> Option<Self> {
+        match raw {
+            1 => Some(Self::Discard),
+            _ => None,
+        }
     }
 }
 
@@ -147,6 +174,9 @@ pub enum UcallKind {
     /// A CPU exception: `args[0]` = vector, `args[1]` = error code, `args[2]` = RIP,
     /// `args[3]` = CR2, `args[4]` = CS.
     Exception = 8,
+    /// The vCPU stops while the host acts on its behalf (a [`Rendezvous`] in `args[0]`); the
+    /// host writes its reply into the record's `args` before the vCPU resumes.
+    Rendezvous = 9,
 }
 
 impl UcallKind {
@@ -161,6 +191,7 @@ impl UcallKind {
             6 => Self::Failure,
             7 => Self::Done,
             8 => Self::Exception,
+            9 => Self::Rendezvous,
             _ => return None,
         })
     }

@@ -21,6 +21,7 @@ fn config(mem_mib: u64, vcpus: u32, backend: MemoryBackend, thp: bool, workload:
         },
         timeout: Some(Duration::from_secs(120)),
         console: Console::Null,
+        monitor: true,
     }
 }
 

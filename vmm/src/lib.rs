@@ -2,6 +2,8 @@
 //!
 //! The crate is split by concern, and data flows one way through it:
 //! - [`memory`]: guest RAM (layout, host backing, THP);
+//! - [`mmu`]: the VMM's own second-level table, through which it accesses guest RAM;
+//! - [`rendezvous`]: the host side of the test guest's rendezvous (discards through the notifier);
 //! - [`vstate`]: the KVM VM ([`vstate::vm`]) and its vCPU threads ([`vstate::vcpu`]);
 //! - [`arch`]: x86_64 descriptor tables, identity page tables, vCPU registers;
 //! - [`boot`]: the test guest and Linux boot paths;
@@ -18,6 +20,8 @@ pub mod devices;
 pub mod kvm_stats;
 pub mod machine;
 pub mod memory;
+pub mod mmu;
 pub mod pvm;
+pub mod rendezvous;
 pub mod ucall;
 pub mod vstate;

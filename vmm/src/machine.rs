@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use guest_abi::{page_checksum, pattern, slice_pages, BootInfo, Workload};
-use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
@@ -23,7 +22,10 @@ use crate::boot::{self, test_guest, BootError};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT};
 use crate::devices::{Bus, BusError};
+use crate::kvm_stats::KvmStatsReader;
 use crate::memory::{GuestRam, MemoryConfig, MemoryError};
+use crate::mmu::{GuestMemoryAccess, GuestMmu, MmuStats};
+use crate::rendezvous::{DiscardRecord, DiscardRendezvous};
 use crate::vstate::vcpu::{
     install_kick_handler, kick_signal, Vcpu, VcpuEvent, VcpuOutcome, VcpuReport, VcpuShared,
 };
@@ -98,6 +100,9 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     /// Where the serial console goes.
     pub console: Console,
+    /// Watch guest RAM with the userfaultfd monitor, so that teardowns by code outside the VMM
+    /// reach the memory layer too.
+    pub monitor: bool,
 }
 
 /// Errors that keep a VM from starting (bad input or a host problem), each a one-line message.
@@ -135,6 +140,9 @@ pub enum Error {
     /// Device setup.
     #[error("device setup: {0}")]
     Device(String),
+    /// The memory layer could not be set up.
+    #[error("memory layer: {0}")]
+    Notifier(String),
     /// Threads, eventfds, epoll.
     #[error("{what}: {source}")]
     Host {
@@ -187,6 +195,19 @@ pub struct HostCheck {
     pub first_bad: Option<String>,
 }
 
+/// What the memory layer did during a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemoryLayerReport {
+    /// Whether the userfaultfd monitor watched guest RAM.
+    pub monitor: bool,
+    /// The VMM's table.
+    pub table: MmuStats,
+    /// The notifier's counters.
+    pub notifier: notifier::Stats,
+    /// Discards the host performed for the guest, with what KVM's stats did meanwhile.
+    pub discards: Vec<DiscardRecord>,
+}
+
 /// The result of running a VM.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunReport {
@@ -204,6 +225,8 @@ pub struct RunReport {
     pub thp_aligned: bool,
     /// Microseconds the run took, from the start of the VM build.
     pub wall_us: u64,
+    /// The memory layer's view of the run.
+    pub memory_layer: MemoryLayerReport,
 }
 
 impl RunReport {
@@ -266,6 +289,27 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&ram)?;
 
+    // The memory layer: the notifier over guest RAM, the VMM's table subscribed to it, and the
+    // monitor that turns teardowns by code outside the VMM into the same notifications.
+    let notifier_err = |e: notifier::Error| Error::Notifier(e.to_string());
+    // SAFETY: guest RAM stays mapped at these addresses for as long as `space` is used (the
+    // regions are dropped after it), and the VMM touches it only through raw pointers
+    // (vm-memory's volatile accesses, KVM, process_vm_readv/writev) — no Rust reference to guest
+    // RAM is held across an operation of the address space.
+    let space = unsafe { notifier::AddressSpace::new(&ram.notifier_regions()) }.map_err(notifier_err)?;
+    let monitor = if config.monitor {
+        match notifier::Monitor::start(&space, notifier::MonitorOptions::default()) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("zapvm: warning: no userfaultfd monitor ({e}); teardowns outside the VMM will not be seen");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mmu = Arc::new(GuestMmu::new(&ram, space.clone()).map_err(notifier_err)?);
+
     // Boot: fill RAM, decide entries.
     let (plan, boot_info) = match &config.boot {
         BootSource::TestGuest { elf, params } => {
@@ -326,10 +370,24 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         setup().map_err(|source| Error::Cpu { index, source })?;
         vcpus.push(Vcpu::new(fd, index));
     }
+    let kvm_stats = match KvmStatsReader::new(vm.fd(), vcpus.iter().map(Vcpu::fd)) {
+        Ok(reader) => Some(Arc::new(reader)),
+        Err(e) => {
+            tracing::warn!("no KVM statistics: {e}");
+            None
+        }
+    };
+    let rendezvous = match boot_info {
+        Some(info) if Workload::from_raw(info.workload) == Some(Workload::DiscardVerify) => {
+            Some(Arc::new(DiscardRendezvous::new(mmu.clone(), info, kvm_stats.clone())))
+        }
+        _ => None,
+    };
 
     let (events_tx, events_rx) = channel();
     let shared = Arc::new(VcpuShared {
-        memory: ram.memory().clone(),
+        mmu: mmu.clone(),
+        rendezvous: rendezvous.clone().map(|r| r as Arc<dyn crate::vstate::vcpu::RendezvousHandler>),
         pio: Arc::new(pio),
         mmio: Arc::new(Bus::default()),
         stop: Default::default(),
@@ -396,13 +454,29 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     let mut outcome = outcome.unwrap_or_else(|| first_failure(&reports).unwrap_or(VmOutcome::Success));
     let mut host_check = None;
     if let (Some(info), VmOutcome::Success) = (&boot_info, &outcome) {
-        let (check, failure) = check_workload(&ram, info, &reports);
+        let discarded = |vcpu: usize| rendezvous.as_ref().map(|r| r.discarded(vcpu)).unwrap_or_default();
+        let (check, failure) = check_workload(mmu.as_ref(), info, &reports, &discarded);
         host_check = check;
         if let Some(message) = failure {
             outcome = VmOutcome::Failed { message };
         }
     }
+    // The monitor must stop (closing the userfaultfd) before guest RAM is unmapped: a munmap of
+    // registered memory waits for the monitor to read its event.
+    let monitor_ran = monitor.is_some();
+    if let Some(m) = monitor {
+        if let Err(e) = m.stop() {
+            tracing::warn!("stopping the userfaultfd monitor: {e}");
+        }
+    }
+    let memory_layer = MemoryLayerReport {
+        monitor: monitor_ran,
+        table: mmu.stats(),
+        notifier: space.stats(),
+        discards: rendezvous.as_ref().map(|r| r.records()).unwrap_or_default(),
+    };
     Ok(RunReport {
+        memory_layer,
         outcome,
         boot: plan.summary,
         vcpus: reports,
@@ -464,11 +538,12 @@ fn first_failure(reports: &[VcpuReport]) -> Option<VmOutcome> {
 /// Checks from the host's side what the guest says it wrote: every page of each vCPU's slice
 /// holds the pattern (Verify), and the guest's checksum is the one the pattern gives.
 fn check_workload(
-    ram: &GuestRam,
+    mem: &dyn GuestMemoryAccess,
     info: &BootInfo,
     reports: &[VcpuReport],
+    discarded: &dyn Fn(usize) -> Vec<guest_abi::GpaRange>,
 ) -> (Option<HostCheck>, Option<String>) {
-    if Workload::from_raw(info.workload) != Some(Workload::Verify) {
+    if !matches!(Workload::from_raw(info.workload), Some(Workload::Verify | Workload::DiscardVerify)) {
         return (None, None);
     }
     let work = &info.work[..info.nr_work as usize];
@@ -480,17 +555,24 @@ fn check_workload(
             continue;
         };
         let (mut expected_pages, mut expected_sum) = (0u64, 0u64);
+        let holes = discarded(report.index);
         slice_pages(work, info.nr_vcpus, report.index as u64, |gpa| {
             expected_pages += 1;
-            expected_sum = expected_sum.wrapping_add(page_checksum(info.seed, gpa));
+            let zeroed = holes.iter().any(|h| (h.start..h.end).contains(&gpa));
+            if !zeroed {
+                expected_sum = expected_sum.wrapping_add(page_checksum(info.seed, gpa));
+            }
             check.pages += 1;
-            let ok = ram.memory().read_slice(&mut page, GuestAddress(gpa)).is_ok()
+            let ok = mem.read(gpa, &mut page).is_ok()
                 && page.chunks_exact(8).enumerate().all(|(i, w)| {
-                    u64::from_le_bytes(w.try_into().unwrap()) == pattern(info.seed, gpa + 8 * i as u64)
+                    let want = if zeroed { 0 } else { pattern(info.seed, gpa + 8 * i as u64) };
+                    u64::from_le_bytes(w.try_into().unwrap()) == want
                 });
             if !ok {
                 check.bad_pages += 1;
-                check.first_bad.get_or_insert_with(|| format!("page {gpa:#x} does not hold the pattern"));
+                check.first_bad.get_or_insert_with(|| {
+                    format!("page {gpa:#x} does not hold {}", if zeroed { "zeros" } else { "the pattern" })
+                });
             }
         });
         if pages != expected_pages || checksum != expected_sum {

@@ -35,6 +35,9 @@ enum Command {
 enum WorkloadArg {
     /// Fill every page with a pattern and verify it.
     Verify,
+    /// Fill every page, let the host discard ranges through the memory layer, verify zeros
+    /// there and the pattern elsewhere.
+    DiscardVerify,
     /// Touch one word per page: cold write, warm write, warm read (timed).
     Touch,
     /// Fail an assertion on purpose.
@@ -84,6 +87,10 @@ struct RunArgs {
     /// The KVM device.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// Do not watch guest RAM with the userfaultfd monitor (teardowns by code outside the VMM
+    /// then go unseen by the memory layer).
+    #[arg(long)]
+    no_monitor: bool,
     /// Print the run report as JSON.
     #[arg(long)]
     json: bool,
@@ -154,6 +161,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             params: TestGuestParams {
                 workload: match args.workload {
                     WorkloadArg::Verify => Workload::Verify,
+                    WorkloadArg::DiscardVerify => Workload::DiscardVerify,
                     WorkloadArg::Touch => Workload::Touch,
                     WorkloadArg::AssertFail => Workload::AssertFail,
                     WorkloadArg::Exception => Workload::Exception,
@@ -173,6 +181,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         boot,
         timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),
         console: Console::Stdout,
+        monitor: !args.no_monitor,
     };
     let report = machine::run(&config).map_err(|e| e.to_string())?;
     if args.json {

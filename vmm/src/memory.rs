@@ -212,6 +212,27 @@ impl GuestRam {
         self.regions().all(|(gpa, hva, _)| hva % HUGE_PAGE_SIZE == gpa.0 % HUGE_PAGE_SIZE)
     }
 
+    /// The regions as the notifier describes them (host range, backing, THP).
+    pub fn notifier_regions(&self) -> Vec<notifier::RegionSpec> {
+        use std::os::fd::AsRawFd;
+        let mut file_offset = 0u64;
+        self.regions()
+            .map(|(_, hva, size)| {
+                let backing = match &self.memfd {
+                    None => notifier::Backing::PrivateAnon,
+                    Some(f) => notifier::Backing::SharedMemfd { fd: f.as_raw_fd(), offset: file_offset },
+                };
+                file_offset += size;
+                notifier::RegionSpec {
+                    host_addr: hva as usize,
+                    len: size as usize,
+                    backing,
+                    thp: self.config.thp,
+                }
+            })
+            .collect()
+    }
+
     /// Total bytes of RAM.
     pub fn size(&self) -> u64 {
         self.config.size

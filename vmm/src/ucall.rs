@@ -5,10 +5,10 @@
 //! kind must be known, and the message is cut at [`guest_abi::MAX_MESSAGE_LEN`] bytes. A bad
 //! record is an error naming what was wrong, never a host read outside guest RAM.
 
-use guest_abi::{Pass, Ucall, UcallKind, MAX_MESSAGE_LEN};
-use vm_memory::{ByteValued, Bytes, GuestAddress};
+use guest_abi::{Pass, Rendezvous, Ucall, UcallKind, MAX_MESSAGE_LEN};
+use vm_memory::ByteValued;
 
-use crate::memory::GuestMemoryMmap;
+use crate::mmu::{read_obj, GuestMemoryAccess};
 
 /// A wrapper that lets vm-memory read a [`Ucall`] as plain bytes.
 #[derive(Clone, Copy, Default)]
@@ -67,6 +67,13 @@ pub enum UcallEvent {
         /// Checksum of what was read.
         checksum: u64,
     },
+    /// The vCPU waits while the host acts; the reply goes back into the record's args.
+    Rendezvous {
+        /// What the host should do.
+        kind: Rendezvous,
+        /// The record's arguments (`args[0]` is the kind).
+        args: [u64; 6],
+    },
     /// A CPU exception in the guest.
     Exception {
         /// Vector.
@@ -103,20 +110,30 @@ pub enum UcallError {
     /// The `out` was not 4 bytes wide.
     #[error("ucall port written with {0} bytes; a ucall is a 32-bit out")]
     BadWidth(usize),
+    /// Unknown rendezvous.
+    #[error("rendezvous of unknown kind {0}")]
+    UnknownRendezvous(u64),
+}
+
+/// Byte offset of `args` inside a [`Ucall`] record.
+pub const ARGS_OFFSET: u64 = 16;
+
+/// The guest-physical address of the record a ucall's `out` data names.
+pub fn record_gpa(data: &[u8]) -> Result<u64, UcallError> {
+    Ok(u64::from(u32::from_le_bytes(data.try_into().map_err(|_| UcallError::BadWidth(data.len()))?)))
 }
 
 /// Decodes the ucall whose `out` data is `data`; returns the vCPU index the guest put in the
 /// record and the event.
-pub fn decode(mem: &GuestMemoryMmap, data: &[u8]) -> Result<(u64, UcallEvent), UcallError> {
-    let gpa = u64::from(u32::from_le_bytes(data.try_into().map_err(|_| UcallError::BadWidth(data.len()))?));
-    let raw: RawUcall = mem.read_obj(GuestAddress(gpa)).map_err(|_| UcallError::RecordOutsideRam(gpa))?;
+pub fn decode(mem: &dyn GuestMemoryAccess, data: &[u8]) -> Result<(u64, UcallEvent), UcallError> {
+    let gpa = record_gpa(data)?;
+    let raw: RawUcall = read_obj(mem, gpa).map_err(|_| UcallError::RecordOutsideRam(gpa))?;
     let w = raw.0 .0;
     let (kind, vcpu, args, msg_gpa, msg_len) = (w[0], w[1], [w[2], w[3], w[4], w[5], w[6], w[7]], w[8], w[9]);
     let message = || -> Result<String, UcallError> {
         let len = msg_len.min(MAX_MESSAGE_LEN as u64);
         let mut buf = vec![0u8; len as usize];
-        mem.read_slice(&mut buf, GuestAddress(msg_gpa))
-            .map_err(|_| UcallError::MessageOutsideRam { gpa: msg_gpa, len })?;
+        mem.read(msg_gpa, &mut buf).map_err(|_| UcallError::MessageOutsideRam { gpa: msg_gpa, len })?;
         let mut text = String::from_utf8_lossy(&buf).into_owned();
         if msg_len > len {
             text.push_str("...");
@@ -135,6 +152,10 @@ pub fn decode(mem: &GuestMemoryMmap, data: &[u8]) -> Result<(u64, UcallEvent), U
         },
         UcallKind::Failure => UcallEvent::Failure(message()?),
         UcallKind::Done => UcallEvent::Done { pages: args[0], checksum: args[1] },
+        UcallKind::Rendezvous => UcallEvent::Rendezvous {
+            kind: Rendezvous::from_raw(args[0]).ok_or(UcallError::UnknownRendezvous(args[0]))?,
+            args,
+        },
         UcallKind::Exception => {
             UcallEvent::Exception { vector: args[0], error_code: args[1], rip: args[2], cr2: args[3] }
         }
@@ -145,6 +166,8 @@ pub fn decode(mem: &GuestMemoryMmap, data: &[u8]) -> Result<(u64, UcallEvent), U
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestAddress};
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()

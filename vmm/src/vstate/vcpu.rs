@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::Bus;
-use crate::memory::GuestMemoryMmap;
+use crate::mmu::{GuestMemoryAccess, GuestMmu};
 use crate::ucall::{self, UcallEvent};
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -50,10 +50,19 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     result
 }
 
+/// The host side of a guest's [`guest_abi::UcallKind::Rendezvous`]: acts while the vCPU waits
+/// and returns the reply arguments written back into the guest's record.
+pub trait RendezvousHandler: Send + Sync {
+    /// Handles `kind` for vCPU `vcpu` with the record's `args`; `Err` fails the vCPU.
+    fn handle(&self, vcpu: usize, kind: guest_abi::Rendezvous, args: [u64; 6]) -> Result<[u64; 6], String>;
+}
+
 /// What every vCPU thread shares with the rest of the VMM.
 pub struct VcpuShared {
-    /// Guest RAM.
-    pub memory: Arc<GuestMemoryMmap>,
+    /// The VMM's table: every access to guest RAM on the guest's behalf goes through it.
+    pub mmu: Arc<GuestMmu>,
+    /// The host side of rendezvous ucalls, if the guest may make them.
+    pub rendezvous: Option<Arc<dyn RendezvousHandler>>,
     /// Port I/O devices.
     pub pio: Arc<Bus>,
     /// MMIO devices.
@@ -176,6 +185,11 @@ impl Vcpu {
         Self { fd, index }
     }
 
+    /// The KVM vCPU.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
     /// Runs until the guest ends, a fatal exit, or a stop; always tells the VMM it finished.
     pub fn run(mut self, shared: &VcpuShared) -> VcpuReport {
         let mut report = VcpuReport {
@@ -283,7 +297,7 @@ impl Vcpu {
 
     /// Acts on a ucall; returns the outcome when it ends this vCPU.
     fn handle_ucall(&self, shared: &VcpuShared, report: &mut VcpuReport, data: &[u8]) -> Option<VcpuOutcome> {
-        let (vcpu, event) = match ucall::decode(&shared.memory, data) {
+        let (vcpu, event) = match ucall::decode(shared.mmu.as_ref(), data) {
             Ok(decoded) => decoded,
             Err(e) => return Some(VcpuOutcome::GuestFailure { message: format!("bad ucall: {e}") }),
         };
@@ -322,6 +336,24 @@ impl Vcpu {
             UcallEvent::Done { pages, checksum } => {
                 done.store(pages, Ordering::Relaxed);
                 return Some(VcpuOutcome::Done { pages, checksum });
+            }
+            UcallEvent::Rendezvous { kind, args } => {
+                let Some(handler) = &shared.rendezvous else {
+                    return Some(VcpuOutcome::GuestFailure {
+                        message: format!("rendezvous {kind:?}, but this VM has no host side for it"),
+                    });
+                };
+                let reply = match handler.handle(self.index, kind, args) {
+                    Ok(reply) => reply,
+                    Err(message) => return Some(VcpuOutcome::Error { message }),
+                };
+                let bytes: Vec<u8> = reply.iter().flat_map(|a| a.to_le_bytes()).collect();
+                let record = ucall::record_gpa(data).expect("decoded above");
+                if let Err(e) = shared.mmu.write(record + ucall::ARGS_OFFSET, &bytes) {
+                    return Some(VcpuOutcome::Error {
+                        message: format!("cannot reply to the rendezvous: {e}"),
+                    });
+                }
             }
             UcallEvent::Exception { vector, error_code, rip, cr2 } => {
                 return Some(VcpuOutcome::GuestException {

@@ -76,7 +76,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 0.0)]
     timeout: f64,
     /// The test guest's workload.
-    #[arg(long, value_enum, default_value_t = WorkloadArg::Verify)]
+    #[arg(long, value_enum, default_value_t = WorkloadArg::DiscardVerify)]
     workload: WorkloadArg,
     /// Seed of the test guest's memory pattern.
     #[arg(long, default_value_t = 0x5eed)]
@@ -235,10 +235,11 @@ fn print_summary(config: &VmConfig, report: &RunReport) {
     }
     if let Some(check) = &report.host_check {
         println!(
-            "zapvm: host check: read back {} pages through the VMM's own mapping, {} differ from what the guest wrote",
+            "zapvm: host check: read back {} pages through the VMM's own table, {} differ from what the guest wrote",
             check.pages, check.bad_pages
         );
     }
+    print_memory_layer(&report.memory_layer);
     match &report.outcome {
         VmOutcome::Success => {
             println!("zapvm: success in {:.1} ms", report.wall_us as f64 / 1000.0)
@@ -280,4 +281,36 @@ fn bench_notifier(full: bool, json_out: Option<PathBuf>) -> Result<ExitCode, Str
         eprintln!("wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_memory_layer(layer: &vmm::machine::MemoryLayerReport) {
+    let size = |b: u64| if b >= 1 << 20 { format!("{} MiB", b >> 20) } else { format!("{} KiB", b >> 10) };
+    for d in &layer.discards {
+        let widened = (d.notified.1 - d.notified.0) as u64 != d.len;
+        let kvm: Vec<String> = d.kvm_delta.iter().map(|(k, v)| format!("{k} {v:+}")).collect();
+        println!(
+            "zapvm: discard vCPU {} [{:#x}, +{}): notified as {}{}; device path read {} before, {} after; KVM: {}",
+            d.vcpu,
+            d.gpa,
+            size(d.len),
+            size((d.notified.1 - d.notified.0) as u64),
+            if widened { " (whole huge pages)" } else { "" },
+            if d.device_read_pattern_before { "the guest's data" } else { "OTHER DATA" },
+            if d.device_read_zeros { "zeros" } else { "NOT ZEROS" },
+            if kvm.is_empty() { "no change".to_string() } else { kvm.join(", ") }
+        );
+    }
+    let t = &layer.table;
+    println!(
+        "zapvm: memory layer: table {} hits / {} misses, installed {} x 4 KiB + {} x 2 MiB, {} retries, torn down {}; notifier {} starts / {} ends; uffd monitor {}",
+        t.hits,
+        t.misses,
+        t.installs_4k,
+        t.installs_2m,
+        t.retries,
+        t.torn_down.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{n} by {k}")).collect::<Vec<_>>().join(", "),
+        layer.notifier.kinds.iter().map(|k| k.starts).sum::<u64>(),
+        layer.notifier.kinds.iter().map(|k| k.ends).sum::<u64>(),
+        if layer.monitor { "on" } else { "off" },
+    );
 }

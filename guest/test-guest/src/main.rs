@@ -35,6 +35,19 @@ pub fn report(vcpu: u64, kind: UcallKind, args: &[u64]) {
     arch::ucall(&mut u);
 }
 
+/// Sends a ucall of `kind` with `args` (the rest zero) that the VMM answers in the record itself
+/// (a Rendezvous), and returns the record's `args` as the VMM left them when it resumed the vCPU.
+pub fn exchange(vcpu: u64, kind: UcallKind, args: &[u64]) -> [u64; 6] {
+    let mut u = Ucall::new(kind, vcpu);
+    u.args[..args.len()].copy_from_slice(args);
+    arch::ucall(&mut u);
+    // SAFETY: `u` is a live, aligned local. The VMM wrote its reply into it while the vCPU was
+    // stopped in the `out`, behind the compiler's back: the `asm!` in `arch::ucall` is a memory
+    // barrier for it (its address was exposed to the asm), and the volatile read makes sure the
+    // reply is read from memory rather than from what the compiler remembers storing.
+    unsafe { core::ptr::addr_of!(u.args).read_volatile() }
+}
+
 /// Sends the final ucall `u` again and again; the VMM stops the vCPU at the first one.
 fn finish(u: &mut Ucall) -> ! {
     loop {
@@ -77,10 +90,7 @@ extern "C" fn guest_main(vcpu: u64, boot: *const BootInfo) -> ! {
     if boot.magic != BOOT_INFO_MAGIC {
         fail(
             vcpu,
-            format_args!(
-                "boot info: bad magic {:#018x} (expected {:#018x})",
-                boot.magic, BOOT_INFO_MAGIC
-            ),
+            format_args!("boot info: bad magic {:#018x} (expected {:#018x})", boot.magic, BOOT_INFO_MAGIC),
         );
     }
     if boot.abi_version != ABI_VERSION {
@@ -109,37 +119,25 @@ extern "C" fn guest_main(vcpu: u64, boot: *const BootInfo) -> ! {
     report(vcpu, UcallKind::Hello, &[ABI_VERSION, entry_tsc]);
 
     if boot.nr_work > MAX_RANGES as u64 {
-        fail(
-            vcpu,
-            format_args!("boot info: nr_work {} > {}", boot.nr_work, MAX_RANGES),
-        );
+        fail(vcpu, format_args!("boot info: nr_work {} > {}", boot.nr_work, MAX_RANGES));
     }
     if vcpu >= boot.nr_vcpus {
-        fail(
-            vcpu,
-            format_args!("boot info: vCPU {} but nr_vcpus {}", vcpu, boot.nr_vcpus),
-        );
+        fail(vcpu, format_args!("boot info: vCPU {} but nr_vcpus {}", vcpu, boot.nr_vcpus));
     }
 
     match Workload::from_raw(boot.workload) {
         Some(Workload::Verify) => workload::verify(vcpu, &boot),
         Some(Workload::Touch) => workload::touch(vcpu, &boot),
+        Some(Workload::DiscardVerify) => workload::discard_verify(vcpu, &boot),
         Some(Workload::AssertFail) => {
-            assert_eq!(
-                core::hint::black_box(1) + 1,
-                3,
-                "deliberate assertion failure requested by the VMM"
-            );
+            assert_eq!(core::hint::black_box(1) + 1, 3, "deliberate assertion failure requested by the VMM");
             fail(vcpu, format_args!("the deliberate assertion did not fail"))
         }
         Some(Workload::Exception) => {
             // SAFETY: raises #UD on purpose; the exception path reports it and never returns.
             unsafe { core::arch::asm!("ud2", options(noreturn, nomem, nostack)) }
         }
-        None => fail(
-            vcpu,
-            format_args!("unknown workload {} in boot info", boot.workload),
-        ),
+        None => fail(vcpu, format_args!("unknown workload {} in boot info", boot.workload)),
     }
 }
 

@@ -11,7 +11,7 @@
 //! |---|---|---|---|
 //! | `madvise(DONTNEED / REMOVE / FREE)` | `UFFD_EVENT_REMOVE`, exact range, one per VMA piece | queued **before** the zap; the caller resumes when the monitor has *read* the event, then zaps | start, `invalidate_range`, end back to back, **after** the read: the zap may run before, during or after them. `Event::Discard(Unknown)`. For MADV_FREE the pages may stay mapped with old contents (lazy free). |
 //! | `munmap`, `mmap(MAP_FIXED)` over guest RAM | `UFFD_EVENT_UNMAP`, exact range | sent **after** the unmap; the caller waits for the read | start/range/end after the mapping is gone; the range leaves the regions (later API operations on it fail with `NotMapped`). |
-//! | `mremap(MAYMOVE[|FIXED])` | `UFFD_EVENT_REMAP {from, to, len}`, then `UFFD_EVENT_UNMAP` of the old range | both **after** the move; the caller waits for each read | `Event::Remap { new_start }` for the old range; the region moves. The following UNMAP of the old range is outside every region by then and is not notified again (counted as `outside`). |
+//! | `mremap(MAYMOVE[|FIXED])` | `UFFD_EVENT_REMAP {from, to, len}`, then `UFFD_EVENT_UNMAP` of the old range | both **after** the move; the caller waits for each read | `Event::Remap { new_start }` for the old range; the region moves. The reader folds the following UNMAP of exactly the old range into the move (counted as `remap_unmaps`, not notified), even if a subscriber has mapped new memory there meanwhile. |
 //! | `fallocate(PUNCH_HOLE)`, `ftruncate` on a memfd | **none** | pages zapped at once | nothing: the monitor cannot see these; use the API. |
 //!
 //! So for external teardowns `invalidate_range_start` is *not* a "before" guarantee: a
@@ -71,10 +71,7 @@ pub struct MonitorOptions {
 
 impl Default for MonitorOptions {
     fn default() -> Self {
-        MonitorOptions {
-            spin: Duration::from_micros(200),
-            batch: 64,
-        }
+        MonitorOptions { spin: Duration::from_micros(200), batch: 64 }
     }
 }
 
@@ -86,9 +83,7 @@ pub fn open_userfaultfd() -> Result<Uffd, Error> {
         .close_on_exec(true)
         .non_blocking(true)
         .user_mode_only(false)
-        .require_features(
-            FeatureFlags::EVENT_REMOVE | FeatureFlags::EVENT_UNMAP | FeatureFlags::EVENT_REMAP,
-        )
+        .require_features(FeatureFlags::EVENT_REMOVE | FeatureFlags::EVENT_UNMAP | FeatureFlags::EVENT_REMAP)
         .create()
         .map_err(|e| {
             Error::Uffd(format!(
@@ -100,13 +95,9 @@ pub fn open_userfaultfd() -> Result<Uffd, Error> {
 }
 
 pub(crate) fn register(u: &Uffd, start: usize, end: usize) -> Result<(), Error> {
-    u.register_with_mode(
-        start as *mut libc::c_void,
-        end - start,
-        RegisterMode::WRITE_PROTECT,
-    )
-    .map(|_| ())
-    .map_err(|e| Error::Uffd(format!("UFFDIO_REGISTER(WP) {start:#x}..{end:#x}: {e}")))
+    u.register_with_mode(start as *mut libc::c_void, end - start, RegisterMode::WRITE_PROTECT)
+        .map(|_| ())
+        .map_err(|e| Error::Uffd(format!("UFFDIO_REGISTER(WP) {start:#x}..{end:#x}: {e}")))
 }
 
 /// The running monitor. Stop it with [`Monitor::stop`] (or drop it) before the address space
@@ -143,10 +134,7 @@ impl Monitor {
         if fd < 0 {
             let source = std::io::Error::last_os_error();
             Self::deactivate(space);
-            return Err(Error::Os {
-                op: "eventfd",
-                source,
-            });
+            return Err(Error::Os { op: "eventfd", source });
         }
         // SAFETY: a fresh descriptor owned by nobody else.
         let stop_fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -162,28 +150,18 @@ impl Monitor {
             })
             .map_err(|source| {
                 Self::deactivate(space);
-                Error::Os {
-                    op: "spawn",
-                    source,
-                }
+                Error::Os { op: "spawn", source }
             })?;
         let worker_id = worker.thread().id();
-        let (rspace, ruffd, rstop, rstopfd) = (
-            space.clone(),
-            uffd.clone(),
-            stop.clone(),
-            stop_fd.as_raw_fd(),
-        );
+        let (rspace, ruffd, rstop, rstopfd) =
+            (space.clone(), uffd.clone(), stop.clone(), stop_fd.as_raw_fd());
         let reader = std::thread::Builder::new()
             .name("notifier-uffd-reader".into())
             .spawn(move || reader_loop(&rspace, &ruffd, &rstop, rstopfd, opts, tx))
             .map_err(|source| {
                 // The worker exits when the sender (moved into the failed closure) is dropped.
                 Self::deactivate(space);
-                Error::Os {
-                    op: "spawn",
-                    source,
-                }
+                Error::Os { op: "spawn", source }
             })?;
         Ok(Monitor {
             space: space.clone(),
@@ -225,13 +203,7 @@ impl Monitor {
         self.stop.store(true, Ordering::SeqCst);
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-        unsafe {
-            libc::write(
-                self.stop_fd.as_raw_fd(),
-                &one as *const u64 as *const libc::c_void,
-                8,
-            )
-        };
+        unsafe { libc::write(self.stop_fd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }
@@ -262,6 +234,13 @@ fn reader_loop(
     let mut buf = EventBuffer::new(opts.batch.max(1));
     let mut evs: Vec<RawEvent> = Vec::with_capacity(opts.batch.max(1));
     let mut last_event: Option<Instant> = None;
+    // Old ranges of external remaps forwarded to the worker whose trailing UNMAP has not been
+    // read yet. `mremap` queues REMAP {from, to, len} and then UNMAP [from, from + len) — two
+    // reads, as the caller waits for each — and that UNMAP is part of the same move, not a new
+    // teardown: by the time the worker sees it a subscriber may already have put new memory at
+    // `from` (the VMM's teardown guard re-backs the hole), and notifying it would tear that down.
+    // Only the reader, in event order, can pair them, so it folds such an UNMAP into its REMAP.
+    let mut remapped_away: std::collections::VecDeque<(usize, usize)> = Default::default();
     loop {
         // O2: number this read before it can consume anything.
         let k = own.reads_started.fetch_add(1, Ordering::SeqCst) + 1;
@@ -274,25 +253,15 @@ fn reader_loop(
                     match ev {
                         Ok(UEvent::Remove { start, end }) => {
                             c.remove.fetch_add(1, Ordering::Relaxed);
-                            evs.push(RawEvent::Remove {
-                                start: start as usize,
-                                end: end as usize,
-                            })
+                            evs.push(RawEvent::Remove { start: start as usize, end: end as usize })
                         }
                         Ok(UEvent::Unmap { start, end }) => {
                             c.unmap.fetch_add(1, Ordering::Relaxed);
-                            evs.push(RawEvent::Unmap {
-                                start: start as usize,
-                                end: end as usize,
-                            })
+                            evs.push(RawEvent::Unmap { start: start as usize, end: end as usize })
                         }
                         Ok(UEvent::Remap { from, to, len }) => {
                             c.remap.fetch_add(1, Ordering::Relaxed);
-                            evs.push(RawEvent::Remap {
-                                from: from as usize,
-                                to: to as usize,
-                                len,
-                            })
+                            evs.push(RawEvent::Remap { from: from as usize, to: to as usize, len })
                         }
                         Ok(other) => {
                             // Page faults cannot happen with nothing write-protected; a FORK
@@ -320,7 +289,18 @@ fn reader_loop(
             for ev in evs.iter() {
                 if own.matches(k, ev) {
                     c.own.fetch_add(1, Ordering::Relaxed);
+                } else if let RawEvent::Unmap { start, end } = *ev {
+                    if let Some(i) = remapped_away.iter().position(|&r| r == (start, end)) {
+                        remapped_away.remove(i);
+                        c.remap_unmaps.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    tracing::trace!(target: "notifier::uffd", ?ev, origin = ?Origin::External, "external event");
+                    let _ = tx.send(*ev);
                 } else {
+                    if let RawEvent::Remap { from, len, .. } = *ev {
+                        remapped_away.push_back((from, from + len as usize));
+                    }
                     tracing::trace!(target: "notifier::uffd", ?ev, origin = ?Origin::External, "external event");
                     let _ = tx.send(*ev);
                 }
@@ -341,16 +321,8 @@ fn reader_loop(
         }
         last_event = None;
         let mut fds = [
-            libc::pollfd {
-                fd: uffd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop_fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            libc::pollfd { fd: uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop_fd, events: libc::POLLIN, revents: 0 },
         ];
         // SAFETY: `fds` is a live array of two pollfd structures.
         unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };

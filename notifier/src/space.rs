@@ -85,10 +85,7 @@ impl Region {
             start: s,
             end: e,
             kind: self.kind,
-            file: self
-                .file
-                .as_ref()
-                .map(|(f, off)| (f.clone(), off + (s - self.start) as u64)),
+            file: self.file.as_ref().map(|(f, off)| (f.clone(), off + (s - self.start) as u64)),
             thp: self.thp,
         }
     }
@@ -96,10 +93,7 @@ impl Region {
     /// What the kernel really tears down for `[s, e)`: whole 2 MiB blocks if THP may back it.
     fn widen(&self, s: usize, e: usize) -> (usize, usize) {
         if self.thp {
-            (
-                align_down(s, HUGE_PAGE_SIZE).max(self.start),
-                align_up(e, HUGE_PAGE_SIZE).min(self.end),
-            )
+            (align_down(s, HUGE_PAGE_SIZE).max(self.start), align_up(e, HUGE_PAGE_SIZE).min(self.end))
         } else {
             (s, e)
         }
@@ -132,11 +126,7 @@ pub struct OpOptions {
 
 impl Default for OpOptions {
     fn default() -> Self {
-        OpOptions {
-            blockable: true,
-            max_retries: 0,
-            discard: None,
-        }
+        OpOptions { blockable: true, max_retries: 0, discard: None }
     }
 }
 
@@ -210,6 +200,7 @@ pub(crate) struct MonitorCounters {
     pub own: AtomicU64,
     pub external: AtomicU64,
     pub outside: AtomicU64,
+    pub remap_unmaps: AtomicU64,
 }
 
 impl OwnOps {
@@ -218,13 +209,7 @@ impl OwnOps {
         let processed = self.reads_processed.load(Ordering::SeqCst);
         let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         ops.retain(|o| o.done_at.is_none_or(|d| d > processed));
-        ops.push(OwnOp {
-            id,
-            kind,
-            start,
-            end,
-            done_at: None,
-        });
+        ops.push(OwnOp { id, kind, start, end, done_at: None });
         id
     }
 
@@ -245,9 +230,7 @@ impl OwnOps {
                 return false;
             }
             match (*ev, o.kind) {
-                (RawEvent::Remove { start, end }, OwnKind::Remove) => {
-                    o.start <= start && end <= o.end
-                }
+                (RawEvent::Remove { start, end }, OwnKind::Remove) => o.start <= start && end <= o.end,
                 (RawEvent::Unmap { start, end }, OwnKind::Unmap | OwnKind::Remap { .. }) => {
                     o.start <= start && end <= o.end
                 }
@@ -282,6 +265,7 @@ impl OwnOps {
             own: l(&c.own),
             external: l(&c.external),
             outside: l(&c.outside),
+            remap_unmaps: l(&c.remap_unmaps),
         }
     }
 }
@@ -320,11 +304,7 @@ fn check_range(start: usize, len: usize) -> Result<(usize, usize), Error> {
         return Err(Error::Empty);
     }
     if start % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
-        return Err(Error::Unaligned {
-            start,
-            len,
-            align: PAGE_SIZE,
-        });
+        return Err(Error::Unaligned { start, len, align: PAGE_SIZE });
     }
     let end = start.checked_add(len).ok_or(Error::Overflow)?;
     Ok((start, end))
@@ -334,10 +314,7 @@ fn dup_fd(fd: RawFd) -> Result<OwnedFd, Error> {
     // SAFETY: F_DUPFD_CLOEXEC takes no pointer; an invalid fd yields EBADF.
     let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
     if n < 0 {
-        return Err(Error::Os {
-            op: "fcntl(F_DUPFD_CLOEXEC)",
-            source: std::io::Error::last_os_error(),
-        });
+        return Err(Error::Os { op: "fcntl(F_DUPFD_CLOEXEC)", source: std::io::Error::last_os_error() });
     }
     // SAFETY: `n` is a fresh descriptor owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
@@ -345,10 +322,7 @@ fn dup_fd(fd: RawFd) -> Result<OwnedFd, Error> {
 
 fn os(op: &'static str, r: libc::c_int) -> Result<(), Error> {
     if r != 0 {
-        Err(Error::Os {
-            op,
-            source: std::io::Error::last_os_error(),
-        })
+        Err(Error::Os { op, source: std::io::Error::last_os_error() })
     } else {
         Ok(())
     }
@@ -400,11 +374,7 @@ impl AddressSpace {
                     return Err(Error::BadHugePageSize(page_size));
                 }
                 if start % page_size != 0 || r.len % page_size != 0 {
-                    return Err(Error::Unaligned {
-                        start,
-                        len: r.len,
-                        align: page_size,
-                    });
+                    return Err(Error::Unaligned { start, len: r.len, align: page_size });
                 }
                 let file = match file {
                     Some((fd, off)) => Some((dup_fd(fd)?, off)),
@@ -444,14 +414,7 @@ impl AddressSpace {
 
     /// The current regions.
     pub fn regions(&self) -> Vec<RegionInfo> {
-        self.read_regions()
-            .iter()
-            .map(|r| RegionInfo {
-                start: r.start,
-                end: r.end,
-                thp: r.thp,
-            })
-            .collect()
+        self.read_regions().iter().map(|r| RegionInfo { start: r.start, end: r.end, thp: r.thp }).collect()
     }
 
     /// Subscribes `sub` to every range.
@@ -525,24 +488,12 @@ impl AddressSpace {
     }
 
     /// [`Self::remap`] with options.
-    pub fn remap_with(
-        &self,
-        start: usize,
-        len: usize,
-        dst: usize,
-        o: OpOptions,
-    ) -> Result<OpReport, Error> {
+    pub fn remap_with(&self, start: usize, len: usize, dst: usize, o: OpOptions) -> Result<OpReport, Error> {
         self.run(Op::Remap { dst }, start, len, o)
     }
 
     /// [`Self::protect`] with options.
-    pub fn protect_with(
-        &self,
-        start: usize,
-        len: usize,
-        prot: i32,
-        o: OpOptions,
-    ) -> Result<OpReport, Error> {
+    pub fn protect_with(&self, start: usize, len: usize, prot: i32, o: OpOptions) -> Result<OpReport, Error> {
         self.run(Op::Protect { prot }, start, len, o)
     }
 
@@ -554,20 +505,13 @@ impl AddressSpace {
         start: usize,
         end: usize,
     ) -> Result<(usize, (usize, usize), Event), Error> {
-        let Some(i) = regions
-            .iter()
-            .position(|r| r.start <= start && end <= r.end)
-        else {
+        let Some(i) = regions.iter().position(|r| r.start <= start && end <= r.end) else {
             return Err(Error::NotMapped { start, end });
         };
         let r = &regions[i];
         let a = r.align();
         if start % a != 0 || (end - start) % a != 0 {
-            return Err(Error::Unaligned {
-                start,
-                len: end - start,
-                align: a,
-            });
+            return Err(Error::Unaligned { start, len: end - start, align: a });
         }
         let event = match op {
             Op::Discard(m) => {
@@ -590,11 +534,7 @@ impl AddressSpace {
             Op::Remap { dst } => {
                 let dend = dst.checked_add(end - start).ok_or(Error::Overflow)?;
                 if dst % a != 0 {
-                    return Err(Error::Unaligned {
-                        start: dst,
-                        len: end - start,
-                        align: a,
-                    });
+                    return Err(Error::Unaligned { start: dst, len: end - start, align: a });
                 }
                 if overlaps(dst, dend, start, end)
                     || regions.iter().any(|x| overlaps(x.start, x.end, dst, dend))
@@ -629,10 +569,7 @@ impl AddressSpace {
                 Ok(td) => td,
                 Err(Error::Refused { .. }) if retries < o.max_retries => {
                     retries += 1;
-                    self.reg
-                        .kind(&event, Origin::Vmm)
-                        .retries
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.reg.kind(&event, Origin::Vmm).retries.fetch_add(1, Ordering::Relaxed);
                     std::thread::yield_now();
                     continue;
                 }
@@ -699,11 +636,8 @@ impl AddressSpace {
                         })
                     }
                     _ => {
-                        let adv = if m == DiscardMethod::Remove {
-                            libc::MADV_REMOVE
-                        } else {
-                            libc::MADV_DONTNEED
-                        };
+                        let adv =
+                            if m == DiscardMethod::Remove { libc::MADV_REMOVE } else { libc::MADV_DONTNEED };
                         // SAFETY: `[start, end)` lies in a region the caller handed us under
                         // `AddressSpace::new`'s contract: no Rust reference points into it, so
                         // replacing its contents with zeros (or the page cache) breaks no
@@ -763,18 +697,11 @@ impl AddressSpace {
                 };
                 self.own_done(own);
                 if q == libc::MAP_FAILED {
-                    return Err(Error::Os {
-                        op: "mremap",
-                        source: std::io::Error::last_os_error(),
-                    });
+                    return Err(Error::Os { op: "mremap", source: std::io::Error::last_os_error() });
                 }
                 let moved = g[i].slice(start, end);
                 split_out(g, i, start, end);
-                let d = Region {
-                    start: dst,
-                    end: dst + len,
-                    ..moved
-                };
+                let d = Region { start: dst, end: dst + len, ..moved };
                 g.push(d);
                 g.sort_by_key(|x| x.start);
             }
@@ -841,11 +768,7 @@ impl AddressSpace {
                     let ns = to + (s - from);
                     pieces.push(mk(s, e, &g[i], Event::Remap { new_start: ns }));
                     let m = g[i].slice(s, e);
-                    moved.push(Region {
-                        start: ns,
-                        end: ns + (e - s),
-                        ..m
-                    });
+                    moved.push(Region { start: ns, end: ns + (e - s), ..m });
                     split_out(&mut g, i, s, e);
                 }
                 g.extend(moved);
@@ -896,11 +819,7 @@ impl AddressSpace {
         Stats {
             kinds: self.reg.kind_stats(),
             subscribers: self.reg.subscriber_stats(),
-            monitor: self
-                .own
-                .ever_started
-                .load(Ordering::Relaxed)
-                .then(|| self.own.snapshot()),
+            monitor: self.own.ever_started.load(Ordering::Relaxed).then(|| self.own.snapshot()),
         }
     }
 

@@ -67,8 +67,11 @@ pub struct MonitorStats {
     pub own: u64,
     /// External events turned into notifications.
     pub external: u64,
-    /// External events outside every registered region (e.g. the UNMAP that follows a REMAP).
+    /// External events outside every registered region.
     pub outside: u64,
+    /// UNMAPs of the old range that `mremap` queues after its REMAP: part of that move, folded
+    /// into it by the reader and not notified.
+    pub remap_unmaps: u64,
 }
 
 /// A snapshot of all counters of an [`crate::AddressSpace`].

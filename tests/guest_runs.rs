@@ -22,6 +22,8 @@ fn config(mem_mib: u64, vcpus: u32, backend: MemoryBackend, thp: bool, workload:
         timeout: Some(Duration::from_secs(120)),
         console: Console::Null,
         monitor: true,
+        teardown_policy: Default::default(),
+        after_start: None,
     }
 }
 

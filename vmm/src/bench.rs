@@ -65,6 +65,8 @@ pub fn boot(opts: &BootBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<V
                 timeout: Some(Duration::from_secs(120)),
                 console: Console::Null,
                 monitor: true,
+                teardown_policy: Default::default(),
+                after_start: None,
             };
             let report = machine::run(&config).map_err(|e| e.to_string())?;
             let vcpu = &report.vcpus[0];

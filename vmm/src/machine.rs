@@ -26,6 +26,7 @@ use crate::kvm_stats::KvmStatsReader;
 use crate::memory::{GuestRam, MemoryConfig, MemoryError};
 use crate::mmu::{GuestMemoryAccess, GuestMmu, MmuStats};
 use crate::rendezvous::{DiscardRecord, DiscardRendezvous};
+use crate::teardown::{GuardedRegion, TeardownGuard, TeardownPolicy, TeardownReport};
 use crate::vstate::vcpu::{
     install_kick_handler, kick_signal, Vcpu, VcpuEvent, VcpuOutcome, VcpuReport, VcpuShared,
 };
@@ -103,6 +104,21 @@ pub struct VmConfig {
     /// Watch guest RAM with the userfaultfd monitor, so that teardowns by code outside the VMM
     /// reach the memory layer too.
     pub monitor: bool,
+    /// What to do when code outside the VMM unmaps or moves guest RAM.
+    pub teardown_policy: TeardownPolicy,
+    /// Called on the VMM's thread once the vCPUs run (tests use it to act on a running VM).
+    pub after_start: Option<AfterStart>,
+}
+
+/// A hook called once the vCPUs of a VM run.
+pub type AfterStart = Arc<dyn Fn(&RunningVm) + Send + Sync>;
+
+/// What a hook sees of a running VM.
+pub struct RunningVm {
+    /// Guest RAM regions: (guest-physical start, host address, length).
+    pub regions: Vec<(u64, usize, usize)>,
+    /// The VMM's table, for device-path accesses.
+    pub mmu: Arc<GuestMmu>,
 }
 
 /// Errors that keep a VM from starting (bad input or a host problem), each a one-line message.
@@ -206,6 +222,8 @@ pub struct MemoryLayerReport {
     pub notifier: notifier::Stats,
     /// Discards the host performed for the guest, with what KVM's stats did meanwhile.
     pub discards: Vec<DiscardRecord>,
+    /// Teardowns of guest RAM by code outside the VMM, and what the policy did.
+    pub external_teardowns: TeardownReport,
 }
 
 /// The result of running a VM.
@@ -241,6 +259,9 @@ struct Watcher {
     vcpu_wake: EventFd,
     reset: EventFd,
     reset_seen: bool,
+    /// Written by the teardown guard when guest RAM was lost and the VM must stop.
+    teardown_stop: EventFd,
+    teardown_stop_seen: bool,
 }
 
 impl MutEventSubscriber for Watcher {
@@ -248,13 +269,16 @@ impl MutEventSubscriber for Watcher {
         if events.fd() == self.reset.as_raw_fd_i32() {
             let _ = self.reset.read();
             self.reset_seen = true;
+        } else if events.fd() == self.teardown_stop.as_raw_fd_i32() {
+            let _ = self.teardown_stop.read();
+            self.teardown_stop_seen = true;
         } else {
             let _ = self.vcpu_wake.read();
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [&self.vcpu_wake, &self.reset] {
+        for fd in [&self.vcpu_wake, &self.reset, &self.teardown_stop] {
             if let Err(e) = ops.add(event_manager::Events::new(fd, EventSet::IN)) {
                 tracing::error!("cannot watch an eventfd: {e:?}");
             }
@@ -309,6 +333,29 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         None
     };
     let mmu = Arc::new(GuestMmu::new(&ram, space.clone()).map_err(notifier_err)?);
+    let teardown_stop = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
+    let guarded = ram
+        .regions()
+        .zip(ram.notifier_regions())
+        .map(|((gpa, _, _), spec)| GuardedRegion { gpa: gpa.0, spec })
+        .collect();
+    let teardown = Arc::new(TeardownGuard::new(
+        config.teardown_policy,
+        &space,
+        guarded,
+        teardown_stop.try_clone().map_err(host("eventfd"))?,
+    ));
+    space.subscribe(teardown.clone()).map_err(notifier_err)?;
+    // With MEMORY_FAULT_INFO, a KVM_RUN that finds no host memory names the guest range.
+    if vm.fd().check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MEMORY_FAULT_INFO) as libc::c_ulong) > 0 {
+        let cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_MEMORY_FAULT_INFO,
+            ..Default::default()
+        };
+        if let Err(e) = vm.fd().enable_cap(&cap) {
+            tracing::warn!("KVM_CAP_MEMORY_FAULT_INFO: {e}");
+        }
+    }
 
     // Boot: fill RAM, decide entries.
     let (plan, boot_info) = match &config.boot {
@@ -387,6 +434,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     let (events_tx, events_rx) = channel();
     let shared = Arc::new(VcpuShared {
         mmu: mmu.clone(),
+        teardown: teardown.clone(),
         rendezvous: rendezvous.clone().map(|r| r as Arc<dyn crate::vstate::vcpu::RendezvousHandler>),
         pio: Arc::new(pio),
         mmio: Arc::new(Bus::default()),
@@ -404,6 +452,8 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         vcpu_wake: shared.wake.try_clone().map_err(host("eventfd"))?,
         reset,
         reset_seen: false,
+        teardown_stop,
+        teardown_stop_seen: false,
     }));
     manager.add_subscriber(watcher.clone());
 
@@ -420,6 +470,10 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         threads.push(handle);
     }
 
+    if let Some(hook) = &config.after_start {
+        let regions = ram.regions().map(|(gpa, hva, len)| (gpa.0, hva as usize, len as usize)).collect();
+        hook(&RunningVm { regions, mmu: mmu.clone() });
+    }
     let outcome = event_loop(config, &mut manager, &watcher, &events_rx, threads.len(), started);
 
     // Stop every vCPU still running: flag first, then kick (see the protocol in vstate::vcpu).
@@ -451,7 +505,11 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         })
         .collect();
 
-    let mut outcome = outcome.unwrap_or_else(|| first_failure(&reports).unwrap_or(VmOutcome::Success));
+    let mut outcome = match (teardown.fatal(), outcome) {
+        (Some(message), _) => VmOutcome::Failed { message },
+        (None, Some(outcome)) => outcome,
+        (None, None) => first_failure(&reports).unwrap_or(VmOutcome::Success),
+    };
     let mut host_check = None;
     if let (Some(info), VmOutcome::Success) = (&boot_info, &outcome) {
         let discarded = |vcpu: usize| rendezvous.as_ref().map(|r| r.discarded(vcpu)).unwrap_or_default();
@@ -474,6 +532,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         table: mmu.stats(),
         notifier: space.stats(),
         discards: rendezvous.as_ref().map(|r| r.records()).unwrap_or_default(),
+        external_teardowns: teardown.report(),
     };
     Ok(RunReport {
         memory_layer,
@@ -511,8 +570,14 @@ fn event_loop(
                 return None; // the failing vCPU's report says why
             }
         }
-        if watcher.lock().unwrap_or_else(|e| e.into_inner()).reset_seen {
-            return Some(VmOutcome::Reset);
+        {
+            let w = watcher.lock().unwrap_or_else(|e| e.into_inner());
+            if w.reset_seen {
+                return Some(VmOutcome::Reset);
+            }
+            if w.teardown_stop_seen {
+                return None; // the teardown guard's report says why
+            }
         }
         if finished.iter().all(|&f| f) {
             return None;

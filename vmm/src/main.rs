@@ -91,6 +91,10 @@ struct RunArgs {
     /// then go unseen by the memory layer).
     #[arg(long)]
     no_monitor: bool,
+    /// What to do when code outside the VMM unmaps or moves guest RAM: re-back it with zeroed
+    /// memory and continue, or stop the VM.
+    #[arg(long, value_enum, default_value_t = vmm::teardown::TeardownPolicy::Reback)]
+    on_external_unmap: vmm::teardown::TeardownPolicy,
     /// Print the run report as JSON.
     #[arg(long)]
     json: bool,
@@ -182,6 +186,8 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),
         console: Console::Stdout,
         monitor: !args.no_monitor,
+        teardown_policy: args.on_external_unmap,
+        after_start: None,
     };
     let report = machine::run(&config).map_err(|e| e.to_string())?;
     if args.json {

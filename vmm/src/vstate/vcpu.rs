@@ -57,10 +57,18 @@ pub trait RendezvousHandler: Send + Sync {
     fn handle(&self, vcpu: usize, kind: guest_abi::Rendezvous, args: [u64; 6]) -> Result<[u64; 6], String>;
 }
 
+/// How long a vCPU waits for guest RAM to be re-backed after `EFAULT`.
+const FAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How many faults in a row a vCPU tolerates (each after a re-back) before it gives up.
+const MAX_FAULTS_IN_A_ROW: u32 = 16;
+
 /// What every vCPU thread shares with the rest of the VMM.
 pub struct VcpuShared {
     /// The VMM's table: every access to guest RAM on the guest's behalf goes through it.
     pub mmu: Arc<GuestMmu>,
+    /// Applies the policy for teardowns of guest RAM outside the VMM; vCPUs wait on it after
+    /// `EFAULT`.
+    pub teardown: Arc<crate::teardown::TeardownGuard>,
     /// The host side of rendezvous ucalls, if the guest may make them.
     pub rendezvous: Option<Arc<dyn RendezvousHandler>>,
     /// Port I/O devices.
@@ -212,11 +220,38 @@ impl Vcpu {
     }
 
     fn run_loop(&mut self, shared: &VcpuShared, report: &mut VcpuReport) -> VcpuOutcome {
+        // Memory faults in a row with no other exit between them.
+        let mut faults_in_a_row = 0u32;
         loop {
             if shared.stop.load(Ordering::Acquire) {
                 return VcpuOutcome::Stopped;
             }
+            let generation = shared.teardown.generation();
             let exit = self.fd.run();
+            let memory_fault = match &exit {
+                Ok(VcpuExit::MemoryFault { gpa, size, .. }) => {
+                    Some(format!(" at guest [{gpa:#x}, +{size:#x})"))
+                }
+                Err(e) if e.errno() == libc::EFAULT => Some(String::new()),
+                _ => None,
+            };
+            if let Some(at) = memory_fault {
+                // Guest RAM behind the access is gone: someone outside the VMM unmapped it. Wait
+                // for the teardown guard to re-back it (or to decide that the VM stops).
+                faults_in_a_row += 1;
+                if faults_in_a_row > MAX_FAULTS_IN_A_ROW {
+                    return self.error(&format!(
+                        "KVM_RUN: guest memory{at} is not backed (EFAULT) after {MAX_FAULTS_IN_A_ROW} re-backs"
+                    ));
+                }
+                match shared.teardown.wait_backed(generation, FAULT_WAIT) {
+                    Ok(()) => continue,
+                    Err(why) => {
+                        return self.error(&format!("KVM_RUN: guest memory{at} is not backed: {why}"))
+                    }
+                }
+            }
+            faults_in_a_row = 0;
             report.exits += 1;
             let end = match exit {
                 Ok(VcpuExit::IoOut(port, data)) if port == UCALL_PORT => {
@@ -245,9 +280,9 @@ impl Vcpu {
                 Ok(VcpuExit::Shutdown) => Some(VcpuOutcome::GuestException {
                     message: format!("triple fault (KVM_EXIT_SHUTDOWN){}", self.where_now()),
                 }),
-                Ok(VcpuExit::SystemEvent(kind, _)) => {
-                    Some(self.error(&format!("system event {kind} (the guest asked for a reset or power-off)")))
-                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => Some(
+                    self.error(&format!("system event {kind} (the guest asked for a reset or power-off)")),
+                ),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => Some(self.error(&format!(
                     "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host CPU {cpu}"
                 ))),
@@ -262,19 +297,12 @@ impl Vcpu {
                         self.where_now()
                     )))
                 }
-                Ok(VcpuExit::MemoryFault { flags, gpa, size }) => Some(self.error(&format!(
-                    "guest access to [{gpa:#x}, +{size:#x}) has no host memory behind it (KVM_EXIT_MEMORY_FAULT, flags {flags:#x})"
-                ))),
                 Ok(other) => Some(VcpuOutcome::Error { message: format!("unexpected exit {other:?}") }),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // Kicked: re-arm and look at the stop flag.
                     self.fd.set_kvm_immediate_exit(0);
                     None
                 }
-                Err(e) if e.errno() == libc::EFAULT => Some(self.error(&format!(
-                    "KVM_RUN: guest memory is not backed at some address (EFAULT){}",
-                    self.where_now()
-                ))),
                 Err(e) => Some(self.error(&format!("KVM_RUN failed: {e}"))),
             };
             if let Some(outcome) = end {

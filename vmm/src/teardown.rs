@@ -1,0 +1,289 @@
+//! Surviving teardowns of guest RAM by code the VMM did not initiate.
+//!
+//! When something in the VMM's process unmaps or moves part of guest RAM without going through
+//! the memory layer (a library, a debugging tool, a bug), the userfaultfd monitor tells the
+//! notifier, which tells every subscriber — the VMM's table drops its entries, and the
+//! [`TeardownGuard`] applies the policy chosen on the command line:
+//!
+//! - [`TeardownPolicy::Reback`] (default): map fresh zeroed memory of the original kind at the
+//!   same host addresses (`MAP_FIXED_NOREPLACE`, so a mapping someone else put there is never
+//!   clobbered), hand it back to the notifier (and so to the monitor), and let the guest go on.
+//!   The guest reads zeros there, as after a balloon inflate. KVM's memslot keeps its host
+//!   address, so KVM needs no update: its own mmu_notifier already dropped the old pages.
+//! - [`TeardownPolicy::Stop`]: stop the VM with an error naming the guest-physical range.
+//!
+//! A vCPU that touches the hole before the guard acted gets `EFAULT` (or
+//! `KVM_EXIT_MEMORY_FAULT`) from `KVM_RUN`; it waits on the guard ([`TeardownGuard::wait_backed`])
+//! and runs again. Device accesses through the table fail with `AccessError::Unmapped` meanwhile
+//! (never a SIGSEGV: see `mmu`'s M2).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use notifier::{AddressSpace, Event, Origin, Range, RegionSpec, Subscriber};
+
+/// What to do when code outside the VMM unmaps or moves guest RAM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TeardownPolicy {
+    /// Re-back the range with fresh zeroed memory at the same address and continue.
+    #[default]
+    Reback,
+    /// Stop the VM with an error naming the range.
+    Stop,
+}
+
+/// One guest RAM region as the guard needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct GuardedRegion {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// The region as the notifier was told of it.
+    pub spec: RegionSpec,
+}
+
+#[derive(Default)]
+struct State {
+    /// Host ranges currently without memory, waiting for the guard.
+    holes: Vec<(usize, usize)>,
+    /// Bumped each time a hole was re-backed.
+    generation: u64,
+    /// Set when the VM must stop (policy Stop, or a re-back failed).
+    fatal: Option<String>,
+    /// Bytes re-backed so far.
+    rebacked_bytes: u64,
+    /// External teardowns seen.
+    events: u64,
+}
+
+/// What the guard did, for the run report.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TeardownReport {
+    /// The policy.
+    pub policy: String,
+    /// External unmaps and remaps of guest RAM seen.
+    pub events: u64,
+    /// Bytes re-backed with fresh memory.
+    pub rebacked_bytes: u64,
+    /// Why the VM had to stop, if it did.
+    pub fatal: Option<String>,
+}
+
+/// The subscriber that applies the [`TeardownPolicy`].
+pub struct TeardownGuard {
+    policy: TeardownPolicy,
+    space: Weak<AddressSpace>,
+    regions: Vec<GuardedRegion>,
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Mirror of `State::generation`, read lock-free by vCPUs before each run.
+    generation: AtomicU64,
+    /// Wakes the VMM's event loop when the VM must stop.
+    stop: vmm_sys_util::eventfd::EventFd,
+}
+
+impl TeardownGuard {
+    /// A guard for `regions` of `space`; writes `stop` when the VM must stop.
+    pub fn new(
+        policy: TeardownPolicy,
+        space: &Arc<AddressSpace>,
+        regions: Vec<GuardedRegion>,
+        stop: vmm_sys_util::eventfd::EventFd,
+    ) -> Self {
+        Self {
+            policy,
+            space: Arc::downgrade(space),
+            regions,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            generation: AtomicU64::new(0),
+            stop,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The guest-physical range of host range `[start, end)`, for messages.
+    fn describe(&self, start: usize, end: usize) -> String {
+        match self.regions.iter().find(|r| r.spec.host_addr <= start && end <= r.spec.host_addr + r.spec.len)
+        {
+            Some(r) => {
+                let gpa = r.gpa + (start - r.spec.host_addr) as u64;
+                format!("guest RAM [{gpa:#x}, {:#x})", gpa + (end - start) as u64)
+            }
+            None => format!("host range [{start:#x}, {end:#x})"),
+        }
+    }
+
+    /// Why the VM must stop, if it must.
+    pub fn fatal(&self) -> Option<String> {
+        self.lock().fatal.clone()
+    }
+
+    /// What the guard did.
+    pub fn report(&self) -> TeardownReport {
+        let s = self.lock();
+        TeardownReport {
+            policy: format!("{:?}", self.policy).to_lowercase(),
+            events: s.events,
+            rebacked_bytes: s.rebacked_bytes,
+            fatal: s.fatal.clone(),
+        }
+    }
+
+    /// Called by a vCPU whose `KVM_RUN` failed with EFAULT: waits (at most `timeout`) until a
+    /// teardown that had not been re-backed when the fault happened is re-backed and no hole is
+    /// left. Returns `Err` with the reason when the VM must stop or nothing changed in time.
+    pub fn wait_backed(&self, seen_generation: u64, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        loop {
+            if let Some(fatal) = &s.fatal {
+                return Err(fatal.clone());
+            }
+            if s.generation > seen_generation && s.holes.is_empty() {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(match s.holes.first() {
+                    Some(&(a, b)) => format!("{} is still unmapped after {timeout:?}", self.describe(a, b)),
+                    None => format!(
+                        "guest memory access failed (EFAULT) and no teardown of guest RAM was seen within {timeout:?}"
+                    ),
+                });
+            }
+            s = self.changed.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// The re-back generation now (read before running a vCPU, passed to [`Self::wait_backed`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn stop_vm(&self, s: &mut State, why: String) {
+        eprintln!("zapvm: error: {why}");
+        s.fatal.get_or_insert(why);
+        let _ = self.stop.write(1);
+        self.changed.notify_all();
+    }
+
+    /// Maps fresh zeroed memory of the region's kind over the hole `[start, end)`.
+    fn reback(&self, start: usize, end: usize) -> Result<(), String> {
+        let region = self
+            .regions
+            .iter()
+            .find(|r| r.spec.host_addr <= start && end <= r.spec.host_addr + r.spec.len)
+            .ok_or_else(|| format!("host range [{start:#x}, {end:#x}) is not guest RAM"))?;
+        let len = end - start;
+        let (flags, fd, offset) = match region.spec.backing {
+            notifier::Backing::SharedMemfd { fd, offset } => {
+                let offset = offset + (start - region.spec.host_addr) as u64;
+                // Zero the file's pages first: the fresh mapping must read zeros like anonymous memory.
+                // SAFETY: fallocate on the VMM's own memfd over a range inside guest RAM's file.
+                let ret = unsafe {
+                    libc::fallocate(
+                        fd,
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        offset as i64,
+                        len as i64,
+                    )
+                };
+                if ret != 0 {
+                    return Err(format!("fallocate(PUNCH_HOLE): {}", std::io::Error::last_os_error()));
+                }
+                (libc::MAP_SHARED, fd, offset as i64)
+            }
+            _ => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
+        };
+        // SAFETY: MAP_FIXED_NOREPLACE maps only if nothing is mapped in [start, end), so no
+        // mapping (ours or anyone's) is replaced; the range was guest RAM, now a hole.
+        let addr = unsafe {
+            libc::mmap(
+                start as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags | libc::MAP_FIXED_NOREPLACE | libc::MAP_NORESERVE,
+                fd,
+                offset,
+            )
+        };
+        if addr == libc::MAP_FAILED || addr as usize != start {
+            let err = std::io::Error::last_os_error();
+            if addr != libc::MAP_FAILED {
+                // An old kernel ignoring NOREPLACE mapped elsewhere: undo it.
+                // SAFETY: `addr` is the mapping this call just created.
+                unsafe { libc::munmap(addr, len) };
+            }
+            return Err(format!(
+                "cannot map fresh memory there ({err}): something else is mapped in its place"
+            ));
+        }
+        if region.spec.thp {
+            // SAFETY: the range is the mapping just created; MADV_HUGEPAGE changes no contents.
+            unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) };
+        }
+        let space = self.space.upgrade().ok_or("the address space is gone")?;
+        let spec = RegionSpec {
+            host_addr: start,
+            len,
+            backing: match region.spec.backing {
+                notifier::Backing::SharedMemfd { fd, .. } => {
+                    notifier::Backing::SharedMemfd { fd, offset: offset as u64 }
+                }
+                other => other,
+            },
+            thp: region.spec.thp,
+        };
+        // SAFETY: the range is mapped (just now) for as long as guest RAM is, and the VMM touches
+        // it only through raw pointers, as for the regions given to `AddressSpace::new`.
+        unsafe { space.add_region(&spec) }
+            .map_err(|e| format!("cannot hand the new memory to the notifier: {e}"))
+    }
+}
+
+impl Subscriber for TeardownGuard {
+    fn name(&self) -> &str {
+        "external-teardown-guard"
+    }
+
+    fn invalidate_range_start(&self, range: &Range) -> Result<(), notifier::Refused> {
+        if range.origin == Origin::External && matches!(range.event, Event::Unmap | Event::Remap { .. }) {
+            let mut s = self.lock();
+            s.events += 1;
+            s.holes.push((range.exact_start, range.exact_end));
+        }
+        Ok(())
+    }
+
+    fn invalidate_range_end(&self, range: &Range) {
+        if range.origin != Origin::External || !matches!(range.event, Event::Unmap | Event::Remap { .. }) {
+            return;
+        }
+        let (start, end) = (range.exact_start, range.exact_end);
+        let what = self.describe(start, end);
+        let verb = if matches!(range.event, Event::Remap { .. }) { "moved away" } else { "unmapped" };
+        let result = match self.policy {
+            TeardownPolicy::Stop => Err(format!("{what} was {verb} by code outside the VMM (policy: stop)")),
+            TeardownPolicy::Reback => self.reback(start, end).map_err(|e| {
+                format!("{what} was {verb} by code outside the VMM and cannot be re-backed: {e}")
+            }),
+        };
+        let mut s = self.lock();
+        s.holes.retain(|&h| h != (start, end));
+        match result {
+            Ok(()) => {
+                eprintln!("zapvm: {what} was {verb} by code outside the VMM; re-backed with zeroed memory");
+                s.rebacked_bytes += (end - start) as u64;
+                s.generation += 1;
+                self.generation.store(s.generation, Ordering::Release);
+                self.changed.notify_all();
+            }
+            Err(why) => self.stop_vm(&mut s, why),
+        }
+    }
+}

@@ -5,11 +5,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let full = args.iter().any(|a| a == "--full");
     let out = args.iter().find(|a| !a.starts_with("--")).cloned();
-    let o = if full {
-        notifier::bench::BenchOptions::full()
-    } else {
-        notifier::bench::BenchOptions::quick()
-    };
+    let o = if full { notifier::bench::BenchOptions::full() } else { notifier::bench::BenchOptions::quick() };
     let rep = notifier::bench::run(&o, &mut |l| eprintln!("{l}"));
     println!("{}", rep.to_markdown_table());
     let json = serde_json::to_string_pretty(&rep).unwrap();

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::{
-    AddressSpace, Backing, DiscardMethod, Event, Monitor, MonitorOptions, Origin, Range,
-    RegionSpec, Subscriber, HUGE_PAGE_SIZE, PAGE_SIZE,
+    AddressSpace, Backing, DiscardMethod, Event, Monitor, MonitorOptions, Origin, Range, RegionSpec,
+    Subscriber, HUGE_PAGE_SIZE, PAGE_SIZE,
 };
 
 /// What to run.
@@ -40,20 +40,12 @@ pub struct BenchOptions {
 impl BenchOptions {
     /// Quick mode: 32 MiB instead of 1 GiB, 3 rounds, 2,000 uffd samples.
     pub fn quick() -> Self {
-        BenchOptions {
-            quick: true,
-            rounds: 3,
-            uffd_samples: 2_000,
-        }
+        BenchOptions { quick: true, rounds: 3, uffd_samples: 2_000 }
     }
 
     /// Full mode: 1 GiB, 5 rounds, 20,000 uffd samples.
     pub fn full() -> Self {
-        BenchOptions {
-            quick: false,
-            rounds: 5,
-            uffd_samples: 20_000,
-        }
+        BenchOptions { quick: false, rounds: 5, uffd_samples: 20_000 }
     }
 }
 
@@ -190,19 +182,10 @@ impl Buf {
         };
         assert_ne!(raw, libc::MAP_FAILED, "bench mmap of {len} bytes failed");
         let base = (raw as usize + HUGE_PAGE_SIZE - 1) & !(HUGE_PAGE_SIZE - 1);
-        let advice = if thp {
-            libc::MADV_HUGEPAGE
-        } else {
-            libc::MADV_NOHUGEPAGE
-        };
+        let advice = if thp { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
         // SAFETY: advice on our own mapping.
         unsafe { libc::madvise(base as *mut libc::c_void, len, advice) };
-        Buf {
-            raw: raw as usize,
-            raw_len,
-            base,
-            len,
-        }
+        Buf { raw: raw as usize, raw_len, base, len }
     }
 
     fn populate(&self) {
@@ -213,12 +196,7 @@ impl Buf {
     }
 
     fn spec(&self, thp: bool) -> RegionSpec {
-        RegionSpec {
-            host_addr: self.base,
-            len: self.len,
-            backing: Backing::PrivateAnon,
-            thp,
-        }
+        RegionSpec { host_addr: self.base, len: self.len, backing: Backing::PrivateAnon, thp }
     }
 }
 
@@ -326,10 +304,7 @@ pub fn run(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> BenchReport {
         }
     }
     let per_page = per_page_vs_range(o, progress);
-    let uffd = vec![
-        uffd_case(o, PAGE_SIZE, progress),
-        uffd_case(o, HUGE_PAGE_SIZE, progress),
-    ];
+    let uffd = vec![uffd_case(o, PAGE_SIZE, progress), uffd_case(o, HUGE_PAGE_SIZE, progress)];
     let p99 = uffd[0].with_p99_us;
     let refault = refault(o, progress);
     BenchReport {
@@ -444,26 +419,15 @@ fn external_samples(b: &Buf, size: usize, n: usize) -> Vec<f64> {
 }
 
 fn uffd_case(o: &BenchOptions, size: usize, progress: &mut dyn FnMut(&str)) -> UffdCase {
-    let n = if size == PAGE_SIZE {
-        o.uffd_samples
-    } else {
-        o.uffd_samples / 10
-    };
+    let n = if size == PAGE_SIZE { o.uffd_samples } else { o.uffd_samples / 10 };
     let b = Buf::new(if o.quick { 16 << 20 } else { 64 << 20 }, false);
     let s = space_over(&b, false, 1);
     let mut without = external_samples(&b, size, n);
-    let mon = Monitor::start(&s, MonitorOptions::default())
-        .expect("uffd benchmark needs userfaultfd (root)");
+    let mon = Monitor::start(&s, MonitorOptions::default()).expect("uffd benchmark needs userfaultfd (root)");
     let mut with = external_samples(&b, size, n);
     mon.stop().expect("monitor stop");
-    let mon = Monitor::start(
-        &s,
-        MonitorOptions {
-            spin: Duration::ZERO,
-            ..Default::default()
-        },
-    )
-    .expect("uffd benchmark needs userfaultfd (root)");
+    let mon = Monitor::start(&s, MonitorOptions { spin: Duration::ZERO, ..Default::default() })
+        .expect("uffd benchmark needs userfaultfd (root)");
     let mut nospin = external_samples(&b, size, n);
     mon.stop().expect("monitor stop");
     let c = UffdCase {
@@ -476,10 +440,7 @@ fn uffd_case(o: &BenchOptions, size: usize, progress: &mut dyn FnMut(&str)) -> U
         with_nospin_ns: median(&mut nospin),
         with_nospin_p99_us: pct(&mut nospin, 0.99) / 1e3,
     };
-    let c = UffdCase {
-        ratio: c.with_ns / c.without_ns,
-        ..c
-    };
+    let c = UffdCase { ratio: c.with_ns / c.without_ns, ..c };
     progress(&format!(
         "external madvise {}: without {:.0} ns (p99 {:.1} us), with monitor {:.0} ns (p99 {:.1} us, x{:.2}), spin 0: {:.0} ns (p99 {:.1} us)",
         label(size), c.without_ns, c.without_p99_us, c.with_ns, c.with_p99_us, c.ratio, c.with_nospin_ns, c.with_nospin_p99_us
@@ -502,20 +463,13 @@ fn refault(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Refault {
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for _ in 0..o.rounds.max(3) {
         without.push(touch(&b));
-        let mon = Monitor::start(&s, MonitorOptions::default())
-            .expect("uffd benchmark needs userfaultfd (root)");
+        let mon =
+            Monitor::start(&s, MonitorOptions::default()).expect("uffd benchmark needs userfaultfd (root)");
         with.push(touch(&b));
         mon.stop().expect("monitor stop");
     }
-    let r = Refault {
-        without_ns: median(&mut without),
-        with_ns: median(&mut with),
-        ratio: 0.0,
-    };
-    let r = Refault {
-        ratio: r.with_ns / r.without_ns,
-        ..r
-    };
+    let r = Refault { without_ns: median(&mut without), with_ns: median(&mut with), ratio: 0.0 };
+    let r = Refault { ratio: r.with_ns / r.without_ns, ..r };
     progress(&format!(
         "first touch after discard: {:.0} ns/page without, {:.0} ns/page registered (x{:.2})",
         r.without_ns, r.with_ns, r.ratio
@@ -555,10 +509,7 @@ impl BenchReport {
                 c.with_nospin_p99_us
             );
         }
-        s += &format!(
-            "\nuffd_p99_us (4 KiB, default monitor): {:.1}\n",
-            self.uffd_p99_us
-        );
+        s += &format!("\nuffd_p99_us (4 KiB, default monitor): {:.1}\n", self.uffd_p99_us);
         let r = &self.uffd_refault;
         s += &format!(
             "uffd_refault: {:.0} ns/page registered vs {:.0} ns/page not (x{:.2})\n",

@@ -116,14 +116,7 @@ impl<T: Send> Interval<T> {
             end,
             seq: AtomicU64::new(0),
             in_progress: AtomicU32::new(0),
-            inner: Mutex::new(Inner {
-                table,
-                seq: 0,
-                in_progress: 0,
-                inv_start: 0,
-                inv_end: 0,
-                waiters: 0,
-            }),
+            inner: Mutex::new(Inner { table, seq: 0, in_progress: 0, inv_start: 0, inv_end: 0, waiters: 0 }),
             cv: Condvar::new(),
             on_invalidate: Box::new(on_invalidate),
             retries: AtomicU64::new(0),
@@ -167,20 +160,14 @@ impl<T: Send> Interval<T> {
 
     /// Takes the table lock.
     pub fn lock(&self) -> IntervalGuard<'_, T> {
-        IntervalGuard {
-            g: sync::lock(&self.inner),
-            owner: self as *const Self as usize,
-        }
+        IntervalGuard { g: sync::lock(&self.inner), owner: self as *const Self as usize }
     }
 
     /// Under the table lock: whether an overlapping invalidation began or ended since
     /// `read_begin` returned `seq`, in which case the translation must not be installed and the
     /// read starts over. `false` means: install now, before releasing the lock.
     pub fn read_retry(&self, guard: &IntervalGuard<'_, T>, seq: ReadSeq) -> bool {
-        assert_eq!(
-            guard.owner, self as *const Self as usize,
-            "read_retry with another subscription's guard"
-        );
+        assert_eq!(guard.owner, self as *const Self as usize, "read_retry with another subscription's guard");
         let retry = guard.g.seq != seq.0;
         if retry {
             self.retries.fetch_add(1, Ordering::Relaxed);

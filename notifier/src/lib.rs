@@ -65,9 +65,7 @@ pub use interval::{Interval, IntervalGuard, ReadSeq};
 pub use monitor::{open_userfaultfd, Monitor, MonitorOptions};
 pub use range::{DiscardMethod, Event, Origin, Range, HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use registry::SubscriptionId;
-pub use space::{
-    AddressSpace, Backing, IntervalHandle, OpOptions, OpReport, RegionInfo, RegionSpec,
-};
+pub use space::{AddressSpace, Backing, IntervalHandle, OpOptions, OpReport, RegionInfo, RegionSpec};
 pub use stats::{KindStats, MonitorStats, Stats, SubscriberStats};
 pub use subscriber::{Refused, Subscriber};
 

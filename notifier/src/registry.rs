@@ -124,9 +124,7 @@ impl Registry {
             }),
             cv: Condvar::new(),
             next_sub: AtomicU64::new(1),
-            kinds: (0..Event::KINDS * 2)
-                .map(|_| KindCounters::default())
-                .collect(),
+            kinds: (0..Event::KINDS * 2).map(|_| KindCounters::default()).collect(),
         }
     }
 
@@ -145,13 +143,7 @@ impl Registry {
             return Err(Error::Empty);
         }
         let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
-        let entry = Arc::new(Entry {
-            id,
-            start,
-            end,
-            sub,
-            c: SubCounters::default(),
-        });
+        let entry = Arc::new(Entry { id, start, end, sub, c: SubCounters::default() });
         let mut st = sync::lock(&self.state);
         if st.released {
             return Err(Error::Released);
@@ -197,9 +189,7 @@ impl Registry {
         id: u64,
     ) -> sync::MutexGuard<'a, State> {
         while st.inflight.iter().any(|rec| {
-            rec.snapshot
-                .iter()
-                .any(|e| e.id == id && e.covers(&rec.range))
+            rec.snapshot.iter().any(|e| e.id == id && e.covers(&rec.range))
                 || rec.late.iter().any(|e| e.id == id)
         }) {
             st.waiters += 1;
@@ -262,14 +252,7 @@ impl Registry {
             blockable = range.blockable,
             "invalidate_range_start"
         );
-        let mut td = Teardown {
-            reg: self,
-            id,
-            range,
-            snapshot,
-            accepted: 0,
-            ended: false,
-        };
+        let mut td = Teardown { reg: self, id, range, snapshot, accepted: 0, ended: false };
         for (i, e) in td.snapshot.iter().enumerate() {
             if !e.covers(&range) {
                 continue;

@@ -5,14 +5,8 @@ fn quick_bench_reports_every_key() {
     let mut lines = 0;
     let rep = notifier::bench::run(&notifier::bench::BenchOptions::quick(), &mut |_| lines += 1);
     let v = serde_json::to_value(&rep).unwrap();
-    for k in [
-        "ratio_vs_raw",
-        "per_page_vs_range",
-        "uffd_overhead",
-        "uffd_p99_us",
-        "uffd_refault",
-        "discard",
-    ] {
+    for k in ["ratio_vs_raw", "per_page_vs_range", "uffd_overhead", "uffd_p99_us", "uffd_refault", "discard"]
+    {
         assert!(!v[k].is_null(), "missing {k}");
     }
     for size in ["4K", "64K", "2M", "32M"] {

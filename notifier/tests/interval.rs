@@ -23,13 +23,9 @@ fn range(start: usize, end: usize) -> Range {
 }
 
 fn iv() -> Arc<Interval<Vec<usize>>> {
-    Arc::new(Interval::new(
-        "t",
-        0,
-        100 * P,
-        Vec::new(),
-        |t: &mut Vec<usize>, r: &Range| t.retain(|a| !r.overlaps(*a, *a + P)),
-    ))
+    Arc::new(Interval::new("t", 0, 100 * P, Vec::new(), |t: &mut Vec<usize>, r: &Range| {
+        t.retain(|a| !r.overlaps(*a, *a + P))
+    }))
 }
 
 #[test]
@@ -89,10 +85,7 @@ fn read_begin_waits_for_overlapping_invalidations_to_end() {
     assert!(rx.try_recv().is_err());
     t.invalidate_range_end(&b);
     rx.recv().unwrap();
-    assert!(
-        reader.join().unwrap(),
-        "read after both ends needs no retry"
-    );
+    assert!(reader.join().unwrap(), "read after both ends needs no retry");
     assert_eq!(t.waits(), 1);
 }
 
@@ -166,9 +159,7 @@ fn unsubscribe_during_invalidation_storm() {
         });
         let id = s.subscribe(g.clone()).unwrap();
         // An interval subscription that may join in-flight invalidations.
-        let iv = s
-            .subscribe_interval("iv", m.addr(), 64 * P, (), |_, _| {})
-            .unwrap();
+        let iv = s.subscribe_interval("iv", m.addr(), 64 * P, (), |_, _| {}).unwrap();
         while g.seen.load(Ordering::SeqCst) == 0 {
             std::thread::yield_now();
         }
@@ -177,21 +168,13 @@ fn unsubscribe_during_invalidation_storm() {
         assert_eq!(st.starts + st.joined, st.ends, "round {round}: {st:?}");
         let ist = s.unsubscribe(iv.id).unwrap();
         assert_eq!(ist.starts + ist.joined, ist.ends, "{ist:?}");
-        assert_eq!(
-            iv.in_progress(),
-            0,
-            "every start/join of the interval got its end"
-        );
+        assert_eq!(iv.in_progress(), 0, "every start/join of the interval got its end");
     }
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.join().unwrap();
     }
-    assert_eq!(
-        violations.load(Ordering::SeqCst),
-        0,
-        "a removed subscriber was called"
-    );
+    assert_eq!(violations.load(Ordering::SeqCst), 0, "a removed subscriber was called");
     assert!(ops.load(Ordering::Relaxed) > 300);
     assert_eq!(s.subscriber_count(), 0);
 }
@@ -202,9 +185,7 @@ fn unsubscribe_during_invalidation_storm() {
 fn concurrent_overlapping_invalidations() {
     let m = Map::anon(16 * P, P, false);
     let s = space(&[m.spec(false)]);
-    let t = s
-        .subscribe_interval("t", m.addr(), 16 * P, 0u64, |n: &mut u64, _| *n += 1)
-        .unwrap();
+    let t = s.subscribe_interval("t", m.addr(), 16 * P, 0u64, |n: &mut u64, _| *n += 1).unwrap();
     let bar = Arc::new(Barrier::new(4));
     let hs: Vec<_> = (0..4)
         .map(|i| {

@@ -33,27 +33,17 @@ fn range(start: usize, end: usize) -> Range {
 /// Table: the installed generation of page 0 (None = no translation).
 type Table = Option<u64>;
 
-fn model(
-    invalidators: usize,
-    reader_ranges: &'static [(usize, usize)],
-    tries: usize,
-    preemptions: usize,
-) {
+fn model(invalidators: usize, reader_ranges: &'static [(usize, usize)], tries: usize, preemptions: usize) {
     let mut b = loom::model::Builder::new();
     b.preemption_bound = Some(preemptions);
     b.check(move || {
         let page = Arc::new(AtomicU64::new(0));
-        let t: Arc<Interval<Table>> = Arc::new(Interval::new(
-            "t",
-            0,
-            4 * P,
-            None,
-            |tab: &mut Table, r: &Range| {
+        let t: Arc<Interval<Table>> =
+            Arc::new(Interval::new("t", 0, 4 * P, None, |tab: &mut Table, r: &Range| {
                 if r.overlaps(0, P) {
                     *tab = None;
                 }
-            },
-        ));
+            }));
         let mut hs = Vec::new();
         for i in 0..invalidators {
             let (t, page) = (t.clone(), page.clone());

@@ -34,10 +34,7 @@ fn order_is_start_syscall_range_end() {
     assert_eq!(rep.range.origin, Origin::Vmm);
     assert_eq!(rec.phases(), vec![Phase::Start, Phase::Range, Phase::End]);
     // Data still there at start (before the syscall), gone at invalidate_range and end.
-    assert_eq!(
-        *seen.lock().unwrap(),
-        vec![(Phase::Start, 0xab), (Phase::Range, 0), (Phase::End, 0)]
-    );
+    assert_eq!(*seen.lock().unwrap(), vec![(Phase::Start, 0xab), (Phase::Range, 0), (Phase::End, 0)]);
     assert_eq!(m.get(3 * P), 0xab);
     assert_eq!(m.get(6 * P), 0xab);
 }
@@ -53,36 +50,14 @@ fn bad_input_is_rejected_without_syscall_or_callback() {
     assert!(matches!(s.discard(a, 0), Err(Error::Empty)));
     assert!(matches!(s.discard(a + 1, P), Err(Error::Unaligned { .. })));
     assert!(matches!(s.discard(a, P + 7), Err(Error::Unaligned { .. })));
-    assert!(matches!(
-        s.discard(a + 15 * P, 2 * P),
-        Err(Error::NotMapped { .. })
-    ));
+    assert!(matches!(s.discard(a + 15 * P, 2 * P), Err(Error::NotMapped { .. })));
     assert!(matches!(s.discard(a - P, P), Err(Error::NotMapped { .. })));
+    assert!(matches!(s.discard(usize::MAX & !(P - 1), 2 * P), Err(Error::Overflow)));
+    assert!(matches!(s.unmap(a + 16 * P, P), Err(Error::NotMapped { .. })));
+    assert!(matches!(s.protect(a + 3, P, libc::PROT_READ), Err(Error::Unaligned { .. })));
+    assert!(matches!(s.remap(a, P, a + 8 * P), Err(Error::DestinationOverlaps { .. })));
     assert!(matches!(
-        s.discard(usize::MAX & !(P - 1), 2 * P),
-        Err(Error::Overflow)
-    ));
-    assert!(matches!(
-        s.unmap(a + 16 * P, P),
-        Err(Error::NotMapped { .. })
-    ));
-    assert!(matches!(
-        s.protect(a + 3, P, libc::PROT_READ),
-        Err(Error::Unaligned { .. })
-    ));
-    assert!(matches!(
-        s.remap(a, P, a + 8 * P),
-        Err(Error::DestinationOverlaps { .. })
-    ));
-    assert!(matches!(
-        s.discard_with(
-            a,
-            P,
-            OpOptions {
-                discard: Some(DiscardMethod::PunchHole),
-                ..Default::default()
-            }
-        ),
+        s.discard_with(a, P, OpOptions { discard: Some(DiscardMethod::PunchHole), ..Default::default() }),
         Err(Error::Method(DiscardMethod::PunchHole))
     ));
     assert!(rec.take().is_empty(), "no callback for rejected input");
@@ -104,10 +79,7 @@ fn refusal_aborts_before_syscall_and_pairs_ends() {
     s.subscribe(first.clone()).unwrap();
     let rid = s.subscribe(refuser.clone()).unwrap();
     s.subscribe(third.clone()).unwrap();
-    let nb = OpOptions {
-        blockable: false,
-        ..Default::default()
-    };
+    let nb = OpOptions { blockable: false, ..Default::default() };
     match s.discard_with(m.addr(), P, nb) {
         Err(Error::Refused { subscriber, name }) => {
             assert_eq!(subscriber, rid);
@@ -122,28 +94,12 @@ fn refusal_aborts_before_syscall_and_pairs_ends() {
     // Retries: refuse twice, then accept.
     first.take();
     *refuser.refuse.lock().unwrap() = 2;
-    let rep = s
-        .discard_with(
-            m.addr(),
-            P,
-            OpOptions {
-                max_retries: 3,
-                ..nb
-            },
-        )
-        .unwrap();
+    let rep = s.discard_with(m.addr(), P, OpOptions { max_retries: 3, ..nb }).unwrap();
     assert_eq!(rep.retries, 2);
     assert_eq!(m.get(0), 0);
-    assert_eq!(
-        refuser.phases(),
-        vec![Phase::Start, Phase::Range, Phase::End]
-    );
+    assert_eq!(refuser.phases(), vec![Phase::Start, Phase::Range, Phase::End]);
     let st = s.stats();
-    let d = st
-        .kinds
-        .iter()
-        .find(|k| k.kind == "discard" && k.origin == "vmm")
-        .unwrap();
+    let d = st.kinds.iter().find(|k| k.kind == "discard" && k.origin == "vmm").unwrap();
     assert_eq!((d.starts, d.ends, d.refusals, d.retries), (4, 4, 3, 2));
     let r = st.subscribers.iter().find(|x| x.name == "refuser").unwrap();
     assert_eq!((r.starts, r.ends, r.refusals), (1, 1, 3));
@@ -162,11 +118,7 @@ fn refusal_aborts_before_syscall_and_pairs_ends() {
     s.discard(m.addr(), P).unwrap();
     assert_eq!(m.get(0), 0);
     let st = s.stats();
-    let r = st
-        .subscribers
-        .iter()
-        .find(|x| x.name == "stubborn")
-        .unwrap();
+    let r = st.subscribers.iter().find(|x| x.name == "stubborn").unwrap();
     assert_eq!((r.starts, r.ends, r.refusals), (1, 1, 1));
     serde_json::to_string(&s.stats()).unwrap();
 }
@@ -178,8 +130,7 @@ fn intervals_see_only_overlapping_ranges() {
     let a = Recorder::new("a");
     let b = Recorder::new("b");
     s.subscribe_range(a.clone(), m.addr(), 16 * P).unwrap();
-    s.subscribe_range(b.clone(), m.addr() + 16 * P, 16 * P)
-        .unwrap();
+    s.subscribe_range(b.clone(), m.addr() + 16 * P, 16 * P).unwrap();
     s.discard(m.addr() + 20 * P, P).unwrap();
     assert!(a.phases().is_empty());
     assert_eq!(b.phases().len(), 3);
@@ -196,9 +147,7 @@ fn anon_huge_kb(addr: usize) -> usize {
     for l in smaps.lines() {
         if let Some((range, _)) = l.split_once(' ') {
             if let Some((lo, hi)) = range.split_once('-') {
-                if let (Ok(lo), Ok(hi)) =
-                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
-                {
+                if let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) {
                     inside = lo <= addr && addr < hi;
                     continue;
                 }
@@ -224,20 +173,14 @@ fn thp_cut_is_widened_and_no_translation_survives_a_discard() {
     let len = 8 * MB2;
     let m = Map::anon(len, MB2, true);
     m.fill(7);
-    assert!(
-        anon_huge_kb(m.addr()) >= 2048,
-        "test needs THP-backed memory (THP mode madvise/always)"
-    );
+    assert!(anon_huge_kb(m.addr()) >= 2048, "test needs THP-backed memory (THP mode madvise/always)");
     let s = space(&[m.spec(true)]);
     let t = s
         .subscribe_interval(
             "table",
             m.addr(),
             len,
-            Table {
-                small: Default::default(),
-                huge: Default::default(),
-            },
+            Table { small: Default::default(), huge: Default::default() },
             |t: &mut Table, r: &Range| {
                 t.small.retain(|_, h| !r.overlaps(*h, *h + P));
                 t.huge.retain(|_, h| !r.overlaps(*h, *h + MB2));
@@ -258,29 +201,14 @@ fn thp_cut_is_widened_and_no_translation_survives_a_discard() {
         }
     };
     // 4 KiB pieces of a THP, a piece crossing two THPs, and whole 2 MiB pages.
-    let cases = [
-        (MB2 + 3 * P, P),
-        (3 * MB2 - P, 2 * P),
-        (5 * MB2, MB2),
-        (6 * MB2, 2 * MB2),
-    ];
+    let cases = [(MB2 + 3 * P, P), (3 * MB2 - P, 2 * P), (5 * MB2, MB2), (6 * MB2, 2 * MB2)];
     for (off, l) in cases {
         m.fill(7);
         install_all();
         let rep = s.discard(m.addr() + off, l).unwrap();
-        let (ws, we) = (
-            m.addr() + (off & !(MB2 - 1)),
-            m.addr() + ((off + l + MB2 - 1) & !(MB2 - 1)),
-        );
-        assert_eq!(
-            (rep.range.start, rep.range.end),
-            (ws, we),
-            "widened to whole 2 MiB pages"
-        );
-        assert_eq!(
-            (rep.range.exact_start, rep.range.exact_end),
-            (m.addr() + off, m.addr() + off + l)
-        );
+        let (ws, we) = (m.addr() + (off & !(MB2 - 1)), m.addr() + ((off + l + MB2 - 1) & !(MB2 - 1)));
+        assert_eq!((rep.range.start, rep.range.end), (ws, we), "widened to whole 2 MiB pages");
+        assert_eq!((rep.range.exact_start, rep.range.exact_end), (m.addr() + off, m.addr() + off + l));
         let (_, r) = rec.take()[0];
         assert_eq!(r, rep.range);
         // Every page whose contents changed is inside the notified range, and no translation
@@ -311,16 +239,10 @@ fn unmap_remap_protect_update_regions_and_notify() {
     s.subscribe(rec.clone()).unwrap();
     let a = m.addr();
     let r = s.unmap(a + 8 * P, 4 * P).unwrap().range;
-    assert_eq!(
-        (r.start, r.end, r.event),
-        (a + 8 * P, a + 12 * P, Event::Unmap)
-    );
+    assert_eq!((r.start, r.end, r.event), (a + 8 * P, a + 12 * P, Event::Unmap));
     let regs: Vec<(usize, usize)> = s.regions().iter().map(|r| (r.start, r.end)).collect();
     assert_eq!(regs, vec![(a, a + 8 * P), (a + 12 * P, a + 32 * P)]);
-    assert!(matches!(
-        s.discard(a + 8 * P, P),
-        Err(Error::NotMapped { .. })
-    ));
+    assert!(matches!(s.discard(a + 8 * P, P), Err(Error::NotMapped { .. })));
     m.set(20 * P, 42);
     let r = s.remap(a + 20 * P, 4 * P, d).unwrap().range;
     assert_eq!(r.event, Event::Remap { new_start: d });
@@ -333,12 +255,7 @@ fn unmap_remap_protect_update_regions_and_notify() {
     // SAFETY: still mapped.
     assert_eq!(unsafe { (d as *const u8).read_volatile() }, 0);
     let r = s.protect(a, P, libc::PROT_READ).unwrap().range;
-    assert_eq!(
-        r.event,
-        Event::Protect {
-            prot: libc::PROT_READ
-        }
-    );
+    assert_eq!(r.event, Event::Protect { prot: libc::PROT_READ });
     s.protect(a, P, libc::PROT_READ | libc::PROT_WRITE).unwrap();
     assert_eq!(rec.phases().len(), 5 * 3);
     s.unmap(d, 4 * P).unwrap();
@@ -379,22 +296,12 @@ fn memfd_discard_methods() {
     let r = s.discard(base as usize + P, P).unwrap().range;
     assert_eq!(r.event, Event::Discard(DiscardMethod::PunchHole));
     assert_eq!((get(0), get(1), get(2)), (5, 0, 5));
-    let o = OpOptions {
-        discard: Some(DiscardMethod::Remove),
-        ..Default::default()
-    };
+    let o = OpOptions { discard: Some(DiscardMethod::Remove), ..Default::default() };
     s.discard_with(base as usize + 2 * P, P, o).unwrap();
     assert_eq!(get(2), 0);
-    let o = OpOptions {
-        discard: Some(DiscardMethod::DontNeed),
-        ..Default::default()
-    };
+    let o = OpOptions { discard: Some(DiscardMethod::DontNeed), ..Default::default() };
     s.discard_with(base as usize + 3 * P, P, o).unwrap();
-    assert_eq!(
-        get(3),
-        5,
-        "DONTNEED keeps shared data in the page cache (HOST.md)"
-    );
+    assert_eq!(get(3), 5, "DONTNEED keeps shared data in the page cache (HOST.md)");
     // SAFETY: our mapping.
     unsafe { libc::munmap(base as *mut _, len) };
 }
@@ -425,8 +332,7 @@ fn unsubscribe_from_a_callback_is_refused_not_deadlocked() {
         fn invalidate_range_start(&self, _: &Range) -> Result<(), notifier::Refused> {
             let s = self.space.lock().unwrap().clone().unwrap();
             let id = self.id.lock().unwrap().unwrap();
-            *self.result.lock().unwrap() =
-                Some(matches!(s.unsubscribe(id), Err(Error::InCallback)));
+            *self.result.lock().unwrap() = Some(matches!(s.unsubscribe(id), Err(Error::InCallback)));
             Ok(())
         }
     }
@@ -513,17 +419,9 @@ fn counters_per_kind_and_subscriber() {
     }
     s.protect(m.addr(), P, libc::PROT_READ).unwrap();
     let st = s.stats();
-    let d = st
-        .kinds
-        .iter()
-        .find(|k| k.kind == "discard" && k.origin == "vmm")
-        .unwrap();
+    let d = st.kinds.iter().find(|k| k.kind == "discard" && k.origin == "vmm").unwrap();
     assert_eq!((d.starts, d.ends, d.bytes), (5, 5, 5 * P as u64));
-    let p = st
-        .kinds
-        .iter()
-        .find(|k| k.kind == "protect" && k.origin == "vmm")
-        .unwrap();
+    let p = st.kinds.iter().find(|k| k.kind == "protect" && k.origin == "vmm").unwrap();
     assert_eq!((p.starts, p.ends), (1, 1));
     let r = &st.subscribers[0];
     assert_eq!((r.starts, r.invalidates, r.ends), (6, 6, 6));

@@ -49,14 +49,8 @@ fn run(ops_target: u64, honour_retry: bool) -> (u64, u64) {
     let bar = Arc::new(Barrier::new(4));
     let mut hs = Vec::new();
     for r in 0..2u64 {
-        let (t, ops, stale, next_tag, stop, bar) = (
-            t.clone(),
-            ops.clone(),
-            stale.clone(),
-            next_tag.clone(),
-            stop.clone(),
-            bar.clone(),
-        );
+        let (t, ops, stale, next_tag, stop, bar) =
+            (t.clone(), ops.clone(), stale.clone(), next_tag.clone(), stop.clone(), bar.clone());
         hs.push(std::thread::spawn(move || {
             let mut x = 0x9e3779b97f4a7c15u64 ^ r;
             bar.wait();
@@ -71,12 +65,7 @@ fn run(ops_target: u64, honour_retry: bool) -> (u64, u64) {
                     let mut v = tag(base, p).load(Ordering::SeqCst);
                     if v == 0 {
                         let new = next_tag.fetch_add(1, Ordering::Relaxed);
-                        v = match tag(base, p).compare_exchange(
-                            0,
-                            new,
-                            Ordering::SeqCst,
-                            Ordering::SeqCst,
-                        ) {
+                        v = match tag(base, p).compare_exchange(0, new, Ordering::SeqCst, Ordering::SeqCst) {
                             Ok(_) => new,
                             Err(cur) => cur,
                         };
@@ -134,8 +123,5 @@ fn no_stale_translation_in_a_million_operations() {
 #[test]
 fn control_without_retry_finds_stale_translations() {
     let (_, stale) = run(20_000_000, false);
-    assert!(
-        stale > 0,
-        "the checker must be able to see a stale translation"
-    );
+    assert!(stale > 0, "the checker must be able to see a stale translation");
 }

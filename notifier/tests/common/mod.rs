@@ -36,17 +36,9 @@ impl Map {
         let base = ((raw as usize + align - 1) & !(align - 1)) as *mut u8;
         if thp {
             // SAFETY: advice on our own mapping.
-            assert_eq!(
-                unsafe { libc::madvise(base as *mut _, len, libc::MADV_HUGEPAGE) },
-                0
-            );
+            assert_eq!(unsafe { libc::madvise(base as *mut _, len, libc::MADV_HUGEPAGE) }, 0);
         }
-        Map {
-            base,
-            raw: raw as *mut u8,
-            raw_len,
-            len,
-        }
+        Map { base, raw: raw as *mut u8, raw_len, len }
     }
 
     pub fn addr(&self) -> usize {
@@ -72,12 +64,7 @@ impl Map {
     }
 
     pub fn spec(&self, thp: bool) -> RegionSpec {
-        RegionSpec {
-            host_addr: self.addr(),
-            len: self.len,
-            backing: Backing::PrivateAnon,
-            thp,
-        }
+        RegionSpec { host_addr: self.addr(), len: self.len, backing: Backing::PrivateAnon, thp }
     }
 }
 
@@ -116,10 +103,7 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn new(name: &str) -> Arc<Recorder> {
-        Arc::new(Recorder {
-            name: name.into(),
-            ..Default::default()
-        })
+        Arc::new(Recorder { name: name.into(), ..Default::default() })
     }
     pub fn take(&self) -> Vec<(Phase, Range)> {
         std::mem::take(&mut *self.log.lock().unwrap())

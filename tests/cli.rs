@@ -163,3 +163,28 @@ fn bad_size_syntax_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2), "clap's usage errors exit 2: {stderr}");
     assert!(stderr.contains("invalid value 'lots' for '--mem"), "{stderr}");
 }
+
+#[test]
+fn stats_of_a_running_vm_show_kvm_table_and_notifier_counters() {
+    // A run long enough to be asked (Touch over 2 GiB of 4 KiB pages takes seconds here).
+    let mut vm = Command::new(env!("CARGO_BIN_EXE_zapvm"))
+        .args(["run", "--workload", "touch", "--mem", "2G", "--timeout", "60"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = zapvm(&["stats", "--pid", &vm.id().to_string()]);
+    let _ = vm.kill();
+    let _ = vm.wait();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    let stats: serde_json::Value = serde_json::from_str(&stdout).expect("stats are JSON");
+    assert!(stats["kvm"]["vm"]["pages_4k"].is_u64(), "{stats}");
+    assert!(stats["kvm"]["vcpus"]["exits"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["table"]["installs_4k"].is_u64(), "{stats}");
+    assert!(stats["notifier"]["kinds"].is_array(), "{stats}");
+}
+
+#[test]
+fn stats_of_no_vm_is_a_clear_error() {
+    assert_refused(&["stats", "--pid", "999999999"], "cannot signal process 999999999");
+}

@@ -9,6 +9,7 @@
 //! - [`boot`]: the test guest and Linux boot paths;
 //! - [`devices`]: the port/MMIO buses and the emulated devices;
 //! - [`ucall`]: the test guest's channel to the VMM;
+//! - [`stats`]: statistics of a running VM on demand (`zapvm stats`);
 //! - [`teardown`]: surviving teardowns of guest RAM by code outside the VMM;
 //! - [`pvm`]: the few adjustments PVM hosts need, inert elsewhere;
 //! - [`machine`]: builds a VM from a [`machine::VmConfig`] and runs it to a [`machine::RunReport`];
@@ -24,6 +25,7 @@ pub mod memory;
 pub mod mmu;
 pub mod pvm;
 pub mod rendezvous;
+pub mod stats;
 pub mod teardown;
 pub mod ucall;
 pub mod vstate;

@@ -262,6 +262,9 @@ struct Watcher {
     /// Written by the teardown guard when guest RAM was lost and the VM must stop.
     teardown_stop: EventFd,
     teardown_stop_seen: bool,
+    /// Written by the SIGUSR1 handler: `zapvm stats` wants a snapshot.
+    stats_wake: EventFd,
+    stats_requested: bool,
 }
 
 impl MutEventSubscriber for Watcher {
@@ -272,13 +275,16 @@ impl MutEventSubscriber for Watcher {
         } else if events.fd() == self.teardown_stop.as_raw_fd_i32() {
             let _ = self.teardown_stop.read();
             self.teardown_stop_seen = true;
+        } else if events.fd() == self.stats_wake.as_raw_fd_i32() {
+            let _ = self.stats_wake.read();
+            self.stats_requested = true;
         } else {
             let _ = self.vcpu_wake.read();
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [&self.vcpu_wake, &self.reset, &self.teardown_stop] {
+        for fd in [&self.vcpu_wake, &self.reset, &self.teardown_stop, &self.stats_wake] {
             if let Err(e) = ops.add(event_manager::Events::new(fd, EventSet::IN)) {
                 tracing::error!("cannot watch an eventfd: {e:?}");
             }
@@ -454,7 +460,10 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         reset_seen: false,
         teardown_stop,
         teardown_stop_seen: false,
+        stats_wake: EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?,
+        stats_requested: false,
     }));
+    crate::stats::set_wake_fd(watcher.lock().unwrap_or_else(|e| e.into_inner()).stats_wake.as_raw_fd_i32());
     manager.add_subscriber(watcher.clone());
 
     install_kick_handler()
@@ -474,7 +483,26 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         let regions = ram.regions().map(|(gpa, hva, len)| (gpa.0, hva as usize, len as usize)).collect();
         hook(&RunningVm { regions, mmu: mmu.clone() });
     }
-    let outcome = event_loop(config, &mut manager, &watcher, &events_rx, threads.len(), started);
+    let snapshot = || {
+        let progress: Vec<(u64, u64)> = shared
+            .progress
+            .iter()
+            .map(|(d, t)| (d.load(Ordering::Relaxed), t.load(Ordering::Relaxed)))
+            .collect();
+        serde_json::json!({
+            "pid": std::process::id(),
+            "uptime_s": started.elapsed().as_secs_f64(),
+            "vcpu_progress_pages": progress,
+            "kvm": kvm_stats.as_ref().and_then(|k| k.read().ok()),
+            "table": mmu.stats(),
+            "notifier": space.stats(),
+            "external_teardowns": teardown.report(),
+            "discards": rendezvous.as_ref().map(|r| r.records().len()).unwrap_or(0),
+        })
+        .to_string()
+    };
+    let outcome = event_loop(config, &mut manager, &watcher, &events_rx, threads.len(), started, &snapshot);
+    crate::stats::set_wake_fd(-1);
 
     // Stop every vCPU still running: flag first, then kick (see the protocol in vstate::vcpu).
     shared.stop.store(true, Ordering::SeqCst);
@@ -554,6 +582,7 @@ fn event_loop(
     events: &Receiver<VcpuEvent>,
     nr_threads: usize,
     started: Instant,
+    snapshot: &dyn Fn() -> String,
 ) -> Option<VmOutcome> {
     let deadline = config.timeout.map(|t| started + t);
     let mut finished = vec![false; nr_threads];
@@ -571,7 +600,12 @@ fn event_loop(
             }
         }
         {
-            let w = watcher.lock().unwrap_or_else(|e| e.into_inner());
+            let mut w = watcher.lock().unwrap_or_else(|e| e.into_inner());
+            if std::mem::take(&mut w.stats_requested) {
+                if let Err(e) = crate::stats::write_snapshot(&snapshot()) {
+                    tracing::warn!("cannot write the statistics snapshot: {e}");
+                }
+            }
             if w.reset_seen {
                 return Some(VmOutcome::Reset);
             }

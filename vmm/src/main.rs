@@ -29,6 +29,12 @@ enum Command {
     /// Measure.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Print the statistics of a running VM: KVM's, the VMM's table's and the notifier's.
+    Stats {
+        /// Process id of the `zapvm run` (default: the only one running).
+        #[arg(long)]
+        pid: Option<u32>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -136,10 +142,14 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = vmm::stats::install_signal_handler() {
+        eprintln!("zapvm: warning: no SIGUSR1 handler, `zapvm stats` will not work: {e}");
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Bench(BenchCommand::Notifier { full, json_out }) => bench_notifier(full, json_out),
+        Command::Stats { pid } => stats(pid),
         Command::Bench(BenchCommand::Boot { runs, mem, json_out, kvm_device }) => {
             bench_boot(runs, mem, json_out, kvm_device)
         }
@@ -319,4 +329,20 @@ fn print_memory_layer(layer: &vmm::machine::MemoryLayerReport) {
         layer.notifier.kinds.iter().map(|k| k.ends).sum::<u64>(),
         if layer.monitor { "on" } else { "off" },
     );
+}
+
+fn stats(pid: Option<u32>) -> Result<ExitCode, String> {
+    let pid = match pid {
+        Some(pid) => pid,
+        None => match vmm::stats::running_vms().as_slice() {
+            [pid] => *pid,
+            [] => return Err("no running `zapvm run` found; name one with --pid".into()),
+            many => return Err(format!("several VMs run ({many:?}); choose one with --pid")),
+        },
+    };
+    let json = vmm::stats::request(pid, Duration::from_secs(5))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| format!("bad statistics file: {e}"))?;
+    println!("{}", serde_json::to_string_pretty(&value).expect("value serialises"));
+    Ok(ExitCode::SUCCESS)
 }

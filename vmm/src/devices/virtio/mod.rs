@@ -1,0 +1,202 @@
+//! Virtio devices: the virtio-mmio transport ([`mmio`]), split virtqueues ([`queue`]) and the
+//! virtio-balloon ([`balloon`]).
+//!
+//! Everything here reads and writes guest RAM only through a `&dyn GuestMemoryAccess` (in
+//! production the VMM's table, [`crate::mmu::GuestMmu`]) and tears guest RAM down only through
+//! the notifier (`mmu.space().discard`), so the memory layer's contract (DESIGN.md, point 7)
+//! holds: bad guest input becomes a device error, a log line and a counter, never a host syscall
+//! on memory outside guest RAM and never a panic.
+//!
+//! How the pieces fit:
+//! - a device model implements [`VirtioDevice`] (type, features, queue sizes, config space,
+//!   `activate`, `process_queue`, `reset`);
+//! - [`mmio::MmioTransport`] wraps it as a [`super::BusDevice`] implementing the virtio-mmio
+//!   register layout, version 2 (virtio 1.2, §4.2), and drives the device status machine;
+//! - both raise interrupts through one shared [`VirtioInterrupt`] (an irqfd `EventFd` plus the
+//!   InterruptStatus bits and the config generation).
+
+pub mod balloon;
+pub mod mmio;
+pub mod queue;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::mmu::GuestMemoryAccess;
+use queue::Queue;
+
+/// Device status bits (virtio 1.2, §2.1).
+pub mod status {
+    /// The guest found the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready to drive the device.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    /// The driver gave up on the device.
+    pub const FAILED: u32 = 128;
+}
+
+/// Device-independent feature bits.
+pub mod features {
+    /// Indirect descriptors (not offered by zapvm's devices).
+    pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+    /// used_event / avail_event (not offered).
+    pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+    /// A virtio 1.x device; mandatory for virtio-mmio version 2.
+    pub const VIRTIO_F_VERSION_1: u32 = 32;
+}
+
+/// Virtio device ids (virtio 1.2, §5).
+pub mod device_type {
+    /// Network card.
+    pub const NET: u32 = 1;
+    /// Block device.
+    pub const BLOCK: u32 = 2;
+    /// Memory balloon.
+    pub const BALLOON: u32 = 5;
+    /// virtio-mem.
+    pub const MEM: u32 = 24;
+}
+
+/// InterruptStatus bit: the device used a buffer.
+pub const INTERRUPT_USED_BUFFER: u32 = 1;
+/// InterruptStatus bit: the configuration space changed.
+pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
+
+/// The interrupt line of one virtio device, shared by the transport and the device model.
+///
+/// Raising sets a bit in InterruptStatus (read by the driver at offset 0x60, cleared by its
+/// write to InterruptACK) and writes the `EventFd`, which the VMM registers with KVM as an irqfd.
+/// The config generation lives here too because a config change and its interrupt go together.
+#[derive(Debug)]
+pub struct VirtioInterrupt {
+    evt: EventFd,
+    status: AtomicU32,
+    config_generation: AtomicU32,
+    raised: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl VirtioInterrupt {
+    /// An interrupt line signalling `evt`.
+    pub fn new(evt: EventFd) -> Self {
+        Self {
+            evt,
+            status: AtomicU32::new(0),
+            config_generation: AtomicU32::new(0),
+            raised: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    /// The eventfd (to register as an irqfd, or to read in tests).
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.raised.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.evt.write(1) {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("virtio: cannot signal the interrupt eventfd: {e}");
+        }
+    }
+
+    /// The device put buffers in a used ring.
+    pub fn signal_used_queue(&self) {
+        self.raise(INTERRUPT_USED_BUFFER);
+    }
+
+    /// The device changed its configuration space: bumps the config generation, then raises.
+    pub fn signal_config_change(&self) {
+        self.config_generation.fetch_add(1, Ordering::SeqCst);
+        self.raise(INTERRUPT_CONFIG_CHANGE);
+    }
+
+    /// Bumps the config generation without an interrupt (a change before the driver is up).
+    pub fn bump_config_generation(&self) {
+        self.config_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// The driver's InterruptACK: clears `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// The ConfigGeneration register.
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation.load(Ordering::SeqCst)
+    }
+
+    /// Interrupts raised so far, and eventfd writes that failed.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.raised.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+
+    fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// A fault that stops a device until the driver resets it: the transport sets
+/// DEVICE_NEEDS_RESET and raises a config-change interrupt (virtio 1.2, §2.1.2).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("device fault: {0}")]
+pub struct DeviceFault(pub String);
+
+/// A virtio device model behind a transport (the shape of Firecracker's `VirtioDevice`).
+///
+/// Contract: the transport calls `activate` once per DRIVER_OK with every queue (ready or not;
+/// a queue that is not ready must not be used), `process_queue` only after a successful
+/// `activate` and only for a ready queue, and `reset` when the driver writes 0 to Status (after
+/// which `activate` may come again). None of these may panic on guest-controlled data.
+pub trait VirtioDevice: Send {
+    /// The virtio device id ([`device_type`]).
+    fn device_type(&self) -> u32;
+    /// Features offered (must include [`features::VIRTIO_F_VERSION_1`]).
+    fn avail_features(&self) -> u64;
+    /// The largest size of each queue (QueueNumMax); its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Reads configuration space at `offset` (relative to 0x100). Bytes beyond the device's
+    /// config read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// A driver write to configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// DRIVER_OK: the driver accepted `acked_features` and set up `queues`. The device uses
+    /// `mem` for every access to guest RAM and `interrupt` to notify the driver.
+    fn activate(
+        &mut self,
+        acked_features: u64,
+        queues: Vec<Queue>,
+        mem: Arc<dyn GuestMemoryAccess>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), DeviceFault>;
+    /// The driver notified queue `index`. Errors of single buffers are the device's to count;
+    /// an `Err` means the queue itself is unusable (DEVICE_NEEDS_RESET).
+    fn process_queue(&mut self, index: usize) -> Result<(), DeviceFault>;
+    /// Device reset: drop the queues and return to the state before `activate`.
+    fn reset(&mut self);
+}
+
+/// Logs a guest error at WARN the first 16 times and then at powers of two of `count` (the
+/// occurrence number, starting at 1), so a hostile guest cannot flood the log.
+pub(crate) fn log_guest_error(count: u64, what: std::fmt::Arguments<'_>) {
+    if count <= 16 || count.is_power_of_two() {
+        tracing::warn!("virtio: guest error #{count}: {what}");
+    } else {
+        tracing::debug!("virtio: guest error #{count}: {what}");
+    }
+}

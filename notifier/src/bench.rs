@@ -40,12 +40,12 @@ pub struct BenchOptions {
 impl BenchOptions {
     /// Quick mode: 32 MiB instead of 1 GiB, 3 rounds, 2,000 uffd samples.
     pub fn quick() -> Self {
-        BenchOptions { quick: true, rounds: 3, uffd_samples: 2_000 }
+        BenchOptions { quick: true, rounds: 4, uffd_samples: 2_000 }
     }
 
-    /// Full mode: 1 GiB, 5 rounds, 20,000 uffd samples.
+    /// Full mode: 1 GiB, 6 rounds, 20,000 uffd samples.
     pub fn full() -> Self {
-        BenchOptions { quick: false, rounds: 5, uffd_samples: 20_000 }
+        BenchOptions { quick: false, rounds: 6, uffd_samples: 20_000 }
     }
 }
 
@@ -242,15 +242,34 @@ fn space_over(b: &Buf, thp: bool, subs: usize) -> Arc<AddressSpace> {
     s
 }
 
-/// Times discards of every `size` chunk of `b` (populated first); ns per call.
-fn time_discards(b: &Buf, size: usize, f: &dyn Fn(usize, usize)) -> f64 {
+/// Times discards of every `size` chunk of `b` (populated first), `first` and `second`
+/// taking turns chunk by chunk (`first` on even chunks); ns per call of each.
+///
+/// Interleaving gives both variants the same memory state and cache pollution: timing all of one
+/// and then all of the other over a re-populated buffer let page-allocator and THP-refault
+/// effects fall on one side only.
+fn time_discards(
+    b: &Buf,
+    size: usize,
+    first: &dyn Fn(usize, usize),
+    second: &dyn Fn(usize, usize),
+) -> (f64, f64) {
     b.populate();
     let n = b.len / size;
-    let t = Instant::now();
+    let (mut t_first, mut t_second) = (0u128, 0u128);
     for i in 0..n {
+        let f = if i % 2 == 0 { first } else { second };
+        let t = Instant::now();
         f(b.base + i * size, size);
+        let ns = t.elapsed().as_nanos();
+        if i % 2 == 0 {
+            t_first += ns;
+        } else {
+            t_second += ns;
+        }
     }
-    t.elapsed().as_nanos() as f64 / n as f64
+    let (n_first, n_second) = (n.div_ceil(2).max(1), (n / 2).max(1));
+    (t_first as f64 / n_first as f64, t_second as f64 / n_second as f64)
 }
 
 /// Runs the benchmark; `progress` gets one line per case.
@@ -262,15 +281,26 @@ pub fn run(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> BenchReport {
     let mut rows = Vec::new();
     for thp in [false, true] {
         for &size in &sizes {
-            let b = Buf::new(small_buf.max(size), thp);
+            // At least two chunks: the variants take turns chunk by chunk.
+            let b = Buf::new(small_buf.max(2 * size), thp);
             for &n in &subs {
                 let s = space_over(&b, thp, n);
                 let (mut raw, mut not) = (Vec::new(), Vec::new());
-                for _ in 0..o.rounds {
-                    raw.push(time_discards(&b, size, &|a, l| madvise(a, l)));
-                    not.push(time_discards(&b, size, &|a, l| {
-                        s.discard(a, l).expect("bench discard");
-                    }));
+                let raw_call = |a, l| madvise(a, l);
+                let notifier_call = |a, l| {
+                    s.discard(a, l).expect("bench discard");
+                };
+                for round in 0..o.rounds {
+                    // Alternate which variant takes the even chunks.
+                    if round % 2 == 0 {
+                        let (r, n) = time_discards(&b, size, &raw_call, &notifier_call);
+                        raw.push(r);
+                        not.push(n);
+                    } else {
+                        let (n, r) = time_discards(&b, size, &notifier_call, &raw_call);
+                        raw.push(r);
+                        not.push(n);
+                    }
                 }
                 let (r, nn) = (median(&mut raw), median(&mut not));
                 let row = DiscardRow {

@@ -28,11 +28,7 @@ use crate::memory::{GuestRam, MMIO_GAP_END};
 const ZERO_PAGE: u64 = 0x7000;
 /// The boot stack's top (below the page tables).
 const BOOT_STACK: u64 = 0x8ff0;
-const PAGE_TABLES: PageTableLayout = PageTableLayout {
-    pml4: 0x9000,
-    pdpt: 0xa000,
-    pds: 0xb000,
-};
+const PAGE_TABLES: PageTableLayout = PageTableLayout { pml4: 0x9000, pdpt: 0xa000, pds: 0xb000 };
 /// The command line.
 const CMDLINE: u64 = 0x2_0000;
 /// Longest command line accepted.
@@ -63,13 +59,11 @@ pub fn default_cmdline() -> String {
 
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, BootError> {
     let mut data = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut data))
-        .map_err(|source| BootError::Read {
-            what,
-            path: path.display().to_string(),
-            source,
-        })?;
+    File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(|source| BootError::Read {
+        what,
+        path: path.display().to_string(),
+        source,
+    })?;
     Ok(data)
 }
 
@@ -83,11 +77,8 @@ pub fn load(
 ) -> Result<BootPlan, BootError> {
     let mem = ram.memory().as_ref();
     let image = read_file("kernel", kernel)?;
-    let bad = |reason: String| BootError::BadImage {
-        what: "kernel",
-        path: kernel.display().to_string(),
-        reason,
-    };
+    let bad =
+        |reason: String| BootError::BadImage { what: "kernel", path: kernel.display().to_string(), reason };
     let low_end = ram.regions().next().map(|(_, _, size)| size).unwrap_or(0);
     if HIMEM_START + image.len() as u64 > low_end {
         return Err(BootError::MemoryTooSmall {
@@ -103,14 +94,8 @@ pub fn load(
         (loaded.kernel_load.0, None, "vmlinux")
     } else {
         let loaded = BzImage::load(mem, None, &mut cursor, Some(GuestAddress(HIMEM_START)))
-            .map_err(|e| {
-                bad(format!(
-                    "as bzImage: {e} (a kernel is a bzImage or a vmlinux ELF)"
-                ))
-            })?;
-        let header = loaded
-            .setup_header
-            .expect("the bzImage loader always returns the header");
+            .map_err(|e| bad(format!("as bzImage: {e} (a kernel is a bzImage or a vmlinux ELF)")))?;
+        let header = loaded.setup_header.expect("the bzImage loader always returns the header");
         let needed = loaded.kernel_load.0 + u64::from(header.init_size);
         if needed > low_end {
             return Err(BootError::MemoryTooSmall {
@@ -123,10 +108,8 @@ pub fn load(
     };
 
     let mut line = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
-    line.insert_str(cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
-    load_cmdline(mem, GuestAddress(CMDLINE), &line)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    line.insert_str(cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    load_cmdline(mem, GuestAddress(CMDLINE), &line).map_err(|e| BootError::Cmdline(e.to_string()))?;
 
     let mut params = boot_params::default();
     if let Some(header) = setup_header {
@@ -158,8 +141,7 @@ pub fn load(
             mem: ram.size(),
             needed: HIMEM_START + image.len() as u64 + data.len() as u64,
         })?;
-        mem.write_slice(&data, GuestAddress(addr))
-            .map_err(write("initrd"))?;
+        mem.write_slice(&data, GuestAddress(addr)).map_err(write("initrd"))?;
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = data.len() as u32;
     }
@@ -170,11 +152,7 @@ pub fn load(
         e820.push((start, gpa.0 + size - start));
     }
     for (i, &(addr, size)) in e820.iter().enumerate() {
-        params.e820_table[i] = boot_e820_entry {
-            addr,
-            size,
-            r#type: E820_RAM,
-        };
+        params.e820_table[i] = boot_e820_entry { addr, size, r#type: E820_RAM };
     }
     params.e820_entries = e820.len() as u8;
     LinuxBootConfigurator::write_bootparams::<crate::memory::GuestMemoryMmap>(
@@ -183,8 +161,7 @@ pub fn load(
     )
     .map_err(|e| BootError::Cmdline(format!("cannot write the zero page: {e}")))?;
 
-    paging::write_identity_tables(mem, PAGE_TABLES, MMIO_GAP_END, false)
-        .map_err(write("page tables"))?;
+    paging::write_identity_tables(mem, PAGE_TABLES, MMIO_GAP_END, false).map_err(write("page tables"))?;
     gdt::write_tables(mem, &[]).map_err(write("descriptor tables"))?;
 
     let mut entries = vec![None; nr_vcpus];
@@ -203,9 +180,7 @@ pub fn load(
         "Linux {kind} {}: entry {entry:#x}, {} bytes of command line, initrd {}, e820 {:x?}",
         kernel.display(),
         cmdline.len(),
-        initrd
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "none".into()),
+        initrd.map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
         e820
     );
     Ok(BootPlan { entries, summary })

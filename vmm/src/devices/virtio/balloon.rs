@@ -1,1 +1,1079 @@
-//! virtio-balloon (work in progress).
+//! virtio-balloon (device id 5; virtio 1.2, §5.5), discarding through the notifier.
+//!
+//! Queues, numbered as Linux numbers them (absent queues take no index): 0 inflateq, 1 deflateq,
+//! then statsq if VIRTIO_BALLOON_F_STATS_VQ was accepted, then reporting_vq if
+//! VIRTIO_BALLOON_F_PAGE_REPORTING was accepted. FREE_PAGE_HINT and PAGE_POISON are not offered.
+//!
+//! - **Inflate**: a request is an array of 32-bit PFNs (4 KiB pages). It is validated as a whole
+//!   before anything is done: every descriptor device-readable with a length that is a multiple
+//!   of 4, every PFN inside guest RAM (the table's region check, `mmu.host_range(gpa, 4096)`), no
+//!   PFN twice. A request that fails any check is refused entirely — each bad PFN or buffer is
+//!   counted by kind and logged, and **nothing reaches a syscall**. A valid request is sorted,
+//!   contiguous PFNs are coalesced into ranges (split where guest RAM regions end), and each
+//!   range is discarded with **one** notifier operation (`space.discard`: start -> madvise or
+//!   fallocate -> invalidate_range -> end), so the VMM's table and every other subscriber drop
+//!   their translations before the syscall. The pages are then marked in a bitmap.
+//! - **Deflate**: the same validation; the pages leave the bitmap. No syscall: anonymous or
+//!   memfd memory refaults as zero pages when the guest touches it again.
+//! - **Stats** (statsq): the driver's buffer of (le16 tag, le64 value) pairs is parsed and kept
+//!   as the latest guest statistics; the buffer is held until the VMM asks for fresh ones
+//!   ([`Balloon::request_guest_stats`]), which returns it to the driver (the driver then refills
+//!   and re-queues it).
+//! - **Free page reporting** (reporting_vq): each descriptor names a free guest-physical range
+//!   (addr/len, page-aligned, inside guest RAM); adjacent ranges are coalesced and discarded the
+//!   same way. Reported pages are not ballooned (the guest reuses them freely).
+//!
+//! On THP-backed memory a 4 KiB discard inside a 2 MiB huge page splits it, and the kernel
+//! frees such partly-discarded huge pages only later (deferred split) — the gap Firecracker's
+//! balloon documents. The stats therefore count 2 MiB guest blocks that are fully ballooned vs
+//! partly ballooned ([`BalloonStats::huge_blocks_full`], [`BalloonStats::huge_blocks_partial`]).
+//! Blocks are guest-physical 2 MiB blocks; they coincide with host huge pages when
+//! `GuestRam::huge_page_aligned` holds.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::queue::{read_readable, DescriptorChain, Popped, Queue, QueueError};
+use super::{device_type, features, log_guest_error, DeviceFault, VirtioDevice, VirtioInterrupt};
+use crate::memory::{GuestRam, HUGE_PAGE_SIZE, PAGE_SIZE};
+use crate::mmu::{GuestMemoryAccess, GuestMmu};
+
+/// The host must be told before the guest reuses deflated pages.
+pub const VIRTIO_BALLOON_F_MUST_TELL_HOST: u32 = 0;
+/// The statistics queue.
+pub const VIRTIO_BALLOON_F_STATS_VQ: u32 = 1;
+/// The guest deflates when it runs out of memory.
+pub const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u32 = 2;
+/// Free page reporting (the reporting queue).
+pub const VIRTIO_BALLOON_F_PAGE_REPORTING: u32 = 5;
+
+/// Size of every balloon queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// The balloon's page size (always 4 KiB, whatever the guest's page size).
+pub const BALLOON_PAGE: u64 = 4096;
+/// Largest PFN array accepted in one request (64 Ki PFNs; Linux sends at most 256).
+pub const MAX_PFN_BYTES: usize = 256 << 10;
+/// Largest statistics buffer accepted.
+pub const MAX_STATS_BYTES: usize = 4096;
+/// Bytes of configuration space (num_pages, actual, free_page_hint_cmd_id, poison_val).
+pub const CONFIG_SIZE: usize = 16;
+
+const PAGES_PER_BLOCK: u64 = HUGE_PAGE_SIZE / PAGE_SIZE;
+
+/// Which features to offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Offer VIRTIO_BALLOON_F_MUST_TELL_HOST.
+    pub must_tell_host: bool,
+    /// Offer VIRTIO_BALLOON_F_STATS_VQ.
+    pub stats: bool,
+    /// Offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM.
+    pub deflate_on_oom: bool,
+    /// Offer VIRTIO_BALLOON_F_PAGE_REPORTING.
+    pub free_page_reporting: bool,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        Self { must_tell_host: true, stats: true, deflate_on_oom: true, free_page_reporting: true }
+    }
+}
+
+/// Guest errors, by kind (each also logged).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BalloonErrors {
+    /// PFNs outside guest RAM.
+    pub pfn_outside_ram: u64,
+    /// PFNs given twice in one request.
+    pub pfn_duplicate: u64,
+    /// Descriptors whose length is not a multiple of the element size, or whose direction is
+    /// wrong, or requests larger than the limit.
+    pub bad_buffer: u64,
+    /// Malformed chains (loops, indices outside the table, overflowing buffers, indirect).
+    pub bad_chain: u64,
+    /// Buffers that could not be read (outside guest RAM, unmapped).
+    pub unreadable: u64,
+    /// Deflated PFNs that were not ballooned (no effect).
+    pub deflate_not_ballooned: u64,
+    /// Reported ranges that are unaligned, empty or not inside guest RAM.
+    pub bad_report_range: u64,
+    /// Driver writes to the read-only `num_pages`, or beyond `actual`.
+    pub config_write: u64,
+    /// Notifies of a queue the negotiated features do not define.
+    pub unknown_queue: u64,
+}
+
+impl BalloonErrors {
+    /// The sum.
+    pub fn total(&self) -> u64 {
+        self.pfn_outside_ram
+            + self.pfn_duplicate
+            + self.bad_buffer
+            + self.bad_chain
+            + self.unreadable
+            + self.deflate_not_ballooned
+            + self.bad_report_range
+            + self.config_write
+            + self.unknown_queue
+    }
+}
+
+/// The balloon's counters and state, for `zapvm stats` (serde-serialisable).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BalloonStats {
+    /// The host's target (`num_pages`).
+    pub target_pages: u32,
+    /// What the guest says it has (`actual`).
+    pub actual_pages: u32,
+    /// Pages currently in the balloon (the bitmap).
+    pub ballooned_pages: u64,
+    /// Pages inflated (monotonic; valid requests only).
+    pub inflated_pages: u64,
+    /// Pages deflated (monotonic).
+    pub deflated_pages: u64,
+    /// Inflated pages that were already in the balloon (discarded again).
+    pub reinflated_pages: u64,
+    /// Inflate requests accepted / refused.
+    pub inflate_requests: u64,
+    /// Inflate requests refused (any bad PFN or buffer).
+    pub inflate_refused: u64,
+    /// Deflate requests accepted.
+    pub deflate_requests: u64,
+    /// Deflate requests refused.
+    pub deflate_refused: u64,
+    /// Notifier discard operations issued (one per coalesced range).
+    pub discard_ranges: u64,
+    /// Bytes those operations discarded.
+    pub bytes_discarded: u64,
+    /// Discard operations the notifier or the kernel failed.
+    pub discard_failures: u64,
+    /// Free page reports: ranges discarded and their bytes.
+    pub reported_ranges: u64,
+    /// See `reported_ranges`.
+    pub reported_bytes: u64,
+    /// Guest 2 MiB blocks now wholly in the balloon (on THP memory: huge pages the host freed).
+    pub huge_blocks_full: u64,
+    /// Guest 2 MiB blocks now partly in the balloon (on THP memory: split huge pages whose
+    /// memory the kernel returns only when it completes the deferred split).
+    pub huge_blocks_partial: u64,
+    /// Whether guest RAM is THP-backed (the two counters above matter then).
+    pub thp: bool,
+    /// Guest errors.
+    pub errors: BalloonErrors,
+    /// Statistics buffers received from the guest.
+    pub guest_stats_updates: u64,
+    /// The latest guest statistics (tag name -> value).
+    pub guest_stats: BTreeMap<String, u64>,
+}
+
+/// The name of a virtio-balloon statistics tag (virtio 1.2, §5.5.6.3).
+pub fn stat_name(tag: u16) -> String {
+    const NAMES: [&str; 16] = [
+        "swap_in",
+        "swap_out",
+        "major_faults",
+        "minor_faults",
+        "free_memory",
+        "total_memory",
+        "available_memory",
+        "disk_caches",
+        "hugetlb_allocations",
+        "hugetlb_failures",
+        "oom_kills",
+        "alloc_stalls",
+        "async_scans",
+        "direct_scans",
+        "async_reclaims",
+        "direct_reclaims",
+    ];
+    NAMES.get(tag as usize).map_or_else(|| format!("tag_{tag}"), |n| n.to_string())
+}
+
+/// What a queue index means under the negotiated features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Inflate,
+    Deflate,
+    Stats,
+    Reporting,
+}
+
+/// One guest RAM region's balloon state.
+struct RegionMap {
+    gpa: u64,
+    pages: u64,
+    /// One bit per 4 KiB page: in the balloon.
+    bitmap: Vec<u64>,
+    /// Ballooned pages per 2 MiB guest block (blocks indexed from `gpa` rounded down).
+    per_block: Vec<u16>,
+}
+
+impl RegionMap {
+    fn new(gpa: u64, len: u64) -> Self {
+        let pages = len / PAGE_SIZE;
+        let first_block = gpa / HUGE_PAGE_SIZE;
+        let last_block = (gpa + len).div_ceil(HUGE_PAGE_SIZE);
+        Self {
+            gpa,
+            pages,
+            bitmap: vec![0; pages.div_ceil(64) as usize],
+            per_block: vec![0; (last_block - first_block) as usize],
+        }
+    }
+
+    fn contains(&self, pfn: u64) -> bool {
+        let first = self.gpa / PAGE_SIZE;
+        pfn >= first && pfn < first + self.pages
+    }
+
+    fn index(&self, pfn: u64) -> usize {
+        (pfn - self.gpa / PAGE_SIZE) as usize
+    }
+
+    fn block(&self, pfn: u64) -> usize {
+        (pfn / PAGES_PER_BLOCK - self.gpa / HUGE_PAGE_SIZE) as usize
+    }
+
+    fn test(&self, pfn: u64) -> bool {
+        let i = self.index(pfn);
+        self.bitmap[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// Sets or clears `pfn`; returns whether it changed.
+    fn set(&mut self, pfn: u64, on: bool) -> bool {
+        let i = self.index(pfn);
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        if (self.bitmap[word] & bit != 0) == on {
+            return false;
+        }
+        self.bitmap[word] ^= bit;
+        let b = self.block(pfn);
+        if on {
+            self.per_block[b] += 1;
+        } else {
+            self.per_block[b] -= 1;
+        }
+        true
+    }
+
+    fn clear(&mut self) {
+        self.bitmap.fill(0);
+        self.per_block.fill(0);
+    }
+}
+
+/// The virtio-balloon device model.
+pub struct Balloon {
+    mmu: Arc<GuestMmu>,
+    regions: Vec<RegionMap>,
+    avail_features: u64,
+    queue_sizes: Vec<u16>,
+    acked_features: u64,
+    target_pages: u32,
+    actual_pages: u32,
+    queues: Vec<Queue>,
+    roles: Vec<Role>,
+    mem: Option<Arc<dyn GuestMemoryAccess>>,
+    interrupt: Option<Arc<VirtioInterrupt>>,
+    stats_head: Option<u16>,
+    stats: BalloonStats,
+}
+
+impl Balloon {
+    /// A balloon over `ram`, discarding through `mmu`'s notifier (`mmu` must be the table of
+    /// `ram`), offering the features `config` selects. The target starts at 0 pages.
+    pub fn new(mmu: Arc<GuestMmu>, ram: &GuestRam, config: BalloonConfig) -> Self {
+        let mut avail_features = 1u64 << features::VIRTIO_F_VERSION_1;
+        let mut queue_sizes = vec![QUEUE_SIZE, QUEUE_SIZE];
+        for (on, bit) in [
+            (config.must_tell_host, VIRTIO_BALLOON_F_MUST_TELL_HOST),
+            (config.stats, VIRTIO_BALLOON_F_STATS_VQ),
+            (config.deflate_on_oom, VIRTIO_BALLOON_F_DEFLATE_ON_OOM),
+            (config.free_page_reporting, VIRTIO_BALLOON_F_PAGE_REPORTING),
+        ] {
+            if on {
+                avail_features |= 1 << bit;
+            }
+        }
+        if config.stats {
+            queue_sizes.push(QUEUE_SIZE);
+        }
+        if config.free_page_reporting {
+            queue_sizes.push(QUEUE_SIZE);
+        }
+        let regions = ram.regions().map(|(gpa, _, len)| RegionMap::new(gpa.0, len)).collect();
+        let thp = ram.config().thp;
+        Self {
+            mmu,
+            regions,
+            avail_features,
+            queue_sizes,
+            acked_features: 0,
+            target_pages: 0,
+            actual_pages: 0,
+            queues: Vec::new(),
+            roles: Vec::new(),
+            mem: None,
+            interrupt: None,
+            stats_head: None,
+            stats: BalloonStats { thp, ..Default::default() },
+        }
+    }
+
+    /// Sets the host's target (`num_pages`, in 4 KiB pages). Call it through
+    /// `MmioTransport::update_config` so the driver gets a config-change interrupt.
+    pub fn set_target_pages(&mut self, pages: u32) {
+        self.target_pages = pages;
+    }
+
+    /// The counters, state and latest guest statistics.
+    pub fn stats(&self) -> BalloonStats {
+        let mut s = self.stats.clone();
+        s.target_pages = self.target_pages;
+        s.actual_pages = self.actual_pages;
+        s.ballooned_pages =
+            self.regions.iter().map(|r| r.per_block.iter().map(|&n| n as u64).sum::<u64>()).sum();
+        let full_len = |r: &RegionMap, b: usize| {
+            // Pages of block `b` inside the region (the region may start or end mid-block).
+            let block_start = (r.gpa / HUGE_PAGE_SIZE + b as u64) * PAGES_PER_BLOCK;
+            let first = r.gpa / PAGE_SIZE;
+            let end = (block_start + PAGES_PER_BLOCK).min(first + r.pages);
+            end - block_start.max(first)
+        };
+        s.huge_blocks_full = 0;
+        s.huge_blocks_partial = 0;
+        for r in &self.regions {
+            for (b, &n) in r.per_block.iter().enumerate() {
+                if n == 0 {
+                    continue;
+                }
+                if n as u64 == full_len(r, b) {
+                    s.huge_blocks_full += 1;
+                } else {
+                    s.huge_blocks_partial += 1;
+                }
+            }
+        }
+        s
+    }
+
+    /// Whether guest page `pfn` is in the balloon.
+    pub fn is_ballooned(&self, pfn: u64) -> bool {
+        self.regions.iter().find(|r| r.contains(pfn)).is_some_and(|r| r.test(pfn))
+    }
+
+    /// Returns the held statistics buffer to the driver so that it sends fresh statistics.
+    /// Returns whether a request was sent (false: no buffer held, or the stats queue is not in
+    /// use).
+    pub fn request_guest_stats(&mut self) -> Result<bool, DeviceFault> {
+        let Some(head) = self.stats_head.take() else {
+            return Ok(false);
+        };
+        let (Some(mem), Some(irq)) = (self.mem.clone(), self.interrupt.clone()) else {
+            return Ok(false);
+        };
+        let Some(i) = self.roles.iter().position(|&r| r == Role::Stats) else {
+            return Ok(false);
+        };
+        self.queues[i].add_used(mem.as_ref(), head, 0).map_err(fault)?;
+        irq.signal_used_queue();
+        Ok(true)
+    }
+
+    fn region_of(&self, pfn: u64) -> Option<usize> {
+        self.regions.iter().position(|r| r.contains(pfn))
+    }
+
+    /// Reads and validates a PFN request; `None` (counted, logged) when it is refused.
+    fn read_pfns(&mut self, mem: &dyn GuestMemoryAccess, chain: &DescriptorChain) -> Option<Vec<u64>> {
+        let e = &mut self.stats.errors;
+        if chain.writable().next().is_some() || chain.readable().any(|d| d.len % 4 != 0) {
+            e.bad_buffer += 1;
+            log_guest_error(
+                e.bad_buffer,
+                format_args!(
+                    "balloon: PFN request {} has a write-only or non-multiple-of-4 buffer",
+                    chain.head
+                ),
+            );
+            return None;
+        }
+        let bytes = match read_readable(mem, chain, MAX_PFN_BYTES) {
+            Ok(b) => b,
+            Err(why) => {
+                e.unreadable += 1;
+                log_guest_error(e.unreadable, format_args!("balloon: PFN request {}: {why}", chain.head));
+                return None;
+            }
+        };
+        let mut pfns: Vec<u64> = bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as u64)
+            .collect();
+        let mut ok = true;
+        for &pfn in &pfns {
+            if self.mmu.host_range(pfn * BALLOON_PAGE, BALLOON_PAGE).is_none()
+                || self.region_of(pfn).is_none()
+            {
+                ok = false;
+                let e = &mut self.stats.errors;
+                e.pfn_outside_ram += 1;
+                log_guest_error(
+                    e.pfn_outside_ram,
+                    format_args!("balloon: PFN {pfn:#x} is outside guest RAM"),
+                );
+            }
+        }
+        pfns.sort_unstable();
+        for w in pfns.windows(2) {
+            if w[0] == w[1] {
+                ok = false;
+                let e = &mut self.stats.errors;
+                e.pfn_duplicate += 1;
+                log_guest_error(e.pfn_duplicate, format_args!("balloon: PFN {:#x} given twice", w[0]));
+            }
+        }
+        ok.then_some(pfns)
+    }
+
+    /// Discards `[gpa, gpa + len)` (inside one region: checked by the caller through
+    /// `host_range`) through the notifier.
+    fn discard(&mut self, gpa: u64, len: u64) -> bool {
+        let Some(hva) = self.mmu.host_range(gpa, len) else {
+            // Callers only pass ranges that passed this check; never reach a syscall otherwise.
+            self.stats.discard_failures += 1;
+            return false;
+        };
+        match self.mmu.space().discard(hva, len as usize) {
+            Ok(_) => {
+                self.stats.discard_ranges += 1;
+                self.stats.bytes_discarded += len;
+                true
+            }
+            Err(e) => {
+                self.stats.discard_failures += 1;
+                tracing::warn!("balloon: discard of guest [{gpa:#x}, +{len:#x}) failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Coalesces sorted, unique PFNs into (gpa, len) runs inside one region each.
+    fn runs(&self, pfns: &[u64]) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &pfn in pfns {
+            let gpa = pfn * BALLOON_PAGE;
+            if let Some((start, len)) = runs.last_mut() {
+                if *start + *len == gpa && self.mmu.host_range(*start, *len + BALLOON_PAGE).is_some() {
+                    *len += BALLOON_PAGE;
+                    continue;
+                }
+            }
+            runs.push((gpa, BALLOON_PAGE));
+        }
+        runs
+    }
+
+    fn inflate(&mut self, mem: &dyn GuestMemoryAccess, chain: &DescriptorChain) {
+        let Some(pfns) = self.read_pfns(mem, chain) else {
+            self.stats.inflate_refused += 1;
+            return;
+        };
+        self.stats.inflate_requests += 1;
+        for (gpa, len) in self.runs(&pfns) {
+            self.discard(gpa, len);
+        }
+        for pfn in pfns {
+            let Some(r) = self.region_of(pfn) else { continue };
+            if self.regions[r].set(pfn, true) {
+                self.stats.inflated_pages += 1;
+            } else {
+                self.stats.reinflated_pages += 1;
+            }
+        }
+    }
+
+    fn deflate(&mut self, mem: &dyn GuestMemoryAccess, chain: &DescriptorChain) {
+        let Some(pfns) = self.read_pfns(mem, chain) else {
+            self.stats.deflate_refused += 1;
+            return;
+        };
+        self.stats.deflate_requests += 1;
+        for pfn in pfns {
+            let Some(r) = self.region_of(pfn) else { continue };
+            if self.regions[r].set(pfn, false) {
+                self.stats.deflated_pages += 1;
+            } else {
+                let e = &mut self.stats.errors;
+                e.deflate_not_ballooned += 1;
+                log_guest_error(
+                    e.deflate_not_ballooned,
+                    format_args!("balloon: deflate of PFN {pfn:#x}, which is not ballooned"),
+                );
+            }
+        }
+    }
+
+    fn report(&mut self, chain: &DescriptorChain) {
+        let mut ranges = Vec::new();
+        for d in &chain.descriptors {
+            let (gpa, len) = (d.addr, d.len as u64);
+            if len == 0
+                || gpa % PAGE_SIZE != 0
+                || len % PAGE_SIZE != 0
+                || self.mmu.host_range(gpa, len).is_none()
+            {
+                let e = &mut self.stats.errors;
+                e.bad_report_range += 1;
+                log_guest_error(
+                    e.bad_report_range,
+                    format_args!(
+                        "balloon: reported range [{gpa:#x}, +{len:#x}) is unaligned or not guest RAM"
+                    ),
+                );
+                continue;
+            }
+            ranges.push((gpa, len));
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (gpa, len) in ranges {
+            if let Some((s, l)) = merged.last_mut() {
+                let end = (*s + *l).max(gpa + len);
+                if gpa <= *s + *l && self.mmu.host_range(*s, end - *s).is_some() {
+                    *l = end - *s;
+                    continue;
+                }
+            }
+            merged.push((gpa, len));
+        }
+        for (gpa, len) in merged {
+            if self.discard(gpa, len) {
+                self.stats.reported_ranges += 1;
+                self.stats.reported_bytes += len;
+            }
+        }
+    }
+
+    fn take_stats(&mut self, mem: &dyn GuestMemoryAccess, chain: &DescriptorChain) -> Option<u16> {
+        let bytes = match read_readable(mem, chain, MAX_STATS_BYTES) {
+            Ok(b) if b.len() % 10 == 0 => b,
+            Ok(b) => {
+                let e = &mut self.stats.errors;
+                e.bad_buffer += 1;
+                log_guest_error(
+                    e.bad_buffer,
+                    format_args!("balloon: stats buffer of {} bytes is not whole entries", b.len()),
+                );
+                return Some(chain.head);
+            }
+            Err(why) => {
+                let e = &mut self.stats.errors;
+                e.unreadable += 1;
+                log_guest_error(e.unreadable, format_args!("balloon: stats buffer: {why}"));
+                return Some(chain.head);
+            }
+        };
+        self.stats.guest_stats_updates += 1;
+        for entry in bytes.chunks_exact(10) {
+            let tag = u16::from_le_bytes([entry[0], entry[1]]);
+            let value = u64::from_le_bytes(entry[2..10].try_into().expect("8 bytes"));
+            self.stats.guest_stats.insert(stat_name(tag), value);
+        }
+        // Hold the buffer until the VMM asks for new statistics; return an older one now.
+        self.stats_head.replace(chain.head)
+    }
+}
+
+fn fault(e: QueueError) -> DeviceFault {
+    DeviceFault(e.to_string())
+}
+
+impl VirtioDevice for Balloon {
+    fn device_type(&self) -> u32 {
+        device_type::BALLOON
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; CONFIG_SIZE];
+        config[0..4].copy_from_slice(&self.target_pages.to_le_bytes());
+        config[4..8].copy_from_slice(&self.actual_pages.to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|at| config.get(usize::try_from(at).ok()?))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let end = offset.checked_add(data.len() as u64);
+        if offset < 4 || end.is_none_or(|e| e > 8) {
+            let e = &mut self.stats.errors;
+            e.config_write += 1;
+            log_guest_error(
+                e.config_write,
+                format_args!("balloon: config write at {offset:#x} outside `actual`"),
+            );
+            return;
+        }
+        let mut actual = self.actual_pages.to_le_bytes();
+        actual[(offset - 4) as usize..(offset - 4) as usize + data.len()].copy_from_slice(data);
+        self.actual_pages = u32::from_le_bytes(actual);
+    }
+
+    fn activate(
+        &mut self,
+        acked_features: u64,
+        queues: Vec<Queue>,
+        mem: Arc<dyn GuestMemoryAccess>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), DeviceFault> {
+        let mut roles = vec![Role::Inflate, Role::Deflate];
+        if acked_features & (1 << VIRTIO_BALLOON_F_STATS_VQ) != 0 {
+            roles.push(Role::Stats);
+        }
+        if acked_features & (1 << VIRTIO_BALLOON_F_PAGE_REPORTING) != 0 {
+            roles.push(Role::Reporting);
+        }
+        self.acked_features = acked_features;
+        self.roles = roles;
+        self.queues = queues;
+        self.mem = Some(mem);
+        self.interrupt = Some(interrupt);
+        self.stats_head = None;
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) -> Result<(), DeviceFault> {
+        let (Some(mem), Some(irq)) = (self.mem.clone(), self.interrupt.clone()) else {
+            return Err(DeviceFault("balloon notified before activation".into()));
+        };
+        let Some(&role) = self.roles.get(index).filter(|_| index < self.queues.len()) else {
+            let e = &mut self.stats.errors;
+            e.unknown_queue += 1;
+            log_guest_error(e.unknown_queue, format_args!("balloon: notify of undefined queue {index}"));
+            return Ok(());
+        };
+        let mut used = false;
+        while let Some(popped) = self.queues[index].pop(mem.as_ref()).map_err(fault)? {
+            let head = match popped {
+                Popped::Chain(chain) => match role {
+                    Role::Inflate => {
+                        self.inflate(mem.as_ref(), &chain);
+                        Some(chain.head)
+                    }
+                    Role::Deflate => {
+                        self.deflate(mem.as_ref(), &chain);
+                        Some(chain.head)
+                    }
+                    Role::Reporting => {
+                        self.report(&chain);
+                        Some(chain.head)
+                    }
+                    Role::Stats => self.take_stats(mem.as_ref(), &chain),
+                },
+                Popped::Bad { head, error } => {
+                    let e = &mut self.stats.errors;
+                    e.bad_chain += 1;
+                    log_guest_error(e.bad_chain, format_args!("balloon: queue {index}: {error}"));
+                    head
+                }
+            };
+            if let Some(head) = head {
+                self.queues[index].add_used(mem.as_ref(), head, 0).map_err(fault)?;
+                used = true;
+            }
+        }
+        if used {
+            irq.signal_used_queue();
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // The driver is gone: its ballooned pages are ordinary guest memory again (they read
+        // zeros until written).
+        self.regions.iter_mut().for_each(RegionMap::clear);
+        self.actual_pages = 0;
+        self.acked_features = 0;
+        self.queues.clear();
+        self.roles.clear();
+        self.mem = None;
+        self.interrupt = None;
+        self.stats_head = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+    use crate::devices::virtio::mmio::tests::{driver_ok, negotiate, r32, setup_queue, w32};
+    use crate::devices::virtio::mmio::{reg, MmioTransport};
+    use crate::devices::virtio::queue::tests::TestRing;
+    use crate::devices::virtio::queue::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+    use crate::devices::virtio::{status, INTERRUPT_CONFIG_CHANGE};
+    use crate::devices::BusDevice;
+    use crate::memory::{MemoryBackend, MemoryConfig};
+
+    /// Records every range the notifier announces, as guest-physical (exact) ranges.
+    struct Recorder {
+        host_base: usize,
+        ranges: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl notifier::Subscriber for Recorder {
+        fn invalidate_range_start(&self, range: &notifier::Range) -> Result<(), notifier::Refused> {
+            let start = (range.exact_start - self.host_base) as u64;
+            let end = (range.exact_end - self.host_base) as u64;
+            self.ranges.lock().unwrap().push((start, end));
+            Ok(())
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<(u64, u64)> {
+            std::mem::take(&mut *self.ranges.lock().unwrap())
+        }
+    }
+
+    const RAM: u64 = 16 << 20;
+    const INFLATE: u64 = 0x10000;
+    const DEFLATE: u64 = 0x20000;
+    const STATSQ: u64 = 0x30000;
+    const REPORT: u64 = 0x40000;
+    const ARRAYS: u64 = 0x50000;
+
+    /// Guest RAM, the notifier, the table and a balloon behind the transport, with all four
+    /// queues set up and DRIVER_OK. Field order is drop order: RAM goes last.
+    struct Fixture {
+        t: MmioTransport<Balloon>,
+        rings: Vec<TestRing>,
+        recorder: Arc<Recorder>,
+        mmu: Arc<GuestMmu>,
+        _space: Arc<notifier::AddressSpace>,
+        ram: GuestRam,
+    }
+
+    fn fixture(thp: bool) -> Fixture {
+        let ram = GuestRam::new(MemoryConfig { size: RAM, backend: MemoryBackend::Anonymous, thp }).unwrap();
+        // SAFETY: `ram` outlives the address space (Fixture drops it last) and stays mapped;
+        // the test touches guest RAM only through vm-memory and the table.
+        let space = unsafe { notifier::AddressSpace::new(&ram.notifier_regions()) }.unwrap();
+        let mmu = Arc::new(GuestMmu::new(&ram, space.clone()).unwrap());
+        let host_base = ram.regions().next().unwrap().1 as usize;
+        let recorder = Arc::new(Recorder { host_base, ranges: Mutex::new(Vec::new()) });
+        space.subscribe(recorder.clone()).unwrap();
+        let balloon = Balloon::new(mmu.clone(), &ram, BalloonConfig::default());
+        let irq = Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mut t = MmioTransport::new(balloon, mmu.clone(), irq);
+        let all = (1 << VIRTIO_BALLOON_F_MUST_TELL_HOST)
+            | (1 << VIRTIO_BALLOON_F_STATS_VQ)
+            | (1 << VIRTIO_BALLOON_F_PAGE_REPORTING);
+        assert!(negotiate(&mut t, all));
+        let rings: Vec<TestRing> =
+            [INFLATE, DEFLATE, STATSQ, REPORT].iter().map(|&b| TestRing::new(16, b)).collect();
+        for (i, ring) in rings.iter().enumerate() {
+            setup_queue(&mut t, i as u32, ring);
+        }
+        driver_ok(&mut t);
+        assert_eq!(t.stats().activations, 1);
+        assert_eq!(t.stats().errors(), 0);
+        Fixture { t, rings, recorder, mmu, _space: space, ram }
+    }
+
+    impl Fixture {
+        fn mem(&self) -> &crate::memory::GuestMemoryMmap {
+            self.ram.memory()
+        }
+
+        /// Queues a one-descriptor PFN request on queue `q` and notifies.
+        fn send_pfns(&mut self, q: usize, desc: u16, pfns: &[u32]) {
+            let array = ARRAYS + 0x1000 * desc as u64;
+            let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+            self.mem().write_slice(&bytes, GuestAddress(array)).unwrap();
+            let mem = self.ram.memory().clone();
+            self.rings[q].set_desc(&mem, desc, array, bytes.len() as u32, 0, 0);
+            self.rings[q].push(&mem, desc);
+            w32(&mut self.t, reg::QUEUE_NOTIFY, q as u32);
+        }
+
+        fn fill(&self, pfn: u64, pages: u64) {
+            let data = vec![0xaau8; (pages * 4096) as usize];
+            self.mem().write_slice(&data, GuestAddress(pfn * 4096)).unwrap();
+        }
+
+        /// Whether every byte of the page reads `byte` through the table.
+        fn page_is(&self, pfn: u64, byte: u8) -> bool {
+            let mut buf = vec![0x55u8; 4096];
+            self.mmu.read(pfn * 4096, &mut buf).unwrap();
+            buf.iter().all(|&b| b == byte)
+        }
+
+        fn stats(&self) -> BalloonStats {
+            self.t.device().stats()
+        }
+
+        fn interrupts(&self) -> u64 {
+            self.t.interrupt().eventfd().read().unwrap_or(0)
+        }
+    }
+
+    #[test]
+    fn contiguous_pfns_are_one_discard_and_read_zeros() {
+        let mut f = fixture(false);
+        f.fill(0x200, 8);
+        // Warm the table so that the discard has a translation to tear down.
+        assert!(f.page_is(0x201, 0xaa));
+        f.send_pfns(0, 0, &[0x203, 0x200, 0x202, 0x201]);
+        assert_eq!(f.recorder.take(), [(0x200000, 0x204000)]);
+        for pfn in 0x200..0x204 {
+            assert!(f.page_is(pfn, 0), "PFN {pfn:#x} reads zeros");
+            assert!(f.t.device().is_ballooned(pfn));
+        }
+        assert!(f.page_is(0x204, 0xaa), "the next page keeps its data");
+        assert!(!f.t.device().is_ballooned(0x204));
+        assert_eq!(f.rings[0].used_idx(f.mem()), 1);
+        assert_eq!(f.rings[0].used_elem(f.mem(), 0), (0, 0));
+        assert_eq!(f.interrupts(), 1);
+        assert_eq!(r32(&mut f.t, reg::INTERRUPT_STATUS) & 1, 1);
+        let s = f.stats();
+        assert_eq!(
+            (s.inflated_pages, s.ballooned_pages, s.discard_ranges, s.bytes_discarded),
+            (4, 4, 1, 0x4000)
+        );
+        assert_eq!(s.errors.total(), 0);
+        assert!(f.mmu.stats().torn_down["discard"] >= 1, "the table dropped its entry");
+    }
+
+    #[test]
+    fn scattered_pfns_are_several_discards() {
+        let mut f = fixture(false);
+        f.send_pfns(0, 0, &[0x300, 0x302, 0x303, 0x400]);
+        assert_eq!(f.recorder.take(), [(0x300000, 0x301000), (0x302000, 0x304000), (0x400000, 0x401000)]);
+        assert_eq!(f.stats().discard_ranges, 3);
+        // Deflate two of them: no syscall, the bitmap follows.
+        f.send_pfns(1, 0, &[0x302, 0x400]);
+        assert!(f.recorder.take().is_empty());
+        let s = f.stats();
+        assert_eq!((s.deflated_pages, s.ballooned_pages), (2, 2));
+        assert!(f.t.device().is_ballooned(0x303) && !f.t.device().is_ballooned(0x302));
+        // Deflating a page that is not ballooned is counted, nothing else.
+        f.send_pfns(1, 1, &[0x500]);
+        assert_eq!(f.stats().errors.deflate_not_ballooned, 1);
+        assert_eq!(f.rings[1].used_idx(f.mem()), 2);
+    }
+
+    #[test]
+    fn hostile_requests_change_only_error_counters() {
+        let mut f = fixture(false);
+        f.fill(0x200, 4);
+        // A PFN beyond RAM (16 MiB = PFN 0x1000) next to a valid one: the request is refused.
+        f.send_pfns(0, 0, &[0x200, 0x1000]);
+        // Far beyond (4 GiB, the MMIO hole).
+        f.send_pfns(0, 1, &[0xfff_ffff]);
+        // A duplicate.
+        f.send_pfns(0, 2, &[0x201, 0x201]);
+        let mem = f.ram.memory().clone();
+        // A descriptor of length 3.
+        f.rings[0].set_desc(&mem, 3, ARRAYS, 3, 0, 0);
+        f.rings[0].push(&mem, 3);
+        // A loop 4 -> 5 -> 4.
+        f.rings[0].set_desc(&mem, 4, ARRAYS, 4, VIRTQ_DESC_F_NEXT, 5);
+        f.rings[0].set_desc(&mem, 5, ARRAYS, 4, VIRTQ_DESC_F_NEXT, 4);
+        f.rings[0].push(&mem, 4);
+        // A write-only buffer, and a buffer outside RAM.
+        f.rings[0].set_desc(&mem, 6, ARRAYS, 4, VIRTQ_DESC_F_WRITE, 0);
+        f.rings[0].push(&mem, 6);
+        f.rings[0].set_desc(&mem, 7, 0x1_0000_0000, 4, 0, 0);
+        f.rings[0].push(&mem, 7);
+        // A head outside the table.
+        f.rings[0].push(&mem, 99);
+        w32(&mut f.t, reg::QUEUE_NOTIFY, 0);
+
+        assert!(f.recorder.take().is_empty(), "no hostile input reached a syscall");
+        assert!(f.page_is(0x200, 0xaa) && f.page_is(0x201, 0xaa));
+        let s = f.stats();
+        assert_eq!((s.inflated_pages, s.ballooned_pages, s.discard_ranges), (0, 0, 0));
+        assert_eq!(s.inflate_refused, 6);
+        let e = &s.errors;
+        assert_eq!(
+            (e.pfn_outside_ram, e.pfn_duplicate, e.bad_buffer, e.bad_chain, e.unreadable),
+            (2, 1, 2, 2, 1),
+            "{e:?}"
+        );
+        // Every valid head came back (the out-of-range one cannot be).
+        assert_eq!(f.rings[0].used_idx(f.mem()), 7);
+        assert_eq!(f.t.stats().needs_reset, 0, "bad buffers do not break the queue");
+        // The queue still works.
+        f.send_pfns(0, 8, &[0x200]);
+        assert_eq!(f.recorder.take(), [(0x200000, 0x201000)]);
+    }
+
+    #[test]
+    fn bad_rings_never_reach_a_syscall() {
+        let ram =
+            GuestRam::new(MemoryConfig { size: RAM, backend: MemoryBackend::Anonymous, thp: false }).unwrap();
+        // SAFETY: `ram` is declared first, so it is dropped after the address space.
+        let space = unsafe { notifier::AddressSpace::new(&ram.notifier_regions()) }.unwrap();
+        let mmu = Arc::new(GuestMmu::new(&ram, space.clone()).unwrap());
+        let recorder = Arc::new(Recorder {
+            host_base: ram.regions().next().unwrap().1 as usize,
+            ranges: Mutex::new(Vec::new()),
+        });
+        space.subscribe(recorder.clone()).unwrap();
+        for (size, base) in [(3u16, INFLATE), (16, RAM - 0x1000), (16, 0xd000_0000)] {
+            let balloon = Balloon::new(mmu.clone(), &ram, BalloonConfig::default());
+            let irq = Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+            let mut t = MmioTransport::new(balloon, mmu.clone(), irq);
+            assert!(negotiate(&mut t, 0));
+            setup_queue(&mut t, 0, &TestRing::new(size, base));
+            driver_ok(&mut t);
+            assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0, "size {size} at {base:#x}");
+            w32(&mut t, reg::QUEUE_NOTIFY, 0);
+            assert_eq!((t.stats().queue_errors, t.stats().notify_errors, t.stats().activations), (1, 1, 0));
+        }
+        assert!(recorder.take().is_empty());
+        drop(mmu);
+        drop(space);
+    }
+
+    #[test]
+    fn ring_that_becomes_bad_sets_needs_reset() {
+        let mut f = fixture(false);
+        // The driver claims 100 entries on a 16-entry queue.
+        f.mem().write_obj(100u16, GuestAddress(INFLATE + 0x1000 + 2)).unwrap();
+        w32(&mut f.t, reg::QUEUE_NOTIFY, 0);
+        assert_ne!(f.t.status() & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(r32(&mut f.t, reg::INTERRUPT_STATUS) & INTERRUPT_CONFIG_CHANGE, INTERRUPT_CONFIG_CHANGE);
+        assert!(f.recorder.take().is_empty());
+        // Notifies are ignored until reset; reset clears it.
+        w32(&mut f.t, reg::QUEUE_NOTIFY, 1);
+        assert_eq!(f.t.stats().notify_errors, 1);
+        w32(&mut f.t, reg::STATUS, 0);
+        assert_eq!(f.t.status(), 0);
+    }
+
+    #[test]
+    fn config_target_actual_and_generation() {
+        let mut f = fixture(false);
+        let generation = r32(&mut f.t, reg::CONFIG_GENERATION);
+        f.t.update_config(|b| b.set_target_pages(1234));
+        assert_eq!(r32(&mut f.t, 0x100), 1234);
+        assert_ne!(r32(&mut f.t, reg::CONFIG_GENERATION), generation);
+        assert_eq!(r32(&mut f.t, reg::INTERRUPT_STATUS) & INTERRUPT_CONFIG_CHANGE, INTERRUPT_CONFIG_CHANGE);
+        assert_eq!(f.interrupts(), 1);
+        w32(&mut f.t, 0x104, 77);
+        assert_eq!(r32(&mut f.t, 0x104), 77);
+        // num_pages is read-only for the driver.
+        w32(&mut f.t, 0x100, 5);
+        assert_eq!(r32(&mut f.t, 0x100), 1234);
+        let s = f.stats();
+        assert_eq!((s.target_pages, s.actual_pages, s.errors.config_write), (1234, 77, 1));
+        // Reset forgets the guest's balloon, keeps the host's target.
+        f.send_pfns(0, 0, &[0x300]);
+        w32(&mut f.t, reg::STATUS, 0);
+        let s = f.stats();
+        assert_eq!((s.target_pages, s.actual_pages, s.ballooned_pages), (1234, 0, 0));
+        serde_json::to_string(&s).unwrap();
+    }
+
+    #[test]
+    fn stats_queue_keeps_latest_and_holds_the_buffer() {
+        let mut f = fixture(false);
+        let entries: Vec<u8> = [(4u16, 1000u64), (5, 2000), (99, 7)]
+            .iter()
+            .flat_map(|(t, v)| t.to_le_bytes().into_iter().chain(v.to_le_bytes()))
+            .collect();
+        f.mem().write_slice(&entries, GuestAddress(ARRAYS)).unwrap();
+        let mem = f.ram.memory().clone();
+        f.rings[2].set_desc(&mem, 0, ARRAYS, entries.len() as u32, 0, 0);
+        f.rings[2].push(&mem, 0);
+        w32(&mut f.t, reg::QUEUE_NOTIFY, 2);
+        let s = f.stats();
+        assert_eq!(s.guest_stats_updates, 1);
+        assert_eq!(s.guest_stats["free_memory"], 1000);
+        assert_eq!(s.guest_stats["total_memory"], 2000);
+        assert_eq!(s.guest_stats["tag_99"], 7);
+        assert_eq!(f.rings[2].used_idx(f.mem()), 0, "held until the VMM asks");
+        assert!(f.t.device_mut().request_guest_stats().unwrap());
+        assert_eq!(f.rings[2].used_idx(f.mem()), 1);
+        assert_eq!(f.interrupts(), 1);
+        assert!(!f.t.device_mut().request_guest_stats().unwrap(), "nothing held any more");
+    }
+
+    #[test]
+    fn free_page_reports_are_discarded_and_checked() {
+        let mut f = fixture(false);
+        f.fill(0x400, 0x200);
+        let mem = f.ram.memory().clone();
+        // Two adjacent ranges (one discard), one elsewhere, one unaligned, one beyond RAM.
+        let w = VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT;
+        f.rings[3].set_desc(&mem, 0, 0x400000, 0x100000, w, 1);
+        f.rings[3].set_desc(&mem, 1, 0x500000, 0x100000, w, 2);
+        f.rings[3].set_desc(&mem, 2, 0x800000, 0x1000, w, 3);
+        f.rings[3].set_desc(&mem, 3, 0x900800, 0x1000, w, 4);
+        f.rings[3].set_desc(&mem, 4, RAM - 0x1000, 0x2000, VIRTQ_DESC_F_WRITE, 0);
+        f.rings[3].push(&mem, 0);
+        w32(&mut f.t, reg::QUEUE_NOTIFY, 3);
+        assert_eq!(f.recorder.take(), [(0x400000, 0x600000), (0x800000, 0x801000)]);
+        assert!(f.page_is(0x4ff, 0));
+        let s = f.stats();
+        assert_eq!((s.reported_ranges, s.reported_bytes, s.errors.bad_report_range), (2, 0x201000, 2));
+        assert_eq!(s.ballooned_pages, 0, "reported pages are not ballooned");
+        assert_eq!(f.rings[3].used_idx(f.mem()), 1);
+    }
+
+    #[test]
+    fn thp_blocks_full_and_partial() {
+        let mut f = fixture(true);
+        // All of the block at 4 MiB (512 PFNs, more than one page of array: two requests) and
+        // half of the block at 6 MiB.
+        let block: Vec<u32> = (0x400..0x600).collect();
+        f.send_pfns(0, 0, &block[..256]);
+        f.send_pfns(0, 1, &block[256..]);
+        let half: Vec<u32> = (0x600..0x700).collect();
+        f.send_pfns(0, 2, &half);
+        let s = f.stats();
+        assert!(s.thp);
+        assert_eq!((s.ballooned_pages, s.huge_blocks_full, s.huge_blocks_partial), (768, 1, 1));
+        assert_eq!(s.discard_ranges, 3);
+        assert!(f.page_is(0x5ff, 0));
+        // Deflate one page of the full block: it becomes partial.
+        f.send_pfns(1, 0, &[0x400]);
+        let s = f.stats();
+        assert_eq!((s.huge_blocks_full, s.huge_blocks_partial), (0, 2));
+    }
+
+    #[test]
+    fn unoffered_balloon_features_are_refused() {
+        let f = fixture(false);
+        drop(f);
+        let ram =
+            GuestRam::new(MemoryConfig { size: RAM, backend: MemoryBackend::Anonymous, thp: false }).unwrap();
+        // SAFETY: `ram` is declared first, so it is dropped after the address space.
+        let space = unsafe { notifier::AddressSpace::new(&ram.notifier_regions()) }.unwrap();
+        let mmu = Arc::new(GuestMmu::new(&ram, space.clone()).unwrap());
+        let config = BalloonConfig { stats: false, free_page_reporting: false, ..Default::default() };
+        let balloon = Balloon::new(mmu.clone(), &ram, config);
+        assert_eq!(balloon.queue_max_sizes().len(), 2);
+        let irq = Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mut t = MmioTransport::new(balloon, mmu.clone(), irq);
+        assert!(!negotiate(&mut t, 1 << VIRTIO_BALLOON_F_STATS_VQ));
+        let _: &dyn BusDevice = &t;
+    }
+}

@@ -29,6 +29,12 @@
 //! partly ballooned ([`BalloonStats::huge_blocks_full`], [`BalloonStats::huge_blocks_partial`]).
 //! Blocks are guest-physical 2 MiB blocks; they coincide with host huge pages when
 //! `GuestRam::huge_page_aligned` holds.
+//!
+//! On hugetlb-backed memory nothing smaller than a 2 MiB page can be discarded (the notifier
+//! refuses it before any syscall), so there the balloon discards a 2 MiB block when its last
+//! page is inflated (runs of such blocks coalesced into one operation), and free page reports
+//! are trimmed to whole 2 MiB blocks. Pages of partial blocks stay backed
+//! ([`BalloonStats::huge_blocks_partial`] counts them).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -266,6 +272,8 @@ impl RegionMap {
 pub struct Balloon {
     mmu: Arc<GuestMmu>,
     regions: Vec<RegionMap>,
+    /// Guest RAM is hugetlb: discard whole 2 MiB blocks only.
+    hugetlb: bool,
     avail_features: u64,
     queue_sizes: Vec<u16>,
     acked_features: u64,
@@ -306,6 +314,7 @@ impl Balloon {
         Self {
             mmu,
             regions,
+            hugetlb: ram.config().backend == crate::memory::MemoryBackend::Hugetlb,
             avail_features,
             queue_sizes,
             acked_features: 0,
@@ -480,15 +489,33 @@ impl Balloon {
             return;
         };
         self.stats.inflate_requests += 1;
-        for (gpa, len) in self.runs(&pfns) {
-            self.discard(gpa, len);
+        if !self.hugetlb {
+            for (gpa, len) in self.runs(&pfns) {
+                self.discard(gpa, len);
+            }
         }
-        for pfn in pfns {
+        let mut full_blocks = Vec::new();
+        for &pfn in &pfns {
             let Some(r) = self.region_of(pfn) else { continue };
-            if self.regions[r].set(pfn, true) {
+            let region = &mut self.regions[r];
+            if region.set(pfn, true) {
                 self.stats.inflated_pages += 1;
             } else {
                 self.stats.reinflated_pages += 1;
+            }
+            let block = region.block(pfn);
+            if region.per_block[block] as u64 == PAGES_PER_BLOCK
+                && full_blocks.last() != Some(&(pfn / PAGES_PER_BLOCK))
+            {
+                full_blocks.push(pfn / PAGES_PER_BLOCK);
+            }
+        }
+        if self.hugetlb {
+            // Whole 2 MiB blocks only (full_blocks is sorted: the PFNs are).
+            let pfns: Vec<u64> =
+                full_blocks.iter().flat_map(|b| b * PAGES_PER_BLOCK..(b + 1) * PAGES_PER_BLOCK).collect();
+            for (gpa, len) in self.runs(&pfns) {
+                self.discard(gpa, len);
             }
         }
     }
@@ -531,6 +558,14 @@ impl Balloon {
                         "balloon: reported range [{gpa:#x}, +{len:#x}) is unaligned or not guest RAM"
                     ),
                 );
+                continue;
+            }
+            if self.hugetlb {
+                let (start, end) =
+                    (gpa.next_multiple_of(HUGE_PAGE_SIZE), (gpa + len) / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE);
+                if start < end {
+                    ranges.push((start, end - start));
+                }
                 continue;
             }
             ranges.push((gpa, len));
@@ -771,6 +806,10 @@ mod tests {
 
     fn fixture(thp: bool) -> Fixture {
         let ram = GuestRam::new(MemoryConfig { size: RAM, backend: MemoryBackend::Anonymous, thp }).unwrap();
+        fixture_on(ram)
+    }
+
+    fn fixture_on(ram: GuestRam) -> Fixture {
         // SAFETY: `ram` outlives the address space (Fixture drops it last) and stays mapped;
         // the test touches guest RAM only through vm-memory and the table.
         let space = unsafe { notifier::AddressSpace::new(&ram.notifier_regions()) }.unwrap();
@@ -1057,6 +1096,36 @@ mod tests {
         f.send_pfns(1, 0, &[0x400]);
         let s = f.stats();
         assert_eq!((s.huge_blocks_full, s.huge_blocks_partial), (0, 2));
+    }
+
+    #[test]
+    fn hugetlb_discards_whole_blocks_only() {
+        let config = MemoryConfig { size: RAM, backend: MemoryBackend::Hugetlb, thp: false };
+        let ram = match GuestRam::new(config) {
+            Ok(ram) => ram,
+            Err(e) => {
+                eprintln!("skipped: no hugetlb guest RAM on this host ({e})");
+                return;
+            }
+        };
+        let mut f = fixture_on(ram);
+        f.fill(0x400, 0x400);
+        let block: Vec<u32> = (0x400..0x600).collect();
+        f.send_pfns(0, 0, &block[..256]);
+        assert!(f.recorder.take().is_empty(), "half a huge page: nothing discarded yet");
+        assert!(f.page_is(0x400, 0xaa));
+        f.send_pfns(0, 1, &block[256..]);
+        assert_eq!(f.recorder.take(), [(0x400000, 0x600000)]);
+        assert!(f.page_is(0x400, 0) && f.page_is(0x5ff, 0));
+        let s = f.stats();
+        assert_eq!((s.discard_failures, s.huge_blocks_full, s.ballooned_pages), (0, 1, 512));
+        // A report trimmed to the whole block inside it.
+        let mem = f.ram.memory().clone();
+        f.rings[3].set_desc(&mem, 0, 0x5ff000, 0x202000, VIRTQ_DESC_F_WRITE, 0);
+        f.rings[3].push(&mem, 0);
+        w32(&mut f.t, reg::QUEUE_NOTIFY, 3);
+        assert_eq!(f.recorder.take(), [(0x600000, 0x800000)]);
+        assert!(f.page_is(0x7ff, 0) && f.page_is(0x800, 0xaa));
     }
 
     #[test]

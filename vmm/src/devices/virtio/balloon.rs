@@ -1130,8 +1130,6 @@ mod tests {
 
     #[test]
     fn unoffered_balloon_features_are_refused() {
-        let f = fixture(false);
-        drop(f);
         let ram =
             GuestRam::new(MemoryConfig { size: RAM, backend: MemoryBackend::Anonymous, thp: false }).unwrap();
         // SAFETY: `ram` is declared first, so it is dropped after the address space.

@@ -100,3 +100,60 @@ fn thp_memory_reads_zeros_and_huge_entries_are_dropped_whole() {
         assert_eq!((start % (2 << 20), end % (2 << 20)), (0, 0), "{d:?}");
     }
 }
+
+/// Reserves 2 MiB hugetlb pages for one test and gives them back (HOST.md: none are reserved
+/// here; `nr_hugepages` must be put back).
+struct HugePages {
+    before: String,
+}
+
+impl HugePages {
+    const PATH: &'static str = "/proc/sys/vm/nr_hugepages";
+
+    fn reserve(extra: u64) -> Result<Self, String> {
+        let before = std::fs::read_to_string(Self::PATH).map_err(|e| e.to_string())?;
+        let now: u64 = before.trim().parse().map_err(|e| format!("{e}"))?;
+        std::fs::write(Self::PATH, (now + extra).to_string())
+            .map_err(|e| format!("writing {}: {e}", Self::PATH))?;
+        Ok(Self { before })
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.before.trim());
+    }
+}
+
+#[test]
+fn hugetlb_memory_reads_zeros_after_whole_huge_page_discards() {
+    let _pages = match HugePages::reserve(40) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot reserve hugetlb pages ({e}); this test needs root");
+            return;
+        }
+    };
+    let report = discard_verify(MemoryBackend::Hugetlb, false, 2, 64);
+    assert_eq!(report.outcome, VmOutcome::Success, "{report:#?}");
+    let layer = &report.memory_layer;
+    // Whole huge pages only: one 2 MiB block and two blocks across a boundary per vCPU.
+    let lens: Vec<u64> = layer.discards.iter().map(|d| d.len).collect();
+    assert_eq!(lens.iter().filter(|&&l| l == 2 << 20).count(), 2, "{lens:?}");
+    assert_eq!(lens.iter().filter(|&&l| l == 4 << 20).count(), 2, "{lens:?}");
+    for d in &layer.discards {
+        assert!(d.device_read_pattern_before && d.device_read_zeros, "{d:?}");
+        assert_eq!((d.notified.1 - d.notified.0) as u64, d.len, "{d:?}");
+    }
+    assert!(layer.table.installs_2m > 0 && layer.table.installs_4k == 0, "{:?}", layer.table);
+    assert!(layer.table.torn_down["discard"] >= 4, "{:?}", layer.table);
+    assert_eq!(report.host_check.as_ref().unwrap().bad_pages, 0);
+}
+
+#[test]
+fn hugetlb_without_free_huge_pages_is_a_clear_error() {
+    // Ask for more than any test reserves.
+    let config = MemoryConfig { size: 16 << 30, backend: MemoryBackend::Hugetlb, thp: false };
+    let err = vmm::memory::GuestRam::new(config).unwrap_err().to_string();
+    assert!(err.contains("cannot reserve 8192 huge pages of 2 MiB"), "{err}");
+}

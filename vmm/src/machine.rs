@@ -352,16 +352,8 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         teardown_stop.try_clone().map_err(host("eventfd"))?,
     ));
     space.subscribe(teardown.clone()).map_err(notifier_err)?;
-    // With MEMORY_FAULT_INFO, a KVM_RUN that finds no host memory names the guest range.
-    if vm.fd().check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MEMORY_FAULT_INFO) as libc::c_ulong) > 0 {
-        let cap = kvm_bindings::kvm_enable_cap {
-            cap: kvm_bindings::KVM_CAP_MEMORY_FAULT_INFO,
-            ..Default::default()
-        };
-        if let Err(e) = vm.fd().enable_cap(&cap) {
-            tracing::warn!("KVM_CAP_MEMORY_FAULT_INFO: {e}");
-        }
-    }
+    // KVM_CAP_MEMORY_FAULT_INFO needs no enabling: where the host reports it, a KVM_RUN that
+    // finds no host memory exits with KVM_EXIT_MEMORY_FAULT naming the guest range.
 
     // Boot: fill RAM, decide entries.
     let (plan, boot_info) = match &config.boot {
@@ -432,7 +424,12 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     };
     let rendezvous = match boot_info {
         Some(info) if Workload::from_raw(info.workload) == Some(Workload::DiscardVerify) => {
-            Some(Arc::new(DiscardRendezvous::new(mmu.clone(), info, kvm_stats.clone())))
+            Some(Arc::new(DiscardRendezvous::new(
+                mmu.clone(),
+                info,
+                config.memory.backend == crate::memory::MemoryBackend::Hugetlb,
+                kvm_stats.clone(),
+            )))
         }
         _ => None,
     };

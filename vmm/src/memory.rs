@@ -11,6 +11,10 @@
 //!   `fallocate(PUNCH_HOLE)` or `MADV_REMOVE`; `MADV_DONTNEED` only drops the mapping and the
 //!   page cache keeps the data (HOST.md measured this).
 //!
+//! - [`MemoryBackend::Hugetlb`]: a memfd of 2 MiB hugetlb pages (`MFD_HUGETLB`), mapped shared.
+//!   The pages are reserved when guest RAM is mapped, so a host without enough free huge pages
+//!   (`/proc/sys/vm/nr_hugepages`) is told at once; discards must cover whole huge pages.
+//!
 //! With `thp`, every region is `madvise(MADV_HUGEPAGE)`d so that the host backs it with 2 MiB
 //! transparent huge pages where it can (this host's THP mode is `madvise`).
 
@@ -46,6 +50,8 @@ pub enum MemoryBackend {
     Anonymous,
     /// A memfd mapped shared.
     Memfd,
+    /// A memfd of 2 MiB hugetlb pages mapped shared.
+    Hugetlb,
 }
 
 /// What guest RAM to create.
@@ -91,6 +97,17 @@ pub enum MemoryError {
     /// Region overlap (cannot happen with the fixed layout, but vm-memory checks).
     #[error("cannot assemble guest memory: {0}")]
     Assemble(#[source] vm_memory::GuestRegionCollectionError),
+    /// Hugetlb needs whole huge pages.
+    #[error("memory size {0:#x} is not a multiple of the 2 MiB huge page size (hugetlb backing)")]
+    NotHugePageAligned(u64),
+    /// Not enough free huge pages.
+    #[error("cannot reserve {needed} huge pages of 2 MiB for guest RAM ({free} free): reserve them with `echo N > /proc/sys/vm/nr_hugepages` as root")]
+    NoHugePages {
+        /// Huge pages needed.
+        needed: u64,
+        /// Free huge pages on the host.
+        free: u64,
+    },
     /// madvise(MADV_HUGEPAGE) failed.
     #[error("madvise(MADV_HUGEPAGE) on guest RAM failed: {0}")]
     Thp(#[source] std::io::Error),
@@ -143,6 +160,9 @@ impl GuestRam {
         if config.size % PAGE_SIZE != 0 {
             return Err(MemoryError::NotPageAligned(config.size));
         }
+        if config.backend == MemoryBackend::Hugetlb && config.size % HUGE_PAGE_SIZE != 0 {
+            return Err(MemoryError::NotHugePageAligned(config.size));
+        }
         if config.size < MIN_MEM_SIZE {
             return Err(MemoryError::TooSmall { size: config.size, min: MIN_MEM_SIZE });
         }
@@ -153,8 +173,10 @@ impl GuestRam {
         let layout = ram_layout(config.size);
         let memfd = match config.backend {
             MemoryBackend::Anonymous => None,
-            MemoryBackend::Memfd => Some(Arc::new(create_memfd(config.size)?)),
+            MemoryBackend::Memfd => Some(Arc::new(create_memfd(config.size, false)?)),
+            MemoryBackend::Hugetlb => Some(Arc::new(create_memfd(config.size, true)?)),
         };
+        let hugetlb = config.backend == MemoryBackend::Hugetlb;
         let mut regions = Vec::with_capacity(layout.len());
         let mut file_offset = 0u64;
         for &(base, size) in &layout {
@@ -164,12 +186,21 @@ impl GuestRam {
                 None => {
                     builder.with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
                 }
+                // Hugetlb pages are reserved at mmap (no MAP_NORESERVE): too few free huge
+                // pages is an error now rather than a SIGBUS at the guest's first touch.
                 Some(file) => builder
-                    .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
-                    .with_file_offset(FileOffset::from_arc(file.clone(), file_offset)),
+                    .with_mmap_flags(libc::MAP_SHARED | if hugetlb { 0 } else { libc::MAP_NORESERVE })
+                    .with_file_offset(FileOffset::from_arc(file.clone(), file_offset))
+                    .with_hugetlbfs(hugetlb),
             };
-            let region: MmapRegion<()> =
-                builder.build().map_err(|source| MemoryError::Mmap { size, source })?;
+            let region: MmapRegion<()> = builder.build().map_err(|source| {
+                let enomem = matches!(&source, vm_memory::mmap::MmapRegionError::Mmap(e) if e.raw_os_error() == Some(libc::ENOMEM));
+                if hugetlb && enomem {
+                    MemoryError::NoHugePages { needed: config.size / HUGE_PAGE_SIZE, free: free_huge_pages() }
+                } else {
+                    MemoryError::Mmap { size, source }
+                }
+            })?;
             if config.thp {
                 // SAFETY: the range is exactly the mapping vm-memory just created and owns;
                 // MADV_HUGEPAGE changes no contents and no mapping, only the fault policy.
@@ -206,6 +237,12 @@ impl GuestRam {
         self.memory.iter().map(|r| (r.start_addr(), r.as_ptr() as u64, r.len()))
     }
 
+    /// Whether guest RAM comes in 2 MiB pages on the host (THP asked for, or hugetlb), so that
+    /// the VMM's table maps it with 2 MiB entries.
+    pub fn huge_pages(&self) -> bool {
+        self.config.thp || self.config.backend == MemoryBackend::Hugetlb
+    }
+
     /// Whether every region's host mapping is 2 MiB aligned (what THP needs to map whole
     /// huge pages at the guest's 2 MiB boundaries).
     pub fn huge_page_aligned(&self) -> bool {
@@ -218,9 +255,13 @@ impl GuestRam {
         let mut file_offset = 0u64;
         self.regions()
             .map(|(_, hva, size)| {
-                let backing = match &self.memfd {
-                    None => notifier::Backing::PrivateAnon,
-                    Some(f) => notifier::Backing::SharedMemfd { fd: f.as_raw_fd(), offset: file_offset },
+                let backing = match (&self.memfd, self.config.backend) {
+                    (Some(f), MemoryBackend::Hugetlb) => notifier::Backing::Hugetlb {
+                        page_size: HUGE_PAGE_SIZE as usize,
+                        file: Some((f.as_raw_fd(), file_offset)),
+                    },
+                    (Some(f), _) => notifier::Backing::SharedMemfd { fd: f.as_raw_fd(), offset: file_offset },
+                    (None, _) => notifier::Backing::PrivateAnon,
                 };
                 file_offset += size;
                 notifier::RegionSpec {
@@ -247,9 +288,20 @@ impl GuestRam {
     }
 }
 
-fn create_memfd(size: u64) -> Result<File, MemoryError> {
+/// Free 2 MiB huge pages on the host (`HugePages_Free` of /proc/meminfo).
+pub fn free_huge_pages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| l.strip_prefix("HugePages_Free:")).and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn create_memfd(size: u64, hugetlb: bool) -> Result<File, MemoryError> {
+    let flags = libc::MFD_CLOEXEC | if hugetlb { libc::MFD_HUGETLB | libc::MFD_HUGE_2MB } else { 0 };
     // SAFETY: the name is a valid NUL-terminated string; the call has no memory effects.
-    let fd = unsafe { libc::memfd_create(c"zapvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"zapvm-guest-ram".as_ptr(), flags) };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }

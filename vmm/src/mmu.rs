@@ -160,7 +160,8 @@ struct MmuRegion {
     gpa: u64,
     len: u64,
     hva: usize,
-    thp: bool,
+    /// Host memory comes in 2 MiB pages (THP or hugetlb): install 2 MiB entries.
+    huge: bool,
     table: IntervalHandle<Table>,
 }
 
@@ -189,7 +190,7 @@ impl GuestMmu {
                     c.torn_down[kind_index(&range.event)].fetch_add(dropped, Ordering::Relaxed);
                 },
             )?;
-            regions.push(MmuRegion { gpa: gpa.0, len, hva: hva as usize, thp: ram.config().thp, table });
+            regions.push(MmuRegion { gpa: gpa.0, len, hva: hva as usize, huge: ram.huge_pages(), table });
         }
         Ok(Self { space, regions, counters })
     }
@@ -237,7 +238,7 @@ impl GuestMmu {
         let huge_start = hva & !(huge - 1);
         let mapped = self.space.regions();
         let inside = |s: usize, e: usize| mapped.iter().any(|m| m.start <= s && e <= m.end);
-        if region.thp
+        if region.huge
             && huge_start >= region.hva
             && huge_start + huge <= region.hva + region.len as usize
             && inside(huge_start, huge_start + huge)

@@ -42,14 +42,21 @@ pub struct DiscardRecord {
 pub struct DiscardRendezvous {
     mmu: Arc<GuestMmu>,
     info: BootInfo,
+    /// Guest RAM is hugetlb: discard whole huge pages only.
+    huge_only: bool,
     kvm: Option<Arc<KvmStatsReader>>,
     records: Mutex<Vec<DiscardRecord>>,
 }
 
 impl DiscardRendezvous {
     /// A handler for a guest booted with `info`.
-    pub fn new(mmu: Arc<GuestMmu>, info: BootInfo, kvm: Option<Arc<KvmStatsReader>>) -> Self {
-        Self { mmu, info, kvm, records: Mutex::new(Vec::new()) }
+    pub fn new(
+        mmu: Arc<GuestMmu>,
+        info: BootInfo,
+        huge_only: bool,
+        kvm: Option<Arc<KvmStatsReader>>,
+    ) -> Self {
+        Self { mmu, info, huge_only, kvm, records: Mutex::new(Vec::new()) }
     }
 
     /// The discards done so far.
@@ -68,8 +75,10 @@ impl DiscardRendezvous {
 }
 
 /// The ranges to discard in `vcpu`'s slice: one page, four pages, a whole 2 MiB block and four
-/// pages across a 2 MiB boundary — each that the slice can hold, none overlapping.
-pub fn plan(info: &BootInfo, vcpu: usize) -> Vec<GpaRange> {
+/// pages across a 2 MiB boundary — each that the slice can hold, none overlapping. On hugetlb
+/// memory (`huge_only`), where only whole huge pages can be discarded: one 2 MiB block and two
+/// blocks across a 2 MiB boundary.
+pub fn plan(info: &BootInfo, vcpu: usize, huge_only: bool) -> Vec<GpaRange> {
     let work = &info.work[..(info.nr_work as usize).min(info.work.len())];
     let mut pages = Vec::new();
     slice_pages(work, info.nr_vcpus, vcpu as u64, |gpa| pages.push(gpa));
@@ -79,13 +88,25 @@ pub fn plan(info: &BootInfo, vcpu: usize) -> Vec<GpaRange> {
     };
     let range = |i: usize, n: usize| GpaRange { start: pages[i], end: pages[i] + n as u64 * PAGE_SIZE };
     let mut plan = Vec::new();
+    let per_huge = (HUGE_PAGE_SIZE / PAGE_SIZE) as usize;
+    if huge_only {
+        let aligned = |from: usize, blocks: usize| {
+            (from..pages.len()).find(|&i| pages[i] % HUGE_PAGE_SIZE == 0 && contiguous(i, blocks * per_huge))
+        };
+        if let Some(i) = aligned(0, 1) {
+            plan.push(range(i, per_huge));
+            if let Some(j) = aligned(i + 2 * per_huge, 2) {
+                plan.push(range(j, 2 * per_huge));
+            }
+        }
+        return plan;
+    }
     if contiguous(1, 1) {
         plan.push(range(1, 1));
     }
     if contiguous(5, 4) {
         plan.push(range(5, 4));
     }
-    let per_huge = (HUGE_PAGE_SIZE / PAGE_SIZE) as usize;
     let block = (10..pages.len()).find(|&i| pages[i] % HUGE_PAGE_SIZE == 0 && contiguous(i, per_huge));
     let after = match block {
         Some(i) => {
@@ -113,7 +134,7 @@ impl RendezvousHandler for DiscardRendezvous {
             Rendezvous::Discard => {
                 let (array, capacity) = (args[1], args[2]);
                 let ranges: Vec<GpaRange> =
-                    plan(&self.info, vcpu).into_iter().take(capacity as usize).collect();
+                    plan(&self.info, vcpu, self.huge_only).into_iter().take(capacity as usize).collect();
                 for r in &ranges {
                     let len = r.end - r.start;
                     let hva = self.mmu.host_range(r.start, len).ok_or_else(|| {
@@ -185,7 +206,7 @@ mod tests {
             work,
         };
         for vcpu in 0..2 {
-            let plan = plan(&info, vcpu);
+            let plan = plan(&info, vcpu, false);
             let lens: Vec<u64> = plan.iter().map(|r| r.end - r.start).collect();
             assert_eq!(lens, [4096, 16384, 2 << 20, 16384], "vCPU {vcpu}: {plan:x?}");
             assert_eq!(plan[2].start % HUGE_PAGE_SIZE, 0);
@@ -196,6 +217,10 @@ mod tests {
             let mut slice = Vec::new();
             slice_pages(&info.work[..1], 2, vcpu as u64, |g| slice.push(g));
             assert!(plan.iter().all(|r| slice.contains(&r.start) && slice.contains(&(r.end - 4096))));
+            let huge = super::plan(&info, vcpu, true);
+            let lens: Vec<u64> = huge.iter().map(|r| r.end - r.start).collect();
+            assert_eq!(lens, [2 << 20, 4 << 20], "vCPU {vcpu}: {huge:x?}");
+            assert!(huge.iter().all(|r| r.start % HUGE_PAGE_SIZE == 0 && slice.contains(&(r.end - 4096))));
         }
     }
 }

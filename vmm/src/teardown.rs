@@ -180,8 +180,13 @@ impl TeardownGuard {
             .find(|r| r.spec.host_addr <= start && end <= r.spec.host_addr + r.spec.len)
             .ok_or_else(|| format!("host range [{start:#x}, {end:#x}) is not guest RAM"))?;
         let len = end - start;
-        let (flags, fd, offset) = match region.spec.backing {
-            notifier::Backing::SharedMemfd { fd, offset } => {
+        let file = match region.spec.backing {
+            notifier::Backing::SharedMemfd { fd, offset } => Some((fd, offset)),
+            notifier::Backing::Hugetlb { file, .. } => file,
+            notifier::Backing::PrivateAnon => None,
+        };
+        let (flags, fd, offset) = match file {
+            Some((fd, offset)) => {
                 let offset = offset + (start - region.spec.host_addr) as u64;
                 // Zero the file's pages first: the fresh mapping must read zeros like anonymous memory.
                 // SAFETY: fallocate on the VMM's own memfd over a range inside guest RAM's file.
@@ -198,7 +203,7 @@ impl TeardownGuard {
                 }
                 (libc::MAP_SHARED, fd, offset as i64)
             }
-            _ => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
+            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
         };
         // SAFETY: MAP_FIXED_NOREPLACE maps only if nothing is mapped in [start, end), so no
         // mapping (ours or anyone's) is replaced; the range was guest RAM, now a hole.
@@ -234,6 +239,9 @@ impl TeardownGuard {
             backing: match region.spec.backing {
                 notifier::Backing::SharedMemfd { fd, .. } => {
                     notifier::Backing::SharedMemfd { fd, offset: offset as u64 }
+                }
+                notifier::Backing::Hugetlb { page_size, file: Some((fd, _)) } => {
+                    notifier::Backing::Hugetlb { page_size, file: Some((fd, offset as u64)) }
                 }
                 other => other,
             },

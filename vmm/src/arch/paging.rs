@@ -76,7 +76,8 @@ mod tests {
     fn identity_maps_every_address_with_user_bits() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let layout = PageTableLayout { pml4: 0x8000, pdpt: 0x9000, pds: 0x10_0000 };
-        write_identity_tables(&mem, layout, 5 << 30, true).unwrap();
+        // An end just past 5 GiB rounds up to whole GiB: [0, 6 GiB) is mapped.
+        write_identity_tables(&mem, layout, (5 << 30) + 1, true).unwrap();
         for va in [0, 0x20_1234, 0xd000_0000, (4 << 30) + 0x12_3456, (6 << 30) - 8] {
             let (pa, flags) = walk(&mem, 0x8000, va).unwrap();
             assert_eq!(pa, va);

@@ -105,13 +105,14 @@ fn config(
         vcpus: 2,
         boot: BootSource::TestGuest {
             elf: None,
-            params: TestGuestParams { workload: Workload::Touch, seed: 1, cpl0: false },
+            params: TestGuestParams { workload: Workload::Touch, seed: 1, cpl0: false, hostile: false },
         },
         timeout: Some(Duration::from_secs(60)),
         console: Console::Null,
         monitor,
         teardown_policy: policy,
         after_start: Some(hook),
+        balloon: None,
     };
     (config, device)
 }

@@ -17,13 +17,14 @@ fn config(mem_mib: u64, vcpus: u32, backend: MemoryBackend, thp: bool, workload:
         vcpus,
         boot: BootSource::TestGuest {
             elf: None,
-            params: TestGuestParams { workload, seed: 0xfeed ^ mem_mib, cpl0: false },
+            params: TestGuestParams { workload, seed: 0xfeed ^ mem_mib, cpl0: false, hostile: false },
         },
         timeout: Some(Duration::from_secs(120)),
         console: Console::Null,
         monitor: true,
         teardown_policy: Default::default(),
         after_start: None,
+        balloon: None,
     }
 }
 

@@ -19,13 +19,19 @@ fn discard_verify(backend: MemoryBackend, thp: bool, vcpus: u32, mem_mib: u64) -
         vcpus,
         boot: BootSource::TestGuest {
             elf: None,
-            params: TestGuestParams { workload: Workload::DiscardVerify, seed: 0xd15c, cpl0: false },
+            params: TestGuestParams {
+                workload: Workload::DiscardVerify,
+                seed: 0xd15c,
+                cpl0: false,
+                hostile: false,
+            },
         },
         timeout: Some(Duration::from_secs(120)),
         console: Console::Null,
         monitor: true,
         teardown_policy: Default::default(),
         after_start: None,
+        balloon: None,
     };
     run(&config).expect("the VM starts")
 }

@@ -60,13 +60,19 @@ pub fn boot(opts: &BootBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<V
                 vcpus: 1,
                 boot: BootSource::TestGuest {
                     elf: None,
-                    params: TestGuestParams { workload: Workload::Touch, seed: run as u64 + 1, cpl0: false },
+                    params: TestGuestParams {
+                        workload: Workload::Touch,
+                        seed: run as u64 + 1,
+                        cpl0: false,
+                        hostile: false,
+                    },
                 },
                 timeout: Some(Duration::from_secs(120)),
                 console: Console::Null,
                 monitor: true,
                 teardown_policy: Default::default(),
                 after_start: None,
+                balloon: None,
             };
             let report = machine::run(&config).map_err(|e| e.to_string())?;
             let vcpu = &report.vcpus[0];

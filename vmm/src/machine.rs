@@ -21,6 +21,9 @@ use crate::arch::{cpu, gdt};
 use crate::boot::{self, test_guest, BootError};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT};
+use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonStats};
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
+use crate::devices::virtio::VirtioInterrupt;
 use crate::devices::{Bus, BusError};
 use crate::kvm_stats::KvmStatsReader;
 use crate::memory::{GuestRam, MemoryConfig, MemoryError};
@@ -108,7 +111,19 @@ pub struct VmConfig {
     pub teardown_policy: TeardownPolicy,
     /// Called on the VMM's thread once the vCPUs run (tests use it to act on a running VM).
     pub after_start: Option<AfterStart>,
+    /// A virtio-balloon device, with the features it offers.
+    pub balloon: Option<BalloonConfig>,
 }
+
+/// Guest-physical base of the first virtio-mmio window (in the 32-bit MMIO hole).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Distance between two virtio-mmio windows.
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// GSI of the first virtio-mmio device (after the legacy ISA lines the PIC/IOAPIC use).
+pub const VIRTIO_FIRST_GSI: u32 = 5;
+
+/// The balloon device as the VMM holds it.
+pub type BalloonDevice = Arc<Mutex<MmioTransport<Balloon>>>;
 
 /// A hook called once the vCPUs of a VM run.
 pub type AfterStart = Arc<dyn Fn(&RunningVm) + Send + Sync>;
@@ -119,6 +134,8 @@ pub struct RunningVm {
     pub regions: Vec<(u64, usize, usize)>,
     /// The VMM's table, for device-path accesses.
     pub mmu: Arc<GuestMmu>,
+    /// The balloon, if the VM has one.
+    pub balloon: Option<BalloonDevice>,
 }
 
 /// Errors that keep a VM from starting (bad input or a host problem), each a one-line message.
@@ -224,6 +241,8 @@ pub struct MemoryLayerReport {
     pub discards: Vec<DiscardRecord>,
     /// Teardowns of guest RAM by code outside the VMM, and what the policy did.
     pub external_teardowns: TeardownReport,
+    /// The balloon's counters, if the VM had one.
+    pub balloon: Option<BalloonStats>,
 }
 
 /// The result of running a VM.
@@ -355,6 +374,38 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     // KVM_CAP_MEMORY_FAULT_INFO needs no enabling: where the host reports it, a KVM_RUN that
     // finds no host memory exits with KVM_EXIT_MEMORY_FAULT naming the guest range.
 
+    // virtio-mmio devices, at fixed windows in the MMIO hole; the guest learns them from its boot
+    // info (test guest) or its command line (Linux).
+    let mut mmio = Bus::default();
+    let mut virtio = Vec::new();
+    let balloon: Option<BalloonDevice> = match config.balloon {
+        None => None,
+        Some(features) => {
+            let (base, gsi) = (
+                VIRTIO_MMIO_BASE + VIRTIO_MMIO_STRIDE * virtio.len() as u64,
+                VIRTIO_FIRST_GSI + virtio.len() as u32,
+            );
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
+            vm.fd()
+                .register_irqfd(&irq, gsi)
+                .map_err(|e| Error::Device(format!("KVM_IRQFD for the balloon: {e}")))?;
+            let device = Balloon::new(mmu.clone(), &ram, features);
+            let transport = Arc::new(Mutex::new(MmioTransport::new(
+                device,
+                mmu.clone() as Arc<dyn GuestMemoryAccess>,
+                Arc::new(VirtioInterrupt::new(irq)),
+            )));
+            mmio.insert(base, MMIO_WINDOW_SIZE, transport.clone())?;
+            virtio.push(guest_abi::VirtioMmioDevice {
+                base,
+                size: MMIO_WINDOW_SIZE,
+                device_id: guest_abi::VIRTIO_ID_BALLOON,
+                irq: u64::from(gsi),
+            });
+            Some(transport)
+        }
+    };
+
     // Boot: fill RAM, decide entries.
     let (plan, boot_info) = match &config.boot {
         BootSource::TestGuest { elf, params } => {
@@ -369,7 +420,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
                 ),
                 None => (test_guest::BUILT_IN_ELF.to_vec(), "built-in".to_string()),
             };
-            let loaded = test_guest::load(&ram, &bytes, &name, nr_vcpus as usize, *params)?;
+            let loaded = test_guest::load(&ram, &bytes, &name, nr_vcpus as usize, *params, &virtio)?;
             (loaded.plan, Some(loaded.boot_info))
         }
         BootSource::Linux { kernel, initrd, cmdline } => {
@@ -440,7 +491,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         teardown: teardown.clone(),
         rendezvous: rendezvous.clone().map(|r| r as Arc<dyn crate::vstate::vcpu::RendezvousHandler>),
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::default()),
+        mmio: Arc::new(mmio),
         stop: Default::default(),
         events: events_tx,
         wake: EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?,
@@ -478,7 +529,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
 
     if let Some(hook) = &config.after_start {
         let regions = ram.regions().map(|(gpa, hva, len)| (gpa.0, hva as usize, len as usize)).collect();
-        hook(&RunningVm { regions, mmu: mmu.clone() });
+        hook(&RunningVm { regions, mmu: mmu.clone(), balloon: balloon.clone() });
     }
     let snapshot = || {
         let progress: Vec<(u64, u64)> = shared
@@ -558,6 +609,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         notifier: space.stats(),
         discards: rendezvous.as_ref().map(|r| r.records()).unwrap_or_default(),
         external_teardowns: teardown.report(),
+        balloon: balloon.as_ref().map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).device().stats()),
     };
     Ok(RunReport {
         memory_layer,

@@ -90,6 +90,12 @@ struct RunArgs {
     /// Run the test guest's workload at CPL 0 (for VMX/SVM hosts; very slow on PVM).
     #[arg(long)]
     cpl0: bool,
+    /// The test guest's drivers misbehave on purpose (malformed and out-of-range requests).
+    #[arg(long)]
+    hostile: bool,
+    /// No virtio-balloon device.
+    #[arg(long)]
+    no_balloon: bool,
     /// The KVM device.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -182,6 +188,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
                 },
                 seed: args.seed,
                 cpl0: args.cpl0,
+                hostile: args.hostile,
             },
         },
     };
@@ -198,6 +205,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         monitor: !args.no_monitor,
         teardown_policy: args.on_external_unmap,
         after_start: None,
+        balloon: (!args.no_balloon).then(vmm::devices::virtio::balloon::BalloonConfig::default),
     };
     let report = machine::run(&config).map_err(|e| e.to_string())?;
     if args.json {

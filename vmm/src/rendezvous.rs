@@ -204,6 +204,8 @@ mod tests {
             idt_gpa: 0,
             nr_work: 1,
             work,
+            nr_virtio: 0,
+            virtio: Default::default(),
         };
         for vcpu in 0..2 {
             let plan = plan(&info, vcpu, false);

@@ -21,7 +21,7 @@
 /// The port a ucall is written to (a 32-bit `out` of the record's guest-physical address).
 pub const UCALL_PORT: u16 = 0xe0;
 /// Version of this ABI; the guest's hello ucall carries it and the VMM refuses a mismatch.
-pub const ABI_VERSION: u64 = 1;
+pub const ABI_VERSION: u64 = 2;
 /// Guest-physical address of the [`BootInfo`] page.
 pub const BOOT_INFO_GPA: u64 = 0x7000;
 /// [`BootInfo::magic`].
@@ -30,6 +30,12 @@ pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"ZAPVMBI1");
 pub const MAX_MESSAGE_LEN: usize = 512;
 /// The most RAM ranges a [`BootInfo`] describes.
 pub const MAX_RANGES: usize = 8;
+/// The most virtio-mmio devices a [`BootInfo`] describes.
+pub const MAX_VIRTIO_DEVICES: usize = 4;
+/// virtio device type of a memory balloon.
+pub const VIRTIO_ID_BALLOON: u64 = 5;
+/// virtio device type of a memory device (virtio-mem).
+pub const VIRTIO_ID_MEM: u64 = 24;
 /// Guest pages are 4 KiB.
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -76,6 +82,40 @@ pub enum Workload {
     /// reads as zeros and every other page still holds the pattern. `Done` carries the pages
     /// checked and the wrapping sum of [`page_checksum`] over the pages that kept the pattern.
     DiscardVerify = 5,
+    /// Drive the virtio-balloon device of [`BootInfo::virtio`] by polling (interrupts stay off):
+    /// fill the slice, then follow the host's target (`num_pages`) forever — inflate by giving the
+    /// host pages from the end of the slice, deflate by taking them back — verifying after every
+    /// step that the pages still owned hold the pattern and that pages got back read zeros;
+    /// answer stats requests; report free pages. Each completed step is a [`UcallKind::Stage`]
+    /// with `args[0]` = [`STAGE_BALLOON_STEP`] and `args[1]` = pages in the balloon. The run ends
+    /// when the host stops the VM. With [`FLAG_HOSTILE`] the driver sends malformed requests.
+    Balloon = 6,
+    /// Like [`Workload::Balloon`] for the virtio-mem device: plug and unplug blocks as the
+    /// host's requested size says, verify plugged memory, report each step as a Stage with
+    /// `args[0]` = [`STAGE_MEM_STEP`] and `args[1]` = plugged bytes.
+    VirtioMem = 7,
+}
+
+/// [`UcallKind::Stage`] `args[0]` of a completed balloon step.
+pub const STAGE_BALLOON_STEP: u64 = 0x100;
+/// [`UcallKind::Stage`] `args[0]` of a completed virtio-mem step.
+pub const STAGE_MEM_STEP: u64 = 0x200;
+/// [`BootInfo::flags`]: drivers misbehave on purpose (out-of-range PFNs, duplicate PFNs, bad
+/// descriptor lengths, descriptor loops, out-of-range virtio-mem requests) to test the devices.
+pub const FLAG_HOSTILE: u64 = 1 << 1;
+
+/// A virtio-mmio device the guest may drive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtioMmioDevice {
+    /// Guest-physical base of its MMIO window.
+    pub base: u64,
+    /// Size of the window.
+    pub size: u64,
+    /// virtio device type ([`VIRTIO_ID_BALLOON`], [`VIRTIO_ID_MEM`]).
+    pub device_id: u64,
+    /// Its interrupt line (GSI); the test guest polls instead.
+    pub irq: u64,
 }
 
 impl Workload {
@@ -87,6 +127,8 @@ impl Workload {
             3 => Self::AssertFail,
             4 => Self::Exception,
             5 => Self::DiscardVerify,
+            6 => Self::Balloon,
+            7 => Self::VirtioMem,
             _ => return None,
         })
     }
@@ -151,6 +193,10 @@ pub struct BootInfo {
     pub nr_work: u64,
     /// The RAM the workload owns, split between the vCPUs by [`slice_pages`].
     pub work: [GpaRange; MAX_RANGES],
+    /// Number of valid entries in `virtio`.
+    pub nr_virtio: u64,
+    /// The virtio-mmio devices of the machine.
+    pub virtio: [VirtioMmioDevice; MAX_VIRTIO_DEVICES],
 }
 
 /// Kinds of ucall.

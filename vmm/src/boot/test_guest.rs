@@ -46,6 +46,8 @@ pub struct TestGuestParams {
     pub seed: u64,
     /// Run at CPL 0 instead of CPL 3.
     pub cpl0: bool,
+    /// Drivers misbehave on purpose ([`guest_abi::FLAG_HOSTILE`]).
+    pub hostile: bool,
 }
 
 /// A loaded test guest.
@@ -128,6 +130,7 @@ pub fn load(
     name: &str,
     nr_vcpus: usize,
     params: TestGuestParams,
+    virtio: &[guest_abi::VirtioMmioDevice],
 ) -> Result<LoadedTestGuest, BootError> {
     let bad = |reason: String| BootError::BadImage { what: "test guest ELF", path: name.into(), reason };
     let (lo, hi) = elf_extent(elf).map_err(bad)?;
@@ -185,11 +188,14 @@ pub fn load(
         abi_version: guest_abi::ABI_VERSION,
         nr_vcpus: nr_vcpus as u64,
         workload: params.workload as u64,
-        flags: if params.cpl0 { FLAG_CPL0 } else { 0 },
+        flags: if params.cpl0 { FLAG_CPL0 } else { 0 }
+            | if params.hostile { guest_abi::FLAG_HOSTILE } else { 0 },
         seed: params.seed,
         idt_gpa: gdt::IDT_GPA,
         nr_work: nr_work as u64,
         work,
+        nr_virtio: virtio.len().min(guest_abi::MAX_VIRTIO_DEVICES) as u64,
+        virtio: std::array::from_fn(|i| virtio.get(i).copied().unwrap_or_default()),
     };
     mem.write_obj(BootInfoBytes(boot_info), GuestAddress(BOOT_INFO_GPA)).map_err(write("boot info"))?;
 

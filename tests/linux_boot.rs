@@ -281,8 +281,16 @@ fn boot_debian_kernel(vmlinux: bool, budget: Duration) {
         if seen.cmdline.is_none() && line.contains("Command line: ") {
             seen.cmdline = Some(at);
             let got = &line[line.find("Command line: ").unwrap() + 14..];
-            if got.trim() != cmdline.trim() {
-                break Err(format!("the kernel got the command line {got:?}, zapvm was given {cmdline:?}"));
+            // zapvm appends the virtio-mmio devices it gives the guest (its balloon).
+            let expected = format!(
+                "{} virtio_mmio.device={:#x}@{:#x}:{}",
+                cmdline.trim(),
+                vmm::devices::virtio::mmio::MMIO_WINDOW_SIZE,
+                vmm::machine::VIRTIO_MMIO_BASE,
+                vmm::machine::VIRTIO_FIRST_GSI
+            );
+            if got.trim() != expected {
+                break Err(format!("the kernel got the command line {got:?}, expected {expected:?}"));
             }
         }
         if line.contains("BIOS-provided physical RAM map") {

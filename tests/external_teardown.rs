@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use guest_abi::Workload;
 use vmm::boot::test_guest::TestGuestParams;
-use vmm::machine::{run, BootSource, Console, RunningVm, VmConfig, VmOutcome};
+use vmm::machine::{run, BootSource, Console, VmConfig, VmControl, VmOutcome};
 use vmm::memory::{MemoryBackend, MemoryConfig};
 use vmm::mmu::{AccessError, GuestMemoryAccess};
 use vmm::teardown::TeardownPolicy;
@@ -41,7 +41,7 @@ fn config(
 ) -> (VmConfig, Arc<Mutex<Option<JoinHandle<DeviceView>>>>) {
     let device: Arc<Mutex<Option<JoinHandle<DeviceView>>>> = Arc::default();
     let slot = device.clone();
-    let hook = Arc::new(move |vm: &RunningVm| {
+    let hook = Arc::new(move |vm: &Arc<VmControl>| {
         let (gpa, hva, _) = vm.regions[0];
         let hole = hva + (HOLE_GPA - gpa) as usize;
         let mmu = vm.mmu.clone();

@@ -126,3 +126,33 @@ fn guest_exception_fails_the_run_naming_the_vector() {
     let VmOutcome::Failed { message } = &report.outcome else { panic!("{report:#?}") };
     assert!(message.contains("#UD"), "{message}");
 }
+
+#[test]
+fn a_paused_vm_makes_no_progress_and_quit_ends_the_run() {
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    let mut cfg = config(2048, 2, MemoryBackend::Anonymous, false, Workload::Touch);
+    cfg.after_start = Some(Arc::new(move |vm: &Arc<vmm::machine::VmControl>| {
+        let vm = vm.clone();
+        let log = log.clone();
+        std::thread::spawn(move || {
+            vm.pause().expect("every vCPU parks");
+            let exits = |vm: &vmm::machine::VmControl| vm.stats()["kvm"]["vcpus"]["exits"].as_u64().unwrap();
+            let before = exits(&vm);
+            // Give a broken pause the time to show itself: a running Touch vCPU exits thousands
+            // of times in 50 ms (one exit per page fault); a parked one not at all.
+            std::thread::sleep(Duration::from_millis(50));
+            let after = exits(&vm);
+            log.lock().unwrap().push(format!("paused exits {before} -> {after}"));
+            assert_eq!(before, after, "no vCPU ran while paused");
+            assert!(vm.paused());
+            vm.resume();
+            vm.quit();
+        });
+    }));
+    let report = run(&cfg).unwrap();
+    assert_eq!(report.outcome, VmOutcome::Quit, "{report:#?} {:?}", seen.lock().unwrap());
+    assert!(report.success());
+    assert_eq!(seen.lock().unwrap().len(), 1, "the controller thread ran to its end");
+}

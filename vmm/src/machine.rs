@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use guest_abi::{page_checksum, pattern, slice_pages, BootInfo, Workload};
+use std::os::unix::thread::JoinHandleExt;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
@@ -126,16 +127,92 @@ pub const VIRTIO_FIRST_GSI: u32 = 5;
 pub type BalloonDevice = Arc<Mutex<MmioTransport<Balloon>>>;
 
 /// A hook called once the vCPUs of a VM run.
-pub type AfterStart = Arc<dyn Fn(&RunningVm) + Send + Sync>;
+pub type AfterStart = Arc<dyn Fn(&Arc<VmControl>) + Send + Sync>;
 
-/// What a hook sees of a running VM.
-pub struct RunningVm {
+/// A running VM as its controllers (the control API, tests) see it.
+pub struct VmControl {
     /// Guest RAM regions: (guest-physical start, host address, length).
     pub regions: Vec<(u64, usize, usize)>,
     /// The VMM's table, for device-path accesses.
     pub mmu: Arc<GuestMmu>,
     /// The balloon, if the VM has one.
     pub balloon: Option<BalloonDevice>,
+    shared: Arc<VcpuShared>,
+    space: Arc<notifier::AddressSpace>,
+    kvm_stats: Option<Arc<KvmStatsReader>>,
+    teardown: Arc<TeardownGuard>,
+    rendezvous: Option<Arc<DiscardRendezvous>>,
+    quit: EventFd,
+    /// The vCPU threads, while they may be signalled (`None` once the VMM joins them).
+    threads: Mutex<Option<Vec<libc::pthread_t>>>,
+    started: Instant,
+}
+
+impl VmControl {
+    /// Asks the VMM to stop the VM; the run ends with [`VmOutcome::Quit`].
+    pub fn quit(&self) {
+        let _ = self.quit.write(1);
+    }
+
+    fn kick_all(&self) {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        for &t in threads.iter().flatten() {
+            // SAFETY: the threads are joinable and not joined while `threads` is `Some` (the VMM
+            // takes it, under this lock, before joining), so each pthread_t is valid.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Stops every vCPU at its next exit (kicking them out of `KVM_RUN`) and waits until all
+    /// that still run are parked.
+    pub fn pause(&self) -> Result<(), String> {
+        self.shared.pause.close();
+        self.kick_all();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let alive = self.shared.alive.load(Ordering::SeqCst);
+            if self.shared.pause.wait_parked(alive, Duration::from_millis(100)) >= alive {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("only some of {alive} vCPUs stopped within 5 s"));
+            }
+            self.kick_all();
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        self.shared.pause.open();
+    }
+
+    /// Whether the VM is paused.
+    pub fn paused(&self) -> bool {
+        self.shared.pause.is_closed()
+    }
+
+    /// A JSON snapshot of the VM's statistics: KVM's, the table's, the notifier's, external
+    /// teardowns, the balloon's.
+    pub fn stats(&self) -> serde_json::Value {
+        let progress: Vec<(u64, u64)> = self
+            .shared
+            .progress
+            .iter()
+            .map(|(d, t)| (d.load(Ordering::Relaxed), t.load(Ordering::Relaxed)))
+            .collect();
+        serde_json::json!({
+            "pid": std::process::id(),
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "paused": self.paused(),
+            "vcpu_progress_pages": progress,
+            "kvm": self.kvm_stats.as_ref().and_then(|k| k.read().ok()),
+            "table": self.mmu.stats(),
+            "notifier": self.space.stats(),
+            "external_teardowns": self.teardown.report(),
+            "discards": self.rendezvous.as_ref().map(|r| r.records().len()).unwrap_or(0),
+            "balloon": self.balloon.as_ref().map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).device().stats()),
+        })
+    }
 }
 
 /// Errors that keep a VM from starting (bad input or a host problem), each a one-line message.
@@ -210,6 +287,8 @@ pub enum VmOutcome {
         /// What went wrong.
         message: String,
     },
+    /// The VMM was asked to stop the VM (control API, `VmControl::quit`).
+    Quit,
     /// The timeout expired.
     TimedOut {
         /// After how many seconds.
@@ -269,7 +348,7 @@ pub struct RunReport {
 impl RunReport {
     /// Whether the run succeeded.
     pub fn success(&self) -> bool {
-        matches!(self.outcome, VmOutcome::Success | VmOutcome::Reset)
+        matches!(self.outcome, VmOutcome::Success | VmOutcome::Reset | VmOutcome::Quit)
     }
 }
 
@@ -284,6 +363,9 @@ struct Watcher {
     /// Written by the SIGUSR1 handler: `zapvm stats` wants a snapshot.
     stats_wake: EventFd,
     stats_requested: bool,
+    /// Written by [`VmControl::quit`].
+    quit: EventFd,
+    quit_seen: bool,
 }
 
 impl MutEventSubscriber for Watcher {
@@ -294,6 +376,9 @@ impl MutEventSubscriber for Watcher {
         } else if events.fd() == self.teardown_stop.as_raw_fd_i32() {
             let _ = self.teardown_stop.read();
             self.teardown_stop_seen = true;
+        } else if events.fd() == self.quit.as_raw_fd_i32() {
+            let _ = self.quit.read();
+            self.quit_seen = true;
         } else if events.fd() == self.stats_wake.as_raw_fd_i32() {
             let _ = self.stats_wake.read();
             self.stats_requested = true;
@@ -303,7 +388,7 @@ impl MutEventSubscriber for Watcher {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [&self.vcpu_wake, &self.reset, &self.teardown_stop, &self.stats_wake] {
+        for fd in [&self.vcpu_wake, &self.reset, &self.teardown_stop, &self.stats_wake, &self.quit] {
             if let Err(e) = ops.add(event_manager::Events::new(fd, EventSet::IN)) {
                 tracing::error!("cannot watch an eventfd: {e:?}");
             }
@@ -493,6 +578,8 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
         stop: Default::default(),
+        pause: Default::default(),
+        alive: std::sync::atomic::AtomicUsize::new(nr_vcpus as usize),
         events: events_tx,
         wake: EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?,
         nr_vcpus: u64::from(nr_vcpus),
@@ -500,6 +587,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         started,
     });
 
+    let quit = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
     let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| Error::Device(format!("epoll: {e:?}")))?;
     let watcher = Arc::new(Mutex::new(Watcher {
@@ -510,6 +598,8 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         teardown_stop_seen: false,
         stats_wake: EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?,
         stats_requested: false,
+        quit: quit.try_clone().map_err(host("eventfd"))?,
+        quit_seen: false,
     }));
     crate::stats::set_wake_fd(watcher.lock().unwrap_or_else(|e| e.into_inner()).stats_wake.as_raw_fd_i32());
     manager.add_subscriber(watcher.clone());
@@ -527,33 +617,31 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         threads.push(handle);
     }
 
+    let control = Arc::new(VmControl {
+        regions: ram.regions().map(|(gpa, hva, len)| (gpa.0, hva as usize, len as usize)).collect(),
+        mmu: mmu.clone(),
+        balloon: balloon.clone(),
+        shared: shared.clone(),
+        space: space.clone(),
+        kvm_stats: kvm_stats.clone(),
+        teardown: teardown.clone(),
+        rendezvous: rendezvous.clone(),
+        quit,
+        threads: Mutex::new(Some(threads.iter().map(|t| t.as_pthread_t()).collect())),
+        started,
+    });
     if let Some(hook) = &config.after_start {
-        let regions = ram.regions().map(|(gpa, hva, len)| (gpa.0, hva as usize, len as usize)).collect();
-        hook(&RunningVm { regions, mmu: mmu.clone(), balloon: balloon.clone() });
+        hook(&control);
     }
-    let snapshot = || {
-        let progress: Vec<(u64, u64)> = shared
-            .progress
-            .iter()
-            .map(|(d, t)| (d.load(Ordering::Relaxed), t.load(Ordering::Relaxed)))
-            .collect();
-        serde_json::json!({
-            "pid": std::process::id(),
-            "uptime_s": started.elapsed().as_secs_f64(),
-            "vcpu_progress_pages": progress,
-            "kvm": kvm_stats.as_ref().and_then(|k| k.read().ok()),
-            "table": mmu.stats(),
-            "notifier": space.stats(),
-            "external_teardowns": teardown.report(),
-            "discards": rendezvous.as_ref().map(|r| r.records().len()).unwrap_or(0),
-        })
-        .to_string()
-    };
+    let snapshot = || control.stats().to_string();
     let outcome = event_loop(config, &mut manager, &watcher, &events_rx, threads.len(), started, &snapshot);
     crate::stats::set_wake_fd(-1);
 
     // Stop every vCPU still running: flag first, then kick (see the protocol in vstate::vcpu).
+    // The control handle may no longer signal the threads once they can be joined.
+    *control.threads.lock().unwrap_or_else(|e| e.into_inner()) = None;
     shared.stop.store(true, Ordering::SeqCst);
+    shared.pause.wake_all();
     let finished: Vec<bool> = {
         let mut f = vec![false; threads.len()];
         while let Ok(VcpuEvent::Finished { index, .. }) = events_rx.try_recv() {
@@ -657,6 +745,9 @@ fn event_loop(
             }
             if w.reset_seen {
                 return Some(VmOutcome::Reset);
+            }
+            if w.quit_seen {
+                return Some(VmOutcome::Quit);
             }
             if w.teardown_stop_seen {
                 return None; // the teardown guard's report says why

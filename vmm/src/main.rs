@@ -269,6 +269,7 @@ fn print_summary(config: &VmConfig, report: &RunReport) {
             println!("zapvm: success in {:.1} ms", report.wall_us as f64 / 1000.0)
         }
         VmOutcome::Reset => println!("zapvm: the guest reset the machine"),
+        VmOutcome::Quit => println!("zapvm: stopped on request"),
         VmOutcome::Failed { message } => eprintln!("zapvm: failed: {message}"),
         VmOutcome::TimedOut { seconds } => eprintln!("zapvm: timed out after {seconds} s"),
     }

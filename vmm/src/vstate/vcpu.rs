@@ -77,6 +77,10 @@ pub struct VcpuShared {
     pub mmio: Arc<Bus>,
     /// Set by the VMM to stop every vCPU.
     pub stop: AtomicBool,
+    /// Where vCPUs park while the VM is paused.
+    pub pause: PauseGate,
+    /// vCPU threads that have not finished yet.
+    pub alive: std::sync::atomic::AtomicUsize,
     /// Where vCPU threads report that they finished.
     pub events: Sender<VcpuEvent>,
     /// Wakes the VMM's event loop after an event was sent.
@@ -87,6 +91,68 @@ pub struct VcpuShared {
     pub progress: Vec<(AtomicU64, AtomicU64)>,
     /// When the VMM started building the VM.
     pub started: Instant,
+}
+
+/// Where vCPUs park while the VM is paused.
+///
+/// Pausing sets `paused` and then kicks every vCPU out of `KVM_RUN`; a vCPU checks the gate
+/// before each `KVM_RUN`, so once kicked it parks until `resume` (or a stop) and is counted in
+/// `parked`, which the pauser waits for.
+#[derive(Default)]
+pub struct PauseGate {
+    paused: AtomicBool,
+    parked: std::sync::Mutex<usize>,
+    changed: std::sync::Condvar,
+}
+
+impl PauseGate {
+    /// Closes the gate (vCPUs park at their next check).
+    pub fn close(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    /// Opens the gate and wakes the parked vCPUs.
+    pub fn open(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        let _guard = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.changed.notify_all();
+    }
+
+    /// Whether the gate is closed.
+    pub fn is_closed(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` vCPUs are parked, at most `timeout`; returns how many are.
+    pub fn wait_parked(&self, n: usize, timeout: std::time::Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        while *parked < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            parked = self.changed.wait_timeout(parked, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        *parked
+    }
+
+    /// Parks the calling vCPU while the gate is closed and `stop` is not set.
+    fn park(&self, stop: &AtomicBool) {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        *parked += 1;
+        self.changed.notify_all();
+        while self.paused.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+            parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner());
+        }
+        *parked -= 1;
+    }
+
+    /// Wakes parked vCPUs so that they see a stop.
+    pub fn wake_all(&self) {
+        let _guard = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.changed.notify_all();
+    }
 }
 
 /// What a vCPU thread tells the VMM loop.
@@ -213,7 +279,9 @@ impl Vcpu {
         report.outcome = self.run_loop(shared, &mut report);
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
         let fatal = report.outcome.is_fatal();
-        // The receiver lives as long as the VMM loop that joins this thread.
+        shared.alive.fetch_sub(1, Ordering::SeqCst);
+        shared.pause.wake_all(); // a pauser waiting for every live vCPU counts one fewer
+                                 // The receiver lives as long as the VMM loop that joins this thread.
         let _ = shared.events.send(VcpuEvent::Finished { index: self.index, fatal });
         let _ = shared.wake.write(1);
         report
@@ -225,6 +293,10 @@ impl Vcpu {
         loop {
             if shared.stop.load(Ordering::Acquire) {
                 return VcpuOutcome::Stopped;
+            }
+            if shared.pause.is_closed() {
+                shared.pause.park(&shared.stop);
+                continue;
             }
             let generation = shared.teardown.generation();
             let exit = self.fd.run();

@@ -186,5 +186,15 @@ fn stats_of_a_running_vm_show_kvm_table_and_notifier_counters() {
 
 #[test]
 fn stats_of_no_vm_is_a_clear_error() {
-    assert_refused(&["stats", "--pid", "999999999"], "cannot signal process 999999999");
+    assert_refused(&["stats", "--pid", "999999999"], "no process 999999999");
+}
+
+#[test]
+fn stats_never_signals_a_process_that_would_die_of_it() {
+    // `sleep` does not catch SIGUSR1: the default action would kill it.
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    assert_refused(&["stats", "--pid", &sleeper.id().to_string()], "does not answer statistics requests");
+    assert!(sleeper.try_wait().unwrap().is_none(), "the process is alive");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
 }

@@ -73,6 +73,19 @@ pub fn running_vms() -> Vec<u32> {
         .collect()
 }
 
+/// Whether process `pid` catches `SIGUSR1` (its `SigCgt` mask in /proc): a zapvm that has not
+/// installed its handler yet — or any other process — would be killed by the signal.
+fn catches_sigusr1(pid: u32) -> Result<bool, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("no process {pid}: {e}"))?;
+    let caught = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .ok_or_else(|| format!("cannot read the signal mask of process {pid}"))?;
+    Ok(caught & (1 << (libc::SIGUSR1 - 1)) != 0)
+}
+
 /// Asks VM `pid` for a snapshot and returns it, waiting at most `timeout`.
 pub fn request(pid: u32, timeout: Duration) -> Result<String, String> {
     let path = stats_path(pid);
@@ -86,8 +99,9 @@ pub fn request(pid: u32, timeout: Duration) -> Result<String, String> {
     let deadline = Instant::now() + timeout;
     let mut next_signal = Instant::now();
     loop {
-        if Instant::now() >= next_signal {
-            // SAFETY: kill(2) with a pid and a signal number; no memory is involved.
+        if Instant::now() >= next_signal && catches_sigusr1(pid)? {
+            // SAFETY: kill(2) with a pid and a signal number; no memory is involved. The process
+            // catches SIGUSR1 (checked just above), so the signal cannot kill it.
             if unsafe { libc::kill(pid as i32, libc::SIGUSR1) } != 0 {
                 return Err(format!("cannot signal process {pid}: {}", std::io::Error::last_os_error()));
             }
@@ -100,9 +114,11 @@ pub fn request(pid: u32, timeout: Duration) -> Result<String, String> {
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "process {pid} wrote no statistics within {timeout:?} (is it a running `zapvm run`?)"
-            ));
+            return Err(if catches_sigusr1(pid)? {
+                format!("process {pid} wrote no statistics within {timeout:?} (is it a running `zapvm run`?)")
+            } else {
+                format!("process {pid} does not answer statistics requests (it is not a running `zapvm run`)")
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -417,6 +417,12 @@ impl AddressSpace {
         self.read_regions().iter().map(|r| RegionInfo { start: r.start, end: r.end, thp: r.thp }).collect()
     }
 
+    /// Whether `[start, end)` lies inside one current region (mapped and known to the address
+    /// space). Allocation-free, for translation paths.
+    pub fn is_mapped(&self, start: usize, end: usize) -> bool {
+        self.read_regions().iter().any(|r| r.start <= start && end <= r.end)
+    }
+
     /// Subscribes `sub` to every range.
     pub fn subscribe(&self, sub: Arc<dyn Subscriber>) -> Result<SubscriptionId, Error> {
         self.reg.subscribe(sub, 0, usize::MAX)

@@ -236,8 +236,7 @@ impl GuestMmu {
     fn translate(&self, region: &MmuRegion, hva: usize) -> Option<usize> {
         let huge = HUGE_PAGE_SIZE as usize;
         let huge_start = hva & !(huge - 1);
-        let mapped = self.space.regions();
-        let inside = |s: usize, e: usize| mapped.iter().any(|m| m.start <= s && e <= m.end);
+        let inside = |s: usize, e: usize| self.space.is_mapped(s, e);
         if region.huge
             && huge_start >= region.hva
             && huge_start + huge <= region.hva + region.len as usize

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use guest_abi::Workload;
 use vmm::boot::test_guest::TestGuestParams;
-use vmm::machine::{run, BootSource, Console, VmConfig, VmControl, VmOutcome};
+use vmm::machine::{run, Console, VmConfig, VmControl, VmOutcome};
 use vmm::memory::{MemoryBackend, MemoryConfig};
 use vmm::mmu::{AccessError, GuestMemoryAccess};
 use vmm::teardown::TeardownPolicy;
@@ -100,19 +100,15 @@ fn config(
         *slot.lock().unwrap() = Some(thread);
     });
     let config = VmConfig {
-        kvm_device: "/dev/kvm".into(),
         memory: MemoryConfig { size: 256 << 20, backend, thp: false },
         vcpus: 2,
-        boot: BootSource::TestGuest {
-            elf: None,
-            params: TestGuestParams { workload: Workload::Touch, seed: 1, cpl0: false, hostile: false },
-        },
         timeout: Some(Duration::from_secs(60)),
         console: Console::Null,
         monitor,
         teardown_policy: policy,
         after_start: Some(hook),
         balloon: None,
+        ..VmConfig::test_guest(TestGuestParams { seed: 1, ..TestGuestParams::new(Workload::Touch) })
     };
     (config, device)
 }

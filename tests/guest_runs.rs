@@ -6,25 +6,17 @@ use std::time::Duration;
 
 use guest_abi::Workload;
 use vmm::boot::test_guest::TestGuestParams;
-use vmm::machine::{run, BootSource, Console, RunReport, VmConfig, VmOutcome};
+use vmm::machine::{run, Console, RunReport, VmConfig, VmOutcome};
 use vmm::memory::{MemoryBackend, MemoryConfig};
 use vmm::vstate::vcpu::VcpuOutcome;
 
 fn config(mem_mib: u64, vcpus: u32, backend: MemoryBackend, thp: bool, workload: Workload) -> VmConfig {
     VmConfig {
-        kvm_device: "/dev/kvm".into(),
         memory: MemoryConfig { size: mem_mib << 20, backend, thp },
         vcpus,
-        boot: BootSource::TestGuest {
-            elf: None,
-            params: TestGuestParams { workload, seed: 0xfeed ^ mem_mib, cpl0: false, hostile: false },
-        },
         timeout: Some(Duration::from_secs(120)),
         console: Console::Null,
-        monitor: true,
-        teardown_policy: Default::default(),
-        after_start: None,
-        balloon: None,
+        ..VmConfig::test_guest(TestGuestParams { seed: 0xfeed ^ mem_mib, ..TestGuestParams::new(workload) })
     }
 }
 

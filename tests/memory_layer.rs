@@ -8,30 +8,21 @@ use std::time::Duration;
 
 use guest_abi::Workload;
 use vmm::boot::test_guest::TestGuestParams;
-use vmm::machine::{run, BootSource, Console, RunReport, VmConfig, VmOutcome};
+use vmm::machine::{run, Console, RunReport, VmConfig, VmOutcome};
 use vmm::memory::{MemoryBackend, MemoryConfig};
 use vmm::vstate::vcpu::VcpuOutcome;
 
 fn discard_verify(backend: MemoryBackend, thp: bool, vcpus: u32, mem_mib: u64) -> RunReport {
     let config = VmConfig {
-        kvm_device: "/dev/kvm".into(),
         memory: MemoryConfig { size: mem_mib << 20, backend, thp },
         vcpus,
-        boot: BootSource::TestGuest {
-            elf: None,
-            params: TestGuestParams {
-                workload: Workload::DiscardVerify,
-                seed: 0xd15c,
-                cpl0: false,
-                hostile: false,
-            },
-        },
         timeout: Some(Duration::from_secs(120)),
         console: Console::Null,
-        monitor: true,
-        teardown_policy: Default::default(),
-        after_start: None,
         balloon: None,
+        ..VmConfig::test_guest(TestGuestParams {
+            seed: 0xd15c,
+            ..TestGuestParams::new(Workload::DiscardVerify)
+        })
     };
     run(&config).expect("the VM starts")
 }

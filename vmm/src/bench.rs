@@ -10,7 +10,7 @@ use std::time::Duration;
 use guest_abi::{Pass, Workload};
 
 use crate::boot::test_guest::TestGuestParams;
-use crate::machine::{self, BootSource, Console, VmConfig};
+use crate::machine::{self, Console, VmConfig};
 use crate::memory::{MemoryBackend, MemoryConfig};
 use crate::vstate::vcpu::{pass_name, VcpuOutcome};
 
@@ -57,22 +57,13 @@ pub fn boot(opts: &BootBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<V
             let config = VmConfig {
                 kvm_device: opts.kvm_device.clone(),
                 memory: MemoryConfig { size: opts.mem, backend: MemoryBackend::Anonymous, thp },
-                vcpus: 1,
-                boot: BootSource::TestGuest {
-                    elf: None,
-                    params: TestGuestParams {
-                        workload: Workload::Touch,
-                        seed: run as u64 + 1,
-                        cpl0: false,
-                        hostile: false,
-                    },
-                },
                 timeout: Some(Duration::from_secs(120)),
                 console: Console::Null,
-                monitor: true,
-                teardown_policy: Default::default(),
-                after_start: None,
                 balloon: None,
+                ..VmConfig::test_guest(TestGuestParams {
+                    seed: run as u64 + 1,
+                    ..TestGuestParams::new(Workload::Touch)
+                })
             };
             let report = machine::run(&config).map_err(|e| e.to_string())?;
             let vcpu = &report.vcpus[0];

@@ -116,6 +116,31 @@ pub struct VmConfig {
     pub balloon: Option<BalloonConfig>,
 }
 
+impl VmConfig {
+    /// A VM booting `boot` with the defaults of `zapvm run`: `/dev/kvm`, 256 MiB of anonymous
+    /// RAM without THP, one vCPU, no timeout, the console on stdout, the userfaultfd monitor on,
+    /// external teardowns re-backed, a virtio-balloon with all its features.
+    pub fn new(boot: BootSource) -> Self {
+        Self {
+            kvm_device: "/dev/kvm".into(),
+            memory: MemoryConfig { size: 256 << 20, backend: Default::default(), thp: false },
+            vcpus: 1,
+            boot,
+            timeout: None,
+            console: Console::Stdout,
+            monitor: true,
+            teardown_policy: Default::default(),
+            after_start: None,
+            balloon: Some(BalloonConfig::default()),
+        }
+    }
+
+    /// A VM booting the built-in test guest with `params`, otherwise as [`VmConfig::new`].
+    pub fn test_guest(params: test_guest::TestGuestParams) -> Self {
+        Self::new(BootSource::TestGuest { elf: None, params })
+    }
+}
+
 /// Guest-physical base of the first virtio-mmio window (in the 32-bit MMIO hole).
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// Distance between two virtio-mmio windows.

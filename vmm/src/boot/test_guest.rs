@@ -50,6 +50,13 @@ pub struct TestGuestParams {
     pub hostile: bool,
 }
 
+impl TestGuestParams {
+    /// `workload` at CPL 3, well-behaved drivers, a fixed seed.
+    pub fn new(workload: Workload) -> Self {
+        Self { workload, seed: 0x5eed, cpl0: false, hostile: false }
+    }
+}
+
 /// A loaded test guest.
 #[derive(Debug, Clone)]
 pub struct LoadedTestGuest {

@@ -16,6 +16,7 @@
 //!   InterruptStatus bits and the config generation).
 
 pub mod balloon;
+pub mod mem;
 pub mod mmio;
 pub mod queue;
 

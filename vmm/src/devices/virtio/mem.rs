@@ -1,0 +1,1237 @@
+//! virtio-mem (device id 24; virtio 1.2, §5.15 "Memory Device"), unplugging through the notifier.
+//!
+//! The device manages one guest-physical range `[addr, addr + region_size)` **outside the RAM the
+//! guest is told about** (no e820 entry, not in the test guest's RAM ranges) but backed by host
+//! memory that is part of guest RAM as the VMM knows it: a KVM memslot, a region of the
+//! notifier's address space and of the VMM's table ([`GuestMmu`]). The region is cut into blocks
+//! of `block_size` bytes (a power of two, at least 2 MiB, so that a block is whole huge pages on
+//! THP and hugetlb backings); the driver plugs and unplugs blocks to follow the host's
+//! `requested_size`. The plugged blocks are a bitmap.
+//!
+//! One queue (requestq). Each request is a chain with a 24-byte device-readable `virtio_mem_req`
+//! (le16 type, 3 x le16 padding, le64 addr, le16 nb_blocks, 3 x le16 padding) and a device-
+//! writable buffer of at least 10 bytes for the `virtio_mem_resp` (le16 type, 3 x le16 padding,
+//! le16 state); the device writes 10 bytes.
+//!
+//! - **PLUG** `nb_blocks` from `addr`: ERROR if the range is not whole blocks of the usable region
+//!   (`nb_blocks` 0, `addr` not block-aligned, `addr + size` overflowing, outside the region) or
+//!   if any block is already plugged; NACK if `plugged_size` would exceed `requested_size`;
+//!   otherwise ACK. No syscall: the memory is mapped and faults in when the guest touches it.
+//! - **UNPLUG**: the same range checks; ERROR if any block is not plugged. The range is
+//!   discarded with **one** notifier operation (`space.discard`: start -> madvise/fallocate ->
+//!   invalidate_range -> end), so the VMM's table and every subscriber drop their translations
+//!   before the syscall; the blocks then leave the bitmap. If the discard fails the blocks stay
+//!   plugged and the answer is BUSY (the driver retries later).
+//! - **UNPLUG_ALL** (addr/nb_blocks ignored): every run of contiguous plugged blocks is discarded
+//!   with one notifier operation; `plugged_size` drops to 0 (BUSY, with the failed runs still
+//!   plugged, if a discard fails).
+//! - **STATE**: the range checks, then PLUGGED, UNPLUGGED or MIXED.
+//!
+//! Bad guest input never reaches a syscall (DESIGN.md, point 7): malformed chains, a readable
+//! part shorter than a request, a response buffer that is missing, too small, not
+//! device-writable or not guest RAM are counted ([`VirtioMemErrors`]), logged, and the chain is
+//! returned with length 0 without acting on it; a well-formed request with a bad range or state
+//! gets VIRTIO_MEM_RESP_ERROR and is counted by kind. Only a valid UNPLUG or UNPLUG_ALL of
+//! plugged blocks — whose range is inside the device region, which the constructor checked is
+//! guest RAM known to the table — is ever discarded.
+//!
+//! `usable_region_size` is the whole region (it never grows or shrinks), `node_id` is offered
+//! (VIRTIO_MEM_F_ACPI_PXM) only when configured, and VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE is
+//! offered only when configured: unplugged memory stays mapped and reads zeros after its discard
+//! (the device does not enforce inaccessibility). A driver reset keeps the plug state (the spec's
+//! Linux driver sends UNPLUG_ALL when it finds memory plugged at probe); a VM reset should call
+//! [`VirtioMem::unplug_all`].
+
+use std::sync::Arc;
+
+use super::queue::{read_readable, DescriptorChain, Popped, Queue, QueueError};
+use super::{device_type, features, log_guest_error, DeviceFault, VirtioDevice, VirtioInterrupt};
+use crate::memory::HUGE_PAGE_SIZE;
+use crate::mmu::{GuestMemoryAccess, GuestMmu};
+
+/// `node_id` is an ACPI proximity domain and is valid.
+pub const VIRTIO_MEM_F_ACPI_PXM: u32 = 0;
+/// The driver must not read unplugged memory.
+pub const VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE: u32 = 1;
+
+/// Request: plug blocks.
+pub const VIRTIO_MEM_REQ_PLUG: u16 = 0;
+/// Request: unplug blocks.
+pub const VIRTIO_MEM_REQ_UNPLUG: u16 = 1;
+/// Request: unplug every block.
+pub const VIRTIO_MEM_REQ_UNPLUG_ALL: u16 = 2;
+/// Request: the plug state of blocks.
+pub const VIRTIO_MEM_REQ_STATE: u16 = 3;
+
+/// Response: done.
+pub const VIRTIO_MEM_RESP_ACK: u16 = 0;
+/// Response: refused (e.g. plugging beyond `requested_size`).
+pub const VIRTIO_MEM_RESP_NACK: u16 = 1;
+/// Response: cannot be done now, retry later.
+pub const VIRTIO_MEM_RESP_BUSY: u16 = 2;
+/// Response: bad request (range, alignment, state).
+pub const VIRTIO_MEM_RESP_ERROR: u16 = 3;
+
+/// STATE: every block is plugged.
+pub const VIRTIO_MEM_STATE_PLUGGED: u16 = 0;
+/// STATE: every block is unplugged.
+pub const VIRTIO_MEM_STATE_UNPLUGGED: u16 = 1;
+/// STATE: some are plugged, some not.
+pub const VIRTIO_MEM_STATE_MIXED: u16 = 2;
+
+/// Size of the request queue.
+pub const QUEUE_SIZE: u16 = 128;
+/// The smallest block size (and the default): one 2 MiB huge page.
+pub const MIN_BLOCK_SIZE: u64 = HUGE_PAGE_SIZE;
+/// Bytes of configuration space (block_size, node_id, padding, addr, region_size,
+/// usable_region_size, plugged_size, requested_size).
+pub const CONFIG_SIZE: usize = 56;
+/// Bytes of a `virtio_mem_req`.
+pub const REQUEST_SIZE: usize = 24;
+/// Bytes of a `virtio_mem_resp` (what the device writes).
+pub const RESPONSE_SIZE: usize = 10;
+/// Largest device-readable part of a request chain accepted.
+pub const MAX_REQUEST_BYTES: usize = 4096;
+
+/// The device region and the host's initial request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMemConfig {
+    /// Guest-physical start of the region (block-aligned).
+    pub addr: u64,
+    /// Bytes of the region (a non-zero multiple of the block size).
+    pub region_size: u64,
+    /// Block size: a power of two, at least [`MIN_BLOCK_SIZE`].
+    pub block_size: u64,
+    /// The NUMA node as an ACPI PXM: offers VIRTIO_MEM_F_ACPI_PXM when set.
+    pub node_id: Option<u16>,
+    /// The host's initial `requested_size` (a multiple of the block size, at most the region).
+    pub requested_size: u64,
+    /// Offer VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE.
+    pub unplugged_inaccessible: bool,
+}
+
+impl VirtioMemConfig {
+    /// A region of `region_size` bytes at `addr`, 2 MiB blocks, nothing requested, no node, no
+    /// optional features.
+    pub fn new(addr: u64, region_size: u64) -> Self {
+        Self {
+            addr,
+            region_size,
+            block_size: MIN_BLOCK_SIZE,
+            node_id: None,
+            requested_size: 0,
+            unplugged_inaccessible: false,
+        }
+    }
+}
+
+/// Why a device or a requested size cannot be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VirtioMemError {
+    /// Block size not a power of two of at least 2 MiB.
+    #[error("virtio-mem block size {0:#x} is not a power of two of at least 2 MiB")]
+    BlockSize(u64),
+    /// Region empty, misaligned, or not whole blocks.
+    #[error(
+        "virtio-mem region [{addr:#x}, +{size:#x}) is empty or not aligned to the block size {block_size:#x}"
+    )]
+    Alignment {
+        /// Region start.
+        addr: u64,
+        /// Region size.
+        size: u64,
+        /// Block size.
+        block_size: u64,
+    },
+    /// The region is not inside one region of guest RAM known to the table.
+    #[error("virtio-mem region [{addr:#x}, +{size:#x}) is not inside one guest RAM region of the table")]
+    NotRam {
+        /// Region start.
+        addr: u64,
+        /// Region size.
+        size: u64,
+    },
+    /// A requested size that is not whole blocks or exceeds the region.
+    #[error("requested size {requested:#x} is not a multiple of the block size {block_size:#x} or exceeds the region size {region_size:#x}")]
+    RequestedSize {
+        /// What was asked.
+        requested: u64,
+        /// Block size.
+        block_size: u64,
+        /// Region size.
+        region_size: u64,
+    },
+}
+
+/// Guest errors, by kind (each also logged).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VirtioMemErrors {
+    /// Ranges not inside the usable region (answered ERROR).
+    pub out_of_range: u64,
+    /// `addr` not block-aligned (ERROR).
+    pub misaligned: u64,
+    /// `nb_blocks` 0 (ERROR).
+    pub zero_blocks: u64,
+    /// `addr + nb_blocks * block_size` overflows (ERROR).
+    pub overflow: u64,
+    /// PLUG of a range with a plugged block (ERROR).
+    pub plug_plugged: u64,
+    /// UNPLUG of a range with an unplugged block (ERROR).
+    pub unplug_unplugged: u64,
+    /// Unknown request types (ERROR).
+    pub unknown_request: u64,
+    /// Readable part shorter than a request or longer than [`MAX_REQUEST_BYTES`] (no answer).
+    pub bad_request_buffer: u64,
+    /// Response buffer missing, smaller than a response, or not guest RAM (no answer).
+    pub bad_response_buffer: u64,
+    /// Malformed chains (loops, indices outside the table, overflowing buffers, indirect).
+    pub bad_chain: u64,
+    /// Request buffers that could not be read.
+    pub unreadable: u64,
+    /// Responses that could not be written after the request was carried out.
+    pub unwritable: u64,
+    /// Driver writes to the (read-only) configuration space.
+    pub config_write: u64,
+    /// Notifies of a queue other than requestq.
+    pub unknown_queue: u64,
+}
+
+impl VirtioMemErrors {
+    /// The sum.
+    pub fn total(&self) -> u64 {
+        self.out_of_range
+            + self.misaligned
+            + self.zero_blocks
+            + self.overflow
+            + self.plug_plugged
+            + self.unplug_unplugged
+            + self.unknown_request
+            + self.bad_request_buffer
+            + self.bad_response_buffer
+            + self.bad_chain
+            + self.unreadable
+            + self.unwritable
+            + self.config_write
+            + self.unknown_queue
+    }
+}
+
+/// The device's state and counters, for `zapvm stats` (serde-serialisable).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VirtioMemStats {
+    /// Guest-physical start of the region.
+    pub addr: u64,
+    /// Block size.
+    pub block_size: u64,
+    /// Region size.
+    pub region_size: u64,
+    /// Usable region size.
+    pub usable_region_size: u64,
+    /// Bytes plugged now.
+    pub plugged_size: u64,
+    /// The host's request.
+    pub requested_size: u64,
+    /// Blocks plugged now.
+    pub plugged_blocks: u64,
+    /// PLUG requests received (well-formed chains, whatever the answer).
+    pub plug_requests: u64,
+    /// UNPLUG requests received.
+    pub unplug_requests: u64,
+    /// UNPLUG_ALL requests received.
+    pub unplug_all_requests: u64,
+    /// STATE requests received.
+    pub state_requests: u64,
+    /// Answers by type.
+    pub acks: u64,
+    /// See `acks`.
+    pub nacks: u64,
+    /// See `acks`.
+    pub busy: u64,
+    /// See `acks`.
+    pub error_responses: u64,
+    /// Blocks plugged (monotonic).
+    pub blocks_plugged: u64,
+    /// Blocks unplugged (monotonic; by UNPLUG, UNPLUG_ALL and the host's unplug-all).
+    pub blocks_unplugged: u64,
+    /// Notifier discard operations issued (one per contiguous run of blocks).
+    pub discard_ranges: u64,
+    /// Blocks those operations discarded.
+    pub blocks_discarded: u64,
+    /// Bytes those operations discarded.
+    pub bytes_discarded: u64,
+    /// Discard operations the notifier or the kernel failed.
+    pub discard_failures: u64,
+    /// Guest errors.
+    pub errors: VirtioMemErrors,
+}
+
+/// What the device answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Response {
+    Ack,
+    Nack,
+    Busy,
+    Error,
+    State(u16),
+}
+
+impl Response {
+    fn bytes(self) -> [u8; RESPONSE_SIZE] {
+        let (kind, state) = match self {
+            Self::Ack => (VIRTIO_MEM_RESP_ACK, 0),
+            Self::Nack => (VIRTIO_MEM_RESP_NACK, 0),
+            Self::Busy => (VIRTIO_MEM_RESP_BUSY, 0),
+            Self::Error => (VIRTIO_MEM_RESP_ERROR, 0),
+            Self::State(s) => (VIRTIO_MEM_RESP_ACK, s),
+        };
+        let mut b = [0u8; RESPONSE_SIZE];
+        b[0..2].copy_from_slice(&kind.to_le_bytes());
+        b[8..10].copy_from_slice(&state.to_le_bytes());
+        b
+    }
+}
+
+/// The virtio-mem device model.
+pub struct VirtioMem {
+    mmu: Arc<GuestMmu>,
+    addr: u64,
+    region_size: u64,
+    usable_region_size: u64,
+    block_size: u64,
+    node_id: u16,
+    requested_size: u64,
+    nr_blocks: u64,
+    /// One bit per block: plugged.
+    plugged: Vec<u64>,
+    plugged_blocks: u64,
+    avail_features: u64,
+    queue_sizes: [u16; 1],
+    queues: Vec<Queue>,
+    mem: Option<Arc<dyn GuestMemoryAccess>>,
+    interrupt: Option<Arc<VirtioInterrupt>>,
+    stats: VirtioMemStats,
+}
+
+impl VirtioMem {
+    /// A device for `config`'s region, which must lie inside one region of guest RAM that `mmu`
+    /// (the VMM's table, subscribed to the notifier that covers that RAM) translates; blocks are
+    /// discarded through `mmu.space()`. Every block starts unplugged.
+    pub fn new(mmu: Arc<GuestMmu>, config: VirtioMemConfig) -> Result<Self, VirtioMemError> {
+        let VirtioMemConfig { addr, region_size, block_size, .. } = config;
+        if !block_size.is_power_of_two() || block_size < MIN_BLOCK_SIZE {
+            return Err(VirtioMemError::BlockSize(block_size));
+        }
+        if region_size == 0 || addr % block_size != 0 || region_size % block_size != 0 {
+            return Err(VirtioMemError::Alignment { addr, size: region_size, block_size });
+        }
+        if mmu.host_range(addr, region_size).is_none() {
+            return Err(VirtioMemError::NotRam { addr, size: region_size });
+        }
+        let mut avail_features = 1u64 << features::VIRTIO_F_VERSION_1;
+        if config.node_id.is_some() {
+            avail_features |= 1 << VIRTIO_MEM_F_ACPI_PXM;
+        }
+        if config.unplugged_inaccessible {
+            avail_features |= 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE;
+        }
+        let nr_blocks = region_size / block_size;
+        let mut device = Self {
+            mmu,
+            addr,
+            region_size,
+            usable_region_size: region_size,
+            block_size,
+            node_id: config.node_id.unwrap_or(0),
+            requested_size: 0,
+            nr_blocks,
+            plugged: vec![0; nr_blocks.div_ceil(64) as usize],
+            plugged_blocks: 0,
+            avail_features,
+            queue_sizes: [QUEUE_SIZE],
+            queues: Vec::new(),
+            mem: None,
+            interrupt: None,
+            stats: VirtioMemStats::default(),
+        };
+        device.set_requested_size(config.requested_size)?;
+        Ok(device)
+    }
+
+    /// Sets the host's `requested_size` (bytes: whole blocks, at most the region size). Call it
+    /// through `MmioTransport::update_config` so the driver gets a config-change interrupt. On
+    /// error nothing changes.
+    pub fn set_requested_size(&mut self, bytes: u64) -> Result<(), VirtioMemError> {
+        if bytes % self.block_size != 0 || bytes > self.region_size {
+            return Err(VirtioMemError::RequestedSize {
+                requested: bytes,
+                block_size: self.block_size,
+                region_size: self.region_size,
+            });
+        }
+        self.requested_size = bytes;
+        Ok(())
+    }
+
+    /// The host's request.
+    pub fn requested_size(&self) -> u64 {
+        self.requested_size
+    }
+
+    /// Bytes plugged now.
+    pub fn plugged_size(&self) -> u64 {
+        self.plugged_blocks * self.block_size
+    }
+
+    /// The region as (guest-physical start, size).
+    pub fn region(&self) -> (u64, u64) {
+        (self.addr, self.region_size)
+    }
+
+    /// The block size.
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    /// Whether the block holding guest-physical `gpa` is plugged (false outside the region).
+    pub fn is_plugged(&self, gpa: u64) -> bool {
+        gpa.checked_sub(self.addr)
+            .filter(|&off| off < self.region_size)
+            .is_some_and(|off| self.test(off / self.block_size))
+    }
+
+    /// The counters and state.
+    pub fn stats(&self) -> VirtioMemStats {
+        VirtioMemStats {
+            addr: self.addr,
+            block_size: self.block_size,
+            region_size: self.region_size,
+            usable_region_size: self.usable_region_size,
+            plugged_size: self.plugged_size(),
+            requested_size: self.requested_size,
+            plugged_blocks: self.plugged_blocks,
+            ..self.stats.clone()
+        }
+    }
+
+    /// Unplugs every plugged block on the host's behalf (a VM reset: the guest starts with
+    /// nothing plugged), discarding each run through the notifier. Returns false if a discard
+    /// failed (those blocks stay plugged).
+    pub fn unplug_all(&mut self) -> bool {
+        let mut ok = true;
+        for (first, count) in self.plugged_runs() {
+            if self.discard(first, count) {
+                self.set_range(first, count, false);
+            } else {
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    fn test(&self, block: u64) -> bool {
+        self.plugged[(block / 64) as usize] & (1 << (block % 64)) != 0
+    }
+
+    fn count_plugged(&self, first: u64, count: u64) -> u64 {
+        (first..first + count).filter(|&b| self.test(b)).count() as u64
+    }
+
+    /// Sets or clears `count` blocks from `first`, all currently in the other state.
+    fn set_range(&mut self, first: u64, count: u64, on: bool) {
+        for b in first..first + count {
+            let (word, bit) = ((b / 64) as usize, 1u64 << (b % 64));
+            if (self.plugged[word] & bit != 0) != on {
+                self.plugged[word] ^= bit;
+                if on {
+                    self.plugged_blocks += 1;
+                    self.stats.blocks_plugged += 1;
+                } else {
+                    self.plugged_blocks -= 1;
+                    self.stats.blocks_unplugged += 1;
+                }
+            }
+        }
+    }
+
+    /// Runs of contiguous plugged blocks as (first block, count).
+    fn plugged_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for b in (0..self.nr_blocks).filter(|&b| self.test(b)) {
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == b => *count += 1,
+                _ => runs.push((b, 1)),
+            }
+        }
+        runs
+    }
+
+    /// Discards `count` blocks from `first` (inside the region, which the constructor checked is
+    /// guest RAM of the table) with one notifier operation.
+    fn discard(&mut self, first: u64, count: u64) -> bool {
+        let (gpa, len) = (self.addr + first * self.block_size, count * self.block_size);
+        let Some(hva) = self.mmu.host_range(gpa, len) else {
+            // The constructor checked the whole region; never reach a syscall otherwise.
+            self.stats.discard_failures += 1;
+            return false;
+        };
+        match self.mmu.space().discard(hva, len as usize) {
+            Ok(_) => {
+                self.stats.discard_ranges += 1;
+                self.stats.blocks_discarded += count;
+                self.stats.bytes_discarded += len;
+                true
+            }
+            Err(e) => {
+                self.stats.discard_failures += 1;
+                tracing::warn!("virtio-mem: discard of guest [{gpa:#x}, +{len:#x}) failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Checks that `nb_blocks` from `addr` are whole blocks of the usable region; returns them
+    /// as (first block, count), or counts and logs the error.
+    fn blocks(&mut self, what: &str, addr: u64, nb_blocks: u16) -> Option<(u64, u64)> {
+        let bs = self.block_size;
+        let usable_end = self.addr + self.usable_region_size;
+        let e = &mut self.stats.errors;
+        let (counter, why) = if nb_blocks == 0 {
+            (&mut e.zero_blocks, "zero blocks")
+        } else if addr % bs != 0 {
+            (&mut e.misaligned, "address not block-aligned")
+        } else {
+            match (nb_blocks as u64).checked_mul(bs).and_then(|len| addr.checked_add(len)) {
+                None => (&mut e.overflow, "range overflows"),
+                Some(end) if addr < self.addr || end > usable_end => {
+                    (&mut e.out_of_range, "range outside the usable region")
+                }
+                Some(_) => return Some(((addr - self.addr) / bs, nb_blocks as u64)),
+            }
+        };
+        *counter += 1;
+        log_guest_error(
+            *counter,
+            format_args!(
+                "virtio-mem: {what} of {nb_blocks} blocks at {addr:#x}: {why} [{:#x}, +{:#x})",
+                self.addr, self.usable_region_size
+            ),
+        );
+        None
+    }
+
+    fn plug(&mut self, addr: u64, nb_blocks: u16) -> Response {
+        self.stats.plug_requests += 1;
+        let Some((first, count)) = self.blocks("PLUG", addr, nb_blocks) else {
+            return Response::Error;
+        };
+        if self.count_plugged(first, count) != 0 {
+            let e = &mut self.stats.errors;
+            e.plug_plugged += 1;
+            log_guest_error(
+                e.plug_plugged,
+                format_args!("virtio-mem: PLUG of {nb_blocks} blocks at {addr:#x}, some already plugged"),
+            );
+            return Response::Error;
+        }
+        if (self.plugged_blocks + count) * self.block_size > self.requested_size {
+            return Response::Nack;
+        }
+        self.set_range(first, count, true);
+        Response::Ack
+    }
+
+    fn unplug(&mut self, addr: u64, nb_blocks: u16) -> Response {
+        self.stats.unplug_requests += 1;
+        let Some((first, count)) = self.blocks("UNPLUG", addr, nb_blocks) else {
+            return Response::Error;
+        };
+        if self.count_plugged(first, count) != count {
+            let e = &mut self.stats.errors;
+            e.unplug_unplugged += 1;
+            log_guest_error(
+                e.unplug_unplugged,
+                format_args!("virtio-mem: UNPLUG of {nb_blocks} blocks at {addr:#x}, some not plugged"),
+            );
+            return Response::Error;
+        }
+        if !self.discard(first, count) {
+            return Response::Busy;
+        }
+        self.set_range(first, count, false);
+        Response::Ack
+    }
+
+    fn state(&mut self, addr: u64, nb_blocks: u16) -> Response {
+        self.stats.state_requests += 1;
+        let Some((first, count)) = self.blocks("STATE", addr, nb_blocks) else {
+            return Response::Error;
+        };
+        Response::State(match self.count_plugged(first, count) {
+            0 => VIRTIO_MEM_STATE_UNPLUGGED,
+            n if n == count => VIRTIO_MEM_STATE_PLUGGED,
+            _ => VIRTIO_MEM_STATE_MIXED,
+        })
+    }
+
+    /// Where the response goes: the first [`RESPONSE_SIZE`] bytes of the device-writable
+    /// buffers, each piece inside guest RAM (checked against the table, no access).
+    fn response_pieces(&self, chain: &DescriptorChain) -> Option<Vec<(u64, usize)>> {
+        let mut pieces = Vec::new();
+        let mut need = RESPONSE_SIZE;
+        for d in chain.writable() {
+            if need == 0 {
+                break;
+            }
+            let n = (d.len as usize).min(need);
+            if n == 0 {
+                continue;
+            }
+            self.mmu.host_range(d.addr, n as u64)?;
+            pieces.push((d.addr, n));
+            need -= n;
+        }
+        (need == 0).then_some(pieces)
+    }
+
+    /// Handles one request chain; returns the used length (0 when nothing was answered).
+    fn handle(&mut self, mem: &dyn GuestMemoryAccess, chain: &DescriptorChain) -> u32 {
+        let Some(pieces) = self.response_pieces(chain) else {
+            let e = &mut self.stats.errors;
+            e.bad_response_buffer += 1;
+            log_guest_error(
+                e.bad_response_buffer,
+                format_args!(
+                    "virtio-mem: request {} has no device-writable response buffer of {RESPONSE_SIZE} bytes in guest RAM",
+                    chain.head
+                ),
+            );
+            return 0;
+        };
+        let readable: u64 = chain.readable().map(|d| d.len as u64).sum();
+        if readable < REQUEST_SIZE as u64 || readable > MAX_REQUEST_BYTES as u64 {
+            let e = &mut self.stats.errors;
+            e.bad_request_buffer += 1;
+            log_guest_error(
+                e.bad_request_buffer,
+                format_args!(
+                    "virtio-mem: request {} has {readable} readable bytes (a request is {REQUEST_SIZE})",
+                    chain.head
+                ),
+            );
+            return 0;
+        }
+        let bytes = match read_readable(mem, chain, MAX_REQUEST_BYTES) {
+            Ok(b) => b,
+            Err(why) => {
+                let e = &mut self.stats.errors;
+                e.unreadable += 1;
+                log_guest_error(e.unreadable, format_args!("virtio-mem: request {}: {why}", chain.head));
+                return 0;
+            }
+        };
+        let kind = u16::from_le_bytes([bytes[0], bytes[1]]);
+        let addr = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+        let nb_blocks = u16::from_le_bytes([bytes[16], bytes[17]]);
+        let response = match kind {
+            VIRTIO_MEM_REQ_PLUG => self.plug(addr, nb_blocks),
+            VIRTIO_MEM_REQ_UNPLUG => self.unplug(addr, nb_blocks),
+            VIRTIO_MEM_REQ_UNPLUG_ALL => {
+                self.stats.unplug_all_requests += 1;
+                if self.unplug_all() {
+                    Response::Ack
+                } else {
+                    Response::Busy
+                }
+            }
+            VIRTIO_MEM_REQ_STATE => self.state(addr, nb_blocks),
+            _ => {
+                let e = &mut self.stats.errors;
+                e.unknown_request += 1;
+                log_guest_error(e.unknown_request, format_args!("virtio-mem: unknown request type {kind}"));
+                Response::Error
+            }
+        };
+        match response {
+            Response::Ack | Response::State(_) => self.stats.acks += 1,
+            Response::Nack => self.stats.nacks += 1,
+            Response::Busy => self.stats.busy += 1,
+            Response::Error => self.stats.error_responses += 1,
+        }
+        let out = response.bytes();
+        let mut at = 0;
+        for (gpa, n) in pieces {
+            if let Err(why) = mem.write(gpa, &out[at..at + n]) {
+                let e = &mut self.stats.errors;
+                e.unwritable += 1;
+                log_guest_error(
+                    e.unwritable,
+                    format_args!("virtio-mem: response to request {}: {why}", chain.head),
+                );
+                return 0;
+            }
+            at += n;
+        }
+        RESPONSE_SIZE as u32
+    }
+}
+
+fn fault(e: QueueError) -> DeviceFault {
+    DeviceFault(e.to_string())
+}
+
+impl VirtioDevice for VirtioMem {
+    fn device_type(&self) -> u32 {
+        device_type::MEM
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; CONFIG_SIZE];
+        config[0..8].copy_from_slice(&self.block_size.to_le_bytes());
+        config[8..10].copy_from_slice(&self.node_id.to_le_bytes());
+        config[16..24].copy_from_slice(&self.addr.to_le_bytes());
+        config[24..32].copy_from_slice(&self.region_size.to_le_bytes());
+        config[32..40].copy_from_slice(&self.usable_region_size.to_le_bytes());
+        config[40..48].copy_from_slice(&self.plugged_size().to_le_bytes());
+        config[48..56].copy_from_slice(&self.requested_size.to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|at| config.get(usize::try_from(at).ok()?))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let e = &mut self.stats.errors;
+        e.config_write += 1;
+        log_guest_error(
+            e.config_write,
+            format_args!(
+                "virtio-mem: write of {} bytes at config offset {offset:#x} (read-only)",
+                data.len()
+            ),
+        );
+    }
+
+    fn activate(
+        &mut self,
+        _acked_features: u64,
+        queues: Vec<Queue>,
+        mem: Arc<dyn GuestMemoryAccess>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), DeviceFault> {
+        self.queues = queues;
+        self.mem = Some(mem);
+        self.interrupt = Some(interrupt);
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) -> Result<(), DeviceFault> {
+        let (Some(mem), Some(irq)) = (self.mem.clone(), self.interrupt.clone()) else {
+            return Err(DeviceFault("virtio-mem notified before activation".into()));
+        };
+        if index != 0 || self.queues.is_empty() {
+            let e = &mut self.stats.errors;
+            e.unknown_queue += 1;
+            log_guest_error(e.unknown_queue, format_args!("virtio-mem: notify of undefined queue {index}"));
+            return Ok(());
+        }
+        let mut used = false;
+        while let Some(popped) = self.queues[0].pop(mem.as_ref()).map_err(fault)? {
+            let done = match popped {
+                Popped::Chain(chain) => Some((chain.head, self.handle(mem.as_ref(), &chain))),
+                Popped::Bad { head, error } => {
+                    let e = &mut self.stats.errors;
+                    e.bad_chain += 1;
+                    log_guest_error(e.bad_chain, format_args!("virtio-mem: requestq: {error}"));
+                    head.map(|h| (h, 0))
+                }
+            };
+            if let Some((head, len)) = done {
+                self.queues[0].add_used(mem.as_ref(), head, len).map_err(fault)?;
+                used = true;
+            }
+        }
+        if used {
+            irq.signal_used_queue();
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // The plug state survives a driver reset (virtio-mem memory is not the driver's to
+        // forget); a driver that finds memory plugged at probe sends UNPLUG_ALL.
+        self.queues.clear();
+        self.mem = None;
+        self.interrupt = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+    use crate::devices::virtio::mmio::tests::{driver_ok, negotiate, r32, setup_queue, w32};
+    use crate::devices::virtio::mmio::{reg, MmioTransport};
+    use crate::devices::virtio::queue::tests::TestRing;
+    use crate::devices::virtio::queue::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+    use crate::devices::virtio::INTERRUPT_CONFIG_CHANGE;
+    use crate::devices::BusDevice;
+    use crate::memory::{GuestRam, MemoryBackend, MemoryConfig};
+
+    /// Records every range the notifier announces, as guest-physical (exact) ranges.
+    struct Recorder {
+        host_base: usize,
+        ranges: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl notifier::Subscriber for Recorder {
+        fn invalidate_range_start(&self, range: &notifier::Range) -> Result<(), notifier::Refused> {
+            let start = (range.exact_start - self.host_base) as u64;
+            let end = (range.exact_end - self.host_base) as u64;
+            self.ranges.lock().unwrap().push((start, end));
+            Ok(())
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<(u64, u64)> {
+            std::mem::take(&mut *self.ranges.lock().unwrap())
+        }
+    }
+
+    const RAM: u64 = 64 << 20;
+    /// The device region: the upper 32 MiB of the test's RAM, 16 blocks of 2 MiB.
+    const REGION: u64 = 32 << 20;
+    const REGION_SIZE: u64 = 32 << 20;
+    const BLOCK: u64 = 2 << 20;
+    const QUEUE: u64 = 0x10000;
+    const REQ: u64 = 0x50000;
+    const RESP: u64 = 0x51000;
+
+    /// Guest RAM, the notifier, the table and a virtio-mem device behind the transport, with
+    /// requestq set up and DRIVER_OK. Field order is drop order: RAM goes last.
+    struct Fixture {
+        t: MmioTransport<VirtioMem>,
+        ring: TestRing,
+        recorder: Arc<Recorder>,
+        mmu: Arc<GuestMmu>,
+        _space: Arc<notifier::AddressSpace>,
+        ram: GuestRam,
+    }
+
+    /// What came back for one request: the response type and state as written (0xffff where
+    /// the device wrote nothing) and the used length.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct Answer {
+        kind: u16,
+        state: u16,
+        len: u32,
+    }
+
+    const NO_ANSWER: Answer = Answer { kind: 0xffff, state: 0xffff, len: 0 };
+
+    fn ack(state: u16) -> Answer {
+        Answer { kind: VIRTIO_MEM_RESP_ACK, state, len: RESPONSE_SIZE as u32 }
+    }
+
+    fn answer(kind: u16) -> Answer {
+        Answer { kind, state: 0, len: RESPONSE_SIZE as u32 }
+    }
+
+    fn fixture(requested: u64) -> Fixture {
+        let ram =
+            GuestRam::new(MemoryConfig { size: RAM, backend: MemoryBackend::Anonymous, thp: false }).unwrap();
+        // SAFETY: `ram` outlives the address space (Fixture drops it last) and stays mapped;
+        // the test touches guest RAM only through vm-memory and the table.
+        let space = unsafe { notifier::AddressSpace::new(&ram.notifier_regions()) }.unwrap();
+        let mmu = Arc::new(GuestMmu::new(&ram, space.clone()).unwrap());
+        let host_base = ram.regions().next().unwrap().1 as usize;
+        let recorder = Arc::new(Recorder { host_base, ranges: Mutex::new(Vec::new()) });
+        space.subscribe(recorder.clone()).unwrap();
+        let config =
+            VirtioMemConfig { requested_size: requested, ..VirtioMemConfig::new(REGION, REGION_SIZE) };
+        let device = VirtioMem::new(mmu.clone(), config).unwrap();
+        let irq = Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mut t = MmioTransport::new(device, mmu.clone(), irq);
+        assert!(negotiate(&mut t, 0));
+        let ring = TestRing::new(16, QUEUE);
+        setup_queue(&mut t, 0, &ring);
+        driver_ok(&mut t);
+        assert_eq!(t.stats().activations, 1);
+        assert_eq!(t.stats().errors(), 0);
+        Fixture { t, ring, recorder, mmu, _space: space, ram }
+    }
+
+    impl Fixture {
+        fn mem(&self) -> &crate::memory::GuestMemoryMmap {
+            self.ram.memory()
+        }
+
+        /// Writes a request at REQ, poisons the response at RESP, queues the chain made of
+        /// `descs` (addr, len, flags; chained in order) and notifies; returns what came back.
+        fn send_chain(&mut self, kind: u16, addr: u64, nb_blocks: u16, descs: &[(u64, u32, u16)]) -> Answer {
+            let mut req = [0u8; REQUEST_SIZE];
+            req[0..2].copy_from_slice(&kind.to_le_bytes());
+            req[2..8].fill(0x5a); // padding: ignored
+            req[8..16].copy_from_slice(&addr.to_le_bytes());
+            req[16..18].copy_from_slice(&nb_blocks.to_le_bytes());
+            self.mem().write_slice(&req, GuestAddress(REQ)).unwrap();
+            self.mem().write_slice(&[0xff; 16], GuestAddress(RESP)).unwrap();
+            let mem = self.ram.memory().clone();
+            for (i, &(a, len, flags)) in descs.iter().enumerate() {
+                let next = if i + 1 < descs.len() { VIRTQ_DESC_F_NEXT } else { 0 };
+                self.ring.set_desc(&mem, i as u16, a, len, flags | next, i as u16 + 1);
+            }
+            let before = self.ring.used_idx(&mem);
+            self.ring.push(&mem, 0);
+            w32(&mut self.t, reg::QUEUE_NOTIFY, 0);
+            assert_eq!(self.ring.used_idx(&mem), before.wrapping_add(1), "the head came back");
+            let (head, len) = self.ring.used_elem(&mem, before);
+            assert_eq!(head, 0);
+            let kind: u16 = self.mem().read_obj(GuestAddress(RESP)).unwrap();
+            let state: u16 = self.mem().read_obj(GuestAddress(RESP + 8)).unwrap();
+            Answer { kind, state, len }
+        }
+
+        /// A well-formed request: 24 readable bytes, then a 16-byte writable response buffer.
+        fn send(&mut self, kind: u16, addr: u64, nb_blocks: u16) -> Answer {
+            self.send_chain(
+                kind,
+                addr,
+                nb_blocks,
+                &[(REQ, REQUEST_SIZE as u32, 0), (RESP, 16, VIRTQ_DESC_F_WRITE)],
+            )
+        }
+
+        fn block(&self, i: u64) -> u64 {
+            REGION + i * BLOCK
+        }
+
+        fn fill(&self, gpa: u64, len: u64) {
+            self.mem().write_slice(&vec![0xaau8; len as usize], GuestAddress(gpa)).unwrap();
+        }
+
+        /// Whether every byte of the 4 KiB page at `gpa` reads `byte` through the table.
+        fn page_is(&self, gpa: u64, byte: u8) -> bool {
+            let mut buf = vec![0x55u8; 4096];
+            self.mmu.read(gpa, &mut buf).unwrap();
+            buf.iter().all(|&b| b == byte)
+        }
+
+        fn config_u64(&mut self, offset: u64) -> u64 {
+            let mut b = [0u8; 8];
+            self.t.read(0x100 + offset, &mut b);
+            u64::from_le_bytes(b)
+        }
+
+        fn stats(&self) -> VirtioMemStats {
+            self.t.device().stats()
+        }
+
+        fn interrupts(&self) -> u64 {
+            self.t.interrupt().eventfd().read().unwrap_or(0)
+        }
+    }
+
+    #[test]
+    fn config_space_layout() {
+        let mut f = fixture(8 << 20);
+        assert_eq!(r32(&mut f.t, reg::DEVICE_ID), 24);
+        assert_eq!(f.config_u64(0), BLOCK, "block_size");
+        let mut node = [0xffu8; 8];
+        f.t.read(0x108, &mut node);
+        assert_eq!(node, [0; 8], "node_id 0 and padding");
+        assert_eq!(f.config_u64(16), REGION, "addr");
+        assert_eq!(f.config_u64(24), REGION_SIZE, "region_size");
+        assert_eq!(f.config_u64(32), REGION_SIZE, "usable_region_size");
+        assert_eq!(f.config_u64(40), 0, "plugged_size");
+        assert_eq!(f.config_u64(48), 8 << 20, "requested_size");
+        // Narrow reads and reads past the config.
+        assert_eq!(r32(&mut f.t, 0x100 + 52), 0);
+        assert_eq!(r32(&mut f.t, 0x100 + 48), 8 << 20);
+        assert_eq!(r32(&mut f.t, 0x100 + 56), 0);
+    }
+
+    #[test]
+    fn plug_state_unplug_round_trip() {
+        let mut f = fixture(8 << 20);
+        assert_eq!(f.send(VIRTIO_MEM_REQ_STATE, f.block(0), 4), ack(VIRTIO_MEM_STATE_UNPLUGGED));
+        assert_eq!(f.send(VIRTIO_MEM_REQ_PLUG, f.block(0), 4), ack(0));
+        assert_eq!(f.config_u64(40), 8 << 20, "plugged_size");
+        assert!(f.recorder.take().is_empty(), "plugging is no syscall");
+        assert_eq!(f.send(VIRTIO_MEM_REQ_STATE, f.block(0), 4), ack(VIRTIO_MEM_STATE_PLUGGED));
+        assert_eq!(f.send(VIRTIO_MEM_REQ_STATE, f.block(2), 4), ack(VIRTIO_MEM_STATE_MIXED));
+        // Beyond requested_size: NACK, nothing changes.
+        assert_eq!(f.send(VIRTIO_MEM_REQ_PLUG, f.block(8), 1), answer(VIRTIO_MEM_RESP_NACK));
+        assert!(!f.t.device().is_plugged(f.block(8)));
+        // Unplug the middle two: one discard of exactly their range.
+        assert_eq!(f.send(VIRTIO_MEM_REQ_UNPLUG, f.block(1), 2), ack(0));
+        assert_eq!(f.recorder.take(), [(f.block(1), f.block(3))]);
+        assert_eq!(f.config_u64(40), 4 << 20);
+        assert_eq!(f.send(VIRTIO_MEM_REQ_STATE, f.block(0), 4), ack(VIRTIO_MEM_STATE_MIXED));
+        assert_eq!(f.send(VIRTIO_MEM_REQ_STATE, f.block(1), 2), ack(VIRTIO_MEM_STATE_UNPLUGGED));
+        let d = f.t.device();
+        assert!(d.is_plugged(f.block(0)) && d.is_plugged(f.block(3) + BLOCK - 1));
+        assert!(!d.is_plugged(f.block(1)) && !d.is_plugged(f.block(2)));
+        assert!(!d.is_plugged(REGION - 1) && !d.is_plugged(REGION + REGION_SIZE));
+        // Now there is room again under requested_size.
+        assert_eq!(f.send(VIRTIO_MEM_REQ_PLUG, f.block(8), 2), ack(0));
+        let s = f.stats();
+        assert_eq!((s.plugged_size, s.plugged_blocks, s.requested_size), (8 << 20, 4, 8 << 20));
+        assert_eq!(
+            (s.plug_requests, s.unplug_requests, s.state_requests, s.unplug_all_requests),
+            (3, 1, 5, 0)
+        );
+        assert_eq!((s.acks, s.nacks, s.busy, s.error_responses), (8, 1, 0, 0));
+        assert_eq!((s.blocks_plugged, s.blocks_unplugged), (6, 2));
+        assert_eq!((s.discard_ranges, s.blocks_discarded, s.bytes_discarded), (1, 2, 4 << 20));
+        assert_eq!(s.errors.total(), 0);
+        assert_eq!(f.interrupts(), 9, "one used-buffer interrupt per request");
+        assert_eq!(r32(&mut f.t, reg::INTERRUPT_STATUS), 1);
+        serde_json::to_string(&s).unwrap();
+    }
+
+    #[test]
+    fn unplug_reads_zeros_through_the_table_and_notifies_exactly_the_blocks() {
+        let mut f = fixture(REGION_SIZE);
+        assert_eq!(f.send(VIRTIO_MEM_REQ_PLUG, f.block(4), 3), ack(0));
+        // The guest uses its plugged memory.
+        f.fill(f.block(4), 3 * BLOCK);
+        // Warm the table so that the discard has translations to tear down.
+        assert!(f.page_is(f.block(5), 0xaa) && f.page_is(f.block(6) - 4096, 0xaa));
+        let torn_before = f.mmu.stats().torn_down["discard"];
+        assert_eq!(f.send(VIRTIO_MEM_REQ_UNPLUG, f.block(5), 1), ack(0));
+        assert_eq!(f.recorder.take(), [(f.block(5), f.block(6))]);
+        assert!(f.page_is(f.block(5), 0), "first page of the unplugged block reads zeros");
+        assert!(f.page_is(f.block(6) - 4096, 0), "last page too");
+        assert!(f.page_is(f.block(5) - 4096, 0xaa), "the block before keeps its data");
+        assert!(f.page_is(f.block(6), 0xaa), "the block after keeps its data");
+        assert!(f.mmu.stats().torn_down["discard"] > torn_before, "the table dropped its entries");
+        let s = f.stats();
+        assert_eq!((s.plugged_blocks, s.discard_ranges, s.bytes_discarded), (2, 1, BLOCK));
+    }
+
+    #[test]
+    fn unplug_all_discards_each_run_once() {
+        let mut f = fixture(REGION_SIZE);
+        for (first, n) in [(0, 2), (5, 1), (7, 3), (15, 1)] {
+            assert_eq!(f.send(VIRTIO_MEM_REQ_PLUG, f.block(first), n), ack(0));
+        }
+        f.fill(f.block(0), 2 * BLOCK);
+        assert_eq!(f.config_u64(40), 7 * BLOCK);
+        // addr and nb_blocks of UNPLUG_ALL are ignored.
+        assert_eq!(f.send(VIRTIO_MEM_REQ_UNPLUG_ALL, 0xdead_beef, 0), ack(0));
+        assert_eq!(
+            f.recorder.take(),
+            [
+                (f.block(0), f.block(2)),
+                (f.block(5), f.block(6)),
+                (f.block(7), f.block(10)),
+                (f.block(15), f.block(16))
+            ]
+        );
+        assert_eq!(f.config_u64(40), 0);
+        assert!(f.page_is(f.block(1), 0));
+        assert_eq!(f.send(VIRTIO_MEM_REQ_STATE, REGION, 16), ack(VIRTIO_MEM_STATE_UNPLUGGED));
+        // Nothing plugged: ACK, no syscall.
+        assert_eq!(f.send(VIRTIO_MEM_REQ_UNPLUG_ALL, 0, 0), ack(0));
+        assert!(f.recorder.take().is_empty());
+        let s = f.stats();
+        assert_eq!((s.unplug_all_requests, s.discard_ranges, s.blocks_discarded), (2, 4, 7));
+        assert_eq!((s.blocks_plugged, s.blocks_unplugged, s.plugged_size), (7, 7, 0));
+        assert_eq!(s.errors.total(), 0);
+    }
+
+    #[test]
+    fn hostile_requests_change_only_error_counters() {
+        let mut f = fixture(REGION_SIZE);
+        assert_eq!(f.send(VIRTIO_MEM_REQ_PLUG, f.block(2), 2), ack(0));
+        f.fill(f.block(2), 2 * BLOCK);
+        let err = answer(VIRTIO_MEM_RESP_ERROR);
+        let before = f.stats();
+        let aligned_top = u64::MAX & !(BLOCK - 1);
+        for (kind, addr, n) in [
+            // Out of range: below the region, at its end, straddling its end, all of RAM.
+            (VIRTIO_MEM_REQ_UNPLUG, 0, 1),
+            (VIRTIO_MEM_REQ_PLUG, REGION + REGION_SIZE, 1),
+            (VIRTIO_MEM_REQ_UNPLUG, f.block(15), 2),
+            (VIRTIO_MEM_REQ_STATE, 0, 32),
+            // Misaligned.
+            (VIRTIO_MEM_REQ_UNPLUG, f.block(2) + 4096, 1),
+            (VIRTIO_MEM_REQ_PLUG, f.block(5) + BLOCK / 2, 1),
+            // Zero blocks.
+            (VIRTIO_MEM_REQ_UNPLUG, f.block(2), 0),
+            (VIRTIO_MEM_REQ_STATE, f.block(2), 0),
+            // addr + size overflows.
+            (VIRTIO_MEM_REQ_UNPLUG, aligned_top, 1),
+            (VIRTIO_MEM_REQ_PLUG, aligned_top, u16::MAX),
+            // Plug twice (partly), unplug never-plugged (partly and wholly).
+            (VIRTIO_MEM_REQ_PLUG, f.block(3), 2),
+            (VIRTIO_MEM_REQ_UNPLUG, f.block(1), 2),
+            (VIRTIO_MEM_REQ_UNPLUG, f.block(9), 1),
+            // Unknown request type.
+            (7, f.block(2), 1),
+        ] {
+            assert_eq!(f.send(kind, addr, n), err, "request {kind} of {n} blocks at {addr:#x}");
+        }
+        // Malformed chains: each refers to a valid UNPLUG of the plugged blocks, which must not
+        // happen. Short request; response read-only; response too small; response outside RAM;
+        // no response at all; request outside RAM.
+        let unplug = |f: &mut Fixture, descs: &[(u64, u32, u16)]| {
+            f.send_chain(VIRTIO_MEM_REQ_UNPLUG, f.block(2), 2, descs)
+        };
+        let w = VIRTQ_DESC_F_WRITE;
+        for descs in [
+            &[(REQ, 16, 0), (RESP, 16, w)][..],
+            &[(REQ, 24, 0), (RESP, 16, 0)],
+            &[(REQ, 24, 0), (RESP, 4, w)],
+            &[(REQ, 24, 0), (0x1_0000_0000, 16, w)],
+            &[(REQ, 24, 0)],
+            &[(RAM - 8, 24, 0), (RESP, 16, w)],
+        ] {
+            assert_eq!(unplug(&mut f, descs), NO_ANSWER, "{descs:x?}");
+        }
+        // A descriptor loop 0 -> 1 -> 0.
+        let mem = f.ram.memory().clone();
+        f.ring.set_desc(&mem, 0, REQ, 24, VIRTQ_DESC_F_NEXT, 1);
+        f.ring.set_desc(&mem, 1, RESP, 16, w | VIRTQ_DESC_F_NEXT, 0);
+        let used = f.ring.used_idx(&mem);
+        f.ring.push(&mem, 0);
+        w32(&mut f.t, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(f.ring.used_elem(&mem, used), (0, 0));
+        // Config writes are refused.
+        w32(&mut f.t, 0x100 + 48, 0);
+        w32(&mut f.t, 0x100 + 40, 0);
+
+        assert!(f.recorder.take().is_empty(), "no hostile input reached a syscall");
+        assert!(f.page_is(f.block(2), 0xaa) && f.page_is(f.block(4) - 4096, 0xaa));
+        assert_eq!(f.config_u64(40), 2 * BLOCK);
+        assert_eq!(f.config_u64(48), REGION_SIZE);
+        let s = f.stats();
+        assert_eq!((s.plugged_blocks, s.blocks_plugged, s.blocks_unplugged, s.discard_ranges), (2, 2, 0, 0));
+        assert_eq!(s.acks, before.acks);
+        assert_eq!(s.error_responses, 14);
+        let e = &s.errors;
+        assert_eq!((e.out_of_range, e.misaligned, e.zero_blocks, e.overflow), (4, 2, 2, 2), "{e:?}");
+        assert_eq!((e.plug_plugged, e.unplug_unplugged, e.unknown_request), (1, 2, 1), "{e:?}");
+        assert_eq!(
+            (e.bad_request_buffer, e.bad_response_buffer, e.unreadable, e.bad_chain, e.config_write),
+            (1, 4, 1, 1, 2),
+            "{e:?}"
+        );
+        assert_eq!(e.total(), 23);
+        assert_eq!(f.t.stats().needs_reset, 0, "bad requests do not break the queue");
+        // The queue still works, and the blocks are still plugged.
+        assert_eq!(f.send(VIRTIO_MEM_REQ_UNPLUG, f.block(2), 2), ack(0));
+        assert_eq!(f.recorder.take(), [(f.block(2), f.block(4))]);
+    }
+
+    #[test]
+    fn requested_size_change_raises_the_config_interrupt() {
+        let mut f = fixture(0);
+        let generation = r32(&mut f.t, reg::CONFIG_GENERATION);
+        f.t.update_config(|m| m.set_requested_size(16 << 20)).unwrap();
+        assert_ne!(r32(&mut f.t, reg::CONFIG_GENERATION), generation);
+        assert_eq!(r32(&mut f.t, reg::INTERRUPT_STATUS) & INTERRUPT_CONFIG_CHANGE, INTERRUPT_CONFIG_CHANGE);
+        assert_eq!(f.interrupts(), 1);
+        assert_eq!(f.config_u64(48), 16 << 20);
+        w32(&mut f.t, reg::INTERRUPT_ACK, INTERRUPT_CONFIG_CHANGE);
+        // Not whole blocks, or beyond the region: refused, unchanged.
+        assert!(f.t.device_mut().set_requested_size((16 << 20) + 4096).is_err());
+        assert!(f.t.device_mut().set_requested_size(REGION_SIZE + BLOCK).is_err());
+        assert_eq!(f.t.device().requested_size(), 16 << 20);
+        // The driver follows; lowering the request leaves plugged memory to the driver.
+        assert_eq!(f.send(VIRTIO_MEM_REQ_PLUG, f.block(0), 8), ack(0));
+        f.t.update_config(|m| m.set_requested_size(4 << 20)).unwrap();
+        assert_eq!((f.config_u64(40), f.config_u64(48)), (16 << 20, 4 << 20));
+        assert_eq!(f.send(VIRTIO_MEM_REQ_PLUG, f.block(8), 1), answer(VIRTIO_MEM_RESP_NACK));
+        assert_eq!(f.send(VIRTIO_MEM_REQ_UNPLUG, f.block(2), 6), ack(0));
+        assert_eq!(f.stats().plugged_size, f.stats().requested_size);
+    }
+
+    #[test]
+    fn driver_reset_keeps_the_plug_state_and_host_unplug_all_clears_it() {
+        let mut f = fixture(REGION_SIZE);
+        assert_eq!(f.send(VIRTIO_MEM_REQ_PLUG, f.block(3), 2), ack(0));
+        w32(&mut f.t, reg::STATUS, 0);
+        assert_eq!(f.t.status(), 0);
+        assert_eq!(f.config_u64(40), 2 * BLOCK, "still plugged after a driver reset");
+        // Before DRIVER_OK a config change bumps the generation without an interrupt.
+        let generation = r32(&mut f.t, reg::CONFIG_GENERATION);
+        f.interrupts();
+        f.t.update_config(|m| m.set_requested_size(0)).unwrap();
+        assert_ne!(r32(&mut f.t, reg::CONFIG_GENERATION), generation);
+        assert_eq!(f.interrupts(), 0);
+        // A VM reset.
+        assert!(f.t.device_mut().unplug_all());
+        assert_eq!(f.recorder.take(), [(f.block(3), f.block(5))]);
+        assert_eq!(f.config_u64(40), 0);
+        assert_eq!(f.stats().blocks_unplugged, 2);
+        assert!(f.t.device_mut().unplug_all(), "nothing left: no discard");
+        assert!(f.recorder.take().is_empty());
+    }
+
+    #[test]
+    fn constructor_refuses_bad_regions_and_offers_configured_features() {
+        let ram =
+            GuestRam::new(MemoryConfig { size: RAM, backend: MemoryBackend::Anonymous, thp: false }).unwrap();
+        // SAFETY: `ram` is declared first, so it is dropped after the address space.
+        let space = unsafe { notifier::AddressSpace::new(&ram.notifier_regions()) }.unwrap();
+        let mmu = Arc::new(GuestMmu::new(&ram, space.clone()).unwrap());
+        let new = |c: VirtioMemConfig| VirtioMem::new(mmu.clone(), c).map(|_| ());
+        let base = VirtioMemConfig::new(REGION, REGION_SIZE);
+        assert_eq!(new(base), Ok(()));
+        assert_eq!(new(VirtioMemConfig { block_size: 4 << 20, ..base }), Ok(()));
+        for block_size in [0, 4096, 1 << 20, 3 << 20] {
+            assert_eq!(
+                new(VirtioMemConfig { block_size, ..base }),
+                Err(VirtioMemError::BlockSize(block_size))
+            );
+        }
+        for (addr, size) in [(REGION + 4096, BLOCK), (REGION, BLOCK + 4096), (REGION, 0)] {
+            assert!(matches!(new(VirtioMemConfig::new(addr, size)), Err(VirtioMemError::Alignment { .. })));
+        }
+        for (addr, size) in
+            [(RAM - BLOCK, 2 * BLOCK), (0x1_0000_0000, BLOCK), (u64::MAX & !(BLOCK - 1), BLOCK)]
+        {
+            assert_eq!(new(VirtioMemConfig::new(addr, size)), Err(VirtioMemError::NotRam { addr, size }));
+        }
+        for requested_size in [4096, REGION_SIZE + BLOCK] {
+            assert!(matches!(
+                new(VirtioMemConfig { requested_size, ..base }),
+                Err(VirtioMemError::RequestedSize { .. })
+            ));
+        }
+        // Optional features are offered only when configured.
+        let plain = VirtioMem::new(mmu.clone(), base).unwrap();
+        assert_eq!(plain.avail_features(), 1 << features::VIRTIO_F_VERSION_1);
+        assert_eq!(plain.queue_max_sizes(), [QUEUE_SIZE]);
+        let irq = Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mut t = MmioTransport::new(plain, mmu.clone(), irq.clone());
+        assert!(!negotiate(&mut t, 1 << VIRTIO_MEM_F_ACPI_PXM));
+        let config = VirtioMemConfig { node_id: Some(3), unplugged_inaccessible: true, ..base };
+        let mut t = MmioTransport::new(VirtioMem::new(mmu.clone(), config).unwrap(), mmu.clone(), irq);
+        assert!(negotiate(&mut t, (1 << VIRTIO_MEM_F_ACPI_PXM) | (1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE)));
+        let mut node = [0u8; 2];
+        t.read(0x108, &mut node);
+        assert_eq!(u16::from_le_bytes(node), 3);
+        let _: &dyn BusDevice = &t;
+        drop(t);
+        drop(mmu);
+        drop(space);
+    }
+}

@@ -89,6 +89,32 @@ pub enum Workload {
     /// answer stats requests; report free pages. Each completed step is a [`UcallKind::Stage`]
     /// with `args[0]` = [`STAGE_BALLOON_STEP`] and `args[1]` = pages in the balloon. The run ends
     /// when the host stops the VM. With [`FLAG_HOSTILE`] the driver sends malformed requests.
+    ///
+    /// Details of the test guest's driver:
+    /// - only vCPU 0 drives the device (over its own slice); other vCPUs fill and verify their
+    ///   slices like [`Workload::Verify`], then idle until the host stops the VM;
+    /// - the first 70 pages of vCPU 0's slice are carved out: the queues' rings, the PFN arrays,
+    ///   the statistics buffer and a 64-page "free" area of which 48 pages are reported through
+    ///   free page reporting after the initial fill and after every deflate (they must read
+    ///   zeros afterwards); the balloon takes pages from the end of the slice, 256 PFNs per
+    ///   request, and deflates the most recently inflated pages first;
+    /// - the driver writes `actual` only after it has verified the step (owned pages hold the
+    ///   pattern, pages got back read zeros) and refilled the pages it got back, then makes the
+    ///   Stage ucall: a host that reads `actual` equal to its target knows the step is complete;
+    /// - deflate-on-OOM (if negotiated): the first time the balloon reaches a non-zero target,
+    ///   the driver deflates a quarter of it without a host request, verifies and refills those
+    ///   pages, writes `actual` and reports `Stage(STAGE_BALLOON_STEP | 1, pages deflated)`; it
+    ///   then inflates back to the target as for any other target;
+    /// - with [`FLAG_HOSTILE`], after the initial fill: five malformed inflate requests (a PFN
+    ///   beyond RAM, a duplicate PFN, a descriptor of length 3, a two-descriptor loop, a buffer
+    ///   outside RAM), each its own chain and waited for; the driver checks that none of its
+    ///   pages changed and reports `Stage(STAGE_BALLOON_STEP | 2, 5)`;
+    /// - statistics (if negotiated): a buffer of SWAP_IN, SWAP_OUT, MAJFLT, MINFLT (all 0),
+    ///   MEMFREE and AVAIL (the free area's bytes) and MEMTOT (the slice's bytes), queued after
+    ///   DRIVER_OK and refilled and re-queued whenever the device returns it;
+    /// - pages got back must read zeros, so the host must discard 4 KiB pages (anonymous or
+    ///   memfd RAM, with or without THP); on hugetlb RAM only targets in whole 2 MiB blocks work
+    ///   and free page reports (smaller than a block) fail the check.
     Balloon = 6,
     /// Like [`Workload::Balloon`] for the virtio-mem device: plug and unplug blocks as the
     /// host's requested size says, verify plugged memory, report each step as a Stage with

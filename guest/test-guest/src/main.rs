@@ -17,8 +17,10 @@
 #![no_main]
 
 mod arch;
+mod balloon;
 mod mem;
 mod msg;
+mod virtio;
 mod workload;
 
 use core::fmt;
@@ -137,7 +139,8 @@ extern "C" fn guest_main(vcpu: u64, boot: *const BootInfo) -> ! {
             // SAFETY: raises #UD on purpose; the exception path reports it and never returns.
             unsafe { core::arch::asm!("ud2", options(noreturn, nomem, nostack)) }
         }
-        Some(w @ (Workload::Balloon | Workload::VirtioMem)) => {
+        Some(Workload::Balloon) => balloon::run(vcpu, &boot),
+        Some(w @ Workload::VirtioMem) => {
             fail(vcpu, format_args!("workload {w:?} is not implemented by this guest yet"))
         }
         None => fail(vcpu, format_args!("unknown workload {} in boot info", boot.workload)),

@@ -56,6 +56,8 @@ struct Controller {
     vm: Arc<VmControl>,
     /// Set by the test once `run` returned: waiting is pointless then.
     ended: Arc<AtomicBool>,
+    /// vCPUs of the VM (vCPU 0 drives the balloon over its slice, the others idle).
+    vcpus: u32,
     log: Log,
 }
 
@@ -121,6 +123,21 @@ impl Controller {
         total
     }
 
+    /// Waits until guest RAM's resident bytes reach `bytes` (the guest's vCPUs filled their
+    /// slices).
+    fn wait_rss_at_least(&mut self, bytes: u64) {
+        let start = Instant::now();
+        loop {
+            let rss = self.guest_rss();
+            if rss >= bytes {
+                return;
+            }
+            assert!(!self.ended.load(Ordering::SeqCst), "the VM ended while filling ({rss} bytes resident)");
+            assert!(start.elapsed() < STEP_DEADLINE, "guest RAM RSS stuck at {rss} bytes");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The process's VmRSS (for the log).
     fn process_rss() -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -139,12 +156,13 @@ impl Controller {
     }
 }
 
-/// Runs a 1-vCPU, 128 MiB Balloon VM with `scenario` as its controller; returns the run's report
+/// Runs a 128 MiB Balloon VM on `vcpus` vCPUs with `scenario` as its controller; returns the run's report
 /// and the controller's log. The controller always stops the VM, also when it panics (the panic
 /// is re-raised here, after the run).
 fn run_balloon(
     hostile: bool,
     memory: MemoryConfig,
+    vcpus: u32,
     scenario: impl FnOnce(&mut Controller) + Send + 'static,
 ) -> (RunReport, Log) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -154,7 +172,8 @@ fn run_balloon(
     let (hook_slot, hook_ended) = (slot.clone(), ended.clone());
     let hook = Arc::new(move |vm: &Arc<VmControl>| {
         let scenario = scenario.lock().unwrap().take().expect("one VM, one start");
-        let mut controller = Controller { vm: vm.clone(), ended: hook_ended.clone(), log: Log::default() };
+        let mut controller =
+            Controller { vm: vm.clone(), ended: hook_ended.clone(), vcpus, log: Log::default() };
         let thread = std::thread::spawn(move || {
             let result = catch_unwind(AssertUnwindSafe(|| {
                 scenario(&mut controller);
@@ -179,7 +198,7 @@ fn run_balloon(
     let config = VmConfig {
         kvm_device: "/dev/kvm".into(),
         memory,
-        vcpus: 1,
+        vcpus,
         boot: BootSource::TestGuest {
             elf: None,
             params: TestGuestParams { workload: Workload::Balloon, seed: 0xba11, cpl0: false, hostile },
@@ -216,69 +235,72 @@ fn wait_driver_up(c: &mut Controller) -> BalloonStats {
     })
 }
 
-#[test]
-fn balloon_follows_the_target_and_the_host_gets_the_memory() {
-    let (_, log) = run_balloon(false, anonymous(), |c| {
-        let up = wait_driver_up(c);
-        assert_eq!(c.transport().activations, 1);
-        assert_eq!(up.guest_stats["free_memory"], 64 * PAGE, "{:?}", up.guest_stats);
-        let total = up.guest_stats["total_memory"];
-        assert!(total > 100 * MIB && total < RAM, "total_memory {total}");
-        let filled = c.rss("filled");
-        assert!(filled > 100 * MIB, "the guest filled its slice: {filled}");
+/// The standard run: 0 -> 4096 -> 1024 -> 8192 -> 0 pages with the host-side checks after each
+/// step (see the crate docs), a statistics request, and the 2 MiB block counts.
+fn standard_scenario(c: &mut Controller) {
+    let up = wait_driver_up(c);
+    assert_eq!(c.transport().activations, 1);
+    assert_eq!(up.guest_stats["free_memory"], 64 * PAGE, "{:?}", up.guest_stats);
+    // vCPU 0's slice.
+    let total = up.guest_stats["total_memory"];
+    assert!(total > 100 * MIB / u64::from(c.vcpus) && total < RAM, "total_memory {total}");
+    // Every vCPU fills its slice: the work area is all RAM above 6 MiB (122 MiB).
+    c.wait_rss_at_least(RAM - 7 * MIB);
+    let filled = c.rss("filled");
 
-        // 0 -> 4096. The first non-zero target also triggers the guest's deflate-on-OOM
-        // simulation (a quarter, without a host request) and the re-inflate to the target.
-        c.set_target(4096);
-        let s = c.wait_settled(4096, |s| s.deflated_pages >= 1024);
-        assert_eq!(s.deflated_pages, 1024, "deflate-on-OOM: a quarter came back unrequested");
-        assert_eq!(s.inflated_pages, 4096 + 1024);
-        let inflated = c.rss("4096 pages ballooned");
-        assert!(
-            filled - inflated >= 4096 * PAGE * 8 / 10,
-            "RSS fell by {} KiB only",
-            (filled.saturating_sub(inflated)) / 1024
-        );
+    // 0 -> 4096. The first non-zero target also triggers the guest's deflate-on-OOM
+    // simulation (a quarter, without a host request) and the re-inflate to the target.
+    c.set_target(4096);
+    let s = c.wait_settled(4096, |s| s.deflated_pages >= 1024);
+    assert_eq!(s.deflated_pages, 1024, "deflate-on-OOM: a quarter came back unrequested");
+    assert_eq!(s.inflated_pages, 4096 + 1024);
+    let inflated = c.rss("4096 pages ballooned");
+    assert!(
+        filled - inflated >= 4096 * PAGE * 8 / 10,
+        "RSS fell by {} KiB only",
+        (filled.saturating_sub(inflated)) / 1024
+    );
 
-        // The host asks for fresh statistics: the device returns the held buffer, the guest
-        // refills and re-queues it.
-        let asked =
-            c.vm.balloon.as_ref().unwrap().lock().unwrap().device_mut().request_guest_stats().unwrap();
-        assert!(asked, "the device held a statistics buffer");
-        let before = s.guest_stats_updates;
-        c.wait("fresh guest statistics", |s| s.guest_stats_updates > before);
+    // The host asks for fresh statistics: the device returns the held buffer, the guest
+    // refills and re-queues it.
+    let asked = c.vm.balloon.as_ref().unwrap().lock().unwrap().device_mut().request_guest_stats().unwrap();
+    assert!(asked, "the device held a statistics buffer");
+    let before = s.guest_stats_updates;
+    c.wait("fresh guest statistics", |s| s.guest_stats_updates > before);
 
-        // 4096 -> 1024: the guest takes 3072 pages back, finds zeros, refills them.
-        c.set_target(1024);
-        c.wait_settled(1024, |_| true);
-        let deflated = c.rss("1024 pages ballooned");
-        assert!(
-            deflated - inflated >= 3072 * PAGE * 8 / 10,
-            "RSS rose by {} KiB only",
-            deflated.saturating_sub(inflated) / 1024
-        );
+    // 4096 -> 1024: the guest takes 3072 pages back, finds zeros, refills them.
+    c.set_target(1024);
+    c.wait_settled(1024, |_| true);
+    let deflated = c.rss("1024 pages ballooned");
+    assert!(
+        deflated - inflated >= 3072 * PAGE * 8 / 10,
+        "RSS rose by {} KiB only",
+        deflated.saturating_sub(inflated) / 1024
+    );
 
-        // 1024 -> 8192: a large inflate.
-        c.set_target(8192);
-        c.wait_settled(8192, |_| true);
-        let big = c.rss("8192 pages ballooned");
-        assert!(
-            deflated - big >= 7168 * PAGE * 8 / 10,
-            "RSS fell by {} KiB only",
-            deflated.saturating_sub(big) / 1024
-        );
+    // 1024 -> 8192: a large inflate.
+    c.set_target(8192);
+    let s = c.wait_settled(8192, |_| true);
+    if c.vcpus == 1 {
+        // The balloon is the last 8192 pages of RAM: 16 whole 2 MiB guest blocks.
+        assert_eq!((s.huge_blocks_full, s.huge_blocks_partial), (16, 0));
+    }
+    let big = c.rss("8192 pages ballooned");
+    assert!(
+        deflated - big >= 7168 * PAGE * 8 / 10,
+        "RSS fell by {} KiB only",
+        deflated.saturating_sub(big) / 1024
+    );
 
-        // 8192 -> 0.
-        c.set_target(0);
-        c.wait_settled(0, |_| true);
-        let empty = c.rss("balloon empty");
-        assert!(
-            empty - big >= 8192 * PAGE * 8 / 10,
-            "RSS rose by {} KiB only",
-            empty.saturating_sub(big) / 1024
-        );
-    });
+    // 8192 -> 0.
+    c.set_target(0);
+    c.wait_settled(0, |_| true);
+    let empty = c.rss("balloon empty");
+    assert!(empty - big >= 8192 * PAGE * 8 / 10, "RSS rose by {} KiB only", empty.saturating_sub(big) / 1024);
+}
 
+/// The device's counters after [`standard_scenario`].
+fn check_standard(log: Log) {
     let s = log.final_stats.expect("controller finished");
     let t = log.transport.expect("controller finished");
     eprintln!("device: {s:#?}\ntransport: {t:?}");
@@ -306,8 +328,30 @@ fn balloon_follows_the_target_and_the_host_gets_the_memory() {
 }
 
 #[test]
+fn balloon_follows_the_target_and_the_host_gets_the_memory() {
+    let (_, log) = run_balloon(false, anonymous(), 1, standard_scenario);
+    check_standard(log);
+}
+
+#[test]
+fn memfd_ram_and_an_idle_second_vcpu() {
+    let memory = MemoryConfig { size: RAM, backend: MemoryBackend::Memfd, thp: false };
+    let (_, log) = run_balloon(false, memory, 2, standard_scenario);
+    check_standard(log);
+}
+
+#[test]
+fn thp_ram_counts_whole_2mib_blocks() {
+    let memory = MemoryConfig { size: RAM, backend: MemoryBackend::Anonymous, thp: true };
+    let (report, log) = run_balloon(false, memory, 1, standard_scenario);
+    assert!(report.thp_aligned);
+    assert!(log.final_stats.as_ref().unwrap().thp);
+    check_standard(log);
+}
+
+#[test]
 fn hostile_requests_are_counted_and_change_nothing() {
-    let (_, log) = run_balloon(true, anonymous(), |c| {
+    let (_, log) = run_balloon(true, anonymous(), 1, |c| {
         // The guest sends its five malformed requests right after the fill, checks that none of
         // its pages changed (it fails the run otherwise), then reports free pages.
         let s = c.wait("hostile requests answered", |s| s.errors.total() >= 5 && s.reported_ranges >= 2);

@@ -23,7 +23,7 @@ use guest_abi::Workload;
 use vmm::boot::test_guest::TestGuestParams;
 use vmm::devices::virtio::balloon::{BalloonConfig, BalloonStats};
 use vmm::devices::virtio::mmio::TransportStats;
-use vmm::machine::{run, BootSource, Console, RunReport, VmConfig, VmControl, VmOutcome};
+use vmm::machine::{run, Console, RunReport, VmConfig, VmControl, VmOutcome};
 use vmm::memory::{MemoryBackend, MemoryConfig};
 
 const MIB: u64 = 1 << 20;
@@ -196,19 +196,14 @@ fn run_balloon(
         *hook_slot.lock().unwrap() = Some(thread);
     });
     let config = VmConfig {
-        kvm_device: "/dev/kvm".into(),
         memory,
         vcpus,
-        boot: BootSource::TestGuest {
-            elf: None,
-            params: TestGuestParams { workload: Workload::Balloon, seed: 0xba11, cpl0: false, hostile },
-        },
         timeout: Some(Duration::from_secs(300)),
         console: Console::Null,
         monitor: false,
-        teardown_policy: Default::default(),
         after_start: Some(hook),
         balloon: Some(BalloonConfig::default()),
+        ..VmConfig::test_guest(TestGuestParams { seed: 0xba11, hostile, ..TestGuestParams::new(Workload::Balloon) })
     };
     let report = run(&config).expect("the VM starts");
     ended.store(true, Ordering::SeqCst);

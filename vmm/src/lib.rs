@@ -13,10 +13,13 @@
 //! - [`teardown`]: surviving teardowns of guest RAM by code outside the VMM;
 //! - [`pvm`]: the few adjustments PVM hosts need, inert elsewhere;
 //! - [`machine`]: builds a VM from a [`machine::VmConfig`] and runs it to a [`machine::RunReport`];
-//! - [`bench`]: `zapvm bench` measurements.
+//! - [`bench`]: `zapvm bench` measurements;
+//! - [`bench_balloon`]: `zapvm bench balloon` (the balloon's inflate/deflate throughput vs raw madvise).
 
+pub mod api;
 pub mod arch;
 pub mod bench;
+pub mod bench_balloon;
 pub mod boot;
 pub mod devices;
 pub mod kvm_stats;

@@ -114,6 +114,8 @@ pub struct VmConfig {
     pub after_start: Option<AfterStart>,
     /// A virtio-balloon device, with the features it offers.
     pub balloon: Option<BalloonConfig>,
+    /// Serve the control API on this Unix socket (see [`crate::api`]).
+    pub api_socket: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -132,12 +134,70 @@ impl VmConfig {
             teardown_policy: Default::default(),
             after_start: None,
             balloon: Some(BalloonConfig::default()),
+            api_socket: None,
         }
     }
 
     /// A VM booting the built-in test guest with `params`, otherwise as [`VmConfig::new`].
     pub fn test_guest(params: test_guest::TestGuestParams) -> Self {
         Self::new(BootSource::TestGuest { elf: None, params })
+    }
+}
+
+/// The control API's view of a running VM.
+impl crate::api::VmHandle for VmControl {
+    fn balloon_set(&self, bytes: u64) -> Result<serde_json::Value, crate::api::ApiError> {
+        let b = self
+            .balloon
+            .as_ref()
+            .ok_or_else(|| crate::api::ApiError::unavailable("this VM has no balloon"))?;
+        let pages = bytes / crate::memory::PAGE_SIZE;
+        let ram: u64 = self.regions.iter().map(|r| r.2 as u64).sum();
+        if bytes > ram {
+            return Err(crate::api::ApiError::bad_argument(format!(
+                "a balloon of {bytes} bytes is larger than guest RAM ({ram} bytes)"
+            )));
+        }
+        let pages = u32::try_from(pages)
+            .map_err(|_| crate::api::ApiError::bad_argument("balloon target too large"))?;
+        b.lock().unwrap_or_else(|e| e.into_inner()).update_config(|d| d.set_target_pages(pages));
+        Ok(
+            serde_json::json!({ "target_pages": pages, "target_bytes": u64::from(pages) * crate::memory::PAGE_SIZE }),
+        )
+    }
+
+    fn balloon_stats(&self) -> Result<serde_json::Value, crate::api::ApiError> {
+        let b = self
+            .balloon
+            .as_ref()
+            .ok_or_else(|| crate::api::ApiError::unavailable("this VM has no balloon"))?;
+        Ok(self.balloon_json(b))
+    }
+
+    fn mem_set(&self, _bytes: u64) -> Result<serde_json::Value, crate::api::ApiError> {
+        Err(crate::api::ApiError::unavailable("this VM has no virtio-mem device"))
+    }
+
+    fn mem_state(&self) -> Result<serde_json::Value, crate::api::ApiError> {
+        Err(crate::api::ApiError::unavailable("this VM has no virtio-mem device"))
+    }
+
+    fn stats(&self) -> Result<serde_json::Value, crate::api::ApiError> {
+        Ok(VmControl::stats(self))
+    }
+
+    fn pause(&self) -> Result<(), crate::api::ApiError> {
+        VmControl::pause(self).map_err(crate::api::ApiError::failed)
+    }
+
+    fn resume(&self) -> Result<(), crate::api::ApiError> {
+        VmControl::resume(self);
+        Ok(())
+    }
+
+    fn quit(&self) -> Result<(), crate::api::ApiError> {
+        VmControl::quit(self);
+        Ok(())
     }
 }
 
@@ -204,6 +264,12 @@ impl VmControl {
             }
             self.kick_all();
         }
+    }
+
+    /// The balloon's target and statistics.
+    fn balloon_json(&self, b: &BalloonDevice) -> serde_json::Value {
+        serde_json::to_value(b.lock().unwrap_or_else(|e| e.into_inner()).device().stats())
+            .unwrap_or(serde_json::Value::Null)
     }
 
     /// Lets paused vCPUs run again.
@@ -629,6 +695,24 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     crate::stats::set_wake_fd(watcher.lock().unwrap_or_else(|e| e.into_inner()).stats_wake.as_raw_fd_i32());
     manager.add_subscriber(watcher.clone());
 
+    let control = Arc::new(VmControl {
+        regions: ram.regions().map(|(gpa, hva, len)| (gpa.0, hva as usize, len as usize)).collect(),
+        mmu: mmu.clone(),
+        balloon: balloon.clone(),
+        shared: shared.clone(),
+        space: space.clone(),
+        kvm_stats: kvm_stats.clone(),
+        teardown: teardown.clone(),
+        rendezvous: rendezvous.clone(),
+        quit,
+        threads: Mutex::new(None),
+        started,
+    });
+    if let Some(path) = &config.api_socket {
+        let server = crate::api::ApiServer::bind(path, control.clone())
+            .map_err(|e| Error::Device(format!("control API socket {}: {e}", path.display())))?;
+        manager.add_subscriber(Arc::new(Mutex::new(server)));
+    }
     install_kick_handler()
         .map_err(|e| Error::Host { what: "installing the vCPU kick signal", source: e.into() })?;
     let mut threads = Vec::with_capacity(vcpus.len());
@@ -642,19 +726,8 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         threads.push(handle);
     }
 
-    let control = Arc::new(VmControl {
-        regions: ram.regions().map(|(gpa, hva, len)| (gpa.0, hva as usize, len as usize)).collect(),
-        mmu: mmu.clone(),
-        balloon: balloon.clone(),
-        shared: shared.clone(),
-        space: space.clone(),
-        kvm_stats: kvm_stats.clone(),
-        teardown: teardown.clone(),
-        rendezvous: rendezvous.clone(),
-        quit,
-        threads: Mutex::new(Some(threads.iter().map(|t| t.as_pthread_t()).collect())),
-        started,
-    });
+    *control.threads.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(threads.iter().map(|t| t.as_pthread_t()).collect());
     if let Some(hook) = &config.after_start {
         hook(&control);
     }

@@ -29,12 +29,58 @@ enum Command {
     /// Measure.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Print the statistics of a running VM: KVM's, the VMM's table's and the notifier's.
+    /// Print the statistics of a running VM: KVM's, the table's, the notifier's, the balloon's.
     Stats {
         /// Process id of the `zapvm run` (default: the only one running).
         #[arg(long)]
         pid: Option<u32>,
     },
+    /// The balloon of a running VM (through its control socket).
+    #[command(subcommand)]
+    Balloon(BalloonCommand),
+    /// The virtio-mem device of a running VM (through its control socket).
+    #[command(subcommand)]
+    Mem(MemCommand),
+    /// Stop every vCPU of a running VM.
+    Pause(Target),
+    /// Let a paused VM run again.
+    Resume(Target),
+    /// End a running VM.
+    Quit(Target),
+}
+
+/// Which running VM a control command talks to.
+#[derive(clap::Args)]
+struct Target {
+    /// Process id of the `zapvm run` (default: the only one with a control socket).
+    #[arg(long)]
+    pid: Option<u32>,
+}
+
+#[derive(Subcommand)]
+enum BalloonCommand {
+    /// Set the balloon's target: how much memory to take from the guest (e.g. 128M, 0).
+    Set {
+        /// The target size.
+        size: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The balloon's target, actual size and statistics.
+    Stats(Target),
+}
+
+#[derive(Subcommand)]
+enum MemCommand {
+    /// Set virtio-mem's requested size (e.g. 512M).
+    Set {
+        /// The requested size.
+        size: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// virtio-mem's requested and plugged sizes.
+    State(Target),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -96,6 +142,13 @@ struct RunArgs {
     /// No virtio-balloon device.
     #[arg(long)]
     no_balloon: bool,
+    /// Serve the control API on this Unix socket (default: zapvm-<pid>.sock in
+    /// $XDG_RUNTIME_DIR or the temporary directory).
+    #[arg(long, conflicts_with = "no_api")]
+    api_socket: Option<PathBuf>,
+    /// No control socket.
+    #[arg(long)]
+    no_api: bool,
     /// The KVM device.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -118,6 +171,16 @@ enum BenchCommand {
     /// userfaultfd monitor for external operations.
     Notifier {
         /// The full sizes (up to 1 GiB) and more rounds; the default is a quick run.
+        #[arg(long)]
+        full: bool,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
+    /// virtio-balloon inflate and deflate throughput versus raw madvise of the same pages
+    /// (host-side, no VM).
+    Balloon {
+        /// 1 GiB of guest RAM and more rounds; the default is a quick run (128 MiB).
         #[arg(long)]
         full: bool,
         /// Write the results as JSON here.
@@ -155,7 +218,19 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Bench(BenchCommand::Notifier { full, json_out }) => bench_notifier(full, json_out),
+        Command::Bench(BenchCommand::Balloon { full, json_out }) => bench_balloon(full, json_out),
         Command::Stats { pid } => stats(pid),
+        Command::Balloon(BalloonCommand::Set { size, target }) => {
+            control(target.pid, vmm::api::Op::BalloonSet(vmm::api::SizeArg::size(size)))
+        }
+        Command::Balloon(BalloonCommand::Stats(target)) => control(target.pid, vmm::api::Op::BalloonStats),
+        Command::Mem(MemCommand::Set { size, target }) => {
+            control(target.pid, vmm::api::Op::MemSet(vmm::api::SizeArg::size(size)))
+        }
+        Command::Mem(MemCommand::State(target)) => control(target.pid, vmm::api::Op::MemState),
+        Command::Pause(target) => control(target.pid, vmm::api::Op::Pause),
+        Command::Resume(target) => control(target.pid, vmm::api::Op::Resume),
+        Command::Quit(target) => control(target.pid, vmm::api::Op::Quit),
         Command::Bench(BenchCommand::Boot { runs, mem, json_out, kvm_device }) => {
             bench_boot(runs, mem, json_out, kvm_device)
         }
@@ -206,6 +281,11 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         teardown_policy: args.on_external_unmap,
         after_start: None,
         balloon: (!args.no_balloon).then(vmm::devices::virtio::balloon::BalloonConfig::default),
+        api_socket: if args.no_api {
+            None
+        } else {
+            Some(args.api_socket.unwrap_or_else(|| vmm::api::default_socket_path(std::process::id())))
+        },
     };
     let report = machine::run(&config).map_err(|e| e.to_string())?;
     if args.json {
@@ -308,6 +388,19 @@ fn bench_notifier(full: bool, json_out: Option<PathBuf>) -> Result<ExitCode, Str
     Ok(ExitCode::SUCCESS)
 }
 
+fn bench_balloon(full: bool, json_out: Option<PathBuf>) -> Result<ExitCode, String> {
+    use vmm::bench_balloon::{run, BalloonBenchOptions};
+    let opts = if full { BalloonBenchOptions::full() } else { BalloonBenchOptions::quick() };
+    let report = run(&opts, &mut |line| eprintln!("{line}"))?;
+    print!("{}", report.to_markdown_table());
+    if let Some(path) = json_out {
+        let json = serde_json::to_string_pretty(&report).expect("report serialises");
+        std::fs::write(&path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn print_memory_layer(layer: &vmm::machine::MemoryLayerReport) {
     let size = |b: u64| if b >= 1 << 20 { format!("{} MiB", b >> 20) } else { format!("{} KiB", b >> 10) };
     for d in &layer.discards {
@@ -340,7 +433,16 @@ fn print_memory_layer(layer: &vmm::machine::MemoryLayerReport) {
     );
 }
 
+/// Sends `op` to the control socket of VM `pid` (or the only one) and prints the result.
+fn control(pid: Option<u32>, op: vmm::api::Op) -> Result<ExitCode, String> {
+    control_at(&vmm::api::find_socket(pid).map_err(|e| e.to_string())?, op)
+}
+
 fn stats(pid: Option<u32>) -> Result<ExitCode, String> {
+    // The control socket when the VM has one; SIGUSR1 otherwise (`zapvm run --no-api`).
+    if let Ok(socket) = vmm::api::find_socket(pid) {
+        return control_at(&socket, vmm::api::Op::Stats);
+    }
     let pid = match pid {
         Some(pid) => pid,
         None => match vmm::stats::running_vms().as_slice() {
@@ -353,5 +455,11 @@ fn stats(pid: Option<u32>) -> Result<ExitCode, String> {
     let value: serde_json::Value =
         serde_json::from_str(&json).map_err(|e| format!("bad statistics file: {e}"))?;
     println!("{}", serde_json::to_string_pretty(&value).expect("value serialises"));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn control_at(socket: &std::path::Path, op: vmm::api::Op) -> Result<ExitCode, String> {
+    let result = vmm::api::call(socket, op).map_err(|e| e.to_string())?;
+    println!("{}", serde_json::to_string_pretty(&result).expect("value serialises"));
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,94 @@
+//! End-to-end: the control API of a running VM over its Unix socket — balloon target and
+//! statistics, VM statistics, pause and resume, a malformed request that changes nothing, and
+//! quit, which ends the run.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use guest_abi::Workload;
+use serde_json::{json, Value};
+use vmm::boot::test_guest::TestGuestParams;
+use vmm::machine::{run, Console, VmConfig, VmControl, VmOutcome};
+use vmm::memory::MemoryConfig;
+
+fn socket_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("zapvm-test-{}-{name}.sock", std::process::id()))
+}
+
+/// One request line, one reply line.
+fn ask(stream: &mut BufReader<UnixStream>, request: &str) -> Value {
+    stream.get_mut().write_all(format!("{request}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    stream.read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?} is not JSON: {e}"))
+}
+
+#[test]
+fn a_client_drives_balloon_pause_resume_and_quit() {
+    let path = socket_path("drive");
+    let replies: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    let log = replies.clone();
+    let socket = path.clone();
+    let hook = Arc::new(move |_vm: &Arc<VmControl>| {
+        let (log, socket) = (log.clone(), socket.clone());
+        std::thread::spawn(move || {
+            let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+            log.lock().unwrap().push(("mode".into(), json!(mode & 0o777)));
+            let mut s = BufReader::new(UnixStream::connect(&socket).unwrap());
+            for request in [
+                r#"{"id": 1, "op": "ping"}"#,
+                r#"{"id": 2, "op": "balloon-set", "size": "8M"}"#,
+                r#"{"id": 3, "op": "balloon-stats"}"#,
+                r#"{"id": 4, "op": "pause"}"#,
+                r#"{"id": 5, "op": "stats"}"#,
+                r#"{"id": 6, "op": "balloon-set", "size": "64G"}"#,
+                r#"{"id": 7, "op": "mem-set", "size": "64M"}"#,
+                r#"this is not json"#,
+                r#"{"id": 8, "op": "resume"}"#,
+                r#"{"id": 9, "op": "quit"}"#,
+            ] {
+                let reply = ask(&mut s, request);
+                log.lock().unwrap().push((request.to_string(), reply));
+            }
+        });
+    });
+    let config = VmConfig {
+        memory: MemoryConfig {
+            size: 1 << 30,
+            ..VmConfig::test_guest(TestGuestParams::new(Workload::Touch)).memory
+        },
+        timeout: Some(Duration::from_secs(60)),
+        console: Console::Null,
+        api_socket: Some(path.clone()),
+        after_start: Some(hook),
+        ..VmConfig::test_guest(TestGuestParams::new(Workload::Touch))
+    };
+    let report = run(&config).expect("the VM starts");
+    let replies = replies.lock().unwrap();
+    let reply = |id: u64| {
+        &replies
+            .iter()
+            .find(|(_, r)| r["id"] == json!(id))
+            .unwrap_or_else(|| panic!("no reply {id}: {replies:#?}"))
+            .1
+    };
+    assert_eq!(replies[0].1, json!(0o600), "the socket is its owner's only");
+    assert_eq!(reply(1)["ok"], true);
+    assert_eq!(reply(2)["result"]["target_pages"], json!(2048));
+    assert_eq!(reply(3)["result"]["target_pages"], json!(2048), "{}", reply(3));
+    assert_eq!(reply(4)["ok"], true, "{}", reply(4));
+    assert_eq!(reply(5)["result"]["paused"], true, "{}", reply(5));
+    assert!(reply(5)["result"]["kvm"]["vm"]["pages_4k"].is_u64());
+    assert_eq!(reply(6)["error"]["kind"], "bad-argument", "a balloon larger than RAM: {}", reply(6));
+    assert_eq!(reply(7)["error"]["kind"], "unavailable", "{}", reply(7));
+    let garbage = &replies.iter().find(|(q, _)| q.starts_with("this")).unwrap().1;
+    assert_eq!(garbage["error"]["kind"], "bad-request", "{garbage}");
+    assert_eq!(reply(8)["ok"], true);
+    assert_eq!(reply(9)["ok"], true);
+    assert_eq!(report.outcome, VmOutcome::Quit, "{report:#?}");
+    assert!(!path.exists(), "the socket is removed when the VM ends");
+}

@@ -23,6 +23,7 @@ use crate::boot::{self, test_guest, BootError};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonStats};
+use crate::devices::virtio::mem::{VirtioMem, VirtioMemConfig, VirtioMemStats};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
 use crate::devices::virtio::VirtioInterrupt;
 use crate::devices::{Bus, BusError};
@@ -116,6 +117,18 @@ pub struct VmConfig {
     pub balloon: Option<BalloonConfig>,
     /// Serve the control API on this Unix socket (see [`crate::api`]).
     pub api_socket: Option<PathBuf>,
+    /// A virtio-mem device and its hot-pluggable region.
+    pub virtio_mem: Option<VirtioMemSpec>,
+}
+
+/// A virtio-mem device: a region of `region_size` bytes above all RAM, of which the host asks
+/// the guest to plug `requested_size` (both whole 2 MiB blocks).
+#[derive(Clone, Copy, Debug)]
+pub struct VirtioMemSpec {
+    /// Bytes of the device's region.
+    pub region_size: u64,
+    /// Bytes the guest should plug at boot.
+    pub requested_size: u64,
 }
 
 impl VmConfig {
@@ -135,6 +148,7 @@ impl VmConfig {
             after_start: None,
             balloon: Some(BalloonConfig::default()),
             api_socket: None,
+            virtio_mem: None,
         }
     }
 
@@ -152,7 +166,7 @@ impl crate::api::VmHandle for VmControl {
             .as_ref()
             .ok_or_else(|| crate::api::ApiError::unavailable("this VM has no balloon"))?;
         let pages = bytes / crate::memory::PAGE_SIZE;
-        let ram: u64 = self.regions.iter().map(|r| r.2 as u64).sum();
+        let ram = self.ram_bytes;
         if bytes > ram {
             return Err(crate::api::ApiError::bad_argument(format!(
                 "a balloon of {bytes} bytes is larger than guest RAM ({ram} bytes)"
@@ -174,12 +188,24 @@ impl crate::api::VmHandle for VmControl {
         Ok(self.balloon_json(b))
     }
 
-    fn mem_set(&self, _bytes: u64) -> Result<serde_json::Value, crate::api::ApiError> {
-        Err(crate::api::ApiError::unavailable("this VM has no virtio-mem device"))
+    fn mem_set(&self, bytes: u64) -> Result<serde_json::Value, crate::api::ApiError> {
+        let m = self
+            .virtio_mem
+            .as_ref()
+            .ok_or_else(|| crate::api::ApiError::unavailable("this VM has no virtio-mem device"))?;
+        let mut m = m.lock().unwrap_or_else(|e| e.into_inner());
+        m.update_config(|d| d.set_requested_size(bytes))
+            .map_err(|e| crate::api::ApiError::bad_argument(e.to_string()))?;
+        Ok(serde_json::json!({ "requested_size": bytes }))
     }
 
     fn mem_state(&self) -> Result<serde_json::Value, crate::api::ApiError> {
-        Err(crate::api::ApiError::unavailable("this VM has no virtio-mem device"))
+        let m = self
+            .virtio_mem
+            .as_ref()
+            .ok_or_else(|| crate::api::ApiError::unavailable("this VM has no virtio-mem device"))?;
+        Ok(serde_json::to_value(m.lock().unwrap_or_else(|e| e.into_inner()).device().stats())
+            .unwrap_or_default())
     }
 
     fn stats(&self) -> Result<serde_json::Value, crate::api::ApiError> {
@@ -210,6 +236,8 @@ pub const VIRTIO_FIRST_GSI: u32 = 5;
 
 /// The balloon device as the VMM holds it.
 pub type BalloonDevice = Arc<Mutex<MmioTransport<Balloon>>>;
+/// The virtio-mem device as the VMM holds it.
+pub type VirtioMemDevice = Arc<Mutex<MmioTransport<VirtioMem>>>;
 
 /// A hook called once the vCPUs of a VM run.
 pub type AfterStart = Arc<dyn Fn(&Arc<VmControl>) + Send + Sync>;
@@ -222,6 +250,10 @@ pub struct VmControl {
     pub mmu: Arc<GuestMmu>,
     /// The balloon, if the VM has one.
     pub balloon: Option<BalloonDevice>,
+    /// The virtio-mem device, if the VM has one.
+    pub virtio_mem: Option<VirtioMemDevice>,
+    /// Bytes of RAM the guest was booted with (without a hot-pluggable region).
+    ram_bytes: u64,
     shared: Arc<VcpuShared>,
     space: Arc<notifier::AddressSpace>,
     kvm_stats: Option<Arc<KvmStatsReader>>,
@@ -302,6 +334,7 @@ impl VmControl {
             "external_teardowns": self.teardown.report(),
             "discards": self.rendezvous.as_ref().map(|r| r.records().len()).unwrap_or(0),
             "balloon": self.balloon.as_ref().map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).device().stats()),
+            "virtio_mem": self.virtio_mem.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).device().stats()),
         })
     }
 }
@@ -413,6 +446,8 @@ pub struct MemoryLayerReport {
     pub external_teardowns: TeardownReport,
     /// The balloon's counters, if the VM had one.
     pub balloon: Option<BalloonStats>,
+    /// The virtio-mem device's counters, if the VM had one.
+    pub virtio_mem: Option<VirtioMemStats>,
 }
 
 /// The result of running a VM.
@@ -510,7 +545,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     if nr_vcpus as usize > kvm.get_max_vcpus() {
         return Err(VmError::TooManyVcpus { wanted: nr_vcpus, max: kvm.get_max_vcpus() }.into());
     }
-    let ram = GuestRam::new(config.memory)?;
+    let ram = GuestRam::with_hotplug(config.memory, config.virtio_mem.map_or(0, |m| m.region_size))?;
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&ram)?;
 
@@ -580,6 +615,38 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
             });
             Some(transport)
         }
+    };
+
+    let virtio_mem: Option<VirtioMemDevice> = match (config.virtio_mem, ram.hotplug()) {
+        (Some(spec), Some((gpa, size))) => {
+            let (base, gsi) = (
+                VIRTIO_MMIO_BASE + VIRTIO_MMIO_STRIDE * virtio.len() as u64,
+                VIRTIO_FIRST_GSI + virtio.len() as u32,
+            );
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
+            vm.fd()
+                .register_irqfd(&irq, gsi)
+                .map_err(|e| Error::Device(format!("KVM_IRQFD for virtio-mem: {e}")))?;
+            let device = VirtioMem::new(
+                mmu.clone(),
+                VirtioMemConfig { requested_size: spec.requested_size, ..VirtioMemConfig::new(gpa, size) },
+            )
+            .map_err(|e| Error::Device(format!("virtio-mem: {e}")))?;
+            let transport = Arc::new(Mutex::new(MmioTransport::new(
+                device,
+                mmu.clone() as Arc<dyn GuestMemoryAccess>,
+                Arc::new(VirtioInterrupt::new(irq)),
+            )));
+            mmio.insert(base, MMIO_WINDOW_SIZE, transport.clone())?;
+            virtio.push(guest_abi::VirtioMmioDevice {
+                base,
+                size: MMIO_WINDOW_SIZE,
+                device_id: guest_abi::VIRTIO_ID_MEM,
+                irq: u64::from(gsi),
+            });
+            Some(transport)
+        }
+        _ => None,
     };
 
     // Boot: fill RAM, decide entries.
@@ -699,6 +766,8 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         regions: ram.regions().map(|(gpa, hva, len)| (gpa.0, hva as usize, len as usize)).collect(),
         mmu: mmu.clone(),
         balloon: balloon.clone(),
+        virtio_mem: virtio_mem.clone(),
+        ram_bytes: ram.size(),
         shared: shared.clone(),
         space: space.clone(),
         kvm_stats: kvm_stats.clone(),
@@ -796,6 +865,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         discards: rendezvous.as_ref().map(|r| r.records()).unwrap_or_default(),
         external_teardowns: teardown.report(),
         balloon: balloon.as_ref().map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).device().stats()),
+        virtio_mem: virtio_mem.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).device().stats()),
     };
     Ok(RunReport {
         memory_layer,

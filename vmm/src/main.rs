@@ -142,6 +142,13 @@ struct RunArgs {
     /// No virtio-balloon device.
     #[arg(long)]
     no_balloon: bool,
+    /// A virtio-mem device with a hot-pluggable region of this size above all RAM (e.g. 1G;
+    /// whole 2 MiB blocks).
+    #[arg(long, value_parser = parse_size)]
+    virtio_mem: Option<u64>,
+    /// How much of the virtio-mem region the guest should plug at boot.
+    #[arg(long, value_parser = parse_size, default_value = "0", requires = "virtio_mem")]
+    virtio_mem_requested: u64,
     /// Serve the control API on this Unix socket (default: zapvm-<pid>.sock in
     /// $XDG_RUNTIME_DIR or the temporary directory).
     #[arg(long, conflicts_with = "no_api")]
@@ -281,6 +288,10 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         teardown_policy: args.on_external_unmap,
         after_start: None,
         balloon: (!args.no_balloon).then(vmm::devices::virtio::balloon::BalloonConfig::default),
+        virtio_mem: args.virtio_mem.map(|region_size| vmm::machine::VirtioMemSpec {
+            region_size,
+            requested_size: args.virtio_mem_requested,
+        }),
         api_socket: if args.no_api {
             None
         } else {

@@ -97,6 +97,9 @@ pub enum MemoryError {
     /// Region overlap (cannot happen with the fixed layout, but vm-memory checks).
     #[error("cannot assemble guest memory: {0}")]
     Assemble(#[source] vm_memory::GuestRegionCollectionError),
+    /// The hot-pluggable region must be whole 2 MiB blocks.
+    #[error("hot-pluggable memory size {0:#x} is not a multiple of 2 MiB")]
+    HotplugNotAligned(u64),
     /// Hugetlb needs whole huge pages.
     #[error("memory size {0:#x} is not a multiple of the 2 MiB huge page size (hugetlb backing)")]
     NotHugePageAligned(u64),
@@ -152,11 +155,31 @@ pub struct GuestRam {
     config: MemoryConfig,
     /// The memfd, for the memfd backend (fallocate needs it).
     memfd: Option<Arc<File>>,
+    /// A hot-pluggable region above all RAM (guest-physical start, size), for virtio-mem.
+    hotplug: Option<(u64, u64)>,
+}
+
+/// Where a hot-pluggable region of `size` bytes goes for `ram_size` bytes of RAM: above all RAM
+/// and the 32-bit hole, 1 GiB aligned (Linux adds memory in 128 MiB blocks).
+pub fn hotplug_base(ram_size: u64) -> u64 {
+    let top = ram_layout(ram_size).last().map(|&(gpa, size)| gpa.0 + size).unwrap_or(0);
+    top.max(MMIO_GAP_END).next_multiple_of(1 << 30)
 }
 
 impl GuestRam {
     /// Creates guest RAM as `config` says.
     pub fn new(config: MemoryConfig) -> Result<Self, MemoryError> {
+        Self::with_hotplug(config, 0)
+    }
+
+    /// Creates guest RAM as `config` says plus, when `hotplug_size` is not zero, a region of that
+    /// size at [`hotplug_base`] for a virtio-mem device: backed like the rest, registered with
+    /// KVM and the memory layer, but not RAM the guest is told of at boot (not in the e820 map,
+    /// not in the test guest's work ranges, not in the balloon's PFN space).
+    pub fn with_hotplug(config: MemoryConfig, hotplug_size: u64) -> Result<Self, MemoryError> {
+        if hotplug_size % HUGE_PAGE_SIZE != 0 {
+            return Err(MemoryError::HotplugNotAligned(hotplug_size));
+        }
         if config.size % PAGE_SIZE != 0 {
             return Err(MemoryError::NotPageAligned(config.size));
         }
@@ -170,11 +193,19 @@ impl GuestRam {
         if config.size > (512 << 30) - (MMIO_GAP_END - MMIO_GAP_START) {
             return Err(MemoryError::TooLarge(config.size));
         }
-        let layout = ram_layout(config.size);
+        let mut layout = ram_layout(config.size);
+        let hotplug = (hotplug_size > 0).then(|| (hotplug_base(config.size), hotplug_size));
+        if let Some((gpa, size)) = hotplug {
+            if gpa + size > 512 << 30 {
+                return Err(MemoryError::TooLarge(config.size + size));
+            }
+            layout.push((GuestAddress(gpa), size));
+        }
+        let total = config.size + hotplug_size;
         let memfd = match config.backend {
             MemoryBackend::Anonymous => None,
-            MemoryBackend::Memfd => Some(Arc::new(create_memfd(config.size, false)?)),
-            MemoryBackend::Hugetlb => Some(Arc::new(create_memfd(config.size, true)?)),
+            MemoryBackend::Memfd => Some(Arc::new(create_memfd(total, false)?)),
+            MemoryBackend::Hugetlb => Some(Arc::new(create_memfd(total, true)?)),
         };
         let hugetlb = config.backend == MemoryBackend::Hugetlb;
         let mut regions = Vec::with_capacity(layout.len());
@@ -196,7 +227,7 @@ impl GuestRam {
             let region: MmapRegion<()> = builder.build().map_err(|source| {
                 let enomem = matches!(&source, vm_memory::mmap::MmapRegionError::Mmap(e) if e.raw_os_error() == Some(libc::ENOMEM));
                 if hugetlb && enomem {
-                    MemoryError::NoHugePages { needed: config.size / HUGE_PAGE_SIZE, free: free_huge_pages() }
+                    MemoryError::NoHugePages { needed: total / HUGE_PAGE_SIZE, free: free_huge_pages() }
                 } else {
                     MemoryError::Mmap { size, source }
                 }
@@ -214,7 +245,19 @@ impl GuestRam {
             file_offset += size;
         }
         let memory = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Assemble)?;
-        Ok(Self { memory: Arc::new(memory), config, memfd })
+        Ok(Self { memory: Arc::new(memory), config, memfd, hotplug })
+    }
+
+    /// The hot-pluggable region (guest-physical start, size), if any.
+    pub fn hotplug(&self) -> Option<(u64, u64)> {
+        self.hotplug
+    }
+
+    /// The regions of RAM the guest is told of at boot: [`Self::regions`] without the
+    /// hot-pluggable one.
+    pub fn ram_regions(&self) -> impl Iterator<Item = (GuestAddress, u64, u64)> + '_ {
+        let hotplug = self.hotplug.map(|(gpa, _)| gpa);
+        self.regions().filter(move |(gpa, _, _)| Some(gpa.0) != hotplug)
     }
 
     /// The guest memory, for loaders and devices.
@@ -232,7 +275,7 @@ impl GuestRam {
         self.memfd.as_ref()
     }
 
-    /// Each region as (guest-physical start, host address, size).
+    /// Each region as (guest-physical start, host address, size), the hot-pluggable one included.
     pub fn regions(&self) -> impl Iterator<Item = (GuestAddress, u64, u64)> + '_ {
         self.memory.iter().map(|r| (r.start_addr(), r.as_ptr() as u64, r.len()))
     }
@@ -368,5 +411,18 @@ mod tests {
         ram.memory().write_obj(7u64, GuestAddress(MMIO_GAP_END + 4096)).unwrap();
         assert_eq!(ram.memory().read_obj::<u64>(GuestAddress(MMIO_GAP_END + 4096)).unwrap(), 7);
         assert!(ram.huge_page_aligned(), "6.x kernels align large anonymous mappings to 2 MiB");
+    }
+
+    #[test]
+    fn hotplug_region_sits_above_ram_and_out_of_the_boot_view() {
+        let cfg = MemoryConfig { size: 64 << 20, backend: MemoryBackend::Memfd, thp: false };
+        let ram = GuestRam::with_hotplug(cfg, 128 << 20).unwrap();
+        assert_eq!(ram.hotplug(), Some((4 << 30, 128 << 20)));
+        assert_eq!(ram.regions().count(), 2);
+        assert_eq!(ram.ram_regions().map(|r| r.2).sum::<u64>(), 64 << 20);
+        assert_eq!(ram.notifier_regions().len(), 2, "the memory layer covers it");
+        ram.memory().write_obj(9u64, GuestAddress((4 << 30) + 4096)).unwrap();
+        assert_eq!(hotplug_base((5 << 30) + 1), 7 << 30, "above RAM that reaches past 4 GiB, 1 GiB aligned");
+        assert!(matches!(GuestRam::with_hotplug(cfg, 4096), Err(MemoryError::HotplugNotAligned(_))));
     }
 }

@@ -79,7 +79,7 @@ pub fn load(
     let image = read_file("kernel", kernel)?;
     let bad =
         |reason: String| BootError::BadImage { what: "kernel", path: kernel.display().to_string(), reason };
-    let low_end = ram.regions().next().map(|(_, _, size)| size).unwrap_or(0);
+    let low_end = ram.ram_regions().next().map(|(_, _, size)| size).unwrap_or(0);
     if HIMEM_START + image.len() as u64 > low_end {
         return Err(BootError::MemoryTooSmall {
             what: format!("kernel {}", kernel.display()),
@@ -147,7 +147,7 @@ pub fn load(
     }
 
     let mut e820 = vec![(0, EBDA_START)];
-    for (gpa, _, size) in ram.regions() {
+    for (gpa, _, size) in ram.ram_regions() {
         let start = if gpa.0 == 0 { HIMEM_START } else { gpa.0 };
         e820.push((start, gpa.0 + size - start));
     }

@@ -146,7 +146,7 @@ pub fn load(
             "it loads at {lo:#x}, below {IMAGE_BASE:#x} where the VMM keeps its tables"
         )));
     }
-    let low_ram_end = ram.regions().next().map(|(_, _, size)| size).unwrap_or(0);
+    let low_ram_end = ram.ram_regions().next().map(|(_, _, size)| size).unwrap_or(0);
     let stacks = align_up(hi, HUGE_PAGE_SIZE);
     let work_start = align_up(stacks + nr_vcpus as u64 * (STACK_SIZE + RING0_STACK_SIZE), HUGE_PAGE_SIZE);
     // The workload needs at least one page of its own per vCPU.
@@ -169,7 +169,7 @@ pub fn load(
     // The workload's RAM: the rest of the low region, and all of the high one.
     let mut work = [GpaRange::default(); MAX_RANGES];
     let mut nr_work = 0;
-    for (gpa, _, size) in ram.regions() {
+    for (gpa, _, size) in ram.ram_regions() {
         let start = if gpa.0 == 0 { work_start } else { gpa.0 };
         let end = gpa.0 + size;
         if start < end {

@@ -309,7 +309,7 @@ impl Balloon {
         if config.free_page_reporting {
             queue_sizes.push(QUEUE_SIZE);
         }
-        let regions = ram.regions().map(|(gpa, _, len)| RegionMap::new(gpa.0, len)).collect();
+        let regions = ram.ram_regions().map(|(gpa, _, len)| RegionMap::new(gpa.0, len)).collect();
         let thp = ram.config().thp;
         Self {
             mmu,

@@ -119,6 +119,38 @@ pub enum Workload {
     /// Like [`Workload::Balloon`] for the virtio-mem device: plug and unplug blocks as the
     /// host's requested size says, verify plugged memory, report each step as a Stage with
     /// `args[0]` = [`STAGE_MEM_STEP`] and `args[1]` = plugged bytes.
+    ///
+    /// Details of the test guest's driver:
+    /// - only vCPU 0 drives the device; every vCPU fills its slice with the pattern (vCPU 0 all
+    ///   but the first two pages of its slice: the request queue and the request/response
+    ///   buffers), the others verify it and idle, vCPU 0 verifies its slice after every step;
+    /// - the device region must not overlap the work ranges, and must be identity mapped;
+    ///   features: VIRTIO_F_VERSION_1 only; memory plugged at probe is unplugged with
+    ///   UNPLUG_ALL, then the whole usable region must be STATE UNPLUGGED;
+    /// - the plugged blocks are always a prefix of the usable region: PLUG from the lowest
+    ///   unplugged block up, UNPLUG from the highest plugged block down (most recently plugged
+    ///   first), at most 8 blocks per request, one request in flight; the driver follows
+    ///   `requested_size` (clamped to `usable_region_size`), polled about every millisecond;
+    /// - after each ACKed PLUG the new blocks must read zeros (never plugged, or discarded when
+    ///   they were unplugged); they are then filled with [`pattern`] and verified; unplugged
+    ///   blocks are never touched; a NACK ends the step (the next poll re-reads the request),
+    ///   BUSY is retried, anything else is a Failure;
+    /// - at the end of a step: every plugged block holds the pattern, the config's
+    ///   `plugged_size` is what the driver plugged, then STATE requests (PLUGGED over the
+    ///   plugged prefix, UNPLUGGED over the rest, at most 32768 blocks each) — the last requests
+    ///   of a step, so a host that sees `plugged_size == requested_size` and a STATE request
+    ///   after it set `requested_size` knows the step is complete — then the Stage ucall;
+    /// - with [`FLAG_HOSTILE`], before normal operation: well-formed requests that must be
+    ///   answered ERROR (PLUG of one block at the end of the usable region, PLUG at the region's
+    ///   start + 4 KiB, PLUG of 0 blocks, PLUG of 0xffff blocks at the highest block-aligned
+    ///   address (overflow), PLUG of 0xffff blocks at the region's start (beyond its end),
+    ///   UNPLUG of the never-plugged block 0); then the driver waits until `requested_size` is
+    ///   at least one block, plugs block 0 (checks zeros, fills it) and sends PLUG of block 0
+    ///   again (ERROR); then three malformed chains, each an UNPLUG of block 0 that must be
+    ///   returned with used length 0 and no response written: a 16-byte request, a response
+    ///   buffer that is device-readable only, a 4-byte response buffer. Block 0 must keep its
+    ///   pattern, `plugged_size` stay one block; then `Stage(STAGE_MEM_STEP | 2, 10)` and normal
+    ///   operation with block 0 plugged.
     VirtioMem = 7,
 }
 

@@ -102,14 +102,14 @@ const STAT_ENTRY: u64 = 10;
 
 /// A vCPU's slice as up to [`MAX_RANGES`] contiguous pieces, so that the `i`-th page is found
 /// without walking every page.
-struct Slice {
+pub(crate) struct Slice {
     pieces: [GpaRange; MAX_RANGES],
     nr: usize,
-    pages: u64,
+    pub(crate) pages: u64,
 }
 
 impl Slice {
-    fn new(boot: &BootInfo, vcpu: u64) -> Self {
+    pub(crate) fn new(boot: &BootInfo, vcpu: u64) -> Self {
         let mut s = Slice { pieces: [GpaRange::default(); MAX_RANGES], nr: 0, pages: 0 };
         slice_pages(&boot.work[..boot.nr_work as usize], boot.nr_vcpus, vcpu, |gpa| {
             s.pages += 1;
@@ -124,7 +124,7 @@ impl Slice {
     }
 
     /// Guest-physical address of page `index` (< `pages`).
-    fn page(&self, mut index: u64) -> u64 {
+    pub(crate) fn page(&self, mut index: u64) -> u64 {
         let mut i = 0;
         while i < self.nr {
             let p = self.pieces[i];
@@ -139,7 +139,7 @@ impl Slice {
 }
 
 /// Writes the pattern into every word of the page at `gpa`.
-fn fill_page(seed: u64, gpa: u64) {
+pub(crate) fn fill_page(seed: u64, gpa: u64) {
     let base = gpa as *mut u64;
     let mut word = 0;
     while word < WORDS_PER_PAGE {
@@ -152,7 +152,7 @@ fn fill_page(seed: u64, gpa: u64) {
 
 /// Checks that the page at `gpa` holds the pattern (`zeros` false) or zeros (`zeros` true);
 /// returns the first wrong word as (address, found, expected).
-fn check_page(seed: u64, gpa: u64, zeros: bool) -> Result<(), (u64, u64, u64)> {
+pub(crate) fn check_page(seed: u64, gpa: u64, zeros: bool) -> Result<(), (u64, u64, u64)> {
     let base = gpa as *const u64;
     let mut word = 0;
     while word < WORDS_PER_PAGE {

@@ -21,6 +21,7 @@ mod balloon;
 mod mem;
 mod msg;
 mod virtio;
+mod virtio_mem;
 mod workload;
 
 use core::fmt;
@@ -140,9 +141,7 @@ extern "C" fn guest_main(vcpu: u64, boot: *const BootInfo) -> ! {
             unsafe { core::arch::asm!("ud2", options(noreturn, nomem, nostack)) }
         }
         Some(Workload::Balloon) => balloon::run(vcpu, &boot),
-        Some(w @ Workload::VirtioMem) => {
-            fail(vcpu, format_args!("workload {w:?} is not implemented by this guest yet"))
-        }
+        Some(Workload::VirtioMem) => virtio_mem::run(vcpu, &boot),
         None => fail(vcpu, format_args!("unknown workload {} in boot info", boot.workload)),
     }
 }

@@ -25,7 +25,7 @@ use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonStats};
 use crate::devices::virtio::mem::{VirtioMem, VirtioMemConfig, VirtioMemStats};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
-use crate::devices::virtio::VirtioInterrupt;
+use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::{Bus, BusError};
 use crate::kvm_stats::KvmStatsReader;
 use crate::memory::{GuestRam, MemoryConfig, MemoryError};
@@ -531,6 +531,44 @@ impl RawFdI32 for EventFd {
     }
 }
 
+/// Places virtio-mmio devices: the `n`-th at `VIRTIO_MMIO_BASE + n * VIRTIO_MMIO_STRIDE` with GSI
+/// `VIRTIO_FIRST_GSI + n`, its interrupt an irqfd, its accesses to guest RAM through the table.
+struct VirtioSlots<'a> {
+    vm: &'a Vm,
+    mmio: &'a mut Bus,
+    mmu: &'a Arc<GuestMmu>,
+    /// What the guest is told of the devices placed so far.
+    devices: Vec<guest_abi::VirtioMmioDevice>,
+}
+
+impl VirtioSlots<'_> {
+    fn add<D: VirtioDevice + Send + 'static>(
+        &mut self,
+        device: D,
+        device_id: u64,
+    ) -> Result<Arc<Mutex<MmioTransport<D>>>, Error> {
+        let n = self.devices.len();
+        let (base, gsi) = (VIRTIO_MMIO_BASE + VIRTIO_MMIO_STRIDE * n as u64, VIRTIO_FIRST_GSI + n as u32);
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
+        self.vm.fd().register_irqfd(&irq, gsi).map_err(|e| {
+            Error::Device(format!("KVM_IRQFD for virtio device {device_id} on GSI {gsi}: {e}"))
+        })?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            self.mmu.clone() as Arc<dyn GuestMemoryAccess>,
+            Arc::new(VirtioInterrupt::new(irq)),
+        )));
+        self.mmio.insert(base, MMIO_WINDOW_SIZE, transport.clone())?;
+        self.devices.push(guest_abi::VirtioMmioDevice {
+            base,
+            size: MMIO_WINDOW_SIZE,
+            device_id,
+            irq: u64::from(gsi),
+        });
+        Ok(transport)
+    }
+}
+
 /// Builds the VM `config` describes and runs it to the end.
 pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     let started = Instant::now();
@@ -588,66 +626,24 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     // virtio-mmio devices, at fixed windows in the MMIO hole; the guest learns them from its boot
     // info (test guest) or its command line (Linux).
     let mut mmio = Bus::default();
-    let mut virtio = Vec::new();
+    let mut virtio = VirtioSlots { vm: &vm, mmio: &mut mmio, mmu: &mmu, devices: Vec::new() };
     let balloon: Option<BalloonDevice> = match config.balloon {
         None => None,
         Some(features) => {
-            let (base, gsi) = (
-                VIRTIO_MMIO_BASE + VIRTIO_MMIO_STRIDE * virtio.len() as u64,
-                VIRTIO_FIRST_GSI + virtio.len() as u32,
-            );
-            let irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
-            vm.fd()
-                .register_irqfd(&irq, gsi)
-                .map_err(|e| Error::Device(format!("KVM_IRQFD for the balloon: {e}")))?;
-            let device = Balloon::new(mmu.clone(), &ram, features);
-            let transport = Arc::new(Mutex::new(MmioTransport::new(
-                device,
-                mmu.clone() as Arc<dyn GuestMemoryAccess>,
-                Arc::new(VirtioInterrupt::new(irq)),
-            )));
-            mmio.insert(base, MMIO_WINDOW_SIZE, transport.clone())?;
-            virtio.push(guest_abi::VirtioMmioDevice {
-                base,
-                size: MMIO_WINDOW_SIZE,
-                device_id: guest_abi::VIRTIO_ID_BALLOON,
-                irq: u64::from(gsi),
-            });
-            Some(transport)
+            Some(virtio.add(Balloon::new(mmu.clone(), &ram, features), guest_abi::VIRTIO_ID_BALLOON)?)
         }
     };
-
     let virtio_mem: Option<VirtioMemDevice> = match (config.virtio_mem, ram.hotplug()) {
         (Some(spec), Some((gpa, size))) => {
-            let (base, gsi) = (
-                VIRTIO_MMIO_BASE + VIRTIO_MMIO_STRIDE * virtio.len() as u64,
-                VIRTIO_FIRST_GSI + virtio.len() as u32,
-            );
-            let irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
-            vm.fd()
-                .register_irqfd(&irq, gsi)
-                .map_err(|e| Error::Device(format!("KVM_IRQFD for virtio-mem: {e}")))?;
-            let device = VirtioMem::new(
-                mmu.clone(),
-                VirtioMemConfig { requested_size: spec.requested_size, ..VirtioMemConfig::new(gpa, size) },
-            )
-            .map_err(|e| Error::Device(format!("virtio-mem: {e}")))?;
-            let transport = Arc::new(Mutex::new(MmioTransport::new(
-                device,
-                mmu.clone() as Arc<dyn GuestMemoryAccess>,
-                Arc::new(VirtioInterrupt::new(irq)),
-            )));
-            mmio.insert(base, MMIO_WINDOW_SIZE, transport.clone())?;
-            virtio.push(guest_abi::VirtioMmioDevice {
-                base,
-                size: MMIO_WINDOW_SIZE,
-                device_id: guest_abi::VIRTIO_ID_MEM,
-                irq: u64::from(gsi),
-            });
-            Some(transport)
+            let config =
+                VirtioMemConfig { requested_size: spec.requested_size, ..VirtioMemConfig::new(gpa, size) };
+            let device =
+                VirtioMem::new(mmu.clone(), config).map_err(|e| Error::Device(format!("virtio-mem: {e}")))?;
+            Some(virtio.add(device, guest_abi::VIRTIO_ID_MEM)?)
         }
         _ => None,
     };
+    let virtio = virtio.devices;
 
     // Boot: fill RAM, decide entries.
     let (plan, boot_info) = match &config.boot {

@@ -778,7 +778,6 @@ impl VirtioDevice for VirtioMem {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
 
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -788,30 +787,10 @@ mod tests {
     use crate::devices::virtio::mmio::{reg, MmioTransport};
     use crate::devices::virtio::queue::tests::TestRing;
     use crate::devices::virtio::queue::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+    use crate::devices::virtio::test_support::{memory_layer, Recorder};
     use crate::devices::virtio::INTERRUPT_CONFIG_CHANGE;
     use crate::devices::BusDevice;
     use crate::memory::{GuestRam, MemoryBackend, MemoryConfig};
-
-    /// Records every range the notifier announces, as guest-physical (exact) ranges.
-    struct Recorder {
-        host_base: usize,
-        ranges: Mutex<Vec<(u64, u64)>>,
-    }
-
-    impl notifier::Subscriber for Recorder {
-        fn invalidate_range_start(&self, range: &notifier::Range) -> Result<(), notifier::Refused> {
-            let start = (range.exact_start - self.host_base) as u64;
-            let end = (range.exact_end - self.host_base) as u64;
-            self.ranges.lock().unwrap().push((start, end));
-            Ok(())
-        }
-    }
-
-    impl Recorder {
-        fn take(&self) -> Vec<(u64, u64)> {
-            std::mem::take(&mut *self.ranges.lock().unwrap())
-        }
-    }
 
     const RAM: u64 = 64 << 20;
     /// The device region: the upper 32 MiB of the test's RAM, 16 blocks of 2 MiB.
@@ -855,13 +834,8 @@ mod tests {
     fn fixture(requested: u64) -> Fixture {
         let ram =
             GuestRam::new(MemoryConfig { size: RAM, backend: MemoryBackend::Anonymous, thp: false }).unwrap();
-        // SAFETY: `ram` outlives the address space (Fixture drops it last) and stays mapped;
-        // the test touches guest RAM only through vm-memory and the table.
-        let space = unsafe { notifier::AddressSpace::new(&ram.notifier_regions()) }.unwrap();
-        let mmu = Arc::new(GuestMmu::new(&ram, space.clone()).unwrap());
-        let host_base = ram.regions().next().unwrap().1 as usize;
-        let recorder = Arc::new(Recorder { host_base, ranges: Mutex::new(Vec::new()) });
-        space.subscribe(recorder.clone()).unwrap();
+        // The fixture drops `ram` last, after the address space.
+        let (space, mmu, recorder) = memory_layer(&ram);
         let config =
             VirtioMemConfig { requested_size: requested, ..VirtioMemConfig::new(REGION, REGION_SIZE) };
         let device = VirtioMem::new(mmu.clone(), config).unwrap();

@@ -201,3 +201,51 @@ pub(crate) fn log_guest_error(count: u64, what: std::fmt::Arguments<'_>) {
         tracing::debug!("virtio: guest error #{count}: {what}");
     }
 }
+
+/// Test support shared by the device tests: the memory layer over test RAM and a subscriber that
+/// records what the notifier announces.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::{Arc, Mutex};
+
+    use crate::memory::GuestRam;
+    use crate::mmu::GuestMmu;
+
+    /// Records every range the notifier announces, as guest-physical (exact) ranges of the first
+    /// RAM region.
+    pub(crate) struct Recorder {
+        host_base: usize,
+        ranges: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl notifier::Subscriber for Recorder {
+        fn invalidate_range_start(&self, range: &notifier::Range) -> Result<(), notifier::Refused> {
+            let start = (range.exact_start - self.host_base) as u64;
+            let end = (range.exact_end - self.host_base) as u64;
+            self.ranges.lock().unwrap().push((start, end));
+            Ok(())
+        }
+    }
+
+    impl Recorder {
+        /// The ranges recorded since the last call.
+        pub(crate) fn take(&self) -> Vec<(u64, u64)> {
+            std::mem::take(&mut *self.ranges.lock().unwrap())
+        }
+    }
+
+    /// The notifier over `ram`, the VMM's table subscribed to it, and a [`Recorder`]. The caller
+    /// keeps `ram` alive (and mapped) for as long as the returned values.
+    pub(crate) fn memory_layer(
+        ram: &GuestRam,
+    ) -> (Arc<notifier::AddressSpace>, Arc<GuestMmu>, Arc<Recorder>) {
+        // SAFETY: the caller keeps `ram` mapped while the address space lives; tests touch guest
+        // RAM only through vm-memory (raw pointers) and the table.
+        let space = unsafe { notifier::AddressSpace::new(&ram.notifier_regions()) }.unwrap();
+        let mmu = Arc::new(GuestMmu::new(ram, space.clone()).unwrap());
+        let host_base = ram.regions().next().unwrap().1 as usize;
+        let recorder = Arc::new(Recorder { host_base, ranges: Mutex::new(Vec::new()) });
+        space.subscribe(recorder.clone()).unwrap();
+        (space, mmu, recorder)
+    }
+}

@@ -106,6 +106,11 @@ pub(crate) struct Registry {
     cv: Condvar,
     next_sub: AtomicU64,
     kinds: Vec<KindCounters>,
+    /// Fault injection (see `AddressSpace::plant_fault_skip_next_end`): teardowns whose ends are
+    /// still to be skipped.
+    skip_ends: AtomicU64,
+    /// Teardowns whose ends were skipped by that fault injection.
+    skipped_ends: AtomicU64,
 }
 
 fn kind_slot(ev: &Event, origin: Origin) -> usize {
@@ -125,7 +130,34 @@ impl Registry {
             cv: Condvar::new(),
             next_sub: AtomicU64::new(1),
             kinds: (0..Event::KINDS * 2).map(|_| KindCounters::default()).collect(),
+            skip_ends: AtomicU64::new(0),
+            skipped_ends: AtomicU64::new(0),
         }
+    }
+
+    /// Fault injection: the next teardown to finish skips its `invalidate_range_end`s.
+    pub fn plant_skip_next_end(&self) {
+        self.skip_ends.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Teardowns whose ends the fault injection skipped.
+    pub fn skipped_ends(&self) -> u64 {
+        self.skipped_ends.load(Ordering::SeqCst)
+    }
+
+    /// Takes one pending skip, if any.
+    fn take_skip(&self) -> bool {
+        let mut n = self.skip_ends.load(Ordering::SeqCst);
+        while n > 0 {
+            match self.skip_ends.compare_exchange(n, n - 1, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => {
+                    self.skipped_ends.fetch_add(1, Ordering::SeqCst);
+                    return true;
+                }
+                Err(now) => n = now,
+            }
+        }
+        false
     }
 
     pub fn kind(&self, ev: &Event, origin: Origin) -> &KindCounters {
@@ -330,20 +362,26 @@ impl Teardown<'_> {
         }
         self.ended = true;
         let range = self.range;
+        let reg = self.reg;
+        // Fault injection: no subscriber hears the end and it is not counted (the record is
+        // still retired, so unsubscribe and release do not wait for it forever).
+        let planted = completed && reg.take_skip();
+        if planted {
+            tracing::warn!(target: "notifier::range", "planted fault: invalidate_range_end skipped");
+        }
         for e in self.snapshot[..self.accepted].iter() {
-            if e.covers(&range) {
+            if !planted && e.covers(&range) {
                 e.sub.invalidate_range_end(&range);
                 e.c.ends.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let reg = self.reg;
         let mut st = sync::lock(&reg.state);
         let pos = st
             .inflight
             .iter()
             .position(|r| r.id == self.id)
             .expect("in-flight record present until finish (R2)");
-        if !st.inflight[pos].late.is_empty() {
+        if !planted && !st.inflight[pos].late.is_empty() {
             // R4: close the record to joiners, deliver their ends without the lock, then retire.
             // The record keeps naming them (R2) until it is removed below, after their ends.
             st.inflight[pos].ending = true;
@@ -364,6 +402,9 @@ impl Teardown<'_> {
         drop(st);
         IN_TEARDOWN.with(|c| c.set(c.get() - 1));
         let kc = reg.kind(&range.event, range.origin);
+        if planted {
+            return;
+        }
         kc.ends.fetch_add(1, Ordering::Relaxed);
         if completed {
             kc.bytes.fetch_add(range.len() as u64, Ordering::Relaxed);

@@ -829,6 +829,23 @@ impl AddressSpace {
         }
     }
 
+    /// **Fault injection, for the stress test only**: the next teardown (of any kind and origin)
+    /// that completes skips delivering `invalidate_range_end` to its subscribers, and its end is
+    /// not counted in [`Stats`] (so the per-kind `ends` fall short of the `starts`, as they would
+    /// with the bug). An interval subscriber then keeps that invalidation "in progress" forever and
+    /// its readers block in `read_begin` on the range: exactly the failure a missing end causes.
+    /// `zapvm stress` must detect it; never call this elsewhere.
+    #[doc(hidden)]
+    pub fn plant_fault_skip_next_end(&self) {
+        self.reg.plant_skip_next_end();
+    }
+
+    /// Teardowns whose `invalidate_range_end` was skipped by [`Self::plant_fault_skip_next_end`].
+    #[doc(hidden)]
+    pub fn planted_faults_fired(&self) -> u64 {
+        self.reg.skipped_ends()
+    }
+
     /// Number of current subscribers.
     pub fn subscriber_count(&self) -> usize {
         self.reg.subscriber_count()

@@ -12,6 +12,7 @@
 //! - [`stats`]: statistics of a running VM on demand (`zapvm stats`);
 //! - [`teardown`]: surviving teardowns of guest RAM by code outside the VMM;
 //! - [`pvm`]: the few adjustments PVM hosts need, inert elsewhere;
+//! - [`stress`]: `zapvm stress` (the memory layer under seeded, concurrent teardowns);
 //! - [`machine`]: builds a VM from a [`machine::VmConfig`] and runs it to a [`machine::RunReport`];
 //! - [`bench`]: `zapvm bench` measurements;
 //! - [`bench_balloon`]: `zapvm bench balloon` (the balloon's inflate/deflate throughput vs raw madvise).
@@ -29,6 +30,7 @@ pub mod mmu;
 pub mod pvm;
 pub mod rendezvous;
 pub mod stats;
+pub mod stress;
 pub mod teardown;
 pub mod ucall;
 pub mod vstate;

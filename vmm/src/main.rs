@@ -29,6 +29,10 @@ enum Command {
     /// Measure.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Stress the memory layer: the Stress guest verifies its pages while host scenarios
+    /// (discards, external chaos, mprotect phases) tear guest RAM down; JSON summary, non-zero
+    /// exit on any broken invariant.
+    Stress(vmm::stress::StressArgs),
     /// Print the statistics of a running VM: KVM's, the table's, the notifier's, the balloon's.
     Stats {
         /// Process id of the `zapvm run` (default: the only one running).
@@ -238,6 +242,7 @@ fn main() -> ExitCode {
         Command::Pause(target) => control(target.pid, vmm::api::Op::Pause),
         Command::Resume(target) => control(target.pid, vmm::api::Op::Resume),
         Command::Quit(target) => control(target.pid, vmm::api::Op::Quit),
+        Command::Stress(args) => vmm::stress::cli(args),
         Command::Bench(BenchCommand::Boot { runs, mem, json_out, kvm_device }) => {
             bench_boot(runs, mem, json_out, kvm_device)
         }

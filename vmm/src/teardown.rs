@@ -16,6 +16,14 @@
 //! `KVM_EXIT_MEMORY_FAULT`) from `KVM_RUN`; it waits on the guard ([`TeardownGuard::wait_backed`])
 //! and runs again. Device accesses through the table fail with `AccessError::Unmapped` meanwhile
 //! (never a SIGSEGV: see `mmu`'s M2).
+//!
+//! The guard also follows the protection changes the VMM itself makes through the notifier
+//! (`AddressSpace::protect`): while part of guest RAM is write-protected on purpose, a guest
+//! write there makes `KVM_RUN` fail with `EFAULT` (as in the kernel's `mmu_stress_test`); the vCPU
+//! then waits in [`TeardownGuard::wait_backed`] — with no deadline, since the VMM promised to
+//! restore the protection — until the range is writable again, and the fault is counted
+//! ([`TeardownReport::protect_faults`]). Unmaps of memory that was moved out of guest RAM (the
+//! destination of an external `mremap`) concern no guest RAM and are only counted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -55,6 +63,33 @@ struct State {
     rebacked_bytes: u64,
     /// External teardowns seen.
     events: u64,
+    /// Host ranges the VMM keeps write-protected (`AddressSpace::protect` without `PROT_WRITE`).
+    protected: Vec<(usize, usize)>,
+    /// vCPU memory faults that happened while a range was write-protected by the VMM.
+    protect_faults: u64,
+    /// Write protections and restores seen.
+    protections: u64,
+    restores: u64,
+    /// External unmaps/remaps of memory that is not guest RAM (moved out of it before).
+    outside: u64,
+}
+
+/// Removes `[start, end)` from every range of `ranges`.
+fn subtract(ranges: &mut Vec<(usize, usize)>, start: usize, end: usize) {
+    let mut out = Vec::with_capacity(ranges.len() + 1);
+    for &(s, e) in ranges.iter() {
+        if e <= start || end <= s {
+            out.push((s, e));
+            continue;
+        }
+        if s < start {
+            out.push((s, start));
+        }
+        if end < e {
+            out.push((end, e));
+        }
+    }
+    *ranges = out;
 }
 
 /// What the guard did, for the run report.
@@ -68,6 +103,16 @@ pub struct TeardownReport {
     pub rebacked_bytes: u64,
     /// Why the VM had to stop, if it did.
     pub fatal: Option<String>,
+    /// vCPU memory faults (EFAULT) while the VMM kept part of guest RAM write-protected: guest
+    /// writes to read-only memory, each waited out until the protection was lifted.
+    pub protect_faults: u64,
+    /// Write protections of guest RAM by the VMM, and restores of write access.
+    pub protections: u64,
+    /// Restores of write access after a protection.
+    pub restores: u64,
+    /// External unmaps/remaps of memory outside guest RAM (e.g. what an external mremap moved
+    /// out of it): nothing to re-back.
+    pub outside_guest_ram: u64,
 }
 
 /// The subscriber that applies the [`TeardownPolicy`].
@@ -118,6 +163,11 @@ impl TeardownGuard {
         }
     }
 
+    /// Whether `[start, end)` lies inside guest RAM as it was mapped at start-up.
+    fn is_guest_ram(&self, start: usize, end: usize) -> bool {
+        self.regions.iter().any(|r| r.spec.host_addr <= start && end <= r.spec.host_addr + r.spec.len)
+    }
+
     /// Why the VM must stop, if it must.
     pub fn fatal(&self) -> Option<String> {
         self.lock().fatal.clone()
@@ -131,21 +181,35 @@ impl TeardownGuard {
             events: s.events,
             rebacked_bytes: s.rebacked_bytes,
             fatal: s.fatal.clone(),
+            protect_faults: s.protect_faults,
+            protections: s.protections,
+            restores: s.restores,
+            outside_guest_ram: s.outside,
         }
     }
 
     /// Called by a vCPU whose `KVM_RUN` failed with EFAULT: waits (at most `timeout`) until a
-    /// teardown that had not been re-backed when the fault happened is re-backed and no hole is
-    /// left. Returns `Err` with the reason when the VM must stop or nothing changed in time.
+    /// teardown that had not been re-backed when the fault happened is re-backed, or a write
+    /// protection by the VMM is lifted, and no hole is left. While the VMM keeps a range
+    /// write-protected the wait has no deadline (the fault is counted as a write to read-only
+    /// memory). Returns `Err` with the reason when the VM must stop or nothing changed in time.
     pub fn wait_backed(&self, seen_generation: u64, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Instant::now() + timeout;
         let mut s = self.lock();
+        let mut counted = false;
         loop {
             if let Some(fatal) = &s.fatal {
                 return Err(fatal.clone());
             }
             if s.generation > seen_generation && s.holes.is_empty() {
                 return Ok(());
+            }
+            if !s.protected.is_empty() {
+                if !counted {
+                    s.protect_faults += 1;
+                    counted = true;
+                }
+                deadline = Instant::now() + timeout;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -260,19 +324,51 @@ impl Subscriber for TeardownGuard {
     }
 
     fn invalidate_range_start(&self, range: &Range) -> Result<(), notifier::Refused> {
-        if range.origin == Origin::External && matches!(range.event, Event::Unmap | Event::Remap { .. }) {
-            let mut s = self.lock();
-            s.events += 1;
-            s.holes.push((range.exact_start, range.exact_end));
+        let (start, end) = (range.exact_start, range.exact_end);
+        match (range.origin, range.event) {
+            (Origin::External, Event::Unmap | Event::Remap { .. }) => {
+                let mut s = self.lock();
+                if !self.is_guest_ram(start, end) {
+                    s.outside += 1;
+                    return Ok(());
+                }
+                s.events += 1;
+                s.holes.push((start, end));
+                // Whatever maps there next (the re-back) is writable.
+                subtract(&mut s.protected, start, end);
+            }
+            (Origin::Vmm, Event::Protect { prot }) if prot & libc::PROT_WRITE == 0 => {
+                // Recorded before the mprotect, so a fault it causes always finds it.
+                let mut s = self.lock();
+                s.protections += 1;
+                s.protected.push((start, end));
+            }
+            _ => {}
         }
         Ok(())
     }
 
     fn invalidate_range_end(&self, range: &Range) {
+        if let (Origin::Vmm, Event::Protect { prot }) = (range.origin, range.event) {
+            if prot & libc::PROT_WRITE != 0 {
+                // Write access is back (the mprotect returned): vCPUs waiting on a write fault
+                // run again.
+                let mut s = self.lock();
+                s.restores += 1;
+                subtract(&mut s.protected, range.exact_start, range.exact_end);
+                s.generation += 1;
+                self.generation.store(s.generation, Ordering::Release);
+                self.changed.notify_all();
+            }
+            return;
+        }
         if range.origin != Origin::External || !matches!(range.event, Event::Unmap | Event::Remap { .. }) {
             return;
         }
         let (start, end) = (range.exact_start, range.exact_end);
+        if !self.is_guest_ram(start, end) {
+            return;
+        }
         let what = self.describe(start, end);
         let verb = if matches!(range.event, Event::Remap { .. }) { "moved away" } else { "unmapped" };
         let result = match self.policy {
@@ -285,7 +381,7 @@ impl Subscriber for TeardownGuard {
         s.holes.retain(|&h| h != (start, end));
         match result {
             Ok(()) => {
-                eprintln!("zapvm: {what} was {verb} by code outside the VMM; re-backed with zeroed memory");
+                tracing::info!("{what} was {verb} by code outside the VMM; re-backed with zeroed memory");
                 s.rebacked_bytes += (end - start) as u64;
                 s.generation += 1;
                 self.generation.store(s.generation, Ordering::Release);

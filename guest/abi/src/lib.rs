@@ -152,12 +152,25 @@ pub enum Workload {
     ///   pattern, `plugged_size` stay one block; then `Stage(STAGE_MEM_STEP | 2, 10)` and normal
     ///   operation with block 0 plugged.
     VirtioMem = 7,
+    /// The stress workload of `zapvm stress`: each vCPU's slice is laid out by [`stress_layout`]
+    /// (a metadata table with one generation per data page, then the data pages). Forever, for
+    /// each data page: read every word, each must be 0 or [`stress_pattern`]`(seed, gen, gpa)` for
+    /// the generation the table holds (anything else is a Failure naming the address); count pages
+    /// that were all zeros (discarded by the host) and pages mixing zeros and the pattern (torn by
+    /// a concurrent discard); rewrite the page with generation + 1 (word 0 last), then store the
+    /// new generation in the table. After each pass over the slice: the counters in the
+    /// [`StressHeader`] at the start of the slice, and a [`UcallKind::Stage`] with `args[0]` =
+    /// [`STAGE_STRESS_PASS`], `args[1]` = pass number, `args[2]` = pages verified, `args[3]` =
+    /// zero pages seen, `args[4]` = torn pages (all of that pass). It never ends on its own.
+    Stress = 8,
 }
 
 /// [`UcallKind::Stage`] `args[0]` of a completed balloon step.
 pub const STAGE_BALLOON_STEP: u64 = 0x100;
 /// [`UcallKind::Stage`] `args[0]` of a completed virtio-mem step.
 pub const STAGE_MEM_STEP: u64 = 0x200;
+/// [`UcallKind::Stage`] `args[0]` of a completed pass of [`Workload::Stress`].
+pub const STAGE_STRESS_PASS: u64 = 0x300;
 /// [`BootInfo::flags`]: drivers misbehave on purpose (out-of-range PFNs, duplicate PFNs, bad
 /// descriptor lengths, descriptor loops, out-of-range virtio-mem requests) to test the devices.
 pub const FLAG_HOSTILE: u64 = 1 << 1;
@@ -187,6 +200,7 @@ impl Workload {
             5 => Self::DiscardVerify,
             6 => Self::Balloon,
             7 => Self::VirtioMem,
+            8 => Self::Stress,
             _ => return None,
         })
     }
@@ -401,6 +415,123 @@ pub fn page_checksum(seed: u64, page_gpa: u64) -> u64 {
     sum
 }
 
+/// Generations per metadata page of [`Workload::Stress`] (one `u32` each).
+pub const STRESS_GENS_PER_PAGE: u64 = PAGE_SIZE / 4;
+/// Bytes at the start of the first metadata page that hold the [`StressHeader`] (the generation
+/// table starts after it).
+pub const STRESS_HEADER_BYTES: u64 = 64;
+
+/// Counters a [`Workload::Stress`] vCPU keeps at the start of its slice (cumulative since boot,
+/// updated after every pass), so the host can read them through its own memory access.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StressHeader {
+    /// [`STRESS_MAGIC`] once the vCPU started.
+    pub magic: u64,
+    /// Passes completed.
+    pub passes: u64,
+    /// Pages verified.
+    pub verified: u64,
+    /// Pages found all zero although they had been written (generation > 0): discards seen.
+    pub zero_pages: u64,
+    /// Pages found mixing zeros and the pattern (a discard raced the rewrite).
+    pub torn_pages: u64,
+}
+
+/// [`StressHeader::magic`].
+pub const STRESS_MAGIC: u64 = u64::from_le_bytes(*b"ZAPSTRES");
+
+/// How one vCPU's slice of the work RAM is used by [`Workload::Stress`]: the first `meta_pages`
+/// pages hold the [`StressHeader`] and the generation table (one `u32` per data page), the rest are
+/// data pages. The host may attack data pages only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StressLayout {
+    /// Index of the slice's first page among all pages of the work ranges.
+    pub first: u64,
+    /// Pages in the slice.
+    pub pages: u64,
+    /// Metadata pages at its start.
+    pub meta_pages: u64,
+}
+
+/// The [`StressLayout`] of `vcpu`'s slice (the slices of [`slice_pages`]).
+pub fn stress_layout(work: &[GpaRange], nr_vcpus: u64, vcpu: u64) -> StressLayout {
+    let total: u64 = work.iter().map(GpaRange::pages).sum();
+    if nr_vcpus == 0 || vcpu >= nr_vcpus {
+        return StressLayout { first: 0, pages: 0, meta_pages: 0 };
+    }
+    let first = total * vcpu / nr_vcpus;
+    let pages = total * (vcpu + 1) / nr_vcpus - first;
+    // Smallest m with m * PER_PAGE >= header + 4 * (pages - m) bytes' worth of entries.
+    let entries_first = (PAGE_SIZE - STRESS_HEADER_BYTES) / 4;
+    let mut meta_pages = 1;
+    while meta_pages < pages && entries_first + (meta_pages - 1) * STRESS_GENS_PER_PAGE < pages - meta_pages {
+        meta_pages += 1;
+    }
+    StressLayout { first, pages, meta_pages: meta_pages.min(pages) }
+}
+
+/// The guest-physical address of the `index`-th page of all pages of `work` (in order).
+pub fn work_page_gpa(work: &[GpaRange], mut index: u64) -> Option<u64> {
+    for r in work {
+        if index < r.pages() {
+            return Some(r.start + index * PAGE_SIZE);
+        }
+        index -= r.pages();
+    }
+    None
+}
+
+impl StressLayout {
+    /// Number of data pages.
+    pub fn data_pages(&self) -> u64 {
+        self.pages - self.meta_pages
+    }
+
+    /// Guest-physical address of the [`StressHeader`] (the slice's first page).
+    pub fn header_gpa(&self, work: &[GpaRange]) -> u64 {
+        work_page_gpa(work, self.first).unwrap_or(0)
+    }
+
+    /// Guest-physical address of data page `i`'s generation (`u32`).
+    pub fn gen_gpa(&self, work: &[GpaRange], i: u64) -> u64 {
+        let byte = STRESS_HEADER_BYTES + 4 * i;
+        work_page_gpa(work, self.first + byte / PAGE_SIZE).unwrap_or(0) + byte % PAGE_SIZE
+    }
+
+    /// Guest-physical address of data page `i`.
+    pub fn data_gpa(&self, work: &[GpaRange], i: u64) -> u64 {
+        work_page_gpa(work, self.first + self.meta_pages + i).unwrap_or(0)
+    }
+
+    /// Calls `f` with every maximal guest-physically contiguous run of data pages, with the index
+    /// of its first data page.
+    pub fn data_runs(&self, work: &[GpaRange], mut f: impl FnMut(u64, GpaRange)) {
+        let (lo, hi) = (self.first + self.meta_pages, self.first + self.pages);
+        let mut index = 0u64;
+        for r in work {
+            let (s, e) = (lo.max(index), hi.min(index + r.pages()));
+            if s < e {
+                let run = GpaRange {
+                    start: r.start + (s - index) * PAGE_SIZE,
+                    end: r.start + (e - index) * PAGE_SIZE,
+                };
+                f(s - lo, run);
+            }
+            index += r.pages();
+        }
+    }
+}
+
+/// The value of the word at `gpa` of a [`Workload::Stress`] data page of generation `generation`:
+/// [`pattern`] with the seed mixed with the generation by a multiplication, so that generations
+/// differ in every bit position (a plain XOR would make generation 8 at one word equal generation
+/// 0 at the next word).
+#[inline(always)]
+pub fn stress_pattern(seed: u64, generation: u64, gpa: u64) -> u64 {
+    pattern(seed ^ generation.wrapping_mul(0xd6e8_feb8_6659_fd93), gpa)
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -450,5 +581,46 @@ mod tests {
         assert_eq!(UcallKind::from_raw(99), None);
         assert_eq!(Pass::from_raw(0), None);
         assert_eq!(Workload::from_raw(Workload::Touch as u64), Some(Workload::Touch));
+        assert_eq!(Workload::from_raw(8), Some(Workload::Stress));
+    }
+
+    #[test]
+    fn stress_layout_covers_the_slice_and_the_table_fits() {
+        let work = [
+            GpaRange { start: 0x40_0000, end: 0x40_0000 + 3000 * PAGE_SIZE },
+            GpaRange { start: 0x1_0000_0000, end: 0x1_0000_0000 + 1500 * PAGE_SIZE },
+        ];
+        for nr in 1..=5u64 {
+            let mut next_first = 0;
+            for vcpu in 0..nr {
+                let l = stress_layout(&work, nr, vcpu);
+                assert_eq!(l.first, next_first);
+                next_first += l.pages;
+                let mut slice = Vec::new();
+                slice_pages(&work, nr, vcpu, |g| slice.push(g));
+                assert_eq!(slice.len() as u64, l.pages);
+                // The table (after the header) holds every data page's entry, inside the meta pages.
+                let last = l.gen_gpa(&work, l.data_pages() - 1);
+                assert!(slice[..l.meta_pages as usize].contains(&(last & !(PAGE_SIZE - 1))));
+                assert!(
+                    l.meta_pages == 1 || {
+                        let fewer = StressLayout { meta_pages: l.meta_pages - 1, ..l };
+                        (fewer.gen_gpa(&work, fewer.data_pages() - 1) & !(PAGE_SIZE - 1))
+                            == slice[fewer.meta_pages as usize]
+                    }
+                );
+                let mut data = Vec::new();
+                l.data_runs(&work, |i, r| {
+                    assert_eq!(l.data_gpa(&work, i), r.start);
+                    let mut a = r.start;
+                    while a < r.end {
+                        data.push(a);
+                        a += PAGE_SIZE;
+                    }
+                });
+                assert_eq!(&data[..], &slice[l.meta_pages as usize..]);
+            }
+        }
+        assert_ne!(stress_pattern(1, 8, 0x1000), stress_pattern(1, 0, 0x1008));
     }
 }

@@ -20,6 +20,7 @@ mod arch;
 mod balloon;
 mod mem;
 mod msg;
+mod stress;
 mod virtio;
 mod virtio_mem;
 mod workload;
@@ -141,6 +142,7 @@ extern "C" fn guest_main(vcpu: u64, boot: *const BootInfo) -> ! {
             unsafe { core::arch::asm!("ud2", options(noreturn, nomem, nostack)) }
         }
         Some(Workload::Balloon) => balloon::run(vcpu, &boot),
+        Some(Workload::Stress) => stress::run(vcpu, &boot),
         Some(Workload::VirtioMem) => virtio_mem::run(vcpu, &boot),
         None => fail(vcpu, format_args!("unknown workload {} in boot info", boot.workload)),
     }

@@ -663,7 +663,12 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
             (loaded.plan, Some(loaded.boot_info))
         }
         BootSource::Linux { kernel, initrd, cmdline } => {
-            (boot::linux::load(&ram, kernel, initrd.as_deref(), cmdline, nr_vcpus as usize)?, None)
+            // virtio_mmio.device=<size>@<base>:<irq> per device (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+            let mut line = cmdline.clone();
+            for d in &virtio {
+                line.push_str(&format!(" virtio_mmio.device={:#x}@{:#x}:{}", d.size, d.base, d.irq));
+            }
+            (boot::linux::load(&ram, kernel, initrd.as_deref(), &line, nr_vcpus as usize)?, None)
         }
     };
     tracing::info!("{}", plan.summary);

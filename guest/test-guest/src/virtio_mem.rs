@@ -248,10 +248,10 @@ impl Driver {
         let usable = config_u64(&mmio, cfg::USABLE_REGION_SIZE);
         if !block_size.is_power_of_two()
             || block_size < PAGE_SIZE
-            || addr % block_size != 0
-            || region_size % block_size != 0
+            || !addr.is_multiple_of(block_size)
+            || !region_size.is_multiple_of(block_size)
             || usable > region_size
-            || usable % block_size != 0
+            || !usable.is_multiple_of(block_size)
         {
             fail(
                 vcpu,
@@ -565,7 +565,7 @@ impl Driver {
     /// normal operation continues with block 0 plugged.
     fn hostile(&mut self) {
         let (bs, region_end) = (self.block_size, self.block_addr(self.usable_blocks));
-        let top = u64::MAX & !(bs - 1);
+        let top = !(bs - 1);
         self.must_fail(REQ_PLUG, region_end, 1);
         self.must_fail(REQ_PLUG, self.addr + PAGE_SIZE, 1);
         self.must_fail(REQ_PLUG, self.addr, 0);

@@ -43,7 +43,6 @@ fn discard_storm_keeps_every_invariant() {
 }
 
 #[test]
-#[ignore = "open bug found by this scenario: under sustained external munmap/mremap the teardown guard fails to re-back (EEXIST) or a vCPU gives up after 16 EFAULTs; suspected window between the re-back mmap and its userfaultfd registration (see the issue 7 note)"]
 fn external_chaos_keeps_every_invariant() {
     let r = stress(|o| StressOptions { external_chaos: true, ..o });
     assert_ok(&r);
@@ -68,7 +67,6 @@ fn mprotect_phases_fault_guest_writes_and_keep_every_invariant() {
 }
 
 #[test]
-#[ignore = "open bug found by this scenario: under sustained external munmap/mremap the teardown guard fails to re-back (EEXIST) or a vCPU gives up after 16 EFAULTs; suspected window between the re-back mmap and its userfaultfd registration (see the issue 7 note)"]
 fn all_scenarios_together_keep_every_invariant() {
     let r = stress(|o| StressOptions { duration: Duration::from_secs(10), ..o.all() });
     assert_ok(&r);

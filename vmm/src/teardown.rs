@@ -72,6 +72,8 @@ struct State {
     restores: u64,
     /// External unmaps/remaps of memory that is not guest RAM (moved out of it before).
     outside: u64,
+    /// Host ranges this guard mapped (re-backed), to tell them from someone else's mappings.
+    ours: Vec<(usize, usize)>,
 }
 
 /// Removes `[start, end)` from every range of `ranges`.
@@ -236,8 +238,83 @@ impl TeardownGuard {
         self.changed.notify_all();
     }
 
-    /// Maps fresh zeroed memory of the region's kind over the hole `[start, end)`.
+    /// Gives `[start, end)` memory again after an external unmap or move, and makes the notifier
+    /// (and so the userfaultfd monitor) know all of it.
+    ///
+    /// Events describe the past: by the time one is handled, part of its range may already be
+    /// re-backed (an earlier, overlapping event was handled first) and a stale event may have
+    /// taken that part out of the notifier's regions. And a munmap that lands between mapping
+    /// fresh memory and registering it produces no event at all (nothing was registered there).
+    /// So this works from what is mapped *now* (/proc/self/maps), page run by page run:
+    /// - unmapped: map fresh memory and register it;
+    /// - mapped, unknown to the notifier, and mapped by this guard before: register it again;
+    /// - mapped, unknown, not ours: someone else's mapping sits in guest RAM — an error;
+    /// and looks again until a pass changes nothing, which closes the unregistered window.
     fn reback(&self, start: usize, end: usize) -> Result<(), String> {
+        const MAX_PASSES: usize = 16;
+        let space = self.space.upgrade().ok_or("the address space is gone")?;
+        for _ in 0..MAX_PASSES {
+            let mapped = host_mappings(start, end)?;
+            let mut changed = false;
+            for (run_start, run_end, is_mapped) in runs(start, end, &mapped, |a, b| space.is_mapped(a, b)) {
+                if is_mapped {
+                    let ours = self.lock().ours.clone();
+                    let covered = (run_start..run_end)
+                        .step_by(crate::memory::PAGE_SIZE as usize)
+                        .all(|p| ours.iter().any(|&(a, b)| a <= p && p < b));
+                    if !covered {
+                        return Err(format!(
+                            "[{run_start:#x}, {run_end:#x}) holds a mapping the VMM did not make"
+                        ));
+                    }
+                } else {
+                    self.map_fresh(run_start, run_end)?;
+                    self.lock().ours.push((run_start, run_end));
+                }
+                let spec = self.region_spec(run_start, run_end)?;
+                // SAFETY: the range is memory this guard mapped, mapped for as long as guest RAM
+                // is, and the VMM touches it only through raw pointers, as for the regions given
+                // to `AddressSpace::new`.
+                if let Err(e) = unsafe { space.add_region(&spec) } {
+                    // Unmapped again before it was registered (no event tells of that): the next
+                    // pass maps it anew. Still mapped: a real failure.
+                    let still = host_mappings(run_start, run_end)?;
+                    if still.iter().map(|(a, b)| b - a).sum::<usize>() == run_end - run_start {
+                        return Err(format!("cannot hand the memory to the notifier: {e}"));
+                    }
+                }
+                changed = true;
+            }
+            if !changed {
+                return Ok(());
+            }
+        }
+        Err(format!("it was unmapped again {MAX_PASSES} times while being re-backed"))
+    }
+
+    /// The notifier's description of guest RAM `[start, end)` (backing and file offset as the
+    /// original region's).
+    fn region_spec(&self, start: usize, end: usize) -> Result<RegionSpec, String> {
+        let region = self
+            .regions
+            .iter()
+            .find(|r| r.spec.host_addr <= start && end <= r.spec.host_addr + r.spec.len)
+            .ok_or_else(|| format!("host range [{start:#x}, {end:#x}) is not guest RAM"))?;
+        let shift = (start - region.spec.host_addr) as u64;
+        let backing = match region.spec.backing {
+            notifier::Backing::SharedMemfd { fd, offset } => {
+                notifier::Backing::SharedMemfd { fd, offset: offset + shift }
+            }
+            notifier::Backing::Hugetlb { page_size, file: Some((fd, offset)) } => {
+                notifier::Backing::Hugetlb { page_size, file: Some((fd, offset + shift)) }
+            }
+            other => other,
+        };
+        Ok(RegionSpec { host_addr: start, len: end - start, backing, thp: region.spec.thp })
+    }
+
+    /// Maps fresh zeroed memory of the region's kind over the hole `[start, end)`.
+    fn map_fresh(&self, start: usize, end: usize) -> Result<(), String> {
         let region = self
             .regions
             .iter()
@@ -296,26 +373,48 @@ impl TeardownGuard {
             // SAFETY: the range is the mapping just created; MADV_HUGEPAGE changes no contents.
             unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) };
         }
-        let space = self.space.upgrade().ok_or("the address space is gone")?;
-        let spec = RegionSpec {
-            host_addr: start,
-            len,
-            backing: match region.spec.backing {
-                notifier::Backing::SharedMemfd { fd, .. } => {
-                    notifier::Backing::SharedMemfd { fd, offset: offset as u64 }
-                }
-                notifier::Backing::Hugetlb { page_size, file: Some((fd, _)) } => {
-                    notifier::Backing::Hugetlb { page_size, file: Some((fd, offset as u64)) }
-                }
-                other => other,
-            },
-            thp: region.spec.thp,
-        };
-        // SAFETY: the range is mapped (just now) for as long as guest RAM is, and the VMM touches
-        // it only through raw pointers, as for the regions given to `AddressSpace::new`.
-        unsafe { space.add_region(&spec) }
-            .map_err(|e| format!("cannot hand the new memory to the notifier: {e}"))
+        Ok(())
     }
+}
+
+/// The mapped host ranges overlapping `[start, end)`, clipped to it, from /proc/self/maps.
+fn host_mappings(start: usize, end: usize) -> Result<Vec<(usize, usize)>, String> {
+    let maps =
+        std::fs::read_to_string("/proc/self/maps").map_err(|e| format!("reading /proc/self/maps: {e}"))?;
+    let mut mapped = Vec::new();
+    for line in maps.lines() {
+        let Some((a, b)) = line.split_whitespace().next().and_then(|r| r.split_once('-')) else { continue };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else { continue };
+        if a < end && start < b {
+            mapped.push((a.max(start), b.min(end)));
+        }
+    }
+    Ok(mapped)
+}
+
+/// Cuts `[start, end)` into maximal page runs that the notifier does not know (`known` is
+/// false for them), each either mapped (`true`) or not, according to `mapped`.
+fn runs(
+    start: usize,
+    end: usize,
+    mapped: &[(usize, usize)],
+    known: impl Fn(usize, usize) -> bool,
+) -> Vec<(usize, usize, bool)> {
+    const PAGE: usize = crate::memory::PAGE_SIZE as usize;
+    let mut out: Vec<(usize, usize, bool)> = Vec::new();
+    let mut page = start;
+    while page < end {
+        let next = page + PAGE;
+        if !known(page, next) {
+            let is_mapped = mapped.iter().any(|&(a, b)| a <= page && next <= b);
+            match out.last_mut() {
+                Some(last) if last.1 == page && last.2 == is_mapped => last.1 = next,
+                _ => out.push((page, next, is_mapped)),
+            }
+        }
+        page = next;
+    }
+    out
 }
 
 impl Subscriber for TeardownGuard {

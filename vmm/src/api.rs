@@ -1332,6 +1332,21 @@ mod tests {
     }
 
     #[test]
+    fn float_ids_are_echoed_exactly() {
+        // Regression (found by tests/parsers.rs): without serde_json's float_roundtrip, ids such
+        // as these were parsed one ulp off and echoed as a different number, so a client could
+        // not match its reply by id.
+        let fake = Fake::default();
+        for text in ["3.6384864786539836e-303", "-1.87930143646232e301", "0.1", "-2.5e-308"] {
+            let line = format!(r#"{{"op":"ping","id":{text}}}"#);
+            let answer = handle_line(&line, &fake);
+            let sent: f64 = text.parse().unwrap();
+            let echoed = reply(&answer).id.as_f64().unwrap();
+            assert_eq!(echoed.to_bits(), sent.to_bits(), "{text} -> {answer}");
+        }
+    }
+
+    #[test]
     fn vm_errors_pass_through() {
         let fake = Fake { no_mem: true, ..Default::default() };
         let e = err(&fake, r#"{"op":"mem-set","size":"1G","id":2}"#);

@@ -20,7 +20,8 @@
 //!   ([`Balloon::request_guest_stats`]), which returns it to the driver (the driver then refills
 //!   and re-queues it).
 //! - **Free page reporting** (reporting_vq): each descriptor names a free guest-physical range
-//!   (addr/len, page-aligned, inside guest RAM); adjacent ranges are coalesced and discarded the
+//!   (addr/len, page-aligned, inside the RAM the guest was told of: never virtio-mem's hot-pluggable
+//!   region); adjacent ranges are coalesced and discarded the
 //!   same way. Reported pages are not ballooned (the guest reuses them freely).
 //!
 //! On THP-backed memory a 4 KiB discard inside a 2 MiB huge page splits it, and the kernel
@@ -393,6 +394,13 @@ impl Balloon {
         self.regions.iter().position(|r| r.contains(pfn))
     }
 
+    /// Whether `[gpa, gpa + len)` lies inside one of the balloon's regions.
+    fn in_balloon_regions(&self, gpa: u64, len: u64) -> bool {
+        gpa.checked_add(len).is_some_and(|end| {
+            self.regions.iter().any(|r| gpa >= r.gpa && end <= r.gpa + r.pages * PAGE_SIZE)
+        })
+    }
+
     /// Reads and validates a PFN request; `None` (counted, logged) when it is refused.
     fn read_pfns(&mut self, mem: &dyn GuestMemoryAccess, chain: &DescriptorChain) -> Option<Vec<u64>> {
         let e = &mut self.stats.errors;
@@ -545,9 +553,13 @@ impl Balloon {
         let mut ranges = Vec::new();
         for d in &chain.descriptors {
             let (gpa, len) = (d.addr, d.len as u64);
+            // Inside one of the balloon's regions (RAM the guest was told of), not merely guest
+            // RAM of the table: the table also covers virtio-mem's hot-pluggable region, which
+            // is not the balloon's to discard.
             if len == 0
                 || gpa % PAGE_SIZE != 0
                 || len % PAGE_SIZE != 0
+                || !self.in_balloon_regions(gpa, len)
                 || self.mmu.host_range(gpa, len).is_none()
             {
                 let e = &mut self.stats.errors;
@@ -1043,6 +1055,27 @@ mod tests {
         assert_eq!((s.reported_ranges, s.reported_bytes, s.errors.bad_report_range), (2, 0x201000, 2));
         assert_eq!(s.ballooned_pages, 0, "reported pages are not ballooned");
         assert_eq!(f.rings[3].used_idx(f.mem()), 1);
+    }
+
+    #[test]
+    fn free_page_reports_of_the_hotplug_region_are_refused() {
+        // Regression (found by tests/parsers.rs and fuzz_balloon_queue): the reporting queue
+        // checked ranges against the table only, which also covers virtio-mem's region, so a
+        // guest could have the balloon discard plugged virtio-mem memory behind that device.
+        let config = MemoryConfig { size: RAM, backend: MemoryBackend::Anonymous, thp: false };
+        let mut f = fixture_on(GuestRam::with_hotplug(config, 4 << 20).unwrap());
+        let hotplug = f.ram.hotplug().unwrap().0;
+        assert!(f.mmu.host_range(hotplug, 0x2000).is_some(), "the table covers the region");
+        let mem = f.ram.memory().clone();
+        let w = VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT;
+        f.rings[3].set_desc(&mem, 0, hotplug, 0x1000, w, 1);
+        f.rings[3].set_desc(&mem, 1, hotplug + 0x1000, 0x100000, w, 2);
+        f.rings[3].set_desc(&mem, 2, 0x400000, 0x1000, VIRTQ_DESC_F_WRITE, 0);
+        f.rings[3].push(&mem, 0);
+        w32(&mut f.t, reg::QUEUE_NOTIFY, 3);
+        assert_eq!(f.recorder.take(), [(0x400000, 0x401000)], "only the range in RAM");
+        let s = f.stats();
+        assert_eq!((s.reported_ranges, s.errors.bad_report_range), (1, 2));
     }
 
     #[test]

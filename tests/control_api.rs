@@ -92,3 +92,41 @@ fn a_client_drives_balloon_pause_resume_and_quit() {
     assert_eq!(report.outcome, VmOutcome::Quit, "{report:#?}");
     assert!(!path.exists(), "the socket is removed when the VM ends");
 }
+
+#[test]
+fn the_balloon_polls_the_guests_statistics_at_its_interval() {
+    // The Balloon workload's driver answers every statistics request; with a 100 ms interval the
+    // device must see several updates without anyone asking by hand.
+    let updates: Arc<Mutex<u64>> = Arc::default();
+    let seen = updates.clone();
+    let hook = Arc::new(move |vm: &Arc<VmControl>| {
+        let (vm, seen) = (vm.clone(), seen.clone());
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let balloon = vm.balloon.clone().expect("a balloon");
+            loop {
+                let n = balloon.lock().unwrap().device().stats().guest_stats_updates;
+                *seen.lock().unwrap() = n;
+                if n >= 4 || std::time::Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            vm.quit();
+        });
+    });
+    let config = VmConfig {
+        memory: MemoryConfig {
+            size: 64 << 20,
+            ..VmConfig::test_guest(TestGuestParams::new(Workload::Balloon)).memory
+        },
+        timeout: Some(Duration::from_secs(90)),
+        console: Console::Null,
+        balloon_stats_interval: Some(Duration::from_millis(100)),
+        after_start: Some(hook),
+        ..VmConfig::test_guest(TestGuestParams::new(Workload::Balloon))
+    };
+    let report = run(&config).expect("the VM starts");
+    assert_eq!(report.outcome, VmOutcome::Quit, "{report:#?}");
+    assert!(*updates.lock().unwrap() >= 4, "statistics updates: {}", updates.lock().unwrap());
+}

@@ -115,6 +115,8 @@ pub struct VmConfig {
     pub after_start: Option<AfterStart>,
     /// A virtio-balloon device, with the features it offers.
     pub balloon: Option<BalloonConfig>,
+    /// How often the balloon asks the guest for fresh statistics (its stats queue); `None`: never.
+    pub balloon_stats_interval: Option<Duration>,
     /// Serve the control API on this Unix socket (see [`crate::api`]).
     pub api_socket: Option<PathBuf>,
     /// A virtio-mem device and its hot-pluggable region.
@@ -147,6 +149,7 @@ impl VmConfig {
             teardown_policy: Default::default(),
             after_start: None,
             balloon: Some(BalloonConfig::default()),
+            balloon_stats_interval: Some(Duration::from_secs(5)),
             api_socket: None,
             virtio_mem: None,
         }
@@ -802,7 +805,19 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         hook(&control);
     }
     let snapshot = || control.stats().to_string();
-    let outcome = event_loop(config, &mut manager, &watcher, &events_rx, threads.len(), started, &snapshot);
+    // The balloon's statistics polling: hand the guest's stats buffer back every interval.
+    let last_stats_request = std::cell::Cell::new(Instant::now());
+    let tick = || {
+        let (Some(b), Some(interval)) = (&balloon, config.balloon_stats_interval) else { return };
+        if last_stats_request.get().elapsed() >= interval {
+            last_stats_request.set(Instant::now());
+            if let Err(e) = b.lock().unwrap_or_else(|e| e.into_inner()).device_mut().request_guest_stats() {
+                tracing::warn!("balloon statistics request: {e:?}");
+            }
+        }
+    };
+    let outcome =
+        event_loop(config, &mut manager, &watcher, &events_rx, threads.len(), started, &snapshot, &tick);
     crate::stats::set_wake_fd(-1);
 
     // Stop every vCPU still running: flag first, then kick (see the protocol in vstate::vcpu).
@@ -889,6 +904,7 @@ fn event_loop(
     nr_threads: usize,
     started: Instant,
     snapshot: &dyn Fn() -> String,
+    tick: &dyn Fn(),
 ) -> Option<VmOutcome> {
     let deadline = config.timeout.map(|t| started + t);
     let mut finished = vec![false; nr_threads];
@@ -905,6 +921,7 @@ fn event_loop(
                 return None; // the failing vCPU's report says why
             }
         }
+        tick();
         {
             let mut w = watcher.lock().unwrap_or_else(|e| e.into_inner());
             if std::mem::take(&mut w.stats_requested) {

@@ -146,6 +146,9 @@ struct RunArgs {
     /// No virtio-balloon device.
     #[arg(long)]
     no_balloon: bool,
+    /// Seconds between the balloon's requests for fresh guest statistics (0: never).
+    #[arg(long, default_value_t = 5.0)]
+    balloon_stats_interval: f64,
     /// A virtio-mem device with a hot-pluggable region of this size above all RAM (e.g. 1G;
     /// whole 2 MiB blocks).
     #[arg(long, value_parser = parse_size)]
@@ -293,6 +296,9 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         teardown_policy: args.on_external_unmap,
         after_start: None,
         balloon: (!args.no_balloon).then(vmm::devices::virtio::balloon::BalloonConfig::default),
+        balloon_stats_interval: (args.balloon_stats_interval > 0.0
+            && args.balloon_stats_interval.is_finite())
+        .then(|| Duration::from_secs_f64(args.balloon_stats_interval)),
         virtio_mem: args.virtio_mem.map(|region_size| vmm::machine::VirtioMemSpec {
             region_size,
             requested_size: args.virtio_mem_requested,

@@ -203,7 +203,11 @@ fn run_balloon(
         monitor: false,
         after_start: Some(hook),
         balloon: Some(BalloonConfig::default()),
-        ..VmConfig::test_guest(TestGuestParams { seed: 0xba11, hostile, ..TestGuestParams::new(Workload::Balloon) })
+        ..VmConfig::test_guest(TestGuestParams {
+            seed: 0xba11,
+            hostile,
+            ..TestGuestParams::new(Workload::Balloon)
+        })
     };
     let report = run(&config).expect("the VM starts");
     ended.store(true, Ordering::SeqCst);

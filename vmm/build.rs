@@ -63,20 +63,11 @@ const SCRUBBED_VARS: &[&str] = &[
 
 /// Prefixes of environment variables removed for the same reason (profile overrides, per-target
 /// rustflags/linker settings, the cfgs and features of the outer crate).
-const SCRUBBED_PREFIXES: &[&str] = &[
-    "CARGO_PROFILE_",
-    "CARGO_TARGET_",
-    "CARGO_CFG_",
-    "CARGO_FEATURE_",
-];
+const SCRUBBED_PREFIXES: &[&str] = &["CARGO_PROFILE_", "CARGO_TARGET_", "CARGO_CFG_", "CARGO_FEATURE_"];
 
 fn main() {
-    let manifest_dir =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
-    let repo = manifest_dir
-        .parent()
-        .expect("vmm/ has a parent")
-        .to_path_buf();
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let repo = manifest_dir.parent().expect("vmm/ has a parent").to_path_buf();
     let guest = repo.join("guest/test-guest");
     let abi = repo.join("guest/abi");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
@@ -134,10 +125,7 @@ fn main() {
     // Keep the nested cargo's output (warnings) in the build script's log (`cargo build -vv`).
     eprint!("{}", String::from_utf8_lossy(&output.stderr));
 
-    let elf = target_dir
-        .join(GUEST_TARGET)
-        .join("release")
-        .join("zapvm-test-guest");
+    let elf = target_dir.join(GUEST_TARGET).join("release").join("zapvm-test-guest");
     check_elf(&elf);
     println!("cargo:rustc-env=ZAPVM_TEST_GUEST_ELF={}", elf.display());
 }
@@ -160,11 +148,7 @@ fn check_elf(path: &Path) {
         fail("not an x86-64 ET_EXEC");
     }
     let entry = u64_at(24);
-    let (phoff, phentsize, phnum) = (
-        u64_at(32) as usize,
-        u16_at(54) as usize,
-        u16_at(56) as usize,
-    );
+    let (phoff, phentsize, phnum) = (u64_at(32) as usize, u16_at(54) as usize, u16_at(56) as usize);
     if phentsize < 56 || phoff + phentsize * phnum > bytes.len() {
         fail("program headers out of bounds");
     }
@@ -189,8 +173,6 @@ fn check_elf(path: &Path) {
         }
     }
     if !entry_loaded {
-        fail(&format!(
-            "entry point {entry:#x} is not in an executable PT_LOAD segment"
-        ));
+        fail(&format!("entry point {entry:#x} is not in an executable PT_LOAD segment"));
     }
 }

@@ -41,7 +41,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::queue::{read_readable, DescriptorChain, Popped, Queue, QueueError};
-use super::{device_type, features, log_guest_error, DeviceFault, VirtioDevice, VirtioInterrupt};
+use super::{
+    device_type, features, log_guest_error, read_config_bytes, DeviceFault, VirtioDevice, VirtioInterrupt,
+};
 use crate::memory::{GuestRam, HUGE_PAGE_SIZE, PAGE_SIZE};
 use crate::mmu::{GuestMemoryAccess, GuestMmu};
 
@@ -653,13 +655,7 @@ impl VirtioDevice for Balloon {
         let mut config = [0u8; CONFIG_SIZE];
         config[0..4].copy_from_slice(&self.target_pages.to_le_bytes());
         config[4..8].copy_from_slice(&self.actual_pages.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|at| config.get(usize::try_from(at).ok()?))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

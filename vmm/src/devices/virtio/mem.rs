@@ -45,7 +45,9 @@
 use std::sync::Arc;
 
 use super::queue::{read_readable, DescriptorChain, Popped, Queue, QueueError};
-use super::{device_type, features, log_guest_error, DeviceFault, VirtioDevice, VirtioInterrupt};
+use super::{
+    device_type, features, log_guest_error, read_config_bytes, DeviceFault, VirtioDevice, VirtioInterrupt,
+};
 use crate::memory::HUGE_PAGE_SIZE;
 use crate::mmu::{GuestMemoryAccess, GuestMmu};
 
@@ -701,13 +703,7 @@ impl VirtioDevice for VirtioMem {
         config[32..40].copy_from_slice(&self.usable_region_size.to_le_bytes());
         config[40..48].copy_from_slice(&self.plugged_size().to_le_bytes());
         config[48..56].copy_from_slice(&self.requested_size.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|at| config.get(usize::try_from(at).ok()?))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -202,6 +202,18 @@ pub(crate) fn log_guest_error(count: u64, what: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Fills `data` from a device's configuration image `config` at `offset`; bytes past its end
+/// (or an overflowing offset) read as zero, as a driver's stray read must not fail.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|at| config.get(usize::try_from(at).ok()?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Test support shared by the device tests: the memory layer over test RAM and a subscriber that
 /// records what the notifier announces.
 #[cfg(test)]

@@ -579,20 +579,25 @@ fn mprotect_phases(ctx: &Ctx, mut rng: ChaCha8Rng) {
 /// for a moment (a re-backed hole is writable anyway).
 fn restore(ctx: &Ctx, s: usize, l: usize) {
     let c = &ctx.c;
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let mut ok = true;
+        let mut failure = None;
         for (ps, pl) in ctx.pieces(s, l) {
-            if ctx.space().protect(ps, pl, libc::PROT_READ | libc::PROT_WRITE).is_err() {
-                ok = false;
+            if let Err(e) = ctx.space().protect(ps, pl, libc::PROT_READ | libc::PROT_WRITE) {
+                // A piece the kernel no longer maps (an external unmap the notifier has not
+                // processed yet) needs no restore: the teardown guard re-backs it read-write.
+                let mapped = crate::teardown::host_mappings(ps, ps + pl)
+                    .map(|m| m.iter().map(|(a, b)| b - a).sum::<usize>() == pl)
+                    .unwrap_or(true);
+                if mapped {
+                    failure = Some(format!("{ps:#x}+{pl:#x}: {e}"));
+                }
             }
         }
-        if ok {
-            return;
-        }
+        let Some(failure) = failure else { return };
         if Instant::now() >= deadline {
             bump(&c.prot_restore_failures, 1);
-            ctx.note_error(format!("cannot make {s:#x}+{l:#x} writable again"));
+            ctx.note_error(format!("cannot make {s:#x}+{l:#x} writable again ({failure})"));
             return;
         }
         bump(&c.prot_restore_retries, 1);

@@ -378,7 +378,7 @@ impl TeardownGuard {
 }
 
 /// The mapped host ranges overlapping `[start, end)`, clipped to it, from /proc/self/maps.
-fn host_mappings(start: usize, end: usize) -> Result<Vec<(usize, usize)>, String> {
+pub(crate) fn host_mappings(start: usize, end: usize) -> Result<Vec<(usize, usize)>, String> {
     let maps =
         std::fs::read_to_string("/proc/self/maps").map_err(|e| format!("reading /proc/self/maps: {e}"))?;
     let mut mapped = Vec::new();

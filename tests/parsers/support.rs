@@ -457,8 +457,10 @@ fn fuzz_len(b: &mut Bytes) -> u32 {
 pub const BALLOON_RAM: u64 = 16 << 20;
 /// The virtio-mem-style hot-pluggable region the balloon must leave alone.
 pub const BALLOON_HOTPLUG: u64 = 4 << 20;
-/// The balloon's rings: queue `q` at `RINGS + q * 0x4000`.
-const B_RINGS: u64 = 0x10000;
+/// The balloon's rings: queue `q` at `B_RINGS + q * 0x4000`.
+pub const B_RINGS: u64 = 0x10000;
+/// The bytes the balloon's rings span (four queues).
+pub const B_RINGS_LEN: u64 = 4 * 0x4000;
 /// The balloon rig's scratch area for PFN arrays and stats buffers.
 pub const B_DATA: u64 = 0x100000;
 const B_DATA_LEN: u64 = 0x10000;
@@ -510,7 +512,7 @@ impl BalloonRig {
         let n = balloon_roles(features).len();
         self.sizes = (0..n).map(|q| sizes[q % sizes.len()]).collect();
         self.avail = vec![0; n];
-        self.mem.write(B_RINGS, &vec![0u8; 4 * 0x4000]);
+        self.mem.write(B_RINGS, &vec![0u8; B_RINGS_LEN as usize]);
         self.mem.write(B_DATA, &vec![0u8; B_DATA_LEN as usize]);
         for q in 0..n {
             setup_queue(&mut self.t, q as u32, self.sizes[q], B_RINGS + 0x4000 * q as u64);

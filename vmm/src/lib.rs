@@ -15,12 +15,16 @@
 //! - [`stress`]: `zapvm stress` (the memory layer under seeded, concurrent teardowns);
 //! - [`machine`]: builds a VM from a [`machine::VmConfig`] and runs it to a [`machine::RunReport`];
 //! - [`bench`]: `zapvm bench` measurements;
-//! - [`bench_balloon`]: `zapvm bench balloon` (the balloon's inflate/deflate throughput vs raw madvise).
+//! - [`bench_balloon`]: `zapvm bench balloon` (the balloon's inflate/deflate throughput vs raw madvise);
+//! - [`bench_pressure`]: `zapvm bench pressure` (the guest's touch rate under host discards);
+//! - [`bench_plot`]: SVG plots of benchmark reports.
 
 pub mod api;
 pub mod arch;
 pub mod bench;
 pub mod bench_balloon;
+pub mod bench_plot;
+pub mod bench_pressure;
 pub mod boot;
 pub mod devices;
 pub mod kvm_stats;

@@ -201,6 +201,9 @@ enum BenchCommand {
         #[arg(long)]
         json_out: Option<PathBuf>,
     },
+    /// The guest's memory touch rate while the host discards guest RAM at chosen rates and
+    /// range sizes, against the unpressured rate in the same run (JSON, markdown, SVG plot).
+    Pressure(vmm::bench_pressure::PressureArgs),
     /// VMM start to first guest instruction, and guest touch cost per page.
     Boot {
         /// Fresh VMs per configuration.
@@ -246,6 +249,7 @@ fn main() -> ExitCode {
         Command::Resume(target) => control(target.pid, vmm::api::Op::Resume),
         Command::Quit(target) => control(target.pid, vmm::api::Op::Quit),
         Command::Stress(args) => vmm::stress::cli(args),
+        Command::Bench(BenchCommand::Pressure(args)) => vmm::bench_pressure::cli(args),
         Command::Bench(BenchCommand::Boot { runs, mem, json_out, kvm_device }) => {
             bench_boot(runs, mem, json_out, kvm_device)
         }

@@ -163,7 +163,33 @@ pub enum Workload {
     /// [`STAGE_STRESS_PASS`], `args[1]` = pass number, `args[2]` = pages verified, `args[3]` =
     /// zero pages seen, `args[4]` = torn pages (all of that pass). It never ends on its own.
     Stress = 8,
+    /// The touch-rate workload of `zapvm bench pressure`: forever, write one word (the first) of
+    /// every page of the vCPU's slice except its first page, which holds a [`TouchRateHeader`];
+    /// after each page the header's `pages` counter is updated, after each pass `passes` and
+    /// `last_pass_cycles` (TSC cycles of that pass). The host samples the header to compute the
+    /// guest's touch rate (pages/s) while it tears guest RAM down. Writes only (no read before
+    /// the write), so a page the host discarded costs one write fault to get back. No ucall
+    /// after the hello: the host stops the VM.
+    TouchRate = 9,
 }
+
+/// Counters a [`Workload::TouchRate`] vCPU keeps in the first page of its slice (cumulative since
+/// the workload started); the host reads them from its side of guest RAM.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TouchRateHeader {
+    /// [`TOUCH_RATE_MAGIC`] once the vCPU started.
+    pub magic: u64,
+    /// Complete passes over the slice (the first is the cold one).
+    pub passes: u64,
+    /// Pages touched (written), updated after every page.
+    pub pages: u64,
+    /// TSC cycles of the last complete pass.
+    pub last_pass_cycles: u64,
+}
+
+/// [`TouchRateHeader::magic`].
+pub const TOUCH_RATE_MAGIC: u64 = u64::from_le_bytes(*b"ZAPTOUCH");
 
 /// [`UcallKind::Stage`] `args[0]` of a completed balloon step.
 pub const STAGE_BALLOON_STEP: u64 = 0x100;
@@ -201,6 +227,7 @@ impl Workload {
             6 => Self::Balloon,
             7 => Self::VirtioMem,
             8 => Self::Stress,
+            9 => Self::TouchRate,
             _ => return None,
         })
     }

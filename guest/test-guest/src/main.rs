@@ -21,6 +21,7 @@ mod balloon;
 mod mem;
 mod msg;
 mod stress;
+mod touch_rate;
 mod virtio;
 mod virtio_mem;
 mod workload;
@@ -144,6 +145,7 @@ extern "C" fn guest_main(vcpu: u64, boot: *const BootInfo) -> ! {
         Some(Workload::Balloon) => balloon::run(vcpu, &boot),
         Some(Workload::Stress) => stress::run(vcpu, &boot),
         Some(Workload::VirtioMem) => virtio_mem::run(vcpu, &boot),
+        Some(Workload::TouchRate) => touch_rate::run(vcpu, &boot),
         None => fail(vcpu, format_args!("unknown workload {} in boot info", boot.workload)),
     }
 }

@@ -1,0 +1,126 @@
+//! Plots of benchmark reports, as SVG files drawn with `plotters` (SVG backend only: no font
+//! library is needed, the viewer renders the text).
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::bench_pressure::{size_label, Delivery, PressureReport};
+
+/// Line colours, one per range size (distinguishable, print-safe).
+const COLORS: [RGBColor; 6] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x8c, 0x56, 0x4b),
+];
+
+/// The touch-rate plot of `zapvm bench pressure`: one panel per backing; x = pressure achieved
+/// (MiB/s, log), y = touch rate pressured / unpressured (log); one line per range size (one
+/// discard per range), the per-4-KiB-page deliveries as crosses, the 0.5 target as a grey line.
+pub fn pressure_svg(report: &PressureReport, path: &Path) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Debug| format!("cannot draw {}: {e:?}", path.display());
+    let backings = &report.options.backings;
+    let root = SVGBackend::new(path, (560 * backings.len().max(1) as u32, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let root = root
+        .titled(
+            &format!(
+                "guest touch rate under host discards ({} MiB guest RAM, {})",
+                report.options.mem >> 20,
+                report.date
+            ),
+            ("sans-serif", 18),
+        )
+        .map_err(|e| err(&e))?;
+    let panels = root.split_evenly((1, backings.len().max(1)));
+    let achieved: Vec<f64> = report.points.iter().map(|p| p.achieved_mib_s.max(1.0)).collect();
+    let x_lo = achieved.iter().copied().fold(f64::MAX, f64::min).min(32.0) / 1.5;
+    let x_hi = achieved.iter().copied().fold(1.0, f64::max).max(2048.0) * 1.5;
+    let y_lo = report
+        .points
+        .iter()
+        .map(|p| p.pressured_vs_unpressured)
+        .filter(|r| *r > 0.0)
+        .fold(0.01f64, f64::min)
+        .max(1e-5)
+        / 1.5;
+    let clamp = |r: f64| r.clamp(y_lo, 2.0);
+    for (panel, &backing) in panels.iter().zip(backings) {
+        let mut chart = ChartBuilder::on(panel)
+            .caption(format!("{} backing", backing.name()), ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(42)
+            .y_label_area_size(56)
+            .build_cartesian_2d((x_lo..x_hi).log_scale(), (y_lo..2.0f64).log_scale())
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("pressure achieved, MiB/s")
+            .y_desc("touch rate, pressured / unpressured")
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format!("{v}"))
+            .draw()
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(LineSeries::new(
+                [(x_lo, report.target), (x_hi, report.target)],
+                RGBColor(150, 150, 150),
+            ))
+            .map_err(|e| err(&e))?
+            .label(format!("target {}", report.target))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(150, 150, 150)));
+        for (i, &range) in report.options.ranges.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            let mut line: Vec<(f64, f64, f64)> = report
+                .points
+                .iter()
+                .filter(|p| {
+                    p.backing == backing
+                        && p.range_bytes == range
+                        && p.delivery == Delivery::Range
+                        && !p.rate_matched_to_previous
+                })
+                .map(|p| (p.target_mib_s, p.achieved_mib_s.max(1.0), clamp(p.pressured_vs_unpressured)))
+                .collect();
+            if line.is_empty() {
+                continue;
+            }
+            // In the order of the target rates (the achieved rate may fall short of it).
+            line.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let line: Vec<(f64, f64)> = line.into_iter().map(|(_, x, y)| (x, y)).collect();
+            chart
+                .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(format!("{} ranges", size_label(range)))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            chart
+                .draw_series(line.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| err(&e))?;
+            let per_page: Vec<(f64, f64)> = report
+                .points
+                .iter()
+                .filter(|p| p.backing == backing && p.range_bytes == range && p.delivery == Delivery::PerPage)
+                .map(|p| (p.achieved_mib_s.max(1.0), clamp(p.pressured_vs_unpressured)))
+                .collect();
+            if !per_page.is_empty() {
+                chart
+                    .draw_series(per_page.iter().map(|&p| Cross::new(p, 6, color.stroke_width(2))))
+                    .map_err(|e| err(&e))?
+                    .label(format!("{} ranges, one discard per 4K page", size_label(range)))
+                    .legend(move |(x, y)| Cross::new((x + 10, y), 5, color.stroke_width(2)));
+            }
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}

@@ -7,6 +7,9 @@ use plotters::prelude::*;
 
 use crate::bench_pressure::{size_label, Delivery, PressureReport};
 
+/// The target line's colour.
+const TARGET: RGBColor = RGBColor(0xb0, 0xb0, 0xb0);
+
 /// Line colours, one per range size (distinguishable, print-safe).
 const COLORS: [RGBColor; 6] = [
     RGBColor(0x1f, 0x77, 0xb4),
@@ -23,7 +26,7 @@ const COLORS: [RGBColor; 6] = [
 pub fn pressure_svg(report: &PressureReport, path: &Path) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Debug| format!("cannot draw {}: {e:?}", path.display());
     let backings = &report.options.backings;
-    let root = SVGBackend::new(path, (560 * backings.len().max(1) as u32, 460)).into_drawing_area();
+    let root = SVGBackend::new(path, (560 * backings.len().max(1) as u32, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let root = root
         .titled(
@@ -35,7 +38,9 @@ pub fn pressure_svg(report: &PressureReport, path: &Path) -> Result<(), String> 
             ("sans-serif", 18),
         )
         .map_err(|e| err(&e))?;
-    let panels = root.split_evenly((1, backings.len().max(1)));
+    // The panels, and a strip below them for the legend (inside a panel it would hide points).
+    let (charts, legend) = root.split_vertically(430);
+    let panels = charts.split_evenly((1, backings.len().max(1)));
     let achieved: Vec<f64> = report.points.iter().map(|p| p.achieved_mib_s.max(1.0)).collect();
     let x_lo = achieved.iter().copied().fold(f64::MAX, f64::min).min(32.0) / 1.5;
     let x_hi = achieved.iter().copied().fold(1.0, f64::max).max(2048.0) * 1.5;
@@ -67,11 +72,9 @@ pub fn pressure_svg(report: &PressureReport, path: &Path) -> Result<(), String> 
         chart
             .draw_series(LineSeries::new(
                 [(x_lo, report.target), (x_hi, report.target)],
-                RGBColor(150, 150, 150),
+                TARGET.stroke_width(3),
             ))
-            .map_err(|e| err(&e))?
-            .label(format!("target {}", report.target))
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(150, 150, 150)));
+            .map_err(|e| err(&e))?;
         for (i, &range) in report.options.ranges.iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
             let mut line: Vec<(f64, f64, f64)> = report
@@ -91,11 +94,7 @@ pub fn pressure_svg(report: &PressureReport, path: &Path) -> Result<(), String> 
             // In the order of the target rates (the achieved rate may fall short of it).
             line.sort_by(|a, b| a.0.total_cmp(&b.0));
             let line: Vec<(f64, f64)> = line.into_iter().map(|(_, x, y)| (x, y)).collect();
-            chart
-                .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
-                .map_err(|e| err(&e))?
-                .label(format!("{} ranges", size_label(range)))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            chart.draw_series(LineSeries::new(line.clone(), color.stroke_width(2))).map_err(|e| err(&e))?;
             chart
                 .draw_series(line.iter().map(|&p| Circle::new(p, 3, color.filled())))
                 .map_err(|e| err(&e))?;
@@ -108,18 +107,36 @@ pub fn pressure_svg(report: &PressureReport, path: &Path) -> Result<(), String> 
             if !per_page.is_empty() {
                 chart
                     .draw_series(per_page.iter().map(|&p| Cross::new(p, 6, color.stroke_width(2))))
-                    .map_err(|e| err(&e))?
-                    .label(format!("{} ranges, one discard per 4K page", size_label(range)))
-                    .legend(move |(x, y)| Cross::new((x + 10, y), 5, color.stroke_width(2)));
+                    .map_err(|e| err(&e))?;
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
+    }
+    // The legend: what each colour and marker means, in one or two rows.
+    let mut entries: Vec<(String, RGBColor, bool)> =
+        vec![(format!("target {}", report.target), TARGET, false)];
+    for (i, &range) in report.options.ranges.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        entries.push((format!("{} ranges", size_label(range)), color, false));
+        if report.points.iter().any(|p| p.range_bytes == range && p.delivery == Delivery::PerPage) {
+            entries.push((format!("{} ranges, one discard per 4K page", size_label(range)), color, true));
+        }
+    }
+    let width = legend.dim_in_pixel().0 as i32;
+    let (mut x, mut y) = (70, 14);
+    for (label, color, cross) in entries {
+        let w = 40 + 7 * label.len() as i32;
+        if x + w > width {
+            (x, y) = (70, y + 24);
+        }
+        if cross {
+            legend.draw(&Cross::new((x + 10, y), 5, color.stroke_width(2))).map_err(|e| err(&e))?;
+        } else {
+            legend
+                .draw(&PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)))
+                .map_err(|e| err(&e))?;
+        }
+        legend.draw(&Text::new(label, (x + 26, y - 7), ("sans-serif", 13))).map_err(|e| err(&e))?;
+        x += w;
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())

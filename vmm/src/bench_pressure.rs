@@ -27,18 +27,21 @@
 //! invalidation API names single pages (Linux's removed `invalidate_page`) would have to do.
 //!
 //! # One point
-//! A fresh VM per (backing, range size, variant): THP-backed memory discarded in 4 KiB pieces
-//! refaults in 4 KiB pages, so an earlier point must not decide a later one's memory. In that
-//! VM, once the guest has finished its cold pass and one warm pass, for each rate, `reps`
-//! times: settle (the guest completes two passes with no pressure, so refaults of the previous
-//! slice are over), an unpressured slice, then a pressured slice right after it (same VM, same
-//! memory state, a second apart, so machine noise hits both alike). A slice's touch rate is
-//! the guest's page counter difference over the host's clock; each pressured slice lasts at
-//! least four token periods (range / rate).
+//! A fresh VM per backing and range size (and one more for the per-page comparison):
+//! THP-backed memory discarded in 4 KiB pieces refaults in 4 KiB pages, so an earlier point
+//! must not decide a later one's memory. In that VM, once the guest has finished its cold pass
+//! and one warm pass, each rate is measured as unpressured and pressured slices taking turns,
+//! U P U P ... P U (`reps` pressured slices), every unpressured slice after a settle (the
+//! guest completes two passes with no pressure, so the refaults of the slice before are over).
+//! A slice's touch rate is the guest's page counter difference over the host's clock; each
+//! pressured slice lasts at least four token periods (range / rate).
 //!
 //! Reported per point:
-//! - `pressured_vs_unpressured`: pressured pages/s over unpressured pages/s, both summed over
-//!   the reps (pages over time); `rep_ratios` has each rep's own ratio;
+//! - `pressured_vs_unpressured`: the median over the reps of each pressured slice's rate over
+//!   the mean rate of the unpressured slices right before and right after it (same VM, same
+//!   memory, a second apart, so a drift of the machine's load hits both sides alike);
+//!   `rep_ratios` has each rep's ratio, `pooled_ratio` all pressured pages/s over all
+//!   unpressured pages/s;
 //! - KVM statistics deltas of the pressured and of the unpressured slices (VM and vCPU stats
 //!   by name, summed over reps; instant stats such as `pages_4k` give their net change);
 //! - host cost: time spent in discard calls per MiB discarded;
@@ -47,8 +50,9 @@
 //!   the 4 KiB pages refaulted, taken as the pages discarded (the guest passes over its whole
 //!   working set far more often than a range is discarded, so every discarded page is written
 //!   again; the count is capped at the pages the guest touched). `lost_ns_per_kvm_fault`
-//!   divides by KVM's `pf_fixed` delta instead (one per refault with 4 KiB backing; with THP
-//!   a 2 MiB refault can be one fault).
+//!   divides by KVM's `pf_fixed` delta instead (with THP a 2 MiB refault is one fault; with
+//!   4 KiB pages at high rates KVM counted fewer faults than pages discarded on this host, so
+//!   both are given).
 //!
 //! What the lost time contains, besides the refault itself: each discard's TLB flush request
 //! (KVM's mmu_notifier kicks the vCPU out of guest mode once per invalidated range, so 4 KiB

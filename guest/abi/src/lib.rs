@@ -609,6 +609,7 @@ mod tests {
         assert_eq!(Pass::from_raw(0), None);
         assert_eq!(Workload::from_raw(Workload::Touch as u64), Some(Workload::Touch));
         assert_eq!(Workload::from_raw(8), Some(Workload::Stress));
+        assert_eq!(Workload::from_raw(9), Some(Workload::TouchRate));
     }
 
     #[test]

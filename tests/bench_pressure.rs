@@ -32,7 +32,7 @@ fn tiny_run_writes_json_table_and_plot() {
         "--backings",
         "4k",
         "--slice",
-        "100ms",
+        "200ms",
         "--reps",
         "1",
         "--out",
@@ -65,11 +65,13 @@ fn tiny_run_writes_json_table_and_plot() {
         // The delivery: one discard per range, or one per 4 KiB page of each range.
         let per_call = if p["delivery"] == "per_page" { 4096 } else { range };
         assert_eq!(discards * per_call, bytes, "{p}");
-        // KVM saw the guest fault the discarded pages back in.
-        assert!(p["kvm_pressured"]["vcpu.pf_fixed"].as_i64().unwrap_or(0) > 0, "{p}");
-        assert!(p["kvm_pressured"]["vm.remote_tlb_flush_requests"].as_i64().unwrap_or(0) > 0, "{p}");
         assert!(p["rep_ratios"].as_array().unwrap().len() == 1, "{p}");
     }
+    // KVM saw the discards (flush requests) and the guest fault pages back in. Summed over the
+    // points: one short slice on a loaded machine may see the guest touch few discarded pages.
+    let kvm = |name: &str| points.iter().map(|p| p["kvm_pressured"][name].as_i64().unwrap_or(0)).sum::<i64>();
+    assert!(kvm("vm.remote_tlb_flush_requests") > 0, "{json:#}");
+    assert!(kvm("vcpu.pf_fixed") > 0, "{json:#}");
     assert!(json["pressured_vs_unpressured"]["4k"].is_f64(), "{json:#}");
     assert!(json["target_met"]["4k"].is_boolean(), "{json:#}");
     assert_eq!(json["target"], 0.5);

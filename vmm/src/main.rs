@@ -283,6 +283,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
                 seed: args.seed,
                 cpl0: args.cpl0,
                 hostile: args.hostile,
+                extra_flags: 0,
             },
         },
     };

@@ -17,7 +17,21 @@
 //!   then writable again; guest writes there make `KVM_RUN` fail with `EFAULT`, the vCPU waits for
 //!   the restore, and those faults are counted;
 //! - a **device-path reader** (always): random data pages read through the VMM's table, each word
-//!   checked against the generations the metadata allows.
+//!   checked against the generations the metadata allows;
+//! - **balloon storm**: a vCPU of its own runs the test guest's balloon driver over its slice (the
+//!   balloon's pool; [`guest_abi::FLAG_STRESS_BALLOON`]) while the host moves the target up and
+//!   down at random, waiting (bounded) for the guest's `actual` to reach each target — the guest
+//!   writes it only after it checked every page it owns (pattern) and every page it got back
+//!   (zeros) — and then reads sampled ballooned pages (must be zero) and owned pages (must hold
+//!   the pattern) through the device path;
+//! - **virtio-mem storm**: likewise a vCPU drives the virtio-mem device
+//!   ([`guest_abi::FLAG_STRESS_VIRTIO_MEM`]) while the host moves `requested_size` up and down;
+//!   once the guest's step is complete, sampled plugged pages must hold the pattern and sampled
+//!   unplugged pages (first those just unplugged) must read zero.
+//!
+//! The driver vCPUs come on top of the `vcpus` verifiers, so every scenario runs together with
+//! `--all`. The host attacks (discards, chaos, mprotect, device reads) only the verifiers' data
+//! pages, never a driver's slice.
 //!
 //! At the end the run is checked against its invariants (see [`StressReport::broken`]). A
 //! watchdog keeps a wedged memory layer (a reader blocked forever on an invalidation that never
@@ -36,22 +50,31 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use guest_abi::{stress_layout, stress_pattern, GpaRange, StressHeader, StressLayout, Workload, PAGE_SIZE};
+use guest_abi::{
+    slice_pages, stress_layout, stress_pattern, stress_role, GpaRange, StressHeader, StressLayout,
+    StressRole, Workload, PAGE_SIZE,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::boot::test_guest::TestGuestParams;
-use crate::machine::{self, Console, RunReport, VmConfig, VmControl, VmOutcome};
+use crate::devices::virtio::balloon::{BalloonConfig, BalloonStats};
+use crate::devices::virtio::mem::VirtioMemStats;
+use crate::machine::{
+    self, BalloonDevice, Console, RunReport, VirtioMemDevice, VirtioMemSpec, VmConfig, VmControl, VmOutcome,
+};
 use crate::memory::{MemoryBackend, MemoryConfig, HUGE_PAGE_SIZE};
 use crate::mmu::{AccessError, GuestMemoryAccess, GuestMmu};
+use crate::vstate::vcpu::VcpuOutcome;
 
 /// What `zapvm stress` runs.
 #[derive(Clone, Debug)]
 pub struct StressOptions {
     /// The KVM device.
     pub kvm_device: PathBuf,
-    /// vCPUs running the stress workload.
+    /// vCPUs running the stress verifier (the balloon and virtio-mem storms each add a driver
+    /// vCPU on top).
     pub vcpus: u32,
     /// Guest RAM bytes.
     pub mem: u64,
@@ -69,10 +92,12 @@ pub struct StressOptions {
     pub external_chaos: bool,
     /// Read-only / read-write phases through the notifier.
     pub mprotect: bool,
-    /// Balloon storm (requested; see [`run`] for what this build does with it).
+    /// Balloon storm: random targets up and down, followed by the guest's driver.
     pub balloon: bool,
-    /// virtio-mem plug/unplug storm (requested; not available in this build).
+    /// virtio-mem plug/unplug storm: random requested sizes up and down.
     pub virtio_mem: bool,
+    /// Bytes of the virtio-mem device's hot-pluggable region (whole 2 MiB blocks).
+    pub virtio_mem_region: u64,
     /// Largest discard range in bytes (4 KiB .. 2 MiB by default; 4 KiB for an invalidation-rate
     /// run).
     pub discard_max: usize,
@@ -82,10 +107,17 @@ pub struct StressOptions {
     /// `invalidate_range_end` (`notifier::AddressSpace::plant_fault_skip_next_end`).
     #[doc(hidden)]
     pub plant_skip_end_after: Option<Duration>,
+    /// **Fault injection for the stress test only**: after this long, the balloon and virtio-mem
+    /// storms each write a non-zero word into memory their device discarded (the next ballooned
+    /// page to come back, the next unplugged block to be plugged), as a memory layer that failed
+    /// to discard would leave it.
+    #[doc(hidden)]
+    pub plant_dirty_discarded_after: Option<Duration>,
 }
 
 impl StressOptions {
-    /// Defaults: 2 vCPUs, 256 MiB anonymous RAM, 10 s, no scenario selected.
+    /// Defaults: 2 verifier vCPUs, 256 MiB anonymous RAM, a 128 MiB virtio-mem region (used only
+    /// by the virtio-mem storm), 10 s, no scenario selected.
     pub fn new() -> Self {
         Self {
             kvm_device: "/dev/kvm".into(),
@@ -100,13 +132,15 @@ impl StressOptions {
             mprotect: false,
             balloon: false,
             virtio_mem: false,
+            virtio_mem_region: 128 << 20,
             discard_max: HUGE_PAGE_SIZE as usize,
             progress: false,
             plant_skip_end_after: None,
+            plant_dirty_discarded_after: None,
         }
     }
 
-    /// Every scenario this build can run.
+    /// Every scenario.
     pub fn all(mut self) -> Self {
         self.discard = true;
         self.external_chaos = true;
@@ -195,6 +229,76 @@ pub struct DeviceReport {
     pub hung: bool,
 }
 
+/// How a device storm went (the balloon's or virtio-mem's).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StormSteps {
+    /// Targets set (each differs from the previous one).
+    pub targets: u64,
+    /// Targets the guest's driver reached, with its checks done, within the bound.
+    pub reached: u64,
+    /// Targets not reached within the bound (must be 0; the storm stops at the first).
+    pub timed_out: u64,
+    /// 1 if the deadline came while the driver was still following the last target (fine).
+    pub unfinished_at_end: u64,
+    /// Mean and longest milliseconds from setting a target to the driver reaching it.
+    pub step_ms_mean: f64,
+    /// See `step_ms_mean`.
+    pub step_ms_max: u64,
+    /// Pages the device had discarded (ballooned / unplugged) read through the device path
+    /// once a target was reached.
+    pub discarded_pages_checked: u64,
+    /// Of those, pages not all zero (must be 0).
+    pub discarded_not_zero: u64,
+    /// Pages the guest owns (owned balloon pool pages / plugged blocks) read through the device
+    /// path once a target was reached.
+    pub owned_pages_checked: u64,
+    /// Of those, pages not holding the guest's pattern (must be 0).
+    pub owned_not_pattern: u64,
+    /// The first problem (timeout or bad page), precisely.
+    pub first_problem: Option<String>,
+}
+
+/// The balloon storm.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BalloonStormReport {
+    /// The vCPU driving the balloon.
+    pub vcpu: u32,
+    /// The largest target: the pages of the driver's pool.
+    pub pool_pages: u64,
+    /// Targets and checks.
+    #[serde(flatten)]
+    pub steps: StormSteps,
+    /// The device's counters at the end (inflated/deflated pages, discards, ...).
+    pub device: Option<BalloonStats>,
+}
+
+/// The virtio-mem storm.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VirtioMemStormReport {
+    /// The vCPU driving the device.
+    pub vcpu: u32,
+    /// Blocks of the region (the largest target).
+    pub region_blocks: u64,
+    /// Requested sizes and checks.
+    #[serde(flatten)]
+    pub steps: StormSteps,
+    /// The device's counters at the end (plug/unplug requests, blocks, discards, ...).
+    pub device: Option<VirtioMemStats>,
+}
+
+/// Bytes discarded through the notifier on the VMM's behalf, and who asked for them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DiscardAccounting {
+    /// The notifier's completed VMM-origin discards, in bytes (after THP widening).
+    pub notifier_bytes: u64,
+    /// The discard storm's bytes.
+    pub discard_storm_bytes: u64,
+    /// The balloon's (inflated pages and free page reports).
+    pub balloon_bytes: u64,
+    /// virtio-mem's (unplugged blocks).
+    pub virtio_mem_bytes: u64,
+}
+
 /// The guest's view, summed over vCPUs (from each vCPU's [`StressHeader`]).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GuestReport {
@@ -219,11 +323,13 @@ pub struct StressReport {
     pub notes: Vec<String>,
     /// Scenarios that ran.
     pub scenarios: Vec<String>,
+    /// What each vCPU ran: `verifier`, `balloon-driver` or `virtio-mem-driver`.
+    pub roles: Vec<String>,
     /// Seed.
     pub seed: u64,
     /// Seconds the scenarios ran.
     pub duration_s: f64,
-    /// vCPUs.
+    /// vCPUs in all (verifiers and drivers).
     pub vcpus: u32,
     /// Guest RAM bytes.
     pub mem_bytes: u64,
@@ -247,6 +353,12 @@ pub struct StressReport {
     pub external_chaos: Option<ChaosReport>,
     /// mprotect phases.
     pub mprotect: Option<ProtectReport>,
+    /// Balloon storm.
+    pub balloon: Option<BalloonStormReport>,
+    /// virtio-mem storm.
+    pub virtio_mem: Option<VirtioMemStormReport>,
+    /// VMM discards accounted to their requesters.
+    pub discard_accounting: DiscardAccounting,
     /// Device-path reader.
     pub device: DeviceReport,
     /// Notifier starts/ends per kind and origin.
@@ -291,6 +403,68 @@ struct Ctx {
     first_stale_discard: Mutex<Option<String>>,
     first_stale_device: Mutex<Option<String>>,
     plant_after: Option<Duration>,
+    /// The balloon and its driver's pool, when the balloon storm runs.
+    balloon: Option<BalloonPool>,
+    /// The virtio-mem device, when its storm runs.
+    virtio_mem: Option<VirtioMemDevice>,
+    /// Set when the VM ended before the scenarios did (a guest failure): waiting is pointless.
+    vm_ended: Arc<AtomicBool>,
+    plant_dirty_after: Option<Duration>,
+}
+
+/// The balloon device and the slice its guest driver balloons from.
+struct BalloonPool {
+    device: BalloonDevice,
+    /// Guest-physical addresses of the driver's slice pages, in order: the first
+    /// [`guest_abi::BALLOON_CARVED_PAGES`] are the driver's own, the balloon is a suffix of the
+    /// rest.
+    slice: Vec<u64>,
+}
+
+impl BalloonPool {
+    /// The largest target the driver follows.
+    fn max_target(&self) -> u64 {
+        (self.slice.len() as u64).saturating_sub(guest_abi::BALLOON_CARVED_PAGES)
+    }
+}
+
+/// The counters of a device storm (see [`StormSteps`]).
+#[derive(Default)]
+struct StormCounters {
+    targets: AtomicU64,
+    reached: AtomicU64,
+    timed_out: AtomicU64,
+    unfinished: AtomicU64,
+    step_ms_total: AtomicU64,
+    step_ms_max: AtomicU64,
+    discarded_checked: AtomicU64,
+    discarded_not_zero: AtomicU64,
+    owned_checked: AtomicU64,
+    owned_bad: AtomicU64,
+    first_problem: Mutex<Option<String>>,
+}
+
+impl StormCounters {
+    fn problem(&self, what: String) {
+        self.first_problem.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(what);
+    }
+
+    fn report(&self) -> StormSteps {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StormSteps {
+            targets: l(&self.targets),
+            reached: l(&self.reached),
+            timed_out: l(&self.timed_out),
+            unfinished_at_end: l(&self.unfinished),
+            step_ms_mean: l(&self.step_ms_total) as f64 / l(&self.reached).max(1) as f64,
+            step_ms_max: l(&self.step_ms_max),
+            discarded_pages_checked: l(&self.discarded_checked),
+            discarded_not_zero: l(&self.discarded_not_zero),
+            owned_pages_checked: l(&self.owned_checked),
+            owned_not_pattern: l(&self.owned_bad),
+            first_problem: self.first_problem.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -318,6 +492,8 @@ struct Counters {
     dev_unmapped: AtomicU64,
     /// Milliseconds since start of the device reader's last completed read.
     dev_last_ms: AtomicU64,
+    balloon_storm: StormCounters,
+    mem_storm: StormCounters,
 }
 
 fn bump(a: &AtomicU64, n: u64) {
@@ -326,7 +502,9 @@ fn bump(a: &AtomicU64, n: u64) {
 
 impl Ctx {
     fn running(&self) -> bool {
-        !self.stop.load(Ordering::Relaxed) && Instant::now() < self.deadline
+        !self.stop.load(Ordering::Relaxed)
+            && !self.vm_ended.load(Ordering::Relaxed)
+            && Instant::now() < self.deadline
     }
 
     fn space(&self) -> &Arc<notifier::AddressSpace> {
@@ -654,6 +832,301 @@ fn device_reader(ctx: &Ctx, mut rng: ChaCha8Rng) {
     }
 }
 
+/// How long a device storm waits for the guest's driver to reach one target (a step of the
+/// largest size is well under a second on an idle host).
+const STEP_WAIT: Duration = Duration::from_secs(20);
+/// Pages of each kind a device storm reads through the device path after each step.
+const STEP_SAMPLES: usize = 8;
+
+/// A random target in `0..=max` other than `current`: mostly anywhere, sometimes empty or full,
+/// sometimes a small move.
+fn pick_target(rng: &mut ChaCha8Rng, current: u64, max: u64) -> u64 {
+    debug_assert!(max > 0);
+    loop {
+        let t = match rng.gen_range(0..10) {
+            0 => 0,
+            1 => max,
+            2..=4 => {
+                let step = rng.gen_range(1..=(max / 16).max(1));
+                if rng.gen_bool(0.5) {
+                    current.saturating_sub(step)
+                } else {
+                    (current + step).min(max)
+                }
+            }
+            _ => rng.gen_range(0..=max),
+        };
+        if t != current {
+            return t;
+        }
+    }
+}
+
+/// Polls `reached` every 2 ms until it returns `Ok`, the run ends (`Err(None)`) or [`STEP_WAIT`]
+/// passes (`Err(Some(state))`, with the state `reached` gave last). Returns how long it took.
+fn poll_step(ctx: &Ctx, mut reached: impl FnMut() -> Result<(), String>) -> Result<Duration, Option<String>> {
+    let started = Instant::now();
+    loop {
+        let state = match reached() {
+            Ok(()) => return Ok(started.elapsed()),
+            Err(state) => state,
+        };
+        if !ctx.running() {
+            return Err(None);
+        }
+        if started.elapsed() >= STEP_WAIT {
+            return Err(Some(state));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// [`poll_step`] for one target of a storm, counted in `s`; returns whether it was reached.
+fn wait_step(ctx: &Ctx, s: &StormCounters, what: &str, reached: impl FnMut() -> Result<(), String>) -> bool {
+    match poll_step(ctx, reached) {
+        Ok(took) => {
+            let ms = took.as_millis() as u64;
+            bump(&s.reached, 1);
+            bump(&s.step_ms_total, ms);
+            s.step_ms_max.fetch_max(ms, Ordering::Relaxed);
+            true
+        }
+        Err(None) => {
+            bump(&s.unfinished, 1);
+            false
+        }
+        Err(Some(state)) => {
+            bump(&s.timed_out, 1);
+            s.problem(format!("{what} not reached within {} s: {state}", STEP_WAIT.as_secs()));
+            false
+        }
+    }
+}
+
+/// Reads the page at `gpa` through the device path; `None` if it cannot be read.
+fn read_page(ctx: &Ctx, gpa: u64) -> Option<Vec<u8>> {
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    ctx.mmu.read(gpa, &mut page).ok().map(|_| page)
+}
+
+/// The first non-zero word of `page` (at `gpa`) as (address, value).
+fn first_non_zero(gpa: u64, page: &[u8]) -> Option<(u64, u64)> {
+    page.chunks_exact(8).enumerate().find_map(|(i, w)| {
+        let v = u64::from_le_bytes(w.try_into().unwrap());
+        (v != 0).then_some((gpa + 8 * i as u64, v))
+    })
+}
+
+/// The first word of `page` (at `gpa`) that is not the drivers' [`guest_abi::pattern`].
+fn first_not_pattern(seed: u64, gpa: u64, page: &[u8]) -> Option<(u64, u64)> {
+    page.chunks_exact(8).enumerate().find_map(|(i, w)| {
+        let (v, at) = (u64::from_le_bytes(w.try_into().unwrap()), gpa + 8 * i as u64);
+        (v != guest_abi::pattern(seed, at)).then_some((at, v))
+    })
+}
+
+/// Writes a non-zero word into the discarded page at `gpa` once the planted fault is due (fault
+/// injection for the stress test); returns whether it did.
+fn maybe_dirty(ctx: &Ctx, planted: &mut bool, gpa: u64) -> bool {
+    let due = ctx.plant_dirty_after.is_some_and(|after| ctx.started.elapsed() >= after);
+    if *planted || !due {
+        return false;
+    }
+    *planted = ctx.mmu.write(gpa, &0x0bad_0bad_0bad_0badu64.to_le_bytes()).is_ok();
+    *planted
+}
+
+/// The balloon storm: random targets, each followed by the guest's driver, then checked.
+fn balloon_storm(ctx: &Ctx, mut rng: ChaCha8Rng) {
+    let Some(pool) = &ctx.balloon else { return };
+    let s = &ctx.c.balloon_storm;
+    let lock = || pool.device.lock().unwrap_or_else(|e| e.into_inner());
+    let (pages, max) = (pool.slice.len() as u64, pool.max_target());
+    let mut current = 0u64;
+    let mut planted = false;
+    while ctx.running() {
+        let target = pick_target(&mut rng, current, max);
+        lock().update_config(|b| b.set_target_pages(target as u32));
+        bump(&s.targets, 1);
+        let reached = wait_step(ctx, s, &format!("balloon target {target} pages (from {current})"), || {
+            let st = lock().device().stats();
+            if u64::from(st.actual_pages) == target && st.ballooned_pages == target {
+                Ok(())
+            } else {
+                Err(format!("actual {} pages, {} ballooned", st.actual_pages, st.ballooned_pages))
+            }
+        });
+        if !reached {
+            break;
+        }
+        current = target;
+        // The balloon is the last `target` pages of the slice; the guest deflates its lowest
+        // page first. Pages stay as they are until the next target (but for the driver's one
+        // unrequested deflate-on-OOM, which the bitmap check after each read covers).
+        let first = pages - target;
+        if target > 0 && maybe_dirty(ctx, &mut planted, pool.slice[first as usize]) {
+            tracing::warn!("planted fault: ballooned page {:#x} dirtied", pool.slice[first as usize]);
+        }
+        let mut ballooned: Vec<u64> = Vec::new();
+        if target > 0 {
+            ballooned.push(first);
+            ballooned.extend((1..STEP_SAMPLES).map(|_| rng.gen_range(first..pages)));
+        }
+        for index in ballooned {
+            let gpa = pool.slice[index as usize];
+            let Some(page) = read_page(ctx, gpa) else { continue };
+            // Judged only if the page was in the balloon all along: the driver touches a page
+            // only after the device processed its deflate (MUST_TELL_HOST).
+            if !lock().device().is_ballooned(gpa / PAGE_SIZE) {
+                continue;
+            }
+            bump(&s.discarded_checked, 1);
+            if let Some((at, v)) = first_non_zero(gpa, &page) {
+                bump(&s.discarded_not_zero, 1);
+                s.problem(format!(
+                    "ballooned page {gpa:#x} (pool page {index} of {pages}, balloon {target} pages) holds \
+                     {v:#x} at {at:#x}, not zero"
+                ));
+            }
+        }
+        let carved = guest_abi::BALLOON_CARVED_PAGES;
+        if first > carved {
+            for _ in 0..STEP_SAMPLES {
+                let index = rng.gen_range(carved..first);
+                let gpa = pool.slice[index as usize];
+                let Some(page) = read_page(ctx, gpa) else { continue };
+                bump(&s.owned_checked, 1);
+                if let Some((at, v)) = first_not_pattern(ctx.seed, gpa, &page) {
+                    bump(&s.owned_bad, 1);
+                    s.problem(format!(
+                        "owned pool page {gpa:#x} (pool page {index}, balloon {target} pages) holds {v:#x} \
+                         at {at:#x}, not the pattern"
+                    ));
+                }
+            }
+        }
+        sleep_until_or(ctx, Duration::from_millis(rng.gen_range(0..20)));
+    }
+}
+
+/// STATE requests the guest's virtio-mem driver sends over `blocks` blocks of one state (it
+/// asks about at most 32768 blocks at a time).
+fn state_requests(blocks: u64) -> u64 {
+    blocks.div_ceil(0x8000)
+}
+
+/// The virtio-mem storm: random requested sizes, each followed by the guest's driver, then
+/// checked.
+fn virtio_mem_storm(ctx: &Ctx, mut rng: ChaCha8Rng) {
+    let Some(device) = &ctx.virtio_mem else { return };
+    let s = &ctx.c.mem_storm;
+    let lock = || device.lock().unwrap_or_else(|e| e.into_inner());
+    let st = lock().device().stats();
+    let (addr, block) = (st.addr, st.block_size);
+    let blocks = st.region_size / block;
+    let pages_per_block = block / PAGE_SIZE;
+    // The driver's probe ends with STATE requests over the whole (unplugged) region: a step's
+    // own STATE requests can only be counted after those.
+    let probed = poll_step(ctx, || {
+        let st = lock().device().stats();
+        if st.state_requests >= state_requests(blocks) {
+            Ok(())
+        } else {
+            Err(format!("{} STATE requests", st.state_requests))
+        }
+    });
+    match probed {
+        Ok(_) => {}
+        Err(None) => return,
+        Err(Some(state)) => {
+            bump(&s.timed_out, 1);
+            s.problem(format!(
+                "the virtio-mem driver did not probe within {} s: {state}",
+                STEP_WAIT.as_secs()
+            ));
+            return;
+        }
+    }
+    let mut current = 0u64;
+    let mut planted = false;
+    while ctx.running() {
+        let target = pick_target(&mut rng, current, blocks);
+        let bytes = target * block;
+        let before = lock().device().stats().state_requests;
+        let states = state_requests(target) + state_requests(blocks - target);
+        if let Err(e) = lock().update_config(|m| m.set_requested_size(bytes)) {
+            s.problem(format!("requested size {bytes:#x} refused: {e}"));
+            break;
+        }
+        bump(&s.targets, 1);
+        let what = format!("virtio-mem requested size {target} blocks (from {current})");
+        let reached = wait_step(ctx, s, &what, || {
+            let st = lock().device().stats();
+            if st.plugged_size == bytes && st.state_requests >= before + states {
+                Ok(())
+            } else {
+                Err(format!(
+                    "plugged {} blocks, {} of {states} STATE requests",
+                    st.plugged_size / block,
+                    st.state_requests - before
+                ))
+            }
+        });
+        if !reached {
+            break;
+        }
+        let old = std::mem::replace(&mut current, target);
+        // Blocks [0, target) are plugged and hold the pattern; the rest are unplugged: the
+        // driver plugs the lowest (block `target`) next.
+        if target < blocks && maybe_dirty(ctx, &mut planted, addr + target * block) {
+            tracing::warn!("planted fault: unplugged block {target} dirtied");
+        }
+        if target > 0 {
+            for _ in 0..STEP_SAMPLES {
+                let gpa = addr + rng.gen_range(0..target * pages_per_block) * PAGE_SIZE;
+                let Some(page) = read_page(ctx, gpa) else { continue };
+                bump(&s.owned_checked, 1);
+                if let Some((at, v)) = first_not_pattern(ctx.seed, gpa, &page) {
+                    bump(&s.owned_bad, 1);
+                    s.problem(format!(
+                        "plugged page {gpa:#x} (block {} of {target} plugged) holds {v:#x} at {at:#x}, not \
+                         the pattern",
+                        (gpa - addr) / block
+                    ));
+                }
+            }
+        }
+        if target < blocks {
+            // The next block to be plugged, then pages of the blocks just unplugged (if any),
+            // else of any unplugged block.
+            let (lo, hi) = if old > target { (target, old) } else { (target, blocks) };
+            let mut sampled = vec![addr + target * block];
+            sampled.extend(
+                (1..STEP_SAMPLES)
+                    .map(|_| addr + rng.gen_range(lo * pages_per_block..hi * pages_per_block) * PAGE_SIZE),
+            );
+            for gpa in sampled {
+                let Some(page) = read_page(ctx, gpa) else { continue };
+                // Judged only if the block stayed unplugged (it does: the host changes nothing
+                // until the next target).
+                if lock().device().is_plugged(gpa) {
+                    continue;
+                }
+                bump(&s.discarded_checked, 1);
+                if let Some((at, v)) = first_non_zero(gpa, &page) {
+                    bump(&s.discarded_not_zero, 1);
+                    s.problem(format!(
+                        "unplugged page {gpa:#x} (block {}, {target} plugged, {old} before) holds {v:#x} at \
+                         {at:#x}, not zero",
+                        (gpa - addr) / block
+                    ));
+                }
+            }
+        }
+        sleep_until_or(ctx, Duration::from_millis(rng.gen_range(0..20)));
+    }
+}
+
 /// Reads `buf.len()` bytes of this process at `hva` without the VMM's table (monitoring only).
 fn peek(hva: usize, buf: &mut [u8]) -> bool {
     let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
@@ -728,10 +1201,16 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 /// A device reader whose last read completed longer ago than this at the end is hung.
 const READER_STALL: Duration = Duration::from_secs(3);
 
-fn controller(vm: Arc<VmControl>, opts: StressOptions, tx: std::sync::mpsc::Sender<Controlled>) {
+fn controller(
+    vm: Arc<VmControl>,
+    opts: StressOptions,
+    vm_ended: Arc<AtomicBool>,
+    tx: std::sync::mpsc::Sender<Controlled>,
+) {
     let started = Instant::now();
     let info_work: Vec<GpaRange>;
     let layouts: Vec<StressLayout>;
+    let mut balloon_slice = Vec::new();
     {
         // The work ranges are those the boot path gave the guest: recompute them the same way
         // from the boot info in guest RAM (at BOOT_INFO_GPA).
@@ -744,7 +1223,13 @@ fn controller(vm: Arc<VmControl>, opts: StressOptions, tx: std::sync::mpsc::Send
         info_work = (0..nr_work.min(guest_abi::MAX_RANGES))
             .map(|i| GpaRange { start: w(8 + 2 * i), end: w(9 + 2 * i) })
             .collect();
-        layouts = (0..u64::from(opts.vcpus)).map(|v| stress_layout(&info_work, w(2), v)).collect();
+        // The verifiers are vCPUs 0..opts.vcpus; the drivers come after them.
+        let (nr_vcpus, flags) = (w(2), w(4));
+        layouts = (0..u64::from(opts.vcpus)).map(|v| stress_layout(&info_work, nr_vcpus, v)).collect();
+        if let Some(v) = (0..nr_vcpus).find(|&v| stress_role(flags, nr_vcpus, v) == StressRole::BalloonDriver)
+        {
+            slice_pages(&info_work, nr_vcpus, v, |gpa| balloon_slice.push(gpa));
+        }
     }
     let mut runs = Vec::new();
     for (vcpu, l) in layouts.iter().enumerate() {
@@ -798,6 +1283,14 @@ fn controller(vm: Arc<VmControl>, opts: StressOptions, tx: std::sync::mpsc::Send
         first_stale_discard: Mutex::new(None),
         first_stale_device: Mutex::new(None),
         plant_after: opts.plant_skip_end_after,
+        balloon: vm
+            .balloon
+            .clone()
+            .filter(|_| opts.balloon && !balloon_slice.is_empty())
+            .map(|device| BalloonPool { device, slice: balloon_slice }),
+        virtio_mem: vm.virtio_mem.clone().filter(|_| opts.virtio_mem),
+        vm_ended,
+        plant_dirty_after: opts.plant_dirty_discarded_after,
     });
     let kvm_before = vm.stats().get("kvm").cloned().unwrap_or_default();
 
@@ -812,11 +1305,18 @@ fn controller(vm: Arc<VmControl>, opts: StressOptions, tx: std::sync::mpsc::Send
     if opts.mprotect {
         chosen.push(("mprotect", mprotect_phases));
     }
-    let (done_tx, done_rx) = channel::<usize>();
-    let mut names = Vec::new();
     if ctx.runs.is_empty() {
         chosen.clear();
     }
+    // The device storms drive their own vCPUs' memory, not the verifiers' data pages.
+    if ctx.balloon.is_some() {
+        chosen.push(("balloon", balloon_storm));
+    }
+    if ctx.virtio_mem.is_some() {
+        chosen.push(("virtio-mem", virtio_mem_storm));
+    }
+    let (done_tx, done_rx) = channel::<usize>();
+    let mut names = Vec::new();
     for (i, (name, f)) in chosen.iter().enumerate() {
         let (thread_ctx, thread_done) = (ctx.clone(), done_tx.clone());
         let f = *f;
@@ -846,7 +1346,7 @@ fn controller(vm: Arc<VmControl>, opts: StressOptions, tx: std::sync::mpsc::Send
     });
     let mut finished = vec![false; names.len()];
     let mut last_inv = (Instant::now(), 0u64);
-    while Instant::now() < ctx.deadline {
+    while Instant::now() < ctx.deadline && !ctx.vm_ended.load(Ordering::Relaxed) {
         match done_rx.recv_timeout(Duration::from_millis(250)) {
             Ok(i) => finished[i] = true,
             Err(RecvTimeoutError::Timeout) => {}
@@ -858,7 +1358,18 @@ fn controller(vm: Arc<VmControl>, opts: StressOptions, tx: std::sync::mpsc::Send
             last_inv = (Instant::now(), inv);
             let passes: u64 = guest_headers(&ctx).iter().map(|h| h.passes).sum();
             bar.set_position(started.elapsed().as_millis() as u64);
-            bar.set_message(format!("passes {passes}, invalidations {inv} ({rate:.0}/s)"));
+            let mut msg = format!("passes {passes}, invalidations {inv} ({rate:.0}/s)");
+            let storm =
+                |c: &StormCounters| (c.reached.load(Ordering::Relaxed), c.targets.load(Ordering::Relaxed));
+            if ctx.balloon.is_some() {
+                let (reached, targets) = storm(&ctx.c.balloon_storm);
+                msg.push_str(&format!(", balloon targets {reached}/{targets}"));
+            }
+            if ctx.virtio_mem.is_some() {
+                let (reached, targets) = storm(&ctx.c.mem_storm);
+                msg.push_str(&format!(", virtio-mem sizes {reached}/{targets}"));
+            }
+            bar.set_message(msg);
         }
     }
     ctx.stop.store(true, Ordering::SeqCst);
@@ -913,51 +1424,74 @@ fn controller(vm: Arc<VmControl>, opts: StressOptions, tx: std::sync::mpsc::Send
     });
 }
 
-/// Runs `zapvm stress` and returns its report (`Err` only when the VM cannot start at all).
+/// Runs `zapvm stress` and returns its report (`Err` when nothing can run: no scenario, bad
+/// options, or a VM that cannot start at all).
 ///
-/// `balloon`: the Stress guest does not drive the balloon (its Balloon workload is another guest
-/// program, with its own verification, exercised by the balloon tests), and `virtio_mem`: the
-/// device is not wired in this build. Both are reported as notes ("not available in this build");
-/// a run that asked only for them has nothing to run and is an error.
+/// The balloon storm is not run on hugetlb RAM (a note says so): the guest's driver balloons
+/// and reports single 4 KiB pages, which hugetlb memory cannot discard.
 pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
     let mut notes = Vec::new();
-    if opts.balloon {
+    let mut opts = opts.clone();
+    if opts.balloon && opts.backend == MemoryBackend::Hugetlb {
         notes.push(
-            "balloon: not available in this build (the Stress guest does not drive the balloon; the \
-             Balloon workload's own verification covers it)"
+            "balloon: not run on hugetlb RAM (the guest's driver balloons and reports single 4 KiB \
+             pages, which hugetlb memory cannot discard)"
                 .to_string(),
         );
+        opts.balloon = false;
     }
-    if opts.virtio_mem {
-        notes.push("virtio-mem: not available in this build (the device is not wired yet)".to_string());
+    let opts = &opts;
+    if !(opts.discard || opts.external_chaos || opts.mprotect || opts.balloon || opts.virtio_mem) {
+        return Err(format!(
+            "no scenario selected: choose --discard, --external-chaos, --mprotect, --balloon, --virtio-mem \
+             or --all{}",
+            notes.iter().map(|n| format!(" ({n})")).collect::<String>()
+        ));
     }
-    if !(opts.discard || opts.external_chaos || opts.mprotect) {
-        return Err(format!("no scenario this build can run was selected ({})", notes.join("; ")));
+    if opts.vcpus == 0 {
+        return Err("--vcpus must be at least 1 (the stress verifiers)".into());
     }
+    if opts.virtio_mem && (opts.virtio_mem_region == 0 || opts.virtio_mem_region % HUGE_PAGE_SIZE != 0) {
+        return Err(format!(
+            "--virtio-mem-region {} must be a positive multiple of 2 MiB (the device's block size)",
+            opts.virtio_mem_region
+        ));
+    }
+    let extra_flags = if opts.balloon { guest_abi::FLAG_STRESS_BALLOON } else { 0 }
+        | if opts.virtio_mem { guest_abi::FLAG_STRESS_VIRTIO_MEM } else { 0 };
+    let vcpus = opts.vcpus + u32::from(opts.balloon) + u32::from(opts.virtio_mem);
+    let vm_ended = Arc::new(AtomicBool::new(false));
     let (tx, rx) = channel::<Controlled>();
     let tx = Mutex::new(Some(tx));
-    let hook_opts = opts.clone();
+    let (hook_opts, hook_ended) = (opts.clone(), vm_ended.clone());
     let hook = Arc::new(move |vm: &Arc<VmControl>| {
-        let (vm, opts) = (vm.clone(), hook_opts.clone());
+        let (vm, opts, ended) = (vm.clone(), hook_opts.clone(), hook_ended.clone());
         if let Some(tx) = tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
             std::thread::Builder::new()
                 .name("stress-controller".into())
-                .spawn(move || controller(vm, opts, tx))
+                .spawn(move || controller(vm, opts, ended, tx))
                 .expect("spawning the stress controller");
         }
     });
     let config = VmConfig {
         kvm_device: opts.kvm_device.clone(),
         memory: MemoryConfig { size: opts.mem, backend: opts.backend, thp: opts.thp },
-        vcpus: opts.vcpus,
+        vcpus,
         // A backstop only: the controller quits the VM; the watchdog below judges hangs.
         timeout: Some(opts.duration + JOIN_GRACE + STOP_GRACE + Duration::from_secs(30)),
         console: Console::Null,
         monitor: true,
         teardown_policy: crate::teardown::TeardownPolicy::Reback,
         after_start: Some(hook),
-        balloon: None,
-        ..VmConfig::test_guest(TestGuestParams { seed: opts.seed, ..TestGuestParams::new(Workload::Stress) })
+        balloon: opts.balloon.then(BalloonConfig::default),
+        virtio_mem: opts
+            .virtio_mem
+            .then_some(VirtioMemSpec { region_size: opts.virtio_mem_region, requested_size: 0 }),
+        ..VmConfig::test_guest(TestGuestParams {
+            seed: opts.seed,
+            extra_flags,
+            ..TestGuestParams::new(Workload::Stress)
+        })
     };
     // The VM runs on its own thread, so that a VMM that never stops cannot hang the harness.
     let (vm_tx, vm_rx) = channel::<Result<RunReport, machine::Error>>();
@@ -973,7 +1507,10 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
     let controlled = wait_either(&rx, &vm_rx, started + wait);
     let (controlled, early) = match controlled {
         Either::Controlled(c) => (Some(c), None),
-        Either::Vm(r) => (None, Some(r)),
+        Either::Vm(r) => {
+            vm_ended.store(true, Ordering::SeqCst);
+            (None, Some(r))
+        }
         Either::Neither => (None, None),
     };
     let report = match early {
@@ -1023,14 +1560,38 @@ fn judge(
     let mut broken = Vec::new();
     let outcome = report.as_ref().map(|r| r.outcome.clone());
     let vmm_alive = matches!(outcome, Some(VmOutcome::Quit));
+    let flags = if opts.balloon { guest_abi::FLAG_STRESS_BALLOON } else { 0 }
+        | if opts.virtio_mem { guest_abi::FLAG_STRESS_VIRTIO_MEM } else { 0 };
+    let vcpus = opts.vcpus + u32::from(opts.balloon) + u32::from(opts.virtio_mem);
+    let role = |v: u64| match stress_role(flags, u64::from(vcpus), v) {
+        StressRole::Verifier => "verifier",
+        StressRole::BalloonDriver => "balloon-driver",
+        StressRole::VirtioMemDriver => "virtio-mem-driver",
+    };
+    let roles: Vec<String> = (0..u64::from(vcpus)).map(|v| role(v).to_string()).collect();
+    // What the guest found wrong (its verifier or a driver's page-by-page checks) ends the VM
+    // with a Failure ucall: each is a broken invariant of its own, named by the vCPU's role.
+    let guest_failures: Vec<String> = report
+        .iter()
+        .flat_map(|r| &r.vcpus)
+        .filter_map(|v| match &v.outcome {
+            VcpuOutcome::GuestFailure { message } | VcpuOutcome::GuestException { message } => {
+                Some(format!("guest vCPU {} ({}) failed: {message}", v.index, role(v.index as u64)))
+            }
+            _ => None,
+        })
+        .collect();
     match &outcome {
         None => broken.push("VMM not alive: it did not stop within the watchdog's grace (hung)".to_string()),
         Some(VmOutcome::Quit) => {}
+        // The VMM stopped the VM because the guest reported a failure (listed below).
+        Some(VmOutcome::Failed { .. }) if !guest_failures.is_empty() => {}
         Some(VmOutcome::Failed { message }) => {
             broken.push(format!("VMM not alive: the VM failed: {message}"))
         }
         Some(other) => broken.push(format!("VMM not alive: the VM ended with {other:?}")),
     }
+    broken.extend(guest_failures);
     let Some(c) = controlled else {
         broken.push("the stress controller never reported (hung)".to_string());
         return StressReport {
@@ -1038,9 +1599,10 @@ fn judge(
             broken,
             notes,
             scenarios: vec![],
+            roles,
             seed: opts.seed,
             duration_s: 0.0,
-            vcpus: opts.vcpus,
+            vcpus,
             mem_bytes: opts.mem,
             backend: format!("{:?}", opts.backend).to_lowercase(),
             thp: opts.thp,
@@ -1052,6 +1614,9 @@ fn judge(
             discard: None,
             external_chaos: None,
             mprotect: None,
+            balloon: None,
+            virtio_mem: None,
+            discard_accounting: DiscardAccounting::default(),
             device: DeviceReport::default(),
             notifier: vec![],
             subscribers: vec![],
@@ -1162,6 +1727,92 @@ fn judge(
             broken.push(format!("external teardown guard: {f}"));
         }
     }
+    let final_balloon = report.as_ref().and_then(|r| r.memory_layer.balloon.clone());
+    let final_mem = report.as_ref().and_then(|r| r.memory_layer.virtio_mem.clone());
+    let balloon = opts.balloon.then(|| BalloonStormReport {
+        vcpu: roles.iter().position(|r| r == "balloon-driver").unwrap_or(0) as u32,
+        pool_pages: ctx.balloon.as_ref().map(BalloonPool::max_target).unwrap_or(0),
+        steps: k.balloon_storm.report(),
+        device: final_balloon.clone(),
+    });
+    if let Some(b) = &balloon {
+        storm_invariants("balloon", &b.steps, &mut broken);
+        if let Some(d) = &b.device {
+            if d.discard_failures > 0 {
+                broken.push(format!("balloon: {} discards failed", d.discard_failures));
+            }
+            if d.errors.total() > 0 {
+                broken.push(format!(
+                    "balloon: {} guest errors from a well-behaved driver: {:?}",
+                    d.errors.total(),
+                    d.errors
+                ));
+            }
+            // Every byte the device discarded is an inflated page or a free page report.
+            let accounted = d.inflated_pages * PAGE_SIZE + d.reported_bytes;
+            if d.bytes_discarded != accounted {
+                broken.push(format!(
+                    "balloon: {} bytes discarded, but inflated pages and free page reports account for {accounted}",
+                    d.bytes_discarded
+                ));
+            }
+        }
+    }
+    let virtio_mem = opts.virtio_mem.then(|| VirtioMemStormReport {
+        vcpu: roles.iter().position(|r| r == "virtio-mem-driver").unwrap_or(0) as u32,
+        region_blocks: final_mem.as_ref().map(|m| m.region_size / m.block_size.max(1)).unwrap_or(0),
+        steps: k.mem_storm.report(),
+        device: final_mem.clone(),
+    });
+    if let Some(m) = &virtio_mem {
+        storm_invariants("virtio-mem", &m.steps, &mut broken);
+        if let Some(d) = &m.device {
+            if d.discard_failures > 0 {
+                broken.push(format!("virtio-mem: {} discards failed", d.discard_failures));
+            }
+            if d.errors.total() > 0 || d.error_responses > 0 {
+                broken.push(format!(
+                    "virtio-mem: {} guest errors and {} ERROR answers to a well-behaved driver: {:?}",
+                    d.errors.total(),
+                    d.error_responses,
+                    d.errors
+                ));
+            }
+            // Every unplugged block was discarded, once, and nothing else.
+            if d.blocks_discarded != d.blocks_unplugged
+                || d.bytes_discarded != d.blocks_discarded * d.block_size
+            {
+                broken.push(format!(
+                    "virtio-mem: {} blocks unplugged but {} discarded ({} bytes)",
+                    d.blocks_unplugged, d.blocks_discarded, d.bytes_discarded
+                ));
+            }
+        }
+    }
+    // Every byte a requester says it discarded went through the notifier as a VMM discard
+    // (the notifier may count more: it widens ranges to whole huge pages on THP).
+    let discard_accounting = DiscardAccounting {
+        notifier_bytes: c
+            .kinds
+            .iter()
+            .filter(|k| k.kind == "discard" && k.origin == "vmm")
+            .map(|k| k.bytes)
+            .sum(),
+        discard_storm_bytes: l(&k.discard_bytes),
+        balloon_bytes: final_balloon.as_ref().map(|d| d.bytes_discarded).unwrap_or(0),
+        virtio_mem_bytes: final_mem.as_ref().map(|d| d.bytes_discarded).unwrap_or(0),
+    };
+    {
+        let a = &discard_accounting;
+        let requested = a.discard_storm_bytes + a.balloon_bytes + a.virtio_mem_bytes;
+        if a.notifier_bytes < requested {
+            broken.push(format!(
+                "discards unaccounted: the discard storm, the balloon and virtio-mem discarded {requested} bytes, \
+                 the notifier saw {} bytes of VMM discards",
+                a.notifier_bytes
+            ));
+        }
+    }
     let invalidations = invalidations(&c.kinds);
     let ok = broken.is_empty();
     StressReport {
@@ -1169,9 +1820,10 @@ fn judge(
         broken,
         notes,
         scenarios: c.scenarios,
+        roles,
         seed: opts.seed,
         duration_s: c.ran_for.as_secs_f64(),
-        vcpus: opts.vcpus,
+        vcpus,
         mem_bytes: opts.mem,
         backend: format!("{:?}", opts.backend).to_lowercase(),
         thp: opts.thp,
@@ -1189,6 +1841,9 @@ fn judge(
             bytes: l(&k.chaos_bytes),
         }),
         mprotect,
+        balloon,
+        virtio_mem,
+        discard_accounting,
         device,
         notifier: c.kinds,
         subscribers: c.subscribers,
@@ -1199,10 +1854,38 @@ fn judge(
     }
 }
 
+/// The invariants every device storm keeps: each target reached (or the run ended while the
+/// driver followed the last one), at least one reached, no discarded page read non-zero, no
+/// owned page without the guest's pattern.
+fn storm_invariants(name: &str, s: &StormSteps, broken: &mut Vec<String>) {
+    let first = s.first_problem.clone().unwrap_or_default();
+    if s.timed_out > 0 {
+        broken.push(format!("{name}: a target was not reached: {first}"));
+    } else if s.reached == 0 {
+        broken.push(format!(
+            "{name}: no target reached in the whole run ({} set, {} unfinished at the end)",
+            s.targets, s.unfinished_at_end
+        ));
+    }
+    if s.discarded_not_zero > 0 {
+        broken.push(format!(
+            "{name}: {} discarded pages not read as zero; first: {first}",
+            s.discarded_not_zero
+        ));
+    }
+    if s.owned_not_pattern > 0 {
+        broken.push(format!(
+            "{name}: {} guest-owned pages lost their pattern; first: {first}",
+            s.owned_not_pattern
+        ));
+    }
+}
+
 /// `zapvm stress` on the command line.
 #[derive(clap::Args, Debug)]
 pub struct StressArgs {
-    /// vCPUs running the stress workload.
+    /// vCPUs running the stress verifier (--balloon and --virtio-mem each add a vCPU that drives
+    /// the device).
     #[arg(long, default_value_t = 2)]
     pub vcpus: u32,
     /// Guest RAM (e.g. 256M, 1G).
@@ -1232,13 +1915,18 @@ pub struct StressArgs {
     /// Read-only / read-write phases through the notifier.
     #[arg(long)]
     pub mprotect: bool,
-    /// Balloon storm (not available in this build).
+    /// Balloon storm: random targets up and down, each followed and verified by the guest's
+    /// balloon driver (not on hugetlb RAM).
     #[arg(long)]
     pub balloon: bool,
-    /// virtio-mem plug/unplug storm (not available in this build).
+    /// virtio-mem plug/unplug storm: random requested sizes up and down, each followed and
+    /// verified by the guest's virtio-mem driver.
     #[arg(long)]
     pub virtio_mem: bool,
-    /// Every scenario at once (those not available in this build are skipped with a note).
+    /// Size of the virtio-mem device's hot-pluggable region (whole 2 MiB blocks).
+    #[arg(long, default_value = "128M", value_parser = crate::memory::parse_size)]
+    pub virtio_mem_region: u64,
+    /// Every scenario at once.
     #[arg(long)]
     pub all: bool,
     /// Write the JSON summary here instead of standard output.
@@ -1286,9 +1974,11 @@ pub fn cli(args: StressArgs) -> Result<std::process::ExitCode, String> {
         mprotect: args.mprotect,
         balloon: args.balloon,
         virtio_mem: args.virtio_mem,
+        virtio_mem_region: args.virtio_mem_region,
         discard_max: args.discard_max as usize,
         progress: true,
         plant_skip_end_after: None,
+        plant_dirty_discarded_after: None,
     };
     if args.all {
         opts = opts.all();

@@ -162,6 +162,11 @@ pub enum Workload {
     /// [`StressHeader`] at the start of the slice, and a [`UcallKind::Stage`] with `args[0]` =
     /// [`STAGE_STRESS_PASS`], `args[1]` = pass number, `args[2]` = pages verified, `args[3]` =
     /// zero pages seen, `args[4]` = torn pages (all of that pass). It never ends on its own.
+    ///
+    /// With [`FLAG_STRESS_BALLOON`] / [`FLAG_STRESS_VIRTIO_MEM`] some vCPUs drive a device
+    /// instead, exactly as [`Workload::Balloon`] / [`Workload::VirtioMem`] do on vCPU 0 (same
+    /// checks, same Stage ucalls, Failure on any page in the wrong state), over their own slice;
+    /// [`stress_role`] says which. The host attacks only the verifiers' data pages.
     Stress = 8,
     /// The touch-rate workload of `zapvm bench pressure`: forever, write one word (the first) of
     /// every page of the vCPU's slice except its first page, which holds a [`TouchRateHeader`];
@@ -200,6 +205,48 @@ pub const STAGE_STRESS_PASS: u64 = 0x300;
 /// [`BootInfo::flags`]: drivers misbehave on purpose (out-of-range PFNs, duplicate PFNs, bad
 /// descriptor lengths, descriptor loops, out-of-range virtio-mem requests) to test the devices.
 pub const FLAG_HOSTILE: u64 = 1 << 1;
+
+/// [`BootInfo::flags`] of [`Workload::Stress`]: one vCPU drives the virtio-balloon (see
+/// [`stress_role`]) instead of running the stress verifier.
+pub const FLAG_STRESS_BALLOON: u64 = 1 << 2;
+/// [`BootInfo::flags`] of [`Workload::Stress`]: one vCPU drives the virtio-mem device (see
+/// [`stress_role`]) instead of running the stress verifier.
+pub const FLAG_STRESS_VIRTIO_MEM: u64 = 1 << 3;
+/// Pages at the start of the balloon driver's slice that it keeps for itself (queues, PFN
+/// arrays, statistics, free-page-report area); the rest is the balloon's pool, so the largest
+/// target the driver follows is the slice's pages minus these.
+pub const BALLOON_CARVED_PAGES: u64 = 70;
+
+/// What a vCPU of [`Workload::Stress`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StressRole {
+    /// The stress verifier over its slice (laid out by [`stress_layout`]).
+    Verifier,
+    /// The driver of [`Workload::Balloon`] over its slice (the balloon's pool); it never ends.
+    BalloonDriver,
+    /// The driver of [`Workload::VirtioMem`] over the hot-pluggable region (its slice is
+    /// ordinary RAM it keeps filled and verified); it never ends.
+    VirtioMemDriver,
+}
+
+/// The role of `vcpu` in a [`Workload::Stress`] VM of `nr_vcpus` vCPUs with boot `flags`: with
+/// [`FLAG_STRESS_BALLOON`] the last vCPU drives the balloon; with [`FLAG_STRESS_VIRTIO_MEM`] the
+/// last vCPU not driving the balloon drives virtio-mem; every other vCPU is a verifier. Slices
+/// are those of [`slice_pages`] over all `nr_vcpus` whatever the roles, so the verifiers are
+/// vCPUs `0..` (the host gives each driver a vCPU of its own beyond them).
+pub fn stress_role(flags: u64, nr_vcpus: u64, vcpu: u64) -> StressRole {
+    let balloon = flags & FLAG_STRESS_BALLOON != 0;
+    let virtio_mem = flags & FLAG_STRESS_VIRTIO_MEM != 0;
+    let balloon_vcpu = nr_vcpus.checked_sub(1).filter(|_| balloon);
+    let mem_vcpu = nr_vcpus.checked_sub(1 + u64::from(balloon)).filter(|_| virtio_mem);
+    if balloon_vcpu == Some(vcpu) {
+        StressRole::BalloonDriver
+    } else if mem_vcpu == Some(vcpu) {
+        StressRole::VirtioMemDriver
+    } else {
+        StressRole::Verifier
+    }
+}
 
 /// A virtio-mmio device the guest may drive.
 #[repr(C)]
@@ -610,6 +657,21 @@ mod tests {
         assert_eq!(Workload::from_raw(Workload::Touch as u64), Some(Workload::Touch));
         assert_eq!(Workload::from_raw(8), Some(Workload::Stress));
         assert_eq!(Workload::from_raw(9), Some(Workload::TouchRate));
+    }
+
+    #[test]
+    fn stress_roles_take_the_last_vcpus() {
+        let roles = |flags, nr| (0..nr).map(|v| stress_role(flags, nr, v)).collect::<Vec<_>>();
+        use StressRole::*;
+        assert_eq!(roles(0, 2), [Verifier, Verifier]);
+        assert_eq!(roles(FLAG_STRESS_BALLOON, 3), [Verifier, Verifier, BalloonDriver]);
+        assert_eq!(roles(FLAG_STRESS_VIRTIO_MEM, 2), [Verifier, VirtioMemDriver]);
+        assert_eq!(
+            roles(FLAG_STRESS_BALLOON | FLAG_STRESS_VIRTIO_MEM, 4),
+            [Verifier, Verifier, VirtioMemDriver, BalloonDriver]
+        );
+        assert_eq!(roles(FLAG_STRESS_BALLOON | FLAG_STRESS_VIRTIO_MEM, 1), [BalloonDriver]);
+        assert_eq!(roles(FLAG_STRESS_BALLOON, 0), []);
     }
 
     #[test]

@@ -81,6 +81,8 @@ const FREE_PAGES: u64 = 64;
 const REPORTED: [(u64, u64); 2] = [(0, 16), (32, 64)];
 /// First work page.
 const WORK_FIRST: u64 = FREE_FIRST + FREE_PAGES;
+// The host sizes its targets by the ABI's figure (`zapvm stress`).
+const _: () = assert!(WORK_FIRST == guest_abi::BALLOON_CARVED_PAGES);
 
 /// Words in a page.
 const WORDS_PER_PAGE: u64 = PAGE_SIZE / 8;
@@ -210,7 +212,13 @@ pub fn run(vcpu: u64, boot: &BootInfo) -> ! {
             core::hint::spin_loop();
         }
     }
+    drive(vcpu, boot)
+}
 
+/// Drives the balloon over `vcpu`'s slice forever (see the module docs; vCPU 0 of
+/// [`guest_abi::Workload::Balloon`], or the balloon role of [`guest_abi::Workload::Stress`]).
+pub fn drive(vcpu: u64, boot: &BootInfo) -> ! {
+    let slice = Slice::new(boot, vcpu);
     let Some(device) = boot.virtio[..(boot.nr_virtio as usize).min(boot.virtio.len())]
         .iter()
         .find(|d| d.device_id == VIRTIO_ID_BALLOON)

@@ -11,10 +11,13 @@
 //!
 //! The host attacks data pages only (never the table, the header, the stack or the image), so the
 //! table itself needs no checking.
+//!
+//! vCPUs that [`stress_role`] gives a device role run that device's driver instead (the same
+//! drivers as the Balloon and VirtioMem workloads, with the same page-by-page checks).
 
 use guest_abi::{
-    stress_layout, stress_pattern, BootInfo, GpaRange, StressHeader, StressLayout, UcallKind, PAGE_SIZE,
-    STAGE_STRESS_PASS, STRESS_MAGIC,
+    stress_layout, stress_pattern, stress_role, BootInfo, GpaRange, StressHeader, StressLayout, StressRole,
+    UcallKind, PAGE_SIZE, STAGE_STRESS_PASS, STRESS_MAGIC,
 };
 
 use crate::{fail, report};
@@ -81,8 +84,18 @@ fn write_page(seed: u64, page: u64, generation: u64) {
     }
 }
 
-/// Runs the stress loop forever (the host stops the VM).
+/// Runs this vCPU's role forever (the host stops the VM): a device driver when
+/// [`stress_role`] says so, otherwise the stress loop.
 pub fn run(vcpu: u64, boot: &BootInfo) -> ! {
+    match stress_role(boot.flags, boot.nr_vcpus, vcpu) {
+        StressRole::BalloonDriver => crate::balloon::drive(vcpu, boot),
+        StressRole::VirtioMemDriver => crate::virtio_mem::drive(vcpu, boot),
+        StressRole::Verifier => verify_forever(vcpu, boot),
+    }
+}
+
+/// The stress loop over this vCPU's slice (see the module docs).
+fn verify_forever(vcpu: u64, boot: &BootInfo) -> ! {
     let work: &[GpaRange] = &boot.work[..boot.nr_work as usize];
     let layout: StressLayout = stress_layout(work, boot.nr_vcpus, vcpu);
     if layout.pages <= layout.meta_pages {

@@ -161,6 +161,13 @@ pub fn run(vcpu: u64, boot: &BootInfo) -> ! {
             core::hint::spin_loop();
         }
     }
+    drive(vcpu, boot)
+}
+
+/// Drives the device forever with `vcpu`'s slice as its RAM (see the module docs; vCPU 0 of
+/// [`guest_abi::Workload::VirtioMem`], or the virtio-mem role of [`guest_abi::Workload::Stress`]).
+pub fn drive(vcpu: u64, boot: &BootInfo) -> ! {
+    let slice = Slice::new(boot, vcpu);
     let Some(device) = boot.virtio[..(boot.nr_virtio as usize).min(boot.virtio.len())]
         .iter()
         .find(|d| d.device_id == VIRTIO_ID_MEM)

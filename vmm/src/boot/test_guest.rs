@@ -48,12 +48,15 @@ pub struct TestGuestParams {
     pub cpl0: bool,
     /// Drivers misbehave on purpose ([`guest_abi::FLAG_HOSTILE`]).
     pub hostile: bool,
+    /// Further [`BootInfo::flags`] bits, ORed in as given: workload options such as
+    /// [`guest_abi::FLAG_STRESS_BALLOON`].
+    pub extra_flags: u64,
 }
 
 impl TestGuestParams {
     /// `workload` at CPL 3, well-behaved drivers, a fixed seed.
     pub fn new(workload: Workload) -> Self {
-        Self { workload, seed: 0x5eed, cpl0: false, hostile: false }
+        Self { workload, seed: 0x5eed, cpl0: false, hostile: false, extra_flags: 0 }
     }
 }
 
@@ -196,7 +199,8 @@ pub fn load(
         nr_vcpus: nr_vcpus as u64,
         workload: params.workload as u64,
         flags: if params.cpl0 { FLAG_CPL0 } else { 0 }
-            | if params.hostile { guest_abi::FLAG_HOSTILE } else { 0 },
+            | if params.hostile { guest_abi::FLAG_HOSTILE } else { 0 }
+            | params.extra_flags,
         seed: params.seed,
         idt_gpa: gdt::IDT_GPA,
         nr_work: nr_work as u64,

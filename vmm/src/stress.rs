@@ -410,6 +410,8 @@ struct Ctx {
     /// Set when the VM ended before the scenarios did (a guest failure): waiting is pointless.
     vm_ended: Arc<AtomicBool>,
     plant_dirty_after: Option<Duration>,
+    /// Set (and signalled) once every scenario thread is spawned.
+    go: (Mutex<bool>, std::sync::Condvar),
 }
 
 /// The balloon device and the slice its guest driver balloons from.
@@ -505,6 +507,20 @@ impl Ctx {
         !self.stop.load(Ordering::Relaxed)
             && !self.vm_ended.load(Ordering::Relaxed)
             && Instant::now() < self.deadline
+    }
+
+    /// Lets the scenario threads begin.
+    fn go(&self) {
+        *self.go.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.go.1.notify_all();
+    }
+
+    /// Blocks until [`Self::go`].
+    fn wait_for_go(&self) {
+        let mut go = self.go.0.lock().unwrap_or_else(|e| e.into_inner());
+        while !*go {
+            go = self.go.1.wait(go).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     fn space(&self) -> &Arc<notifier::AddressSpace> {
@@ -838,10 +854,10 @@ const STEP_WAIT: Duration = Duration::from_secs(20);
 /// Pages of each kind a device storm reads through the device path after each step.
 const STEP_SAMPLES: usize = 8;
 
-/// A random target in `0..=max` other than `current`: mostly anywhere, sometimes empty or full,
-/// sometimes a small move.
+/// A random target in `0..=max` other than `current` (`max` > 0): mostly anywhere, sometimes
+/// empty or full, sometimes a small move.
 fn pick_target(rng: &mut ChaCha8Rng, current: u64, max: u64) -> u64 {
-    debug_assert!(max > 0);
+    assert!(max > 0, "no target other than {current} in 0..={max}");
     loop {
         let t = match rng.gen_range(0..10) {
             0 => 0,
@@ -942,6 +958,14 @@ fn balloon_storm(ctx: &Ctx, mut rng: ChaCha8Rng) {
     let s = &ctx.c.balloon_storm;
     let lock = || pool.device.lock().unwrap_or_else(|e| e.into_inner());
     let (pages, max) = (pool.slice.len() as u64, pool.max_target());
+    if max == 0 {
+        s.problem(format!(
+            "the balloon driver's slice has {pages} pages, no more than the {} it keeps for itself: \
+             give the guest more RAM",
+            guest_abi::BALLOON_CARVED_PAGES
+        ));
+        return;
+    }
     let mut current = 0u64;
     let mut planted = false;
     while ctx.running() {
@@ -972,12 +996,19 @@ fn balloon_storm(ctx: &Ctx, mut rng: ChaCha8Rng) {
             ballooned.push(first);
             ballooned.extend((1..STEP_SAMPLES).map(|_| rng.gen_range(first..pages)));
         }
+        // Judged only if the page was in the balloon all along: ballooned before and after the
+        // read with no deflate in between (the driver touches a page only after the device
+        // processed its deflate, MUST_TELL_HOST; its one unrequested deflate-on-OOM deflates,
+        // refills and re-inflates pages while the host samples).
+        let still_ballooned = |pfn: u64| {
+            let b = lock();
+            b.device().is_ballooned(pfn).then(|| b.device().stats().deflated_pages)
+        };
         for index in ballooned {
             let gpa = pool.slice[index as usize];
+            let Some(deflated) = still_ballooned(gpa / PAGE_SIZE) else { continue };
             let Some(page) = read_page(ctx, gpa) else { continue };
-            // Judged only if the page was in the balloon all along: the driver touches a page
-            // only after the device processed its deflate (MUST_TELL_HOST).
-            if !lock().device().is_ballooned(gpa / PAGE_SIZE) {
+            if still_ballooned(gpa / PAGE_SIZE) != Some(deflated) {
                 continue;
             }
             bump(&s.discarded_checked, 1);
@@ -1105,11 +1136,16 @@ fn virtio_mem_storm(ctx: &Ctx, mut rng: ChaCha8Rng) {
                 (1..STEP_SAMPLES)
                     .map(|_| addr + rng.gen_range(lo * pages_per_block..hi * pages_per_block) * PAGE_SIZE),
             );
+            // Judged only if the block stayed unplugged all along (it does: the host changes
+            // nothing until the next target; checked anyway, as for the balloon).
+            let still_unplugged = |gpa: u64| {
+                let m = lock();
+                (!m.device().is_plugged(gpa)).then(|| m.device().stats().blocks_plugged)
+            };
             for gpa in sampled {
+                let Some(plugged) = still_unplugged(gpa) else { continue };
                 let Some(page) = read_page(ctx, gpa) else { continue };
-                // Judged only if the block stayed unplugged (it does: the host changes nothing
-                // until the next target).
-                if lock().device().is_plugged(gpa) {
+                if still_unplugged(gpa) != Some(plugged) {
                     continue;
                 }
                 bump(&s.discarded_checked, 1);
@@ -1188,6 +1224,8 @@ struct Controlled {
     headers: Vec<StressHeader>,
     ran_for: Duration,
     ctx: Arc<Ctx>,
+    /// The VM ended before the scenarios' deadline.
+    vm_ended_early: bool,
     /// Notifier stats after every scenario thread finished (or was given up on).
     kinds: Vec<notifier::KindStats>,
     subscribers: Vec<notifier::SubscriberStats>,
@@ -1291,6 +1329,7 @@ fn controller(
         virtio_mem: vm.virtio_mem.clone().filter(|_| opts.virtio_mem),
         vm_ended,
         plant_dirty_after: opts.plant_dirty_discarded_after,
+        go: Default::default(),
     });
     let kvm_before = vm.stats().get("kvm").cloned().unwrap_or_default();
 
@@ -1325,6 +1364,7 @@ fn controller(
             ChaCha8Rng::seed_from_u64(opts.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1)));
         names.push(name.to_string());
         let spawned = std::thread::Builder::new().name(format!("stress-{name}")).spawn(move || {
+            thread_ctx.wait_for_go();
             f(&thread_ctx, rng);
             let _ = thread_done.send(i);
         });
@@ -1334,6 +1374,9 @@ fn controller(
         }
     }
     drop(done_tx);
+    // Every thread is spawned (a new thread maps its signal stack wherever the kernel finds room,
+    // which may be a hole the external chaos just made in guest RAM): the scenarios may begin.
+    ctx.go();
 
     // Progress: a bar on a terminal, nothing otherwise.
     let bar = (opts.progress && std::io::stderr().is_terminal()).then(|| {
@@ -1417,6 +1460,7 @@ fn controller(
         kvm_delta,
         headers,
         ran_for,
+        vm_ended_early: ctx.vm_ended.load(Ordering::SeqCst),
         ctx,
         kinds: stats.kinds,
         subscribers: stats.subscribers,
@@ -1655,7 +1699,8 @@ fn judge(
         zero_pages: c.headers.iter().map(|h| h.zero_pages).sum(),
         torn_pages: c.headers.iter().map(|h| h.torn_pages).sum(),
     };
-    if let Some(v) = guest.passes.iter().position(|&p| p == 0) {
+    // (When a guest failure ended the VM early, that failure is what counts.)
+    if let Some(v) = guest.passes.iter().position(|&p| p == 0).filter(|_| !c.vm_ended_early) {
         broken.push(format!("guest vCPU {v} completed no pass"));
     }
     let last_read = Duration::from_millis(l(&k.dev_last_ms));
@@ -1790,10 +1835,11 @@ fn judge(
         }
     }
     // Every byte a requester says it discarded went through the notifier as a VMM discard
-    // (the notifier may count more: it widens ranges to whole huge pages on THP).
+    // (the notifier may count more: it widens ranges to whole huge pages on THP). The devices
+    // keep working until the VM stops, so both sides are taken from the VM's final report.
+    let final_kinds = report.as_ref().map(|r| r.memory_layer.notifier.kinds.as_slice()).unwrap_or(&[]);
     let discard_accounting = DiscardAccounting {
-        notifier_bytes: c
-            .kinds
+        notifier_bytes: final_kinds
             .iter()
             .filter(|k| k.kind == "discard" && k.origin == "vmm")
             .map(|k| k.bytes)
@@ -1802,7 +1848,9 @@ fn judge(
         balloon_bytes: final_balloon.as_ref().map(|d| d.bytes_discarded).unwrap_or(0),
         virtio_mem_bytes: final_mem.as_ref().map(|d| d.bytes_discarded).unwrap_or(0),
     };
-    {
+    // Only for a run that ended as planned: after an early end the storms kept discarding
+    // through the notifier for a moment, after the VM's final report was taken.
+    if vmm_alive {
         let a = &discard_accounting;
         let requested = a.discard_storm_bytes + a.balloon_bytes + a.virtio_mem_bytes;
         if a.notifier_bytes < requested {

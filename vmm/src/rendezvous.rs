@@ -182,6 +182,8 @@ impl RendezvousHandler for DiscardRendezvous {
                 args[3] = ranges.len() as u64;
                 Ok(args)
             }
+            // The vCPU loop answers Idle itself; it never reaches a handler.
+            Rendezvous::Idle => Ok(args),
         }
     }
 }

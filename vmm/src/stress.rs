@@ -1501,6 +1501,9 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
             opts.virtio_mem_region
         ));
     }
+    if opts.external_chaos {
+        keep_allocations_off_mmap();
+    }
     let extra_flags = if opts.balloon { guest_abi::FLAG_STRESS_BALLOON } else { 0 }
         | if opts.virtio_mem { guest_abi::FLAG_STRESS_VIRTIO_MEM } else { 0 };
     let vcpus = opts.vcpus + u32::from(opts.balloon) + u32::from(opts.virtio_mem);
@@ -1570,6 +1573,23 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
         None => rx.recv_timeout(opts.duration.saturating_sub(started.elapsed()) + JOIN_GRACE * 2).ok(),
     };
     Ok(judge(opts, notes, controlled, report))
+}
+
+/// Makes the allocator serve blocks up to 32 MiB (glibc's ceiling for the threshold) from its
+/// heaps instead of fresh `mmap`s, for the rest of the process.
+///
+/// The external chaos unmaps guest RAM behind the VMM's back, and until the teardown guard
+/// re-backs it the kernel may place any new mapping of the process in that hole: a large `Vec`
+/// the VMM allocates meanwhile (the notifier's region list, say) is then unmapped by the next blow
+/// (a crash), or makes the guard refuse to re-back over memory it did not map (the VM stops). A
+/// VMM attacked by another process would not face its own allocations there; this harness does
+/// the attacking in-process, so it keeps its own allocations out of the way.
+fn keep_allocations_off_mmap() {
+    // SAFETY: mallopt only changes glibc malloc's tuning; it is thread-safe and any value is
+    // accepted or refused with a return of 0.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) } == 0 {
+        tracing::warn!("mallopt(M_MMAP_THRESHOLD) refused: large allocations may land in guest RAM holes");
+    }
 }
 
 enum Either {

@@ -166,7 +166,9 @@ pub enum Workload {
     /// With [`FLAG_STRESS_BALLOON`] / [`FLAG_STRESS_VIRTIO_MEM`] some vCPUs drive a device
     /// instead, exactly as [`Workload::Balloon`] / [`Workload::VirtioMem`] do on vCPU 0 (same
     /// checks, same Stage ucalls, Failure on any page in the wrong state), over their own slice;
-    /// [`stress_role`] says which. The host attacks only the verifiers' data pages.
+    /// [`stress_role`] says which. Between two polls of the device such a driver makes a
+    /// [`Rendezvous::Idle`] of about a millisecond instead of spinning, so that it leaves the
+    /// host's CPUs to the verifiers. The host attacks only the verifiers' data pages.
     Stress = 8,
     /// The touch-rate workload of `zapvm bench pressure`: forever, write one word (the first) of
     /// every page of the vCPU's slice except its first page, which holds a [`TouchRateHeader`];
@@ -288,13 +290,22 @@ pub enum Rendezvous {
     /// [`GpaRange`], `args[2]` = its capacity in entries. The host fills the array with the ranges
     /// it discarded and writes their number into `args[3]` of the record before resuming.
     Discard = 1,
+    /// The vCPU has nothing to do for a while (a polling driver between two polls): the host
+    /// may keep it stopped for up to `args[1]` microseconds (at most [`MAX_IDLE_US`]) instead of
+    /// letting it spin at CPL 3, where it cannot halt. Nothing is written back. Every VMM that
+    /// speaks this ABI answers it, with or without a host side for other rendezvous.
+    Idle = 2,
 }
+
+/// The longest a [`Rendezvous::Idle`] keeps a vCPU stopped, in microseconds.
+pub const MAX_IDLE_US: u64 = 10_000;
 
 impl Rendezvous {
     /// Decodes `args[0]` of a rendezvous.
     pub fn from_raw(raw: u64) -> Option<Self> {
         match raw {
             1 => Some(Self::Discard),
+            2 => Some(Self::Idle),
             _ => None,
         }
     }

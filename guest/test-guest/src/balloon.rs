@@ -79,6 +79,8 @@ const FREE_PAGES: u64 = 64;
 /// The free area's pages reported free: `[a, b)` relative to [`FREE_FIRST`]. The pages between
 /// the two ranges are never reported and must keep the pattern.
 const REPORTED: [(u64, u64); 2] = [(0, 16), (32, 64)];
+/// Microseconds of a [`guest_abi::Rendezvous::Idle`] between two polls (about [`POLL_CYCLES`]).
+pub(crate) const IDLE_US: u64 = 1000;
 /// First work page.
 const WORK_FIRST: u64 = FREE_FIRST + FREE_PAGES;
 // The host sizes its targets by the ABI's figure (`zapvm stress`).
@@ -184,6 +186,8 @@ struct Driver {
     deflate_on_oom: bool,
     /// Pages in the balloon: the work pages `[slice.pages - size, slice.pages)`.
     size: u64,
+    /// Wait between polls in a [`guest_abi::Rendezvous::Idle`] rather than spinning.
+    idle: bool,
 }
 
 /// [`guest_abi::Workload::Balloon`] (see the module docs).
@@ -212,12 +216,14 @@ pub fn run(vcpu: u64, boot: &BootInfo) -> ! {
             core::hint::spin_loop();
         }
     }
-    drive(vcpu, boot)
+    drive(vcpu, boot, false)
 }
 
 /// Drives the balloon over `vcpu`'s slice forever (see the module docs; vCPU 0 of
 /// [`guest_abi::Workload::Balloon`], or the balloon role of [`guest_abi::Workload::Stress`]).
-pub fn drive(vcpu: u64, boot: &BootInfo) -> ! {
+/// With `idle`, the driver waits between two polls in a [`guest_abi::Rendezvous::Idle`] instead
+/// of spinning.
+pub fn drive(vcpu: u64, boot: &BootInfo, idle: bool) -> ! {
     let slice = Slice::new(boot, vcpu);
     let Some(device) = boot.virtio[..(boot.nr_virtio as usize).min(boot.virtio.len())]
         .iter()
@@ -235,6 +241,7 @@ pub fn drive(vcpu: u64, boot: &BootInfo) -> ! {
         fail(vcpu, format_args!("balloon: the slice reaches beyond what 32-bit PFNs name"));
     }
     let mut driver = Driver::init(vcpu, boot, Mmio::new(device.base), slice);
+    driver.idle = idle;
     driver.fill_all();
     if boot.flags & FLAG_HOSTILE != 0 {
         driver.hostile(boot);
@@ -321,6 +328,7 @@ impl Driver {
             reporting,
             deflate_on_oom: accepted & 1 << F_DEFLATE_ON_OOM != 0,
             size: 0,
+            idle: false,
         }
     }
 
@@ -509,7 +517,11 @@ impl Driver {
                     last_poll = arch::rdtsc().wrapping_sub(POLL_CYCLES);
                 }
             }
-            core::hint::spin_loop();
+            if self.idle {
+                virtio::idle(self.vcpu, IDLE_US);
+            } else {
+                core::hint::spin_loop();
+            }
         }
     }
 

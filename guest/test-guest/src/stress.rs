@@ -88,8 +88,8 @@ fn write_page(seed: u64, page: u64, generation: u64) {
 /// [`stress_role`] says so, otherwise the stress loop.
 pub fn run(vcpu: u64, boot: &BootInfo) -> ! {
     match stress_role(boot.flags, boot.nr_vcpus, vcpu) {
-        StressRole::BalloonDriver => crate::balloon::drive(vcpu, boot),
-        StressRole::VirtioMemDriver => crate::virtio_mem::drive(vcpu, boot),
+        StressRole::BalloonDriver => crate::balloon::drive(vcpu, boot, true),
+        StressRole::VirtioMemDriver => crate::virtio_mem::drive(vcpu, boot, true),
         StressRole::Verifier => verify_forever(vcpu, boot),
     }
 }

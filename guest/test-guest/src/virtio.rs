@@ -282,3 +282,14 @@ impl Virtqueue {
         unsafe { Some(((at as *const u32).read_volatile(), ((at + 4) as *const u32).read_volatile())) }
     }
 }
+
+/// Asks the host to keep this vCPU stopped for about `us` microseconds
+/// ([`guest_abi::Rendezvous::Idle`]): how a polling driver waits between two polls without
+/// spinning (a CPL 3 guest cannot halt).
+pub fn idle(vcpu: u64, us: u64) {
+    crate::report(
+        vcpu,
+        guest_abi::UcallKind::Rendezvous,
+        &[guest_abi::Rendezvous::Idle as u64, us.min(guest_abi::MAX_IDLE_US)],
+    );
+}

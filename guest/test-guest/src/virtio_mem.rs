@@ -150,6 +150,8 @@ struct Driver {
     usable_blocks: u64,
     /// Plugged blocks: the prefix `[0, plugged)` of the region.
     plugged: u64,
+    /// Wait between polls in a [`guest_abi::Rendezvous::Idle`] rather than spinning.
+    idle: bool,
 }
 
 /// [`guest_abi::Workload::VirtioMem`] (see the module docs).
@@ -161,12 +163,14 @@ pub fn run(vcpu: u64, boot: &BootInfo) -> ! {
             core::hint::spin_loop();
         }
     }
-    drive(vcpu, boot)
+    drive(vcpu, boot, false)
 }
 
 /// Drives the device forever with `vcpu`'s slice as its RAM (see the module docs; vCPU 0 of
 /// [`guest_abi::Workload::VirtioMem`], or the virtio-mem role of [`guest_abi::Workload::Stress`]).
-pub fn drive(vcpu: u64, boot: &BootInfo) -> ! {
+/// With `idle`, the driver waits between two polls in a [`guest_abi::Rendezvous::Idle`] instead
+/// of spinning.
+pub fn drive(vcpu: u64, boot: &BootInfo, idle: bool) -> ! {
     let slice = Slice::new(boot, vcpu);
     let Some(device) = boot.virtio[..(boot.nr_virtio as usize).min(boot.virtio.len())]
         .iter()
@@ -181,6 +185,7 @@ pub fn drive(vcpu: u64, boot: &BootInfo) -> ! {
         );
     }
     let mut driver = Driver::init(vcpu, boot, Mmio::new(device.base), slice);
+    driver.idle = idle;
     fill_and_check_slice(vcpu, boot.seed, &driver.slice, RAM_FIRST);
     if boot.flags & FLAG_HOSTILE != 0 {
         driver.hostile();
@@ -289,6 +294,7 @@ impl Driver {
             block_size,
             usable_blocks: usable / block_size,
             plugged: 0,
+            idle: false,
         };
         if config_u64(&d.mmio, cfg::PLUGGED_SIZE) != 0 {
             let r = d.request(REQ_UNPLUG_ALL, 0, 0);
@@ -518,7 +524,11 @@ impl Driver {
                     last_poll = arch::rdtsc().wrapping_sub(POLL_CYCLES);
                 }
             }
-            core::hint::spin_loop();
+            if self.idle {
+                virtio::idle(self.vcpu, crate::balloon::IDLE_US);
+            } else {
+                core::hint::spin_loop();
+            }
         }
     }
 

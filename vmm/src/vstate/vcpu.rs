@@ -430,6 +430,11 @@ impl Vcpu {
                 done.store(pages, Ordering::Relaxed);
                 return Some(VcpuOutcome::Done { pages, checksum });
             }
+            UcallEvent::Rendezvous { kind: guest_abi::Rendezvous::Idle, args } => {
+                // The guest has nothing to do for a moment: this thread sleeps instead of the
+                // vCPU spinning (a CPL 3 guest cannot halt).
+                std::thread::sleep(std::time::Duration::from_micros(args[1].min(guest_abi::MAX_IDLE_US)));
+            }
             UcallEvent::Rendezvous { kind, args } => {
                 let Some(handler) = &shared.rendezvous else {
                     return Some(VcpuOutcome::GuestFailure {

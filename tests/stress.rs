@@ -21,7 +21,7 @@ fn stress(configure: impl FnOnce(StressOptions) -> StressOptions) -> StressRepor
 fn timed_stress(configure: impl FnOnce(StressOptions) -> StressOptions) -> (StressReport, Duration) {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let opts =
-        configure(StressOptions { seed: 0x57e55, duration: Duration::from_secs(5), ..StressOptions::new() });
+        configure(StressOptions { seed: 0x57e55, duration: Duration::from_secs(8), ..StressOptions::new() });
     let started = Instant::now();
     let report = run(&opts).expect("the stress VM starts");
     let took = started.elapsed();
@@ -30,11 +30,14 @@ fn timed_stress(configure: impl FnOnce(StressOptions) -> StressOptions) -> (Stre
 }
 
 fn assert_ok(r: &StressReport) {
+    assert_ok_with_passes(r, 2);
+}
+
+/// [`assert_ok`] with every verifier completing at least `min_passes` passes.
+fn assert_ok_with_passes(r: &StressReport, min_passes: u64) {
     assert!(r.ok, "broken invariants: {:#?}", r.broken);
     assert!(r.vmm_alive);
-    // (Under every scenario at once a verifier sharing two cores with three other vCPUs may
-    // complete only a pass or two; completing none is a broken invariant of the run.)
-    assert!(r.guest.passes.iter().all(|&p| p >= 1), "every vCPU made passes: {:?}", r.guest.passes);
+    assert!(r.guest.passes.iter().all(|&p| p >= min_passes), "every vCPU made passes: {:?}", r.guest.passes);
     assert!(r.device.reads > 0 && r.device.stale == 0, "{:?}", r.device);
     for k in &r.notifier {
         assert_eq!(k.starts, k.ends, "{k:?}");
@@ -87,7 +90,7 @@ fn assert_storm(s: &StormSteps) {
 
 #[test]
 fn balloon_storm_keeps_every_invariant() {
-    let r = stress(|o| StressOptions { balloon: true, ..o });
+    let r = stress(|o| StressOptions { balloon: true, duration: Duration::from_secs(5), ..o });
     assert_ok(&r);
     assert_eq!(r.roles, ["verifier", "verifier", "balloon-driver"]);
     let b = r.balloon.as_ref().unwrap();
@@ -102,7 +105,7 @@ fn balloon_storm_keeps_every_invariant() {
 
 #[test]
 fn virtio_mem_storm_keeps_every_invariant() {
-    let r = stress(|o| StressOptions { virtio_mem: true, ..o });
+    let r = stress(|o| StressOptions { virtio_mem: true, duration: Duration::from_secs(5), ..o });
     assert_ok(&r);
     assert_eq!(r.roles, ["verifier", "verifier", "virtio-mem-driver"]);
     let m = r.virtio_mem.as_ref().unwrap();
@@ -116,7 +119,10 @@ fn virtio_mem_storm_keeps_every_invariant() {
 #[test]
 fn all_scenarios_together_keep_every_invariant() {
     let r = stress(|o| StressOptions { duration: Duration::from_secs(15), ..o.all() });
-    assert_ok(&r);
+    // Under every scenario at once a verifier may complete only a pass or two (mprotect phases
+    // stop its writes most of the time, and it shares two cores with three vCPUs and the
+    // scenario threads); none at all is a broken invariant of the run.
+    assert_ok_with_passes(&r, 1);
     assert_eq!(r.scenarios, ["discard", "external-chaos", "mprotect", "balloon", "virtio-mem"]);
     assert_eq!(r.roles, ["verifier", "verifier", "virtio-mem-driver", "balloon-driver"]);
     assert!(r.notes.is_empty(), "{:?}", r.notes);

@@ -702,6 +702,7 @@ fn external_chaos(ctx: &Ctx, mut rng: ChaCha8Rng) {
                 if unsafe { libc::munmap(p, l) } == 0 {
                     bump(&c.chaos_munmap, 1);
                     bump(&c.chaos_bytes, len);
+                    wait_rebacked(p, l);
                 } else {
                     bump(&c.chaos_failed, 1);
                 }
@@ -715,6 +716,7 @@ fn external_chaos(ctx: &Ctx, mut rng: ChaCha8Rng) {
                 if moved == scratch {
                     bump(&c.chaos_mremap, 1);
                     bump(&c.chaos_bytes, len);
+                    wait_rebacked(p, l);
                 } else {
                     bump(&c.chaos_failed, 1);
                 }
@@ -734,6 +736,26 @@ fn external_chaos(ctx: &Ctx, mut rng: ChaCha8Rng) {
     // SAFETY: the reservation (and whatever was moved into it) is this thread's alone.
     unsafe { libc::munmap(base, reserve) };
 }
+
+/// Waits (up to [`REBACK_WAIT`]) until the hole at `[p, p + l)` that an external unmap or move
+/// left is mapped again (the teardown guard re-backs it).
+///
+/// A vCPU whose access fails resumes only once no hole is left anywhere in guest RAM; blows
+/// faster than the guard re-backs (a loaded host) would keep some hole open nearly all the time
+/// and starve the vCPUs, which is not what the scenario is about.
+fn wait_rebacked(p: *mut libc::c_void, l: usize) {
+    let deadline = Instant::now() + REBACK_WAIT;
+    let mut residency = vec![0u8; l.div_ceil(PAGE_SIZE as usize)];
+    // SAFETY: mincore only writes residency bytes into `residency` (one per page of the range,
+    // which is its length); it fails with ENOMEM while part of the range is unmapped and touches
+    // no guest memory.
+    while unsafe { libc::mincore(p, l, residency.as_mut_ptr()) } != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// How long the external chaos waits for the guard to re-back a hole before the next blow.
+const REBACK_WAIT: Duration = Duration::from_millis(100);
 
 /// mprotect phases: read-only for a while, then read-write again, through the notifier.
 fn mprotect_phases(ctx: &Ctx, mut rng: ChaCha8Rng) {

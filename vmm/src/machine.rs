@@ -337,7 +337,9 @@ impl VmControl {
             "external_teardowns": self.teardown.report(),
             "discards": self.rendezvous.as_ref().map(|r| r.records().len()).unwrap_or(0),
             "balloon": self.balloon.as_ref().map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).device().stats()),
+            "balloon_transport": self.balloon.as_ref().map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).stats()),
             "virtio_mem": self.virtio_mem.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).device().stats()),
+            "pvm_quirks": self.shared.pvm_quirks.as_ref().map(|q| q.counts()),
         })
     }
 }
@@ -472,6 +474,8 @@ pub struct RunReport {
     pub wall_us: u64,
     /// The memory layer's view of the run.
     pub memory_layer: MemoryLayerReport,
+    /// On PVM hosts: the instructions the VMM completed for the host's emulator.
+    pub pvm_quirks: Option<crate::pvm::QuirkCounts>,
 }
 
 impl RunReport {
@@ -747,6 +751,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         nr_vcpus: u64::from(nr_vcpus),
         progress: (0..nr_vcpus).map(|_| (AtomicU64::new(0), AtomicU64::new(0))).collect(),
         started,
+        pvm_quirks: crate::pvm::EmulationQuirks::for_host(),
     });
 
     let quit = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
@@ -885,6 +890,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     };
     Ok(RunReport {
         memory_layer,
+        pvm_quirks: shared.pvm_quirks.as_ref().map(|q| q.counts()),
         outcome,
         boot: plan.summary,
         vcpus: reports,

@@ -110,9 +110,24 @@ struct RunArgs {
     /// Initial ramdisk for the kernel.
     #[arg(long, requires = "kernel")]
     initrd: Option<PathBuf>,
-    /// Kernel command line (default: serial console and the host's workarounds).
-    #[arg(long, requires = "kernel")]
+    /// Boot the project's Linux guest: a small kernel and a busybox initramfs whose /init checks
+    /// that Linux's virtio drivers bound zapvm's devices and reports the guest's memory and
+    /// balloon figures on the console. Built from Debian packages by
+    /// resources/linux-guest/build.sh on first use (minutes), then taken from its cache.
+    #[arg(long, conflicts_with_all = ["kernel", "guest"])]
+    linux: bool,
+    /// With --linux: boot the guest's bzImage instead of its vmlinux ELF (slower where guest
+    /// ring 0 is emulated: the decompressor runs too).
+    #[arg(long, requires = "linux")]
+    bzimage: bool,
+    /// Kernel command line, with --kernel or --linux (default: serial console and the host's
+    /// workarounds).
+    #[arg(long)]
     cmdline: Option<String>,
+    /// Words to append to the kernel command line, with --kernel or --linux (e.g.
+    /// "zapvm.report=5" or "zapvm.exit" for the --linux guest's /init).
+    #[arg(long)]
+    append: Option<String>,
     /// A test guest ELF to boot instead of the built-in one.
     #[arg(long)]
     guest: Option<PathBuf>,
@@ -146,6 +161,10 @@ struct RunArgs {
     /// No virtio-balloon device.
     #[arg(long)]
     no_balloon: bool,
+    /// The balloon does not offer free page reporting (VIRTIO_BALLOON_F_PAGE_REPORTING): the
+    /// guest's free memory then stays resident unless it is ballooned.
+    #[arg(long, conflicts_with = "no_balloon")]
+    no_free_page_reporting: bool,
     /// Seconds between the balloon's requests for fresh guest statistics (0: never).
     #[arg(long, default_value_t = 5.0)]
     balloon_stats_interval: f64,
@@ -264,13 +283,28 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> Result<ExitCode, String> {
-    let boot = match args.kernel {
-        Some(kernel) => BootSource::Linux {
-            kernel,
-            initrd: args.initrd,
-            cmdline: args.cmdline.unwrap_or_else(vmm::boot::linux::default_cmdline),
-        },
-        None => BootSource::TestGuest {
+    if args.kernel.is_none() && !args.linux && (args.cmdline.is_some() || args.append.is_some()) {
+        return Err("--cmdline and --append are for a Linux kernel: add --kernel or --linux".into());
+    }
+    let cmdline = || {
+        let mut line = args.cmdline.clone().unwrap_or_else(vmm::boot::linux::default_cmdline);
+        if let Some(extra) = &args.append {
+            line.push(' ');
+            line.push_str(extra);
+        }
+        line
+    };
+    let boot = match (args.kernel.clone(), args.linux) {
+        (Some(kernel), _) => BootSource::Linux { kernel, initrd: args.initrd.clone(), cmdline: cmdline() },
+        (None, true) => {
+            let guest = vmm::boot::linux_guest::build()?;
+            BootSource::Linux {
+                kernel: if args.bzimage { guest.bzimage } else { guest.vmlinux },
+                initrd: Some(guest.initramfs),
+                cmdline: cmdline(),
+            }
+        }
+        (None, false) => BootSource::TestGuest {
             elf: args.guest,
             params: TestGuestParams {
                 workload: match args.workload {
@@ -300,7 +334,10 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         monitor: !args.no_monitor,
         teardown_policy: args.on_external_unmap,
         after_start: None,
-        balloon: (!args.no_balloon).then(vmm::devices::virtio::balloon::BalloonConfig::default),
+        balloon: (!args.no_balloon).then(|| vmm::devices::virtio::balloon::BalloonConfig {
+            free_page_reporting: !args.no_free_page_reporting,
+            ..Default::default()
+        }),
         balloon_stats_interval: (args.balloon_stats_interval > 0.0
             && args.balloon_stats_interval.is_finite())
         .then(|| Duration::from_secs_f64(args.balloon_stats_interval)),
@@ -371,6 +408,14 @@ fn print_summary(config: &VmConfig, report: &RunReport) {
         );
     }
     print_memory_layer(&report.memory_layer);
+    if let Some(counts) = report.pvm_quirks.filter(|c| !c.is_empty()) {
+        let done: Vec<String> = vmm::pvm::quirk_table(&counts)
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(name, n)| format!("{name} x{n}"))
+            .collect();
+        println!("zapvm: PVM host: completed for its instruction emulator: {}", done.join(", "));
+    }
     match &report.outcome {
         VmOutcome::Success => {
             println!("zapvm: success in {:.1} ms", report.wall_us as f64 / 1000.0)

@@ -3,8 +3,11 @@
 //! - [`test_guest`]: the project's freestanding test guest (an ELF), entered in 64-bit mode at
 //!   CPL 3 by default, with a [`guest_abi::BootInfo`] describing its workload.
 //! - [`linux`]: a Linux kernel (bzImage or vmlinux ELF) per the x86 64-bit boot protocol.
+//! - [`linux_guest`]: the project's own Linux guest (kernel and initramfs built from
+//!   `resources/linux-guest/`).
 
 pub mod linux;
+pub mod linux_guest;
 pub mod test_guest;
 
 use crate::arch::cpu::EntryState;

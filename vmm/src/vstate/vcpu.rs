@@ -89,6 +89,9 @@ pub struct VcpuShared {
     pub progress: Vec<(AtomicU64, AtomicU64)>,
     /// When the VMM started building the VM.
     pub started: Instant,
+    /// On PVM hosts: completes the instructions the host's emulator stops on (see
+    /// [`crate::pvm`]); `None` elsewhere.
+    pub pvm_quirks: Option<crate::pvm::EmulationQuirks>,
 }
 
 /// Where vCPUs park while the VM is paused.
@@ -356,11 +359,21 @@ impl Vcpu {
                     // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the kernel filled
                     // the `internal` member of the union.
                     let internal = unsafe { run.__bindgen_anon_1.internal };
-                    Some(self.error(&format!(
-                        "KVM internal error, suberror {} (1 = the instruction emulator failed){}",
-                        internal.suberror,
-                        self.where_now()
-                    )))
+                    let emulation = internal.suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION;
+                    match (&shared.pvm_quirks, emulation) {
+                        (Some(quirks), true) => match quirks.complete(&self.fd, shared.mmu.as_ref()) {
+                            Ok(_) => None,
+                            Err(why) => Some(self.error(&format!(
+                                "KVM's instruction emulator failed and zapvm cannot complete the instruction: {why}{}",
+                                self.where_now()
+                            ))),
+                        },
+                        _ => Some(self.error(&format!(
+                            "KVM internal error, suberror {} (1 = the instruction emulator failed){}",
+                            internal.suberror,
+                            self.where_now()
+                        ))),
+                    }
                 }
                 Ok(other) => Some(VcpuOutcome::Error { message: format!("unexpected exit {other:?}") }),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

@@ -9,7 +9,14 @@
 //! The transport drives the device status machine: ACKNOWLEDGE -> DRIVER -> (driver features)
 //! -> FEATURES_OK (refused, i.e. not kept in Status, unless the accepted features are a subset
 //! of the offered ones and include VIRTIO_F_VERSION_1) -> queue setup -> DRIVER_OK (activates the
-//! device). Writing 0 to Status resets the device. A driver that breaks the rules (DRIVER_OK
+//! device). Writing 0 to Status resets the device.
+//!
+//! A notify of a ready queue before DRIVER_OK is remembered, not refused: the device handles
+//! that queue when it is activated. Virtio 1.2 (§3.1.1) says a driver must not notify before
+//! DRIVER_OK, but Linux's virtio_balloon primes its statistics queue with a buffer and kicks it
+//! during probe, before `virtio_device_ready()`; dropping that kick would leave the device
+//! without the guest's statistics buffer. The device still consumes nothing before DRIVER_OK
+//! (§2.1: it must not). A driver that breaks the rules (DRIVER_OK
 //! without FEATURES_OK, a queue of a size that is not a power of two or exceeds QueueNumMax,
 //! rings outside guest RAM, a notify of a queue that is not ready, a register access of the
 //! wrong width, setup after DRIVER_OK) is counted in [`TransportStats`] and logged; the device
@@ -81,8 +88,11 @@ pub struct TransportStats {
     /// Queue setup errors (bad size, misaligned rings or rings outside RAM, setup of a ready
     /// queue or after DRIVER_OK, a queue that does not exist).
     pub queue_errors: u64,
-    /// Notifies of a queue that is not ready, does not exist, or before DRIVER_OK.
+    /// Notifies of a queue that is not ready or does not exist, or after the device failed.
     pub notify_errors: u64,
+    /// Notifies of a ready queue before DRIVER_OK, handled at activation (Linux's
+    /// virtio_balloon sends one for its statistics queue).
+    pub early_notifies: u64,
     /// Times the device was set to DEVICE_NEEDS_RESET.
     pub needs_reset: u64,
     /// Notifies passed to the device.
@@ -118,6 +128,8 @@ pub struct MmioTransport<D: VirtioDevice> {
     acked_high: bool,
     status: u32,
     activated: bool,
+    /// Queues notified before DRIVER_OK (bit per queue index), handled at activation.
+    early_notified: u64,
     stats: TransportStats,
     name: String,
 }
@@ -140,6 +152,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             acked_high: false,
             status: 0,
             activated: false,
+            early_notified: 0,
             stats: TransportStats::default(),
             name,
         }
@@ -196,6 +209,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// point for an ioeventfd handler).
     pub fn notify_queue(&mut self, index: u32) {
         let i = index as usize;
+        let ready = self.queues.get(i).is_some_and(|q| q.ready);
+        if ready && self.status & (status::DRIVER_OK | status::DEVICE_NEEDS_RESET) == 0 && i < 64 {
+            // Before DRIVER_OK: the device takes the queue's buffers once it is activated.
+            self.stats.early_notifies += 1;
+            self.early_notified |= 1 << i;
+            return;
+        }
         let usable = self.status & status::DRIVER_OK != 0
             && self.status & status::DEVICE_NEEDS_RESET == 0
             && self.activated
@@ -231,6 +251,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.device.reset();
         }
         self.activated = false;
+        self.early_notified = 0;
         self.status = 0;
         self.acked_features = 0;
         self.acked_high = false;
@@ -295,6 +316,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     Ok(()) => {
                         self.activated = true;
                         self.stats.activations += 1;
+                        // Queues the driver notified before DRIVER_OK, in index order.
+                        let early = std::mem::take(&mut self.early_notified);
+                        for i in (0..64).filter(|i| early & (1 << i) != 0) {
+                            if self.status & status::DEVICE_NEEDS_RESET != 0 {
+                                break;
+                            }
+                            self.notify_queue(i);
+                        }
                     }
                     Err(e) => self.needs_reset(format_args!("activation failed: {e}")),
                 }
@@ -644,6 +673,41 @@ pub(crate) mod tests {
         w32(&mut t, reg::QUEUE_SEL, 0);
         assert_eq!(r32(&mut t, reg::QUEUE_READY), 0);
         assert_eq!(t.stats().errors(), 3);
+    }
+
+    /// Linux's virtio_balloon kicks its statistics queue during probe, before DRIVER_OK: the
+    /// buffer must not be used before DRIVER_OK, and must be used once the device is activated.
+    #[test]
+    fn a_notify_before_driver_ok_is_handled_at_activation() {
+        let (mut t, mem) = transport();
+        let mut ring = TestRing::new(8, 0x10000);
+        assert!(negotiate(&mut t, 0));
+        setup_queue(&mut t, 0, &ring);
+        ring.set_desc(&mem, 0, 0x30000, 40, 0, 0);
+        ring.push(&mem, 0);
+        w32(&mut t, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(ring.used_idx(&mem), 0, "nothing is consumed before DRIVER_OK");
+        assert_eq!(t.stats().early_notifies, 1);
+        // A queue that is not ready is still an error, before DRIVER_OK too.
+        w32(&mut t, reg::QUEUE_NOTIFY, 1);
+        assert_eq!(t.stats().notify_errors, 1);
+        driver_ok(&mut t);
+        assert_eq!(ring.used_idx(&mem), 1, "the early notify is handled at activation");
+        assert_eq!(ring.used_elem(&mem, 0), (0, 40));
+        assert_eq!((t.stats().notifies, t.stats().errors()), (1, 1));
+        // A reset forgets early notifies.
+        w32(&mut t, reg::STATUS, 0);
+        assert!(negotiate(&mut t, 0));
+        let mut ring = TestRing::new(8, 0x20000);
+        setup_queue(&mut t, 0, &ring);
+        w32(&mut t, reg::QUEUE_NOTIFY, 0);
+        w32(&mut t, reg::STATUS, 0);
+        assert!(negotiate(&mut t, 0));
+        setup_queue(&mut t, 0, &ring);
+        ring.set_desc(&mem, 0, 0x30000, 40, 0, 0);
+        ring.push(&mem, 0);
+        driver_ok(&mut t);
+        assert_eq!(ring.used_idx(&mem), 0, "the notify before the reset is gone");
     }
 
     #[test]

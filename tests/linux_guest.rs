@@ -39,7 +39,7 @@ const MIB: u64 = 1 << 20;
 const MEM_MIB: u64 = 128;
 /// What the guest's /init writes and frees before the balloon steps, so that the pages the
 /// driver gives the host are resident ones.
-const FILL_MIB: u64 = 16;
+const FILL_MIB: u64 = 6;
 
 static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
 

@@ -40,10 +40,13 @@ pub fn adjust_cpuid(cpuid: &mut CpuId) {
 }
 
 /// Kernel command-line options that keep a Linux guest away from instructions the PVM
-/// emulator cannot execute (HOST.md); empty on other hosts.
+/// emulator cannot execute (HOST.md), and from byte-wise string instructions: without ERMS and
+/// FSRM the kernel's memset, memcpy and clear_page use `rep stosq`/`rep movsq` (or unrolled
+/// loops), which the emulator runs 8 bytes per step instead of 1 (the emulator executes every
+/// iteration of a `rep` instruction separately). Empty on other hosts.
 pub fn linux_cmdline_options() -> &'static str {
     if is_pvm() {
-        "noxsave clearcpuid=smap,popcnt nofsgsbase noinvpcid nopcid random.trust_cpu=on"
+        "noxsave clearcpuid=smap,popcnt,erms,fsrm nofsgsbase noinvpcid nopcid random.trust_cpu=on"
     } else {
         ""
     }

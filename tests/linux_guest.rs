@@ -4,11 +4,13 @@
 //!
 //! - [`linux_guest_reaches_init_and_its_checks_pass`]: the guest's /init runs, finds
 //!   virtio_balloon bound to the device, reports its memory, and reboots, which ends the VM.
-//! - [`linux_virtio_balloon_inflates_and_deflates`]: through the control API the host sets the
-//!   balloon's target to 4 MiB, then 1 MiB, then 0; after each step the device's counters, the
-//!   driver's `actual`, the guest kernel's own count of ballooned pages (/proc/vmstat, reported
-//!   on the console) and the VMM's resident memory (/proc/<pid>/status) must agree. The guest's
-//!   statistics (the balloon's stats queue) must agree with its /proc/meminfo.
+//! - [`linux_drivers_work_the_balloon_and_virtio_mem`]: through the control API the host sets
+//!   the balloon's target to 4 MiB, then 1 MiB, then 0; after each step the device's counters,
+//!   the driver's `actual`, the guest kernel's own count of ballooned pages (/proc/vmstat,
+//!   reported on the console) and the VMM's resident memory (/proc/<pid>/status) must agree. The
+//!   guest's statistics (the balloon's stats queue) must agree with its /proc/meminfo. Then
+//!   Linux's virtio_mem plugs 128 MiB of the device's region and unplugs it again: the device's
+//!   plugged size and the guest's MemTotal move by exactly that much.
 //!
 //! The guest is built on first use (minutes; resources/linux-guest/build.sh, which installs
 //! Debian packages) and taken from its cache afterwards. On PVM hosts guest ring 0 is emulated
@@ -40,6 +42,9 @@ const MEM_MIB: u64 = 128;
 /// What the guest's /init writes and frees before the balloon steps, so that the pages the
 /// driver gives the host are resident ones.
 const FILL_MIB: u64 = 6;
+/// The virtio-mem device's region, and what the guest is asked to plug (one Linux memory block).
+const VIRTIO_MEM_REGION_MIB: u64 = 256;
+const VIRTIO_MEM_PLUG_MIB: u64 = 128;
 
 static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -299,17 +304,26 @@ fn linux_guest_reaches_init_and_its_checks_pass() {
 }
 
 #[test]
-fn linux_virtio_balloon_inflates_and_deflates() {
+fn linux_drivers_work_the_balloon_and_virtio_mem() {
     let _turn = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut vm = LinuxVm::start(
-        "balloon",
+        "drivers",
         // No free page reporting: guest RAM then leaves the host only through the balloon, so
         // the VMM's RSS measures what the driver gave back. Statistics every second.
-        &["--no-free-page-reporting", "--balloon-stats-interval", "1"],
+        &[
+            "--no-free-page-reporting",
+            "--balloon-stats-interval",
+            "1",
+            "--virtio-mem",
+            &format!("{VIRTIO_MEM_REGION_MIB}M"),
+        ],
         &format!("zapvm.report=1 zapvm.fill={FILL_MIB}"),
         true,
     );
     let boot = vm.started + BOOT_BUDGET;
+    vm.wait_for("virtio_mem bound", boot, |l| {
+        l.starts_with("zapvm-guest: virtio mem ") && l.ends_with(" bound to virtio_mem")
+    });
     vm.wait_for("the checks' verdict", boot, |l| l == "zapvm-guest: checks passed");
     vm.wait_for("the fill", boot + STEP_BUDGET, |l| l.starts_with("zapvm-guest: filled and freed"));
     let first = vm.wait_mem("a memory report after the fill", boot + STEP_BUDGET, |_| true);
@@ -392,6 +406,38 @@ fn linux_virtio_balloon_inflates_and_deflates() {
         before = after;
     }
 
+    // Linux's virtio_mem: plug, then unplug, a whole Linux memory block (128 MiB on x86-64).
+    let mut mem_figures = Vec::new();
+    for plugged_mib in [VIRTIO_MEM_PLUG_MIB, 0] {
+        let set_at = Instant::now();
+        api.call("mem-set", json!({ "size": format!("{plugged_mib}M") }));
+        let deadline = set_at + STEP_BUDGET;
+        let state = loop {
+            let m = api.call("mem-state", json!({}));
+            if field(&m, "plugged_size") == plugged_mib * MIB {
+                break m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "virtio-mem did not reach {plugged_mib} MiB: {m}\n{}",
+                vm.dump()
+            );
+            thread::sleep(Duration::from_millis(200));
+        };
+        let device_took = set_at.elapsed();
+        let want_kib = first.mem_total_kib + plugged_mib * 1024;
+        let mem = vm.wait_mem("the guest's MemTotal", deadline, |m| m.mem_total_kib == want_kib);
+        let guest_took = set_at.elapsed();
+        assert_eq!(field(&state, "error_responses"), 0, "{state}");
+        mem_figures.push(format!(
+            "| {plugged_mib} MiB | {:.1} s | {:.1} s | {} KiB | {} MiB |",
+            device_took.as_secs_f64(),
+            guest_took.as_secs_f64(),
+            mem.mem_total_kib,
+            field(&state, "bytes_discarded") / MIB
+        ));
+    }
+
     let transport = api.call("stats", json!({}))["balloon_transport"].clone();
     assert_eq!(field(&transport, "notify_errors"), 0, "Linux's driver broke a transport rule: {transport}");
     assert!(field(&transport, "early_notifies") >= 1, "the stats queue's kick at probe: {transport}");
@@ -401,5 +447,9 @@ fn linux_virtio_balloon_inflates_and_deflates() {
     eprintln!(
         "linux_guest: Linux's virtio_balloon, {MEM_MIB} MiB guest:\n| target | inflated | deflated | time to actual | VMM RSS change | guest vmstat inflate / deflate |\n|---|---|---|---|---|---|\n{}",
         figures.join("\n")
+    );
+    eprintln!(
+        "linux_guest: Linux's virtio_mem, {VIRTIO_MEM_REGION_MIB} MiB region:\n| requested | device plugged | guest MemTotal follows | MemTotal | discarded so far |\n|---|---|---|---|---|\n{}",
+        mem_figures.join("\n")
     );
 }

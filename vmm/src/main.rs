@@ -286,8 +286,16 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
     if args.kernel.is_none() && !args.linux && (args.cmdline.is_some() || args.append.is_some()) {
         return Err("--cmdline and --append are for a Linux kernel: add --kernel or --linux".into());
     }
-    let cmdline = || {
-        let mut line = args.cmdline.clone().unwrap_or_else(vmm::boot::linux::default_cmdline);
+    // The default command line, and for the --linux guest hot-plugged memory (virtio-mem) online
+    // at once: it has no user space that would online it.
+    let cmdline = |linux_guest: bool| {
+        let mut line = args.cmdline.clone().unwrap_or_else(|| {
+            let mut line = vmm::boot::linux::default_cmdline();
+            if linux_guest {
+                line.push_str(" memhp_default_state=online");
+            }
+            line
+        });
         if let Some(extra) = &args.append {
             line.push(' ');
             line.push_str(extra);
@@ -295,13 +303,15 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         line
     };
     let boot = match (args.kernel.clone(), args.linux) {
-        (Some(kernel), _) => BootSource::Linux { kernel, initrd: args.initrd.clone(), cmdline: cmdline() },
+        (Some(kernel), _) => {
+            BootSource::Linux { kernel, initrd: args.initrd.clone(), cmdline: cmdline(false) }
+        }
         (None, true) => {
             let guest = vmm::boot::linux_guest::build()?;
             BootSource::Linux {
                 kernel: if args.bzimage { guest.bzimage } else { guest.vmlinux },
                 initrd: Some(guest.initramfs),
-                cmdline: cmdline(),
+                cmdline: cmdline(true),
             }
         }
         (None, false) => BootSource::TestGuest {

@@ -30,7 +30,7 @@ KERNEL_RECIPE=1
 INITRAMFS_RECIPE=2
 SOURCE_PACKAGE=linux-source-6.1
 SOURCE_TARBALL=/usr/src/linux-source-6.1.tar.xz
-PACKAGES=("$SOURCE_PACKAGE" busybox-static build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils util-linux)
+PACKAGES=("$SOURCE_PACKAGE" busybox-static build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils lz4 util-linux)
 
 say() { echo "linux-guest: $*" >&2; }
 die() {

@@ -102,6 +102,8 @@ impl GuestMem {
 /// A `zapvm run --linux` child and its console.
 struct LinuxVm {
     child: Child,
+    /// The VMM's standard input: what the test types on the guest's console.
+    keyboard: Option<std::process::ChildStdin>,
     console: Receiver<String>,
     stderr: Receiver<String>,
     log: Vec<String>,
@@ -135,14 +137,31 @@ impl LinuxVm {
             .args(extra)
             // The VMM ends itself should the test's kill be lost.
             .args(["--timeout", "900"])
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         eprintln!("linux_guest ({name}): {command:?}");
         let mut child = command.spawn().expect("spawn zapvm");
         let console = lines_to_channel(child.stdout.take().expect("piped"));
         let stderr = lines_to_channel(child.stderr.take().expect("piped"));
-        LinuxVm { child, console, stderr, log: Vec::new(), started: Instant::now(), socket, last_mem: None }
+        let keyboard = child.stdin.take();
+        LinuxVm {
+            child,
+            keyboard,
+            console,
+            stderr,
+            log: Vec::new(),
+            started: Instant::now(),
+            socket,
+            last_mem: None,
+        }
+    }
+
+    /// Types `line` and Enter on the guest's console (through the VMM's standard input).
+    fn type_line(&mut self, line: &str) {
+        let keyboard = self.keyboard.as_mut().expect("the VMM's stdin is piped");
+        keyboard.write_all(format!("{line}\n").as_bytes()).expect("write to the VMM's stdin");
+        keyboard.flush().expect("flush the VMM's stdin");
     }
 
     /// Everything seen so far, for failure messages.
@@ -271,7 +290,7 @@ fn field(v: &Value, key: &str) -> u64 {
 #[test]
 fn linux_guest_reaches_init_and_its_checks_pass() {
     let _turn = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut vm = LinuxVm::start("init", &[], "zapvm.exit", false);
+    let mut vm = LinuxVm::start("init", &[], "zapvm.report=0", false);
     let deadline = vm.started + BOOT_BUDGET;
     vm.wait_for("the guest's /init", deadline, |l| l == "zapvm-guest: init reached");
     let to_init = vm.started.elapsed();
@@ -288,7 +307,13 @@ fn linux_guest_reaches_init_and_its_checks_pass() {
         vm.dump()
     );
     assert_eq!(mem.ballooned(), 0, "nothing is ballooned at boot");
-    // zapvm.exit: the guest reboots, which ends the VM successfully.
+    // The console is the user's terminal: what is typed on the VMM's stdin reaches the guest's
+    // shell, which computes (so the echo of the typed line cannot match) and then reboots, which
+    // ends the VM successfully.
+    vm.type_line("echo zapvm-input-$((6 * 7)); reboot -f");
+    vm.wait_for("the shell's answer to typed input", deadline + END_BUDGET, |l| {
+        l.trim_end().ends_with("zapvm-input-42") && !l.contains("$((")
+    });
     let (status, rest) = vm.wait_exit();
     let dump = vm.dump();
     assert!(status.success(), "zapvm exited with {status}\n{dump}");

@@ -26,6 +26,7 @@ pub mod bench_balloon;
 pub mod bench_plot;
 pub mod bench_pressure;
 pub mod boot;
+pub mod console_input;
 pub mod devices;
 pub mod kvm_stats;
 pub mod machine;

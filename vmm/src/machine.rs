@@ -43,6 +43,9 @@ pub enum Console {
     /// The VMM's standard output.
     #[default]
     Stdout,
+    /// The VMM's standard output, and its standard input typed into the guest's UART (see
+    /// [`crate::console_input`]): the user's terminal is the guest's console.
+    Terminal,
     /// Nowhere.
     Null,
     /// A buffer (tests).
@@ -63,7 +66,7 @@ impl Write for BufferWriter {
 impl Console {
     fn writer(&self) -> Box<dyn Write + Send> {
         match self {
-            Console::Stdout => Box::new(std::io::stdout()),
+            Console::Stdout | Console::Terminal => Box::new(std::io::stdout()),
             Console::Null => Box::new(std::io::sink()),
             Console::Buffer(buf) => Box::new(BufferWriter(buf.clone())),
         }
@@ -687,7 +690,8 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(|e| Error::Device(format!("KVM_IRQFD for the serial port: {e}")))?;
     let mut pio = Bus::default();
-    pio.insert(COM1_PORT, 8, Arc::new(Mutex::new(SerialDevice::new(serial_irq, config.console.writer()))))?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, config.console.writer())));
+    pio.insert(COM1_PORT, 8, serial.clone())?;
     pio.insert(
         I8042_PORT,
         I8042_LEN,
@@ -793,6 +797,15 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     }
     install_kick_handler()
         .map_err(|e| Error::Host { what: "installing the vCPU kick signal", source: e.into() })?;
+    // The user's keyboard on the console, until this function returns (dropping it restores the
+    // terminal).
+    let _console_input = match config.console {
+        Console::Terminal => crate::console_input::ConsoleInput::start(
+            serial.clone(),
+            control.quit.try_clone().map_err(host("eventfd"))?,
+        ),
+        _ => None,
+    };
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         let shared = shared.clone();

@@ -340,7 +340,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         vcpus: args.vcpus,
         boot,
         timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),
-        console: Console::Stdout,
+        console: Console::Terminal,
         monitor: !args.no_monitor,
         teardown_policy: args.on_external_unmap,
         after_start: None,

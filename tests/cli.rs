@@ -169,6 +169,8 @@ fn stats_of_a_running_vm_show_kvm_table_and_notifier_counters() {
     // A run long enough to be asked (Touch over 2 GiB of 4 KiB pages takes seconds here).
     let mut vm = Command::new(env!("CARGO_BIN_EXE_zapvm"))
         .args(["run", "--workload", "touch", "--mem", "2G", "--timeout", "60"])
+        // Not the test runner's terminal: the killed VMM could not give it back.
+        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

@@ -562,14 +562,7 @@ impl Ctx {
     /// Splits host range `[start, start + len)` along the notifier's current regions (external
     /// teardowns and re-backs split them), skipping what is not mapped right now.
     fn pieces(&self, start: usize, len: usize) -> Vec<(usize, usize)> {
-        let end = start + len;
-        self.space()
-            .regions()
-            .iter()
-            .filter(|r| r.start < end && start < r.end)
-            .map(|r| (r.start.max(start), r.end.min(end)))
-            .map(|(s, e)| (s, e - s))
-            .collect()
+        pieces_of(self.space(), start, len)
     }
 
     /// The generation the guest's table holds for data page `index` of `vcpu`, read through the
@@ -592,6 +585,19 @@ impl Ctx {
             }
         }
     }
+}
+
+/// Splits host range `[start, start + len)` along `space`'s current regions, skipping what is
+/// not mapped: (start, len) of each piece.
+fn pieces_of(space: &notifier::AddressSpace, start: usize, len: usize) -> Vec<(usize, usize)> {
+    let end = start + len;
+    space
+        .regions()
+        .iter()
+        .filter(|r| r.start < end && start < r.end)
+        .map(|r| (r.start.max(start), r.end.min(end)))
+        .map(|(s, e)| (s, e - s))
+        .collect()
 }
 
 /// The discard storm: random ranges through the notifier, each checked right after.
@@ -740,9 +746,10 @@ fn external_chaos(ctx: &Ctx, mut rng: ChaCha8Rng) {
 /// Waits (up to [`REBACK_WAIT`]) until the hole at `[p, p + l)` that an external unmap or move
 /// left is mapped again (the teardown guard re-backs it).
 ///
-/// A vCPU whose access fails resumes only once no hole is left anywhere in guest RAM; blows
-/// faster than the guard re-backs (a loaded host) would keep some hole open nearly all the time
-/// and starve the vCPUs, which is not what the scenario is about.
+/// A vCPU whose access fails with a plain `EFAULT` (KVM names no address) resumes only once no
+/// hole is left anywhere in guest RAM; blows faster than the guard re-backs (a loaded host) would
+/// keep some hole open nearly all the time and starve the vCPUs, which is not what the scenario is
+/// about.
 fn wait_rebacked(p: *mut libc::c_void, l: usize) {
     let deadline = Instant::now() + REBACK_WAIT;
     let mut residency = vec![0u8; l.div_ceil(PAGE_SIZE as usize)];
@@ -791,32 +798,65 @@ fn mprotect_phases(ctx: &Ctx, mut rng: ChaCha8Rng) {
     }
 }
 
-/// Makes `[s, s + l)` writable again, retrying while an external hole makes part of it unmapped
-/// for a moment (a re-backed hole is writable anyway).
+/// Makes `[s, s + l)` writable again (see [`restore_writable`]), counting retries and failures.
 fn restore(ctx: &Ctx, s: usize, l: usize) {
     let c = &ctx.c;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let mut failure = None;
-        for (ps, pl) in ctx.pieces(s, l) {
-            if let Err(e) = ctx.space().protect(ps, pl, libc::PROT_READ | libc::PROT_WRITE) {
-                // A piece the kernel no longer maps (an external unmap the notifier has not
-                // processed yet) needs no restore: the teardown guard re-backs it read-write.
-                let mapped = crate::teardown::host_mappings(ps, ps + pl)
-                    .map(|m| m.iter().map(|(a, b)| b - a).sum::<usize>() == pl)
-                    .unwrap_or(true);
-                if mapped {
-                    failure = Some(format!("{ps:#x}+{pl:#x}: {e}"));
-                }
-            }
-        }
-        let Some(failure) = failure else { return };
-        if Instant::now() >= deadline {
+    let deadline = Instant::now() + RESTORE_WAIT;
+    match restore_writable(ctx.space(), s, l, deadline) {
+        Ok(retries) => bump(&c.prot_restore_retries, retries),
+        Err((retries, failure)) => {
+            bump(&c.prot_restore_retries, retries);
             bump(&c.prot_restore_failures, 1);
             ctx.note_error(format!("cannot make {s:#x}+{l:#x} writable again ({failure})"));
-            return;
         }
-        bump(&c.prot_restore_retries, 1);
+    }
+}
+
+/// How long a restore retries while external teardowns keep changing the range.
+const RESTORE_WAIT: Duration = Duration::from_secs(15);
+
+/// Makes every page of `[s, s + l)` that the kernel maps writable again, through the notifier,
+/// retrying (until `deadline`) while external teardowns change the range under it. Returns the
+/// retries, or the retries and the last failure.
+///
+/// Invariant: when this returns `Ok`, no page of the range that the kernel mapped at the last
+/// pass is left read-only. A guest write to a page left read-only faults forever, and its vCPU
+/// waits in the teardown guard for a restore that never comes (a verifier that stops making
+/// passes and a VM that does not stop). Unmapped pages need nothing (the teardown guard re-backs
+/// holes read-write), but a piece that is only *partly* unmapped does: `mprotect` fails with
+/// `ENOMEM` at the first gap, having changed only the mappings before it, and a piece the notifier
+/// split meanwhile fails validation without any change. So a piece whose restore fails is restored
+/// again mapping by mapping, as the kernel maps it now.
+fn restore_writable(
+    space: &notifier::AddressSpace,
+    s: usize,
+    l: usize,
+    deadline: Instant,
+) -> Result<u64, (u64, String)> {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let mut retries = 0;
+    loop {
+        let mut failure = None;
+        for (ps, pl) in pieces_of(space, s, l) {
+            if space.protect(ps, pl, rw).is_ok() {
+                continue;
+            }
+            match crate::teardown::host_mappings(ps, ps + pl) {
+                Ok(mapped) => {
+                    for (a, b) in mapped {
+                        if let Err(e) = space.protect(a, b - a, rw) {
+                            failure = Some(format!("{a:#x}+{:#x}: {e}", b - a));
+                        }
+                    }
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        let Some(failure) = failure else { return Ok(retries) };
+        if Instant::now() >= deadline {
+            return Err((retries, failure));
+        }
+        retries += 1;
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -2090,4 +2130,74 @@ pub fn cli(args: StressArgs) -> Result<std::process::ExitCode, String> {
         eprintln!("zapvm: broken invariant: {b}");
     }
     Ok(if report.ok { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: usize = PAGE_SIZE as usize;
+
+    /// The permissions (`rw-p`, ...) of every mapping of this process overlapping `[start, end)`.
+    fn permissions(start: usize, end: usize) -> Vec<(usize, usize, String)> {
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("reading /proc/self/maps");
+        maps.lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                let (a, b) = fields.next()?.split_once('-')?;
+                let (a, b) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
+                (a < end && start < b)
+                    .then(|| (a.max(start), b.min(end), fields.next().unwrap_or("").to_string()))
+            })
+            .collect()
+    }
+
+    /// A restore racing an external unmap the notifier has not processed yet: `mprotect` of the
+    /// whole range fails with `ENOMEM` at the hole, having changed at most what lies before it.
+    /// Every page the kernel still maps must be writable afterwards (a page left read-only is a
+    /// verifier stuck forever on its write fault).
+    #[test]
+    fn restore_leaves_no_mapped_page_read_only_around_a_hole_the_notifier_has_not_seen() {
+        for hole_page in [0, 3] {
+            let len = 8 * PAGE;
+            // SAFETY: a fresh anonymous mapping at an address the kernel picks; only this test uses it.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(base, libc::MAP_FAILED);
+            let base = base as usize;
+            let spec = notifier::RegionSpec {
+                host_addr: base,
+                len,
+                backing: notifier::Backing::PrivateAnon,
+                thp: false,
+            };
+            // SAFETY: the mapping is this test's alone and is touched only through syscalls.
+            let space = unsafe { notifier::AddressSpace::new(&[spec]) }.expect("address space");
+            space.protect(base, len, libc::PROT_READ).expect("read-only");
+            let hole = base + hole_page * PAGE;
+            // SAFETY: one page of this test's mapping; no monitor runs, so the notifier never
+            // hears of it (as before the monitor's worker gets to the event).
+            assert_eq!(unsafe { libc::munmap(hole as *mut libc::c_void, PAGE) }, 0);
+
+            let restored = restore_writable(&space, base, len, Instant::now() + Duration::from_secs(2));
+
+            let maps = permissions(base, base + len);
+            assert_eq!(maps.iter().map(|(a, b, _)| b - a).sum::<usize>(), 7 * PAGE, "{maps:x?}");
+            assert!(restored.is_ok(), "hole at page {hole_page}: {restored:?}");
+            for (a, b, perms) in &maps {
+                assert!(perms.starts_with("rw"), "hole at page {hole_page}: [{a:#x}, {b:#x}) is {perms}");
+            }
+            drop(space);
+            // SAFETY: the rest of the test's mapping (munmap skips the hole).
+            unsafe { libc::munmap(base as *mut libc::c_void, len) };
+        }
+    }
 }

@@ -25,7 +25,7 @@
 //! ([`TeardownReport::protect_faults`]). Unmaps of memory that was moved out of guest RAM (the
 //! destination of an external `mremap`) concern no guest RAM and are only counted.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -117,6 +117,9 @@ pub struct TeardownReport {
     pub outside_guest_ram: u64,
 }
 
+/// How often a vCPU waiting in [`TeardownGuard::wait_backed`] looks at its stop flag.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
 /// The subscriber that applies the [`TeardownPolicy`].
 pub struct TeardownGuard {
     policy: TeardownPolicy,
@@ -192,10 +195,31 @@ impl TeardownGuard {
 
     /// Called by a vCPU whose `KVM_RUN` failed with EFAULT: waits (at most `timeout`) until a
     /// teardown that had not been re-backed when the fault happened is re-backed, or a write
-    /// protection by the VMM is lifted, and no hole is left. While the VMM keeps a range
-    /// write-protected the wait has no deadline (the fault is counted as a write to read-only
-    /// memory). Returns `Err` with the reason when the VM must stop or nothing changed in time.
-    pub fn wait_backed(&self, seen_generation: u64, timeout: Duration) -> Result<(), String> {
+    /// protection by the VMM is lifted, and no hole is left that the access may need. While the
+    /// VMM keeps such a range write-protected the wait has no deadline (the fault is counted as a
+    /// write to read-only memory). Returns `Err` with the reason when the VM must stop or nothing
+    /// changed in time.
+    ///
+    /// `fault` is the guest-physical range of the access when KVM reports it
+    /// (`KVM_EXIT_MEMORY_FAULT`): then only holes and protections overlapping it hold the vCPU
+    /// back, so a storm of teardowns elsewhere in guest RAM cannot starve it. A plain `EFAULT`
+    /// names no address, and any hole or protection may be the one.
+    ///
+    /// Returns `Ok` as soon as `stop` is set: a vCPU waiting here must never keep the VM from
+    /// stopping (a protection the VMM never lifts would otherwise hold it forever).
+    pub fn wait_backed(
+        &self,
+        seen_generation: u64,
+        fault: Option<(u64, u64)>,
+        stop: &AtomicBool,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let host = fault.map(|(gpa, size)| self.host_range_of(gpa, size.max(1)));
+        let concerns = |&(a, b): &(usize, usize)| match host {
+            Some(Some((s, e))) => a < e && s < b,
+            // Unknown address, or one outside guest RAM as mapped at start-up: any range may be it.
+            _ => true,
+        };
         let mut deadline = Instant::now() + timeout;
         let mut s = self.lock();
         let mut counted = false;
@@ -203,10 +227,13 @@ impl TeardownGuard {
             if let Some(fatal) = &s.fatal {
                 return Err(fatal.clone());
             }
-            if s.generation > seen_generation && s.holes.is_empty() {
+            if stop.load(Ordering::Acquire) {
                 return Ok(());
             }
-            if !s.protected.is_empty() {
+            if s.generation > seen_generation && !s.holes.iter().any(concerns) {
+                return Ok(());
+            }
+            if s.protected.iter().any(concerns) {
                 if !counted {
                     s.protect_faults += 1;
                     counted = true;
@@ -215,15 +242,26 @@ impl TeardownGuard {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(match s.holes.first() {
+                return Err(match s.holes.iter().find(|h| concerns(h)) {
                     Some(&(a, b)) => format!("{} is still unmapped after {timeout:?}", self.describe(a, b)),
                     None => format!(
                         "guest memory access failed (EFAULT) and no teardown of guest RAM was seen within {timeout:?}"
                     ),
                 });
             }
-            s = self.changed.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
+            // Wake up now and then to see `stop`: the VMM sets it without telling the guard.
+            let slice = left.min(STOP_POLL);
+            s = self.changed.wait_timeout(s, slice).unwrap_or_else(|e| e.into_inner()).0;
         }
+    }
+
+    /// The host range of guest-physical `[gpa, gpa + size)`, if it lies in one region of guest
+    /// RAM as mapped at start-up.
+    fn host_range_of(&self, gpa: u64, size: u64) -> Option<(usize, usize)> {
+        let end = gpa.checked_add(size)?;
+        let r = self.regions.iter().find(|r| r.gpa <= gpa && end <= r.gpa + r.spec.len as u64)?;
+        let start = r.spec.host_addr + (gpa - r.gpa) as usize;
+        Some((start, start + size as usize))
     }
 
     /// The re-back generation now (read before running a vCPU, passed to [`Self::wait_backed`]).
@@ -488,5 +526,72 @@ impl Subscriber for TeardownGuard {
             }
             Err(why) => self.stop_vm(&mut s, why),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: usize = crate::memory::PAGE_SIZE as usize;
+    const GPA: u64 = 0x10_0000;
+
+    fn range(start: usize, end: usize, event: Event, origin: Origin) -> Range {
+        Range { start, end, exact_start: start, exact_end: end, event, origin, blockable: true }
+    }
+
+    /// A guard over 16 pages of guest RAM at [`GPA`] (a host range nobody maps: the callbacks
+    /// below are driven by hand and no re-back runs), with its address space.
+    fn guard() -> (TeardownGuard, Arc<AddressSpace>, usize) {
+        // SAFETY: no region; nothing is mapped or touched.
+        let space = unsafe { AddressSpace::new(&[]) }.expect("address space");
+        let host = 0x7000_0000_0000usize;
+        let spec = RegionSpec {
+            host_addr: host,
+            len: 16 * PAGE,
+            backing: notifier::Backing::PrivateAnon,
+            thp: false,
+        };
+        let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let g =
+            TeardownGuard::new(TeardownPolicy::Reback, &space, vec![GuardedRegion { gpa: GPA, spec }], stop);
+        (g, space, host)
+    }
+
+    /// A hole elsewhere in guest RAM holds back only a vCPU whose fault names no address.
+    #[test]
+    fn a_fault_waits_only_for_holes_overlapping_its_range() {
+        let (g, _space, host) = guard();
+        // An external unmap of pages 8..10 whose re-back has not run.
+        g.invalidate_range_start(&range(host + 8 * PAGE, host + 10 * PAGE, Event::Unmap, Origin::External))
+            .unwrap();
+        // Something else was made writable again meanwhile: the generation moves.
+        let restore = Event::Protect { prot: libc::PROT_READ | libc::PROT_WRITE };
+        g.invalidate_range_end(&range(host, host + PAGE, restore, Origin::Vmm));
+        let stop = AtomicBool::new(false);
+        let short = Duration::from_millis(100);
+        assert_eq!(g.wait_backed(0, Some((GPA + 2 * PAGE as u64, 8)), &stop, short), Ok(()));
+        let in_hole = g.wait_backed(0, Some((GPA + 9 * PAGE as u64, 8)), &stop, short);
+        assert!(in_hole.as_ref().is_err_and(|e| e.contains("still unmapped")), "{in_hole:?}");
+        let unknown = g.wait_backed(0, None, &stop, short);
+        assert!(unknown.as_ref().is_err_and(|e| e.contains("still unmapped")), "{unknown:?}");
+    }
+
+    /// A vCPU waiting on a protection that is never lifted returns once the VM stops.
+    #[test]
+    fn a_wait_on_a_protection_ends_when_the_vm_stops() {
+        let (g, _space, host) = guard();
+        let read_only = Event::Protect { prot: libc::PROT_READ };
+        g.invalidate_range_start(&range(host, host + 4 * PAGE, read_only, Origin::Vmm)).unwrap();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| g.wait_backed(0, None, &stop, Duration::from_millis(100)));
+            // Longer than the timeout: the protection keeps the wait going, unbounded.
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(!waiter.is_finished(), "the wait must last while the protection does");
+            stop.store(true, Ordering::Release);
+            assert_eq!(waiter.join().unwrap(), Ok(()));
+        });
+        assert_eq!(g.report().protect_faults, 1);
     }
 }

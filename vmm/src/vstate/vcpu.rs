@@ -301,19 +301,20 @@ impl Vcpu {
             let exit = self.fd.run();
             let memory_fault = match &exit {
                 Ok(VcpuExit::MemoryFault { gpa, size, .. }) => {
-                    Some(format!(" at guest [{gpa:#x}, +{size:#x})"))
+                    Some((format!(" at guest [{gpa:#x}, +{size:#x})"), Some((*gpa, *size))))
                 }
-                Err(e) if e.errno() == libc::EFAULT => Some(String::new()),
+                Err(e) if e.errno() == libc::EFAULT => Some((String::new(), None)),
                 _ => None,
             };
-            if let Some(at) = memory_fault {
+            if let Some((at, fault)) = memory_fault {
                 // Guest RAM behind the access is gone: someone outside the VMM unmapped it. Wait
                 // for the teardown guard to re-back it (or to decide that the VM stops). The wait
                 // returns only after a re-back that completed after this run began, so every retry
                 // follows progress; a fault nothing resolves ends in the wait's timeout. (Counting
                 // faults in a row is no measure: under a storm of external unmaps nearly every exit
-                // of a guest that only touches memory is a fault on some new hole.)
-                match shared.teardown.wait_backed(generation, FAULT_WAIT) {
+                // of a guest that only touches memory is a fault on some new hole.) The wait also
+                // ends when the VM stops (seen at the top of the loop).
+                match shared.teardown.wait_backed(generation, fault, &shared.stop, FAULT_WAIT) {
                     Ok(()) => continue,
                     Err(why) => {
                         return self.error(&format!("KVM_RUN: guest memory{at} is not backed: {why}"))

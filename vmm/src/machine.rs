@@ -315,6 +315,12 @@ impl VmControl {
         self.shared.pause.open();
     }
 
+    /// How many vCPU threads have begun to run (every one has, once this equals the number of
+    /// vCPUs).
+    pub fn vcpus_running(&self) -> usize {
+        self.shared.running.load(Ordering::SeqCst)
+    }
+
     /// Whether the VM is paused.
     pub fn paused(&self) -> bool {
         self.shared.pause.is_closed()
@@ -750,6 +756,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         stop: Default::default(),
         pause: Default::default(),
         alive: std::sync::atomic::AtomicUsize::new(nr_vcpus as usize),
+        running: Default::default(),
         events: events_tx,
         wake: EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?,
         nr_vcpus: u64::from(nr_vcpus),

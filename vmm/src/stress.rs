@@ -410,8 +410,9 @@ struct Ctx {
     /// Set when the VM ended before the scenarios did (a guest failure): waiting is pointless.
     vm_ended: Arc<AtomicBool>,
     plant_dirty_after: Option<Duration>,
-    /// Set (and signalled) once every scenario thread is spawned.
-    go: (Mutex<bool>, std::sync::Condvar),
+    /// Scenario threads running (counted as each begins) and whether they may start their work
+    /// (set once every one of them runs), with the condvar signalling both.
+    go: (Mutex<(usize, bool)>, std::sync::Condvar),
 }
 
 /// The balloon device and the slice its guest driver balloons from.
@@ -509,16 +510,29 @@ impl Ctx {
             && Instant::now() < self.deadline
     }
 
-    /// Lets the scenario threads begin.
-    fn go(&self) {
-        *self.go.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    /// Waits until `threads` scenario threads run (see [`Self::wait_for_go`]), then lets them
+    /// begin their work.
+    fn go(&self, threads: usize) {
+        let mut go = self.go.0.lock().unwrap_or_else(|e| e.into_inner());
+        while go.0 < threads {
+            go = self.go.1.wait(go).unwrap_or_else(|e| e.into_inner());
+        }
+        go.1 = true;
         self.go.1.notify_all();
     }
 
-    /// Blocks until [`Self::go`].
+    /// Called first thing by each scenario thread: counts it as running and blocks until
+    /// [`Self::go`].
+    ///
+    /// A spawned thread maps its signal stack when it first runs, not when it is spawned, wherever
+    /// the kernel finds room — which may be a hole the external chaos just made in guest RAM (the
+    /// teardown guard then rightly refuses to re-back over it: a run that failed 70 ms in). So no
+    /// scenario does anything before every scenario thread is running.
     fn wait_for_go(&self) {
         let mut go = self.go.0.lock().unwrap_or_else(|e| e.into_inner());
-        while !*go {
+        go.0 += 1;
+        self.go.1.notify_all();
+        while !go.1 {
             go = self.go.1.wait(go).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -1311,6 +1325,7 @@ fn controller(
     let info_work: Vec<GpaRange>;
     let layouts: Vec<StressLayout>;
     let mut balloon_slice = Vec::new();
+    let all_vcpus: u64;
     {
         // The work ranges are those the boot path gave the guest: recompute them the same way
         // from the boot info in guest RAM (at BOOT_INFO_GPA).
@@ -1325,11 +1340,22 @@ fn controller(
             .collect();
         // The verifiers are vCPUs 0..opts.vcpus; the drivers come after them.
         let (nr_vcpus, flags) = (w(2), w(4));
+        all_vcpus = nr_vcpus;
         layouts = (0..u64::from(opts.vcpus)).map(|v| stress_layout(&info_work, nr_vcpus, v)).collect();
         if let Some(v) = (0..nr_vcpus).find(|&v| stress_role(flags, nr_vcpus, v) == StressRole::BalloonDriver)
         {
             slice_pages(&info_work, nr_vcpus, v, |gpa| balloon_slice.push(gpa));
         }
+    }
+    // Every vCPU thread runs before any scenario does: a thread maps its signal stack when it
+    // first runs, possibly into a hole of guest RAM (see `Ctx::wait_for_go`). Bounded: a VM that
+    // cannot start its vCPUs ends, and the judge reports it.
+    let until = Instant::now() + Duration::from_secs(10);
+    while (vm.vcpus_running() as u64) < all_vcpus
+        && !vm_ended.load(Ordering::Relaxed)
+        && Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(1));
     }
     let mut runs = Vec::new();
     for (vcpu, l) in layouts.iter().enumerate() {
@@ -1418,6 +1444,7 @@ fn controller(
     }
     let (done_tx, done_rx) = channel::<usize>();
     let mut names = Vec::new();
+    let mut running = 0;
     for (i, (name, f)) in chosen.iter().enumerate() {
         let (thread_ctx, thread_done) = (ctx.clone(), done_tx.clone());
         let f = *f;
@@ -1430,15 +1457,18 @@ fn controller(
             f(&thread_ctx, rng);
             let _ = thread_done.send(i);
         });
-        if spawned.is_err() {
-            ctx.note_error(format!("cannot spawn the {name} thread"));
-            let _ = done_tx.send(i);
+        match spawned {
+            Ok(_) => running += 1,
+            Err(_) => {
+                ctx.note_error(format!("cannot spawn the {name} thread"));
+                let _ = done_tx.send(i);
+            }
         }
     }
     drop(done_tx);
-    // Every thread is spawned (a new thread maps its signal stack wherever the kernel finds room,
-    // which may be a hole the external chaos just made in guest RAM): the scenarios may begin.
-    ctx.go();
+    // Every thread runs (and so has its signal stack: see `Ctx::wait_for_go`): the scenarios may
+    // begin.
+    ctx.go(running);
 
     // Progress: a bar on a terminal, nothing otherwise.
     let bar = (opts.progress && std::io::stderr().is_terminal()).then(|| {

@@ -79,6 +79,8 @@ pub struct VcpuShared {
     pub pause: PauseGate,
     /// vCPU threads that have not finished yet.
     pub alive: std::sync::atomic::AtomicUsize,
+    /// vCPU threads that have begun to run (a spawned thread may not have run yet).
+    pub running: std::sync::atomic::AtomicUsize,
     /// Where vCPU threads report that they finished.
     pub events: Sender<VcpuEvent>,
     /// Wakes the VMM's event loop after an event was sent.
@@ -267,6 +269,7 @@ impl Vcpu {
 
     /// Runs until the guest ends, a fatal exit, or a stop; always tells the VMM it finished.
     pub fn run(mut self, shared: &VcpuShared) -> VcpuReport {
+        shared.running.fetch_add(1, Ordering::SeqCst);
         let mut report = VcpuReport {
             index: self.index,
             outcome: VcpuOutcome::Stopped,

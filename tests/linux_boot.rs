@@ -11,13 +11,17 @@
 //! (`resources/fetch-debian-kernel.sh` fails), the vmlinux one also when its payload cannot be
 //! unpacked.
 
-use std::io::{BufRead, BufReader, Read};
+#[path = "support/lines.rs"]
+mod lines;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Mutex;
-use std::thread;
+
 use std::time::{Duration, Instant};
+
+use lines::lines_to_channel;
 
 /// How long the VM may take to print everything checked here, booting the bzImage (measured on
 /// a PVM host: banner after 127-185 s depending on the host's load, RAMDISK line ~3 s later).
@@ -39,28 +43,6 @@ fn workspace_root() -> PathBuf {
         .parent()
         .expect("the zapvm package lives in the workspace")
         .to_path_buf()
-}
-
-/// Reads `from` line by line on a thread and sends each line (without its line end).
-fn lines_to_channel(from: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    thread::spawn(move || {
-        let mut reader = BufReader::new(from);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf);
-                    if tx.send(line.trim_end_matches(['\r', '\n']).to_owned()).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-    rx
 }
 
 /// Collects everything a channel still holds or receives within `wait`.

@@ -18,14 +18,19 @@
 //! milliseconds, so the balloon targets are small and the budgets are tens of seconds. The two
 //! tests take turns (each VM wants a whole CPU).
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "support/lines.rs"]
+mod lines;
+
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use lines::lines_to_channel;
 
 use serde_json::{json, Value};
 
@@ -47,28 +52,6 @@ const VIRTIO_MEM_REGION_MIB: u64 = 256;
 const VIRTIO_MEM_PLUG_MIB: u64 = 128;
 
 static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-/// Reads `from` line by line on a thread and sends each line (without its line end).
-fn lines_to_channel(from: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    thread::spawn(move || {
-        let mut reader = BufReader::new(from);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf);
-                    if tx.send(line.trim_end_matches(['\r', '\n']).to_owned()).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-    rx
-}
 
 /// The guest's memory report line (see resources/linux-guest/init).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -38,12 +38,20 @@ pub struct BootBenchRow {
     pub ns_per_page: std::collections::BTreeMap<String, f64>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (the mean of the middle two for an even count); NaN for none. The benches
+/// report medians of repeated measurements so that a burst of host load moves one sample, not
+/// the result.
+pub fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Runs `bench boot`; `progress` hears about each VM.

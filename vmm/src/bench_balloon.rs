@@ -66,6 +66,7 @@ use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::bench::median;
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig, VIRTIO_BALLOON_F_MUST_TELL_HOST};
 use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::{status, VirtioInterrupt};
@@ -188,19 +189,6 @@ pub struct BalloonBenchReport {
     pub inflate_vs_raw: BTreeMap<String, f64>,
     /// `backing` -> whether contiguous inflate_vs_raw >= [`TARGET_INFLATE_VS_RAW`].
     pub target_met_contiguous: BTreeMap<String, bool>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Process-wide AnonHugePages in bytes.

@@ -77,6 +77,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::bench::median;
 use crate::boot::test_guest::TestGuestParams;
 use crate::machine::{self, Console, RunReport, VmConfig, VmControl, VmOutcome};
 use crate::memory::{MemoryBackend, MemoryConfig, HUGE_PAGE_SIZE};
@@ -594,19 +595,6 @@ fn accumulate(sum: &mut Slice, one: Slice) {
     sum.failed += one.failed;
     if sum.first_error.is_none() {
         sum.first_error = one.first_error;
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 

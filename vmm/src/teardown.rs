@@ -51,10 +51,23 @@ pub struct GuardedRegion {
     pub spec: RegionSpec,
 }
 
+/// A host range an external unmap/remap left without memory, until the guard re-backs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Hole {
+    start: usize,
+    end: usize,
+    /// Tells this hole from a later one at the same place (see [`TeardownGuard::wait_backed`]).
+    id: u64,
+}
+
 #[derive(Default)]
 struct State {
     /// Host ranges currently without memory, waiting for the guard.
-    holes: Vec<(usize, usize)>,
+    holes: Vec<Hole>,
+    /// The id the next hole gets.
+    next_hole: u64,
+    /// vCPUs inside [`TeardownGuard::wait_backed`] (past taking their snapshot of the holes).
+    waiting: u64,
     /// Bumped each time a hole was re-backed.
     generation: u64,
     /// Set when the VM must stop (policy Stop, or a re-back failed).
@@ -205,6 +218,12 @@ impl TeardownGuard {
     /// back, so a storm of teardowns elsewhere in guest RAM cannot starve it. A plain `EFAULT`
     /// names no address, and any hole or protection may be the one.
     ///
+    /// Only the holes open when the wait begins hold the vCPU back, never one opened later: the
+    /// fault was caused by a hole that was open then (or by one already re-backed, which the
+    /// generation shows), and an access that needs a later hole faults again and waits for
+    /// that one. Waiting for "no hole left" instead starves a vCPU whose fault names no address
+    /// while something outside keeps unmapping guest RAM: a new hole opens before it wakes.
+    ///
     /// Returns `Ok` as soon as `stop` is set: a vCPU waiting here must never keep the VM from
     /// stopping (a protection the VMM never lifts would otherwise hold it forever).
     pub fn wait_backed(
@@ -222,16 +241,20 @@ impl TeardownGuard {
         };
         let mut deadline = Instant::now() + timeout;
         let mut s = self.lock();
+        let waited_for: Vec<u64> =
+            s.holes.iter().filter(|h| concerns(&(h.start, h.end))).map(|h| h.id).collect();
+        let open = |s: &State| s.holes.iter().find(|h| waited_for.contains(&h.id)).copied();
         let mut counted = false;
-        loop {
+        s.waiting += 1;
+        let result = loop {
             if let Some(fatal) = &s.fatal {
-                return Err(fatal.clone());
+                break Err(fatal.clone());
             }
             if stop.load(Ordering::Acquire) {
-                return Ok(());
+                break Ok(());
             }
-            if s.generation > seen_generation && !s.holes.iter().any(concerns) {
-                return Ok(());
+            if s.generation > seen_generation && open(&s).is_none() {
+                break Ok(());
             }
             if s.protected.iter().any(concerns) {
                 if !counted {
@@ -242,8 +265,8 @@ impl TeardownGuard {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(match s.holes.iter().find(|h| concerns(h)) {
-                    Some(&(a, b)) => format!("{} is still unmapped after {timeout:?}", self.describe(a, b)),
+                break Err(match open(&s) {
+                    Some(h) => format!("{} is still unmapped after {timeout:?}", self.describe(h.start, h.end)),
                     None => format!(
                         "guest memory access failed (EFAULT) and no teardown of guest RAM was seen within {timeout:?}"
                     ),
@@ -252,7 +275,9 @@ impl TeardownGuard {
             // Wake up now and then to see `stop`: the VMM sets it without telling the guard.
             let slice = left.min(STOP_POLL);
             s = self.changed.wait_timeout(s, slice).unwrap_or_else(|e| e.into_inner()).0;
-        }
+        };
+        s.waiting -= 1;
+        result
     }
 
     /// The host range of guest-physical `[gpa, gpa + size)`, if it lies in one region of guest
@@ -470,7 +495,9 @@ impl Subscriber for TeardownGuard {
                     return Ok(());
                 }
                 s.events += 1;
-                s.holes.push((start, end));
+                let id = s.next_hole;
+                s.next_hole += 1;
+                s.holes.push(Hole { start, end, id });
                 // Whatever maps there next (the re-back) is writable.
                 subtract(&mut s.protected, start, end);
             }
@@ -515,7 +542,10 @@ impl Subscriber for TeardownGuard {
             }),
         };
         let mut s = self.lock();
-        s.holes.retain(|&h| h != (start, end));
+        // The oldest hole at exactly this place: events of one range come and end in order.
+        if let Some(i) = s.holes.iter().position(|h| (h.start, h.end) == (start, end)) {
+            s.holes.remove(i);
+        }
         match result {
             Ok(()) => {
                 tracing::info!("{what} was {verb} by code outside the VMM; re-backed with zeroed memory");
@@ -575,6 +605,37 @@ mod tests {
         assert!(in_hole.as_ref().is_err_and(|e| e.contains("still unmapped")), "{in_hole:?}");
         let unknown = g.wait_backed(0, None, &stop, short);
         assert!(unknown.as_ref().is_err_and(|e| e.contains("still unmapped")), "{unknown:?}");
+    }
+
+    /// A fault that names no address waits for the holes open when it began, not for holes
+    /// opened later: a steady stream of external unmaps elsewhere cannot starve it (a CI run saw
+    /// a verifier make 1 pass where its sibling made 211).
+    #[test]
+    fn a_hole_opened_during_the_wait_does_not_hold_the_vcpu() {
+        let (g, _space, host) = guard();
+        let first = range(host + 8 * PAGE, host + 10 * PAGE, Event::Unmap, Origin::External);
+        let later = range(host + 12 * PAGE, host + 14 * PAGE, Event::Unmap, Origin::External);
+        g.invalidate_range_start(&first).unwrap();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| g.wait_backed(g.generation(), None, &stop, Duration::from_secs(10)));
+            // Rendezvous: the waiter has taken its snapshot of the open holes (it counts itself
+            // as waiting under the lock it took the snapshot with) before the next one opens.
+            while g.lock().waiting == 0 {
+                assert!(!waiter.is_finished(), "the waiter returned with its hole still open");
+                std::thread::yield_now();
+            }
+            g.invalidate_range_start(&later).unwrap();
+            // The first hole is re-backed; the later one stays open.
+            g.invalidate_range_end(&first);
+            assert_eq!(waiter.join().unwrap(), Ok(()));
+        });
+        assert_eq!(g.lock().holes.len(), 1, "the later hole is still open");
+        // A new fault now waits for that one.
+        let again = g.wait_backed(g.generation(), None, &stop, Duration::from_millis(100));
+        assert!(again.as_ref().is_err_and(|e| e.contains("still unmapped")), "{again:?}");
+        // SAFETY: the re-back mapped these pages for this test only; nothing else uses them.
+        unsafe { libc::munmap((host + 8 * PAGE) as *mut libc::c_void, 2 * PAGE) };
     }
 
     /// A vCPU waiting on a protection that is never lifted returns once the VM stops.

@@ -58,6 +58,7 @@ mod space;
 mod stats;
 mod subscriber;
 mod sync;
+pub mod uffd;
 
 pub mod bench;
 

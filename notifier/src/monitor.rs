@@ -46,9 +46,9 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use userfaultfd::{Event as UEvent, EventBuffer, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
 use crate::space::AddressSpace;
+use crate::uffd::{Message, Userfaultfd};
 use crate::{Error, Origin};
 
 /// An event read from the userfaultfd, with plain addresses.
@@ -78,14 +78,8 @@ impl Default for MonitorOptions {
 /// Opens a userfaultfd for the monitor: not `UFFD_USER_MODE_ONLY` (so KVM's faults keep working),
 /// non-blocking, with the REMOVE/UNMAP/REMAP events. Fails with a clear message when userfaultfd
 /// is not available (it needs root here: `vm.unprivileged_userfaultfd = 0`).
-pub fn open_userfaultfd() -> Result<Uffd, Error> {
-    UffdBuilder::new()
-        .close_on_exec(true)
-        .non_blocking(true)
-        .user_mode_only(false)
-        .require_features(FeatureFlags::EVENT_REMOVE | FeatureFlags::EVENT_UNMAP | FeatureFlags::EVENT_REMAP)
-        .create()
-        .map_err(|e| {
+pub fn open_userfaultfd() -> Result<Userfaultfd, Error> {
+    Userfaultfd::open(crate::uffd::EVENT_FEATURES).map_err(|e| {
             Error::Uffd(format!(
                 "cannot open a userfaultfd with EVENT_REMOVE|UNMAP|REMAP and without \
                  UFFD_USER_MODE_ONLY (needs root or vm.unprivileged_userfaultfd=1, and the \
@@ -94,9 +88,8 @@ pub fn open_userfaultfd() -> Result<Uffd, Error> {
         })
 }
 
-pub(crate) fn register(u: &Uffd, start: usize, end: usize) -> Result<(), Error> {
-    u.register_with_mode(start as *mut libc::c_void, end - start, RegisterMode::WRITE_PROTECT)
-        .map(|_| ())
+pub(crate) fn register(u: &Userfaultfd, start: usize, end: usize) -> Result<(), Error> {
+    u.register_wp(start, end - start)
         .map_err(|e| Error::Uffd(format!("UFFDIO_REGISTER(WP) {start:#x}..{end:#x}: {e}")))
 }
 
@@ -104,7 +97,7 @@ pub(crate) fn register(u: &Uffd, start: usize, end: usize) -> Result<(), Error> 
 /// goes away.
 pub struct Monitor {
     space: Arc<AddressSpace>,
-    uffd: Arc<Uffd>,
+    uffd: Arc<Userfaultfd>,
     stop_fd: OwnedFd,
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
@@ -178,7 +171,7 @@ impl Monitor {
         let g = space.write_regions();
         if let Some(u) = space.uffd.lock().unwrap_or_else(|p| p.into_inner()).take() {
             for (s, e) in g.iter().map(|r| r.span()) {
-                let _ = u.unregister(s as *mut libc::c_void, e - s);
+                let _ = u.unregister(s, e - s);
             }
         }
         space.own.active.store(false, Ordering::SeqCst);
@@ -223,7 +216,7 @@ impl Drop for Monitor {
 
 fn reader_loop(
     space: &AddressSpace,
-    uffd: &Uffd,
+    uffd: &Userfaultfd,
     stop: &AtomicBool,
     stop_fd: i32,
     opts: MonitorOptions,
@@ -231,7 +224,7 @@ fn reader_loop(
 ) {
     let own = &space.own;
     let c = &own.counters;
-    let mut buf = EventBuffer::new(opts.batch.max(1));
+    let mut msgs: Vec<Message> = Vec::with_capacity(opts.batch.max(1));
     let mut evs: Vec<RawEvent> = Vec::with_capacity(opts.batch.max(1));
     let mut last_event: Option<Instant> = None;
     // Old ranges of external remaps forwarded to the worker whose trailing UNMAP has not been
@@ -246,32 +239,28 @@ fn reader_loop(
         let k = own.reads_started.fetch_add(1, Ordering::SeqCst) + 1;
         evs.clear();
         let mut n = 0u64;
-        match uffd.read_events(&mut buf) {
-            Ok(it) => {
-                for ev in it {
+        match uffd.read(&mut msgs, opts.batch) {
+            Ok(_) => {
+                for msg in msgs.iter() {
                     n += 1;
-                    match ev {
-                        Ok(UEvent::Remove { start, end }) => {
+                    match *msg {
+                        Message::Remove { start, end } => {
                             c.remove.fetch_add(1, Ordering::Relaxed);
-                            evs.push(RawEvent::Remove { start: start as usize, end: end as usize })
+                            evs.push(RawEvent::Remove { start, end })
                         }
-                        Ok(UEvent::Unmap { start, end }) => {
+                        Message::Unmap { start, end } => {
                             c.unmap.fetch_add(1, Ordering::Relaxed);
-                            evs.push(RawEvent::Unmap { start: start as usize, end: end as usize })
+                            evs.push(RawEvent::Unmap { start, end })
                         }
-                        Ok(UEvent::Remap { from, to, len }) => {
+                        Message::Remap { from, to, len } => {
                             c.remap.fetch_add(1, Ordering::Relaxed);
-                            evs.push(RawEvent::Remap { from: from as usize, to: to as usize, len })
+                            evs.push(RawEvent::Remap { from, to, len })
                         }
-                        Ok(other) => {
-                            // Page faults cannot happen with nothing write-protected; a FORK
-                            // event's uffd is closed by dropping it.
+                        Message::Other(event) => {
+                            // Page faults cannot happen with nothing write-protected, and FORK is
+                            // not requested.
                             c.other.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(?other, "unexpected userfaultfd event ignored");
-                        }
-                        Err(e) => {
-                            c.other.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(%e, "undecodable userfaultfd event");
+                            tracing::warn!(event, "unexpected userfaultfd event ignored");
                         }
                     }
                 }
@@ -299,7 +288,7 @@ fn reader_loop(
                     let _ = tx.send(*ev);
                 } else {
                     if let RawEvent::Remap { from, len, .. } = *ev {
-                        remapped_away.push_back((from, from + len as usize));
+                        remapped_away.push_back((from, from + len));
                     }
                     tracing::trace!(target: "notifier::uffd", ?ev, origin = ?Origin::External, "external event");
                     let _ = tx.send(*ev);

@@ -295,7 +295,7 @@ pub struct AddressSpace {
     regions: RwLock<Vec<Region>>,
     pub(crate) reg: Registry,
     pub(crate) own: OwnOps,
-    pub(crate) uffd: Mutex<Option<Arc<userfaultfd::Uffd>>>,
+    pub(crate) uffd: Mutex<Option<Arc<crate::uffd::Userfaultfd>>>,
     released: AtomicBool,
 }
 

@@ -4,7 +4,7 @@
 //! version" banner, the command line we passed, the e820 map of exactly the RAM the VMM gave, and
 //! (when it gets that far within the budget) the initrd's "RAMDISK" reservation.
 //!
-//! On PVM hosts guest ring 0 is emulated (HOST.md), so the bzImage's decompression alone takes
+//! On PVM hosts guest ring 0 is emulated (docs/host.md, "PVM"), so the bzImage's decompression alone takes
 //! minutes: that test has a budget of minutes ([`BZIMAGE_BUDGET`]; `ZAPVM_LINUX_BOOT_BUDGET`
 //! seconds replaces both budgets) and never waits longer. The two tests run one after the other.
 //! Each is skipped, with a message saying why, only when the kernel package cannot be had

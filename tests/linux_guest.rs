@@ -14,7 +14,7 @@
 //!
 //! The guest is built on first use (minutes; resources/linux-guest/build.sh, which installs
 //! Debian packages) and taken from its cache afterwards. On PVM hosts guest ring 0 is emulated
-//! (HOST.md): /init comes ~30 s after the VM starts and each guest page allocation costs
+//! (docs/host.md, "PVM"): /init comes ~30 s after the VM starts and each guest page allocation costs
 //! milliseconds, so the balloon targets are small and the budgets are tens of seconds. The two
 //! tests take turns (each VM wants a whole CPU).
 

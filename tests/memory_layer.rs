@@ -106,7 +106,7 @@ fn thp_memory_reads_zeros_and_huge_entries_are_dropped_whole() {
     }
 }
 
-/// Reserves 2 MiB hugetlb pages for one test and gives them back (HOST.md: none are reserved
+/// Reserves 2 MiB hugetlb pages for one test and gives them back (docs/host.md: none are reserved
 /// here; `nr_hugepages` must be put back).
 struct HugePages {
     before: String,

@@ -5,7 +5,7 @@
 //! Guest RAM is registered with `UFFDIO_REGISTER_MODE_WP` and nothing write-protected, with
 //! `UFFD_FEATURE_EVENT_REMOVE | EVENT_UNMAP | EVENT_REMAP`. Page faults stay in the kernel (with
 //! `MODE_MISSING` every first touch after a discard would be a round trip through the monitor);
-//! the events are the same (HOST.md, "Memory facilities").
+//! the events are the same (docs/host.md, "userfaultfd").
 //!
 //! | host operation (external) | event | kernel ordering | subscribers get |
 //! |---|---|---|---|
@@ -38,7 +38,7 @@
 //! no lock that is held across a syscall and calls no subscriber); the *worker* turns queued events
 //! into notifications (subscribers may sleep and may call the API there). After an event the reader
 //! keeps polling without sleeping for `MonitorOptions::spin`, so a burst of operations does not pay
-//! a cross-CPU wakeup per event (HOST.md measured that wakeup's p99 at 2.5 ms).
+//! a cross-CPU wakeup per event (docs/host.md: that wakeup's p99 is 2.5 ms).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -9,7 +9,7 @@
 //!   default. Discarding it (`MADV_DONTNEED`) frees the pages and the next touch reads zeros.
 //! - [`MemoryBackend::Memfd`]: one `memfd` mapped `MAP_SHARED`. Discarding it needs
 //!   `fallocate(PUNCH_HOLE)` or `MADV_REMOVE`; `MADV_DONTNEED` only drops the mapping and the
-//!   page cache keeps the data (HOST.md measured this).
+//!   page cache keeps the data (docs/host.md).
 //!
 //! - [`MemoryBackend::Hugetlb`]: a memfd of 2 MiB hugetlb pages (`MFD_HUGETLB`), mapped shared.
 //!   The pages are reserved when guest RAM is mapped, so a host without enough free huge pages

@@ -1,7 +1,7 @@
 //! Adjustments for hosts whose /dev/kvm is PVM (`kvm_pvm`), kept in one place.
 //!
 //! On PVM, guest ring-0 code goes through KVM's instruction emulator, which cannot execute some
-//! instructions (HOST.md). Everything here does nothing on VMX/SVM hosts, so the rest of the VMM
+//! instructions (docs/host.md, "PVM"). Everything here does nothing on VMX/SVM hosts, so the rest of the VMM
 //! is the code a bare-metal user runs:
 //! - [`adjust_cpuid`] hides CMPXCHG16B;
 //! - [`linux_cmdline_options`] keeps a Linux guest away from XSAVE, SMAP, POPCNT and friends;
@@ -27,7 +27,7 @@ pub fn is_pvm() -> bool {
 const CPUID1_ECX_CX16: u32 = 1 << 13;
 
 /// Hides CPU features the PVM emulator cannot execute in guest ring 0: CMPXCHG16B (PVM honours
-/// clearing it; HOST.md). Nothing on other hosts.
+/// clearing it; docs/host.md). Nothing on other hosts.
 pub fn adjust_cpuid(cpuid: &mut CpuId) {
     if !is_pvm() {
         return;
@@ -40,7 +40,7 @@ pub fn adjust_cpuid(cpuid: &mut CpuId) {
 }
 
 /// Kernel command-line options that keep a Linux guest away from instructions the PVM
-/// emulator cannot execute (HOST.md), and from byte-wise string instructions: without ERMS and
+/// emulator cannot execute (docs/host.md), and from byte-wise string instructions: without ERMS and
 /// FSRM the kernel's memset, memcpy and clear_page use `rep stosq`/`rep movsq` (or unrolled
 /// loops), which the emulator runs 8 bytes per step instead of 1 (the emulator executes every
 /// iteration of a `rep` instruction separately). Empty on other hosts.

@@ -27,7 +27,7 @@
 //!   plugged, if a discard fails).
 //! - **STATE**: the range checks, then PLUGGED, UNPLUGGED or MIXED.
 //!
-//! Bad guest input never reaches a syscall (DESIGN.md, point 7): malformed chains, a readable
+//! Bad guest input never reaches a syscall (docs/memory-layer.md): malformed chains, a readable
 //! part shorter than a request, a response buffer that is missing, too small, not
 //! device-writable or not guest RAM are counted ([`VirtioMemErrors`]), logged, and the chain is
 //! returned with length 0 without acting on it; a well-formed request with a bad range or state

@@ -3,7 +3,7 @@
 //!
 //! Everything here reads and writes guest RAM only through a `&dyn GuestMemoryAccess` (in
 //! production the VMM's table, [`crate::mmu::GuestMmu`]) and tears guest RAM down only through
-//! the notifier (`mmu.space().discard`), so the memory layer's contract (DESIGN.md, point 7)
+//! the notifier (`mmu.space().discard`), so the memory layer's contract (docs/memory-layer.md)
 //! holds: bad guest input becomes a device error, a log line and a counter, never a host syscall
 //! on memory outside guest RAM and never a panic.
 //!

@@ -3,7 +3,7 @@
 //! This is hand-written rather than taken from the `virtio-queue` crate because that crate reads
 //! guest memory through vm-memory's `GuestMemory` directly: its accesses would bypass the VMM's
 //! second-level table ([`crate::mmu::GuestMmu`]) and with it the notifier's invalidation
-//! protocol (DESIGN.md, points 3 and 7). Here every access to the descriptor table, the
+//! protocol (docs/memory-layer.md). Here every access to the descriptor table, the
 //! available ring, the used ring and the buffers goes through a `&dyn GuestMemoryAccess`.
 //!
 //! # Hostile guests

@@ -151,4 +151,16 @@ pub enum Error {
     /// A monitor already runs on this address space.
     #[error("a monitor already runs on this address space")]
     MonitorRunning,
+    /// The monitor stopped intercepting external teardowns before it was stopped, or one of its
+    /// threads panicked; external teardowns after that point were not notified.
+    #[error("the userfaultfd monitor failed: {0}")]
+    MonitorFailed(String),
+    /// A remap destination is not free: something is mapped there.
+    #[error("remap destination {dst:#x}..{end:#x} is not free (something is mapped there)")]
+    DestinationOccupied {
+        /// Destination.
+        dst: usize,
+        /// One past its last byte.
+        end: usize,
+    },
 }

@@ -24,6 +24,13 @@
 //!   could otherwise miss the end.
 //! * R5. `waiters` counts threads blocked on `cv`; `notify_all` is only issued when it is non-zero,
 //!   which keeps the futex syscall off the fast path.
+//! * R6. A panicking subscriber never leaves a start without its end nor a record in flight:
+//!   `accepted` counts each subscriber before its start is called (so one whose start panics, and
+//!   every earlier one, gets an end), `finish` calls every end even if some panic, then retires the
+//!   record and leaves the thread's teardown depth. Teardowns nobody can abort (external, Release)
+//!   contain panics: caught, counted in `KindStats::panics`, logged, and every other subscriber is
+//!   still called. For the VMM's own operations the first panic reaches the caller after that
+//!   cleanup (a panicking start aborts the operation before its syscall).
 
 // loom's `thread_local!` does not accept a `const { }` initializer.
 #![allow(clippy::missing_const_for_thread_local)]
@@ -82,6 +89,7 @@ pub(crate) struct KindCounters {
     pub refusals: AtomicU64,
     pub retries: AtomicU64,
     pub bytes: AtomicU64,
+    pub panics: AtomicU64,
 }
 
 struct Inflight {
@@ -244,8 +252,16 @@ impl Registry {
             st = self.wait_unreferenced(st, e.id);
         }
         drop(st);
+        // R6: one subscriber's panicking `release` does not keep the others from theirs.
+        let mut first_panic = None;
         for e in subs.iter() {
-            e.sub.release();
+            if let Err(p) = call(|| e.sub.release()) {
+                tracing::error!(subscriber = e.sub.name(), "subscriber release panicked");
+                first_panic.get_or_insert(p);
+            }
+        }
+        if let Some(p) = first_panic {
+            std::panic::resume_unwind(p);
         }
         Ok(())
     }
@@ -285,15 +301,19 @@ impl Registry {
             "invalidate_range_start"
         );
         let mut td = Teardown { reg: self, id, range, snapshot, accepted: 0, ended: false };
+        let contained = contains_panics(&range);
         for (i, e) in td.snapshot.iter().enumerate() {
             if !e.covers(&range) {
                 continue;
             }
-            match e.sub.invalidate_range_start(&range) {
-                Ok(()) => {
+            // R6: counted before the call, so a start that panics (or any later one) still leaves
+            // this subscriber among those `finish` ends.
+            td.accepted = i + 1;
+            match call(|| e.sub.invalidate_range_start(&range)) {
+                Ok(Ok(())) => {
                     e.c.starts.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(crate::Refused) => {
+                Ok(Err(crate::Refused)) => {
                     e.c.refusals.fetch_add(1, Ordering::Relaxed);
                     kc.refusals.fetch_add(1, Ordering::Relaxed);
                     if range.blockable {
@@ -310,8 +330,17 @@ impl Registry {
                         tracing::trace!(target: "notifier::range", subscriber = e.sub.name(), "refused");
                         // Only the first `i` got a start: `end` delivers to those.
                         td.accepted = i;
-                        td.finish(false);
+                        td.abort();
                         return Err(err);
+                    }
+                }
+                Err(payload) => {
+                    self.panicked(e, &range, "invalidate_range_start");
+                    if !contained {
+                        // R6: no syscall follows; every subscriber that may have begun gets its
+                        // end, then the caller sees the panic.
+                        let _ = td.finish(false);
+                        std::panic::resume_unwind(payload);
                     }
                 }
             }
@@ -319,6 +348,41 @@ impl Registry {
         td.accepted = td.snapshot.len();
         Ok(td)
     }
+
+    /// A subscriber's callback panicked: counted, logged.
+    fn panicked(&self, e: &Entry, range: &Range, callback: &'static str) {
+        self.kind(&range.event, range.origin).panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            subscriber = e.sub.name(),
+            callback,
+            origin = ?range.origin,
+            event = range.event.name(),
+            "subscriber callback panicked"
+        );
+    }
+}
+
+/// A panic payload caught from a subscriber's callback.
+type Panic = Box<dyn std::any::Any + Send + 'static>;
+
+/// R6: whether panics of subscribers are contained (caught, counted, the other subscribers still
+/// called) rather than handed to the caller once every end has been delivered. Teardowns nobody
+/// can abort are contained: external ones (the kernel already acted, and the monitor's worker must
+/// keep delivering) and Release.
+fn contains_panics(range: &Range) -> bool {
+    range.origin == Origin::External || range.event == Event::Release
+}
+
+/// Runs a subscriber's callback, catching its panic (R6). Under loom the callback runs as is: the
+/// model checker reports failures by panicking inside callbacks, which must not be caught.
+#[cfg(not(loom))]
+fn call<R>(f: impl FnOnce() -> R) -> Result<R, Panic> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+}
+
+#[cfg(loom)]
+fn call<R>(f: impl FnOnce() -> R) -> Result<R, Panic> {
+    Ok(f())
 }
 
 /// An in-flight teardown. Dropping it delivers `invalidate_range_end` (so an early return or a
@@ -336,33 +400,63 @@ pub(crate) struct Teardown<'a> {
 impl Teardown<'_> {
     /// The non-sleeping callback right after the host page tables changed.
     pub fn invalidate_range(&self) {
+        let contained = contains_panics(&self.range);
         for e in self.snapshot[..self.accepted].iter() {
             if e.covers(&self.range) {
                 e.c.invalidates.fetch_add(1, Ordering::Relaxed);
-                e.sub.invalidate_range(&self.range);
+                if let Err(payload) = call(|| e.sub.invalidate_range(&self.range)) {
+                    self.reg.panicked(e, &self.range, "invalidate_range");
+                    if !contained {
+                        // Unwinds through the caller; dropping `self` delivers every end (R6).
+                        std::panic::resume_unwind(payload);
+                    }
+                }
             }
         }
         // Late joiners are not told: they hold nothing of the range (they joined after its start
         // and cannot install into it before its end).
     }
 
-    /// Delivers the ends (also done by `Drop`).
+    /// Delivers the ends (also done by `Drop`). If a subscriber's end panicked (and the teardown
+    /// does not contain panics, R6), the panic is resumed here, after every other end was
+    /// delivered and the teardown retired.
     pub fn end(mut self) {
-        self.finish(true);
+        if let Some(p) = self.finish(true) {
+            std::panic::resume_unwind(p);
+        }
     }
 
     /// Delivers the ends of a teardown whose operation failed (not counted in `bytes`).
     pub fn abort(mut self) {
-        self.finish(false);
+        if let Some(p) = self.finish(false) {
+            std::panic::resume_unwind(p);
+        }
     }
 
-    fn finish(&mut self, completed: bool) {
+    /// Calls one subscriber's end; a panic is counted and kept (the first one) for the caller.
+    fn end_one(&self, e: &Entry, first_panic: &mut Option<Panic>) {
+        match call(|| e.sub.invalidate_range_end(&self.range)) {
+            Ok(()) => {}
+            Err(p) => {
+                self.reg.panicked(e, &self.range, "invalidate_range_end");
+                if !contains_panics(&self.range) && first_panic.is_none() {
+                    *first_panic = Some(p);
+                }
+            }
+        }
+        e.c.ends.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// R6: delivers every end, retires the record and leaves the thread's teardown depth, whatever
+    /// the subscribers do; returns the first panic of an end that is not contained.
+    fn finish(&mut self, completed: bool) -> Option<Panic> {
         if self.ended {
-            return;
+            return None;
         }
         self.ended = true;
         let range = self.range;
         let reg = self.reg;
+        let mut first_panic = None;
         // Fault injection: no subscriber hears the end and it is not counted (the record is
         // still retired, so unsubscribe and release do not wait for it forever).
         let planted = completed && reg.take_skip();
@@ -371,8 +465,7 @@ impl Teardown<'_> {
         }
         for e in self.snapshot[..self.accepted].iter() {
             if !planted && e.covers(&range) {
-                e.sub.invalidate_range_end(&range);
-                e.c.ends.fetch_add(1, Ordering::Relaxed);
+                self.end_one(e, &mut first_panic);
             }
         }
         let mut st = sync::lock(&reg.state);
@@ -388,8 +481,7 @@ impl Teardown<'_> {
             let late = st.inflight[pos].late.clone();
             drop(st);
             for e in late.iter() {
-                e.sub.invalidate_range_end(&range);
-                e.c.ends.fetch_add(1, Ordering::Relaxed);
+                self.end_one(e, &mut first_panic);
             }
             st = sync::lock(&reg.state);
         }
@@ -403,7 +495,7 @@ impl Teardown<'_> {
         IN_TEARDOWN.with(|c| c.set(c.get() - 1));
         let kc = reg.kind(&range.event, range.origin);
         if planted {
-            return;
+            return None;
         }
         kc.ends.fetch_add(1, Ordering::Relaxed);
         if completed {
@@ -419,12 +511,22 @@ impl Teardown<'_> {
             completed,
             "invalidate_range_end"
         );
+        first_panic
     }
 }
 
 impl Drop for Teardown<'_> {
     fn drop(&mut self) {
-        self.finish(true);
+        // Reached on an early return or while unwinding (a panic between start and end): not a
+        // completed operation.
+        let completed = !std::thread::panicking();
+        if let Some(p) = self.finish(completed) {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(p);
+            }
+            // Already unwinding: a second panic would abort; the end's panic was counted and
+            // logged by `end_one`.
+        }
     }
 }
 
@@ -461,6 +563,7 @@ impl Registry {
                     refusals: k.refusals.load(Ordering::Relaxed),
                     retries: k.retries.load(Ordering::Relaxed),
                     bytes: k.bytes.load(Ordering::Relaxed),
+                    panics: k.panics.load(Ordering::Relaxed),
                 }
             })
             .collect()

@@ -233,6 +233,8 @@ impl<T: Send> Subscriber for Interval<T> {
         self.begin_locked(&mut g, range);
     }
 
+    /// Takes the table lock, blocking, whatever `range.blockable` says: a non-blockable teardown's
+    /// end waits for a reader's install (or an `on_invalidate`) to release it.
     fn invalidate_range_end(&self, _range: &Range) {
         let mut g = sync::lock(&self.inner);
         debug_assert!(g.in_progress > 0, "end without start");

@@ -90,7 +90,8 @@ impl Region {
         }
     }
 
-    /// What the kernel really tears down for `[s, e)`: whole 2 MiB blocks if THP may back it.
+    /// The range notified for `[s, e)`: whole 2 MiB blocks if THP may back it (a safe superset of
+    /// what the kernel zaps, needed by subscribers that cache 2 MiB translations; see [`Range`]).
     fn widen(&self, s: usize, e: usize) -> (usize, usize) {
         if self.thp {
             (align_down(s, HUGE_PAGE_SIZE).max(self.start), align_up(e, HUGE_PAGE_SIZE).min(self.end))
@@ -331,6 +332,8 @@ impl<T> std::ops::Deref for IntervalHandle<T> {
 /// Every operation runs: validation (no syscall on bad input) -> `invalidate_range_start` of every
 /// overlapping subscriber (no lock of the crate held) -> the mapping lock -> the syscall ->
 /// `invalidate_range` (mapping lock held) -> the mapping lock released -> `invalidate_range_end`.
+/// External teardowns (the monitor's worker) and [`AddressSpace::release`] run start ->
+/// `invalidate_range` -> end with no lock of the crate held.
 ///
 /// # Invariants
 ///

@@ -62,6 +62,52 @@ pub mod uffd;
 
 pub mod bench;
 
+/// The subscriber registry on its own, for the loom models of `tests/loom.rs` (built only with
+/// `--cfg loom`, where the registry's lock, condition variable and thread-local depth are loom's).
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod model {
+    use std::sync::Arc;
+
+    use crate::{Error, Range, Subscriber, SubscriberStats, SubscriptionId};
+
+    /// The registry of an address space, without the address space.
+    pub struct Registry(crate::registry::Registry);
+
+    impl Default for Registry {
+        fn default() -> Self {
+            Registry(crate::registry::Registry::new())
+        }
+    }
+
+    impl Registry {
+        /// As [`crate::AddressSpace::subscribe_range`], over `[start, end)`.
+        pub fn subscribe(
+            &self,
+            sub: Arc<dyn Subscriber>,
+            start: usize,
+            end: usize,
+        ) -> Result<SubscriptionId, Error> {
+            self.0.subscribe(sub, start, end)
+        }
+
+        /// As [`crate::AddressSpace::unsubscribe`].
+        pub fn unsubscribe(&self, id: SubscriptionId) -> Result<SubscriberStats, Error> {
+            self.0.unsubscribe(id)
+        }
+
+        /// One teardown as the address space runs it: start (refusals as `Err`, nothing else
+        /// done), `zap` (the host operation), `invalidate_range`, end.
+        pub fn invalidate(&self, range: Range, zap: impl FnOnce()) -> Result<(), Error> {
+            let td = self.0.begin(range)?;
+            zap();
+            td.invalidate_range();
+            td.end();
+            Ok(())
+        }
+    }
+}
+
 pub use interval::{Interval, IntervalGuard, ReadSeq};
 pub use monitor::{open_userfaultfd, Monitor, MonitorOptions};
 pub use range::{DiscardMethod, Event, Origin, Range, HUGE_PAGE_SIZE, PAGE_SIZE};

@@ -42,8 +42,11 @@ use crate::stats::{KindStats, SubscriberStats};
 use crate::subscriber::Subscriber;
 use std::sync::Arc;
 
-use crate::sync::{self, thread_local, AtomicU64, Condvar, Mutex, Ordering};
+use crate::sync::{self, thread_local, Condvar, Mutex};
+// Counters are not part of the protocol: plain std atomics, which loom does not interleave (the
+// model explores the registry's lock, condition variable and records, not statistics).
 use crate::{Error, Event, Origin, Range};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 thread_local! {
     /// Depth of teardowns (begin..end) running on this thread; `unsubscribe` and `release` refuse

@@ -2,7 +2,7 @@
 //!
 //! The VMM's caches of guest RAM's host virtual addresses (its second-level table, device models'
 //! cached pointers) are secondary MMUs of its own address space. This crate gives them the
-//! contract Linux gives KVM (see DESIGN.md, "The contract of the memory layer"):
+//! contract Linux gives KVM (see `docs/memory-layer.md`):
 //!
 //! * every teardown — discard, unmap, remap, protection change, release — reaches every
 //!   overlapping [`Subscriber`] as a [`Range`] `[start, end)` with an [`Event`] and an [`Origin`],

@@ -20,7 +20,7 @@ pub enum Origin {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum DiscardMethod {
     /// `madvise(MADV_DONTNEED)`. Private anonymous memory reads zeros afterwards; on a shared memfd
-    /// mapping the data stays in the page cache and is read back (HOST.md).
+    /// mapping the data stays in the page cache and is read back (`docs/host.md`).
     DontNeed,
     /// `madvise(MADV_REMOVE)`: frees the backing of shared memory (reads zeros afterwards).
     Remove,

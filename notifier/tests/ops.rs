@@ -300,7 +300,7 @@ fn memfd_discard_methods() {
     assert_eq!(get(2), 0);
     let o = OpOptions { discard: Some(DiscardMethod::DontNeed), ..Default::default() };
     s.discard_with(base as usize + 3 * P, P, o).unwrap();
-    assert_eq!(get(3), 5, "DONTNEED keeps shared data in the page cache (HOST.md)");
+    assert_eq!(get(3), 5, "DONTNEED keeps shared data in the page cache (`docs/host.md`)");
     // SAFETY: our mapping.
     unsafe { libc::munmap(base as *mut _, len) };
 }

@@ -109,6 +109,18 @@ pub struct UffdCase {
     pub with_nospin_p99_us: f64,
 }
 
+/// 4 KiB discards with 64 subscribers of which one overlaps, against one subscriber (issue 13,
+/// point 6: subscribers are found by interval, not by scan).
+#[derive(Clone, Debug, Serialize)]
+pub struct SparseSubscribers {
+    /// ns per 4 KiB discard, one subscriber over the buffer.
+    pub one_ns: f64,
+    /// ns per 4 KiB discard, that subscriber plus 63 whose intervals lie outside the buffer.
+    pub sparse_64_ns: f64,
+    /// sparse_64_ns / one_ns (goal <= 1.1).
+    pub ratio: f64,
+}
+
 /// First touch after a discard.
 #[derive(Clone, Debug, Serialize)]
 pub struct Refault {
@@ -133,6 +145,8 @@ pub struct BenchReport {
     pub target_2m_1sub: BTreeMap<String, f64>,
     /// The seed's case.
     pub per_page_vs_range: PerPage,
+    /// 64 subscribers of which one overlaps vs one (4 KiB discards).
+    pub sparse_subscribers_4k: SparseSubscribers,
     /// External madvise with/without the monitor.
     pub uffd_overhead: Vec<UffdCase>,
     /// p99 of a 4 KiB external madvise with the monitor, us.
@@ -334,7 +348,8 @@ pub fn run(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> BenchReport {
         }
     }
     let per_page = per_page_vs_range(o, progress);
-    let uffd = vec![uffd_case(o, PAGE_SIZE, progress), uffd_case(o, HUGE_PAGE_SIZE, progress)];
+    let sparse = sparse_subscribers(o, progress);
+    let uffd = uffd_cases(o, progress);
     let p99 = uffd[0].with_p99_us;
     let refault = refault(o, progress);
     BenchReport {
@@ -343,6 +358,7 @@ pub fn run(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> BenchReport {
         ratio_vs_raw: ratio,
         target_2m_1sub: target,
         per_page_vs_range: per_page,
+        sparse_subscribers_4k: sparse,
         uffd_overhead: uffd,
         uffd_p99_us: p99,
         uffd_refault: refault,
@@ -428,6 +444,57 @@ fn per_page_vs_range(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> PerPag
         label(len), r / 1e3, c / 1e3, pp.ratio, d / 1e3, pp.ratio_discards, thp_frac
     ));
     pp
+}
+
+/// The sparse-subscriber case: two address spaces over one buffer, one with a single subscriber
+/// over it, one with that and 63 over disjoint intervals past its end; 4 KiB discards taking turns.
+fn sparse_subscribers(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> SparseSubscribers {
+    let b = Buf::new(if o.quick { 16 << 20 } else { 128 << 20 }, false);
+    let over = |subs: usize| {
+        let s = space_over(&b, false, 0);
+        s.subscribe_range(Arc::new(Counting(AtomicU64::new(0))), b.base, b.len).unwrap();
+        for i in 1..subs {
+            let start = b.base + b.len + i * 2 * PAGE_SIZE;
+            s.subscribe_range(Arc::new(Counting(AtomicU64::new(0))), start, PAGE_SIZE).unwrap();
+        }
+        s
+    };
+    let (one, sparse) = (over(1), over(64));
+    let one_call = |a, l| {
+        one.discard(a, l).expect("bench discard");
+    };
+    let sparse_call = |a, l| {
+        sparse.discard(a, l).expect("bench discard");
+    };
+    let (mut t1, mut t64) = (Vec::new(), Vec::new());
+    for round in 0..o.rounds {
+        if round % 2 == 0 {
+            let (a, c) = time_discards(&b, PAGE_SIZE, &one_call, &sparse_call);
+            t1.push(a);
+            t64.push(c);
+        } else {
+            let (c, a) = time_discards(&b, PAGE_SIZE, &sparse_call, &one_call);
+            t1.push(a);
+            t64.push(c);
+        }
+    }
+    let (one_ns, sparse_64_ns) = (median(&mut t1), median(&mut t64));
+    let r = SparseSubscribers { one_ns, sparse_64_ns, ratio: sparse_64_ns / one_ns };
+    progress(&format!(
+        "discard 4K, 64 subscribers of which 1 overlaps: {:.0} ns vs 1 subscriber {:.0} ns: x{:.3}",
+        r.sparse_64_ns, r.one_ns, r.ratio
+    ));
+    r
+}
+
+/// The external madvise cases (4 KiB and 2 MiB), with and without the monitor.
+pub fn uffd_cases(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Vec<UffdCase> {
+    vec![uffd_case(o, PAGE_SIZE, progress), uffd_case(o, HUGE_PAGE_SIZE, progress)]
+}
+
+/// The sparse-subscriber case alone (see [`SparseSubscribers`]).
+pub fn sparse_subscribers_case(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> SparseSubscribers {
+    sparse_subscribers(o, progress)
 }
 
 /// External madvise latencies (from this thread) on registered memory.
@@ -540,6 +607,11 @@ impl BenchReport {
             );
         }
         s += &format!("\nuffd_p99_us (4 KiB, default monitor): {:.1}\n", self.uffd_p99_us);
+        let sp = &self.sparse_subscribers_4k;
+        s += &format!(
+            "4 KiB discard, 64 subscribers of which 1 overlaps: {:.0} ns vs 1 subscriber {:.0} ns: x{:.3} (goal <= 1.1)\n",
+            sp.sparse_64_ns, sp.one_ns, sp.ratio
+        );
         let r = &self.uffd_refault;
         s += &format!(
             "uffd_refault: {:.0} ns/page registered vs {:.0} ns/page not (x{:.2})\n",

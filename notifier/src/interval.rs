@@ -44,7 +44,9 @@ use std::ops::{Deref, DerefMut};
 use crate::range::overlaps;
 use crate::subscriber::{Refused, Subscriber};
 use crate::sync::{self, AtomicU32, AtomicU64, Condvar, Mutex, MutexGuard, Ordering};
+// Statistics only (not part of the protocol, so not interleaved by loom).
 use crate::Range;
+use std::sync::atomic::AtomicU64 as CounterU64;
 
 /// A sequence number returned by [`Interval::read_begin`], checked by [`Interval::read_retry`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,8 +80,12 @@ pub struct Interval<T> {
     inner: Mutex<Inner<T>>,
     cv: Condvar,
     on_invalidate: InvalidateFn<T>,
-    retries: AtomicU64,
-    waits: AtomicU64,
+    retries: CounterU64,
+    waits: CounterU64,
+    /// Planted fault, loom models only: the in-progress range is overwritten instead of unioned
+    /// (I1 broken); `tests/loom.rs` proves its model catches it.
+    #[cfg(loom)]
+    overwrite_in_progress: bool,
 }
 
 /// The table lock of an [`Interval`]; dereferences to the table.
@@ -119,9 +125,20 @@ impl<T: Send> Interval<T> {
             inner: Mutex::new(Inner { table, seq: 0, in_progress: 0, inv_start: 0, inv_end: 0, waiters: 0 }),
             cv: Condvar::new(),
             on_invalidate: Box::new(on_invalidate),
-            retries: AtomicU64::new(0),
-            waits: AtomicU64::new(0),
+            retries: CounterU64::new(0),
+            waits: CounterU64::new(0),
+            #[cfg(loom)]
+            overwrite_in_progress: false,
         }
+    }
+
+    /// **Planted fault, loom models only**: every start overwrites the in-progress range instead
+    /// of unioning it with the ranges still in progress (breaks I1).
+    #[cfg(loom)]
+    #[doc(hidden)]
+    pub fn plant_fault_overwrite_in_progress(mut self) -> Self {
+        self.overwrite_in_progress = true;
+        self
     }
 
     /// The interval `[start, end)`.
@@ -192,7 +209,11 @@ impl<T: Send> Interval<T> {
 
     /// I1, I3: account a start under the lock. Stores `in_progress` before `seq`.
     fn begin_locked(&self, g: &mut Inner<T>, range: &Range) {
-        if g.in_progress == 0 {
+        #[cfg(loom)]
+        let fresh = g.in_progress == 0 || self.overwrite_in_progress;
+        #[cfg(not(loom))]
+        let fresh = g.in_progress == 0;
+        if fresh {
             g.inv_start = range.start;
             g.inv_end = range.end;
         } else {
@@ -233,6 +254,8 @@ impl<T: Send> Subscriber for Interval<T> {
         self.begin_locked(&mut g, range);
     }
 
+    /// Takes the table lock, blocking, whatever `range.blockable` says: a non-blockable teardown's
+    /// end waits for a reader's install (or an `on_invalidate`) to release it.
     fn invalidate_range_end(&self, _range: &Range) {
         let mut g = sync::lock(&self.inner);
         debug_assert!(g.in_progress > 0, "end without start");

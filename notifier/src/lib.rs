@@ -2,7 +2,7 @@
 //!
 //! The VMM's caches of guest RAM's host virtual addresses (its second-level table, device models'
 //! cached pointers) are secondary MMUs of its own address space. This crate gives them the
-//! contract Linux gives KVM (see docs/memory-layer.md, "The contract"):
+//! contract Linux gives KVM (see `docs/memory-layer.md`):
 //!
 //! * every teardown — discard, unmap, remap, protection change, release — reaches every
 //!   overlapping [`Subscriber`] as a [`Range`] `[start, end)` with an [`Event`] and an [`Origin`],
@@ -61,6 +61,52 @@ mod sync;
 pub mod uffd;
 
 pub mod bench;
+
+/// The subscriber registry on its own, for the loom models of `tests/loom.rs` (built only with
+/// `--cfg loom`, where the registry's lock, condition variable and thread-local depth are loom's).
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod model {
+    use std::sync::Arc;
+
+    use crate::{Error, Range, Subscriber, SubscriberStats, SubscriptionId};
+
+    /// The registry of an address space, without the address space.
+    pub struct Registry(crate::registry::Registry);
+
+    impl Default for Registry {
+        fn default() -> Self {
+            Registry(crate::registry::Registry::new())
+        }
+    }
+
+    impl Registry {
+        /// As [`crate::AddressSpace::subscribe_range`], over `[start, end)`.
+        pub fn subscribe(
+            &self,
+            sub: Arc<dyn Subscriber>,
+            start: usize,
+            end: usize,
+        ) -> Result<SubscriptionId, Error> {
+            self.0.subscribe(sub, start, end)
+        }
+
+        /// As [`crate::AddressSpace::unsubscribe`].
+        pub fn unsubscribe(&self, id: SubscriptionId) -> Result<SubscriberStats, Error> {
+            self.0.unsubscribe(id)
+        }
+
+        /// One teardown as the address space runs it: start (refusals as `Err`, nothing else
+        /// done), `zap` (the host operation), `invalidate_range`, end.
+        pub fn invalidate(&self, range: Range, zap: impl FnOnce()) -> Result<(), Error> {
+            let td = self.0.begin(range)?;
+            zap();
+            td.invalidate_range();
+            td.end();
+            Ok(())
+        }
+    }
+}
 
 pub use interval::{Interval, IntervalGuard, ReadSeq};
 pub use monitor::{open_userfaultfd, Monitor, MonitorOptions};
@@ -151,4 +197,16 @@ pub enum Error {
     /// A monitor already runs on this address space.
     #[error("a monitor already runs on this address space")]
     MonitorRunning,
+    /// The monitor stopped intercepting external teardowns before it was stopped, or one of its
+    /// threads panicked; external teardowns after that point were not notified.
+    #[error("the userfaultfd monitor failed: {0}")]
+    MonitorFailed(String),
+    /// A remap destination is not free: something is mapped there.
+    #[error("remap destination {dst:#x}..{end:#x} is not free (something is mapped there)")]
+    DestinationOccupied {
+        /// Destination.
+        dst: usize,
+        /// One past its last byte.
+        end: usize,
+    },
 }

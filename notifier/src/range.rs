@@ -20,7 +20,7 @@ pub enum Origin {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum DiscardMethod {
     /// `madvise(MADV_DONTNEED)`. Private anonymous memory reads zeros afterwards; on a shared memfd
-    /// mapping the data stays in the page cache and is read back (docs/host.md).
+    /// mapping the data stays in the page cache and is read back (`docs/host.md`).
     DontNeed,
     /// `madvise(MADV_REMOVE)`: frees the backing of shared memory (reads zeros afterwards).
     Remove,
@@ -87,10 +87,12 @@ impl Event {
 
 /// A range of host virtual addresses being torn down, as every subscriber sees it.
 ///
-/// `[start, end)` is page-aligned and never empty. It is what the kernel really tears down: when an
-/// operation cuts a transparent huge page the range is widened to whole 2 MiB pages (clipped to the
-/// region), because the kernel splits (re-maps) the whole PMD; `exact_start..exact_end` is the range
-/// the syscall named.
+/// `[start, end)` is page-aligned and never empty. In a region that transparent huge pages may back,
+/// a range that cuts a 2 MiB block is widened to whole 2 MiB blocks (clipped to the region): a safe
+/// superset of what the kernel tears down, needed by subscribers that cache whole 2 MiB
+/// translations (the kernel itself splits the PMD and zaps only the pages named: a 4 KiB DONTNEED
+/// inside a THP keeps the other 511 pages, now mapped by PTEs). `exact_start..exact_end` is the
+/// range the syscall named.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Range {
     /// First byte (page-aligned).

@@ -90,7 +90,8 @@ impl Region {
         }
     }
 
-    /// What the kernel really tears down for `[s, e)`: whole 2 MiB blocks if THP may back it.
+    /// The range notified for `[s, e)`: whole 2 MiB blocks if THP may back it (a safe superset of
+    /// what the kernel zaps, needed by subscribers that cache 2 MiB translations; see [`Range`]).
     fn widen(&self, s: usize, e: usize) -> (usize, usize) {
         if self.thp {
             (align_down(s, HUGE_PAGE_SIZE).max(self.start), align_up(e, HUGE_PAGE_SIZE).min(self.end))
@@ -186,6 +187,11 @@ pub(crate) struct OwnOps {
     next: AtomicU64,
     pub counters: MonitorCounters,
     pub ever_started: AtomicBool,
+    /// Why the monitor stopped intercepting on its own, if it did.
+    failure: Mutex<Option<String>>,
+    /// Fault injection: the reader's next read fails.
+    #[cfg(feature = "fault-injection")]
+    planted_read_failure: AtomicBool,
 }
 
 #[derive(Default)]
@@ -201,6 +207,8 @@ pub(crate) struct MonitorCounters {
     pub external: AtomicU64,
     pub outside: AtomicU64,
     pub remap_unmaps: AtomicU64,
+    pub remap_dontunmap: AtomicU64,
+    pub worker_panics: AtomicU64,
 }
 
 impl OwnOps {
@@ -234,7 +242,7 @@ impl OwnOps {
                 (RawEvent::Unmap { start, end }, OwnKind::Unmap | OwnKind::Remap { .. }) => {
                     o.start <= start && end <= o.end
                 }
-                (RawEvent::Remap { from, to, len }, OwnKind::Remap { dst }) => {
+                (RawEvent::Remap { from, to, len, .. }, OwnKind::Remap { dst }) => {
                     o.start <= from
                         && from + len <= o.end
                         && to.wrapping_sub(from) == dst.wrapping_sub(o.start)
@@ -249,6 +257,36 @@ impl OwnOps {
         self.reads_processed.store(k, Ordering::SeqCst);
         let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         ops.retain(|o| o.done_at.is_none_or(|d| d > k));
+    }
+
+    pub(crate) fn set_failure(&self, why: String) {
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        match f.as_mut() {
+            Some(f) => {
+                f.push_str("; ");
+                f.push_str(&why);
+            }
+            None => *f = Some(why),
+        }
+    }
+
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Forgets a failure of an earlier monitor (a new one starts).
+    pub(crate) fn clear_failure(&self) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn plant_read_failure(&self) {
+        self.planted_read_failure.store(true, Ordering::SeqCst);
+    }
+
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn take_planted_read_failure(&self) -> bool {
+        self.planted_read_failure.swap(false, Ordering::SeqCst)
     }
 
     pub(crate) fn snapshot(&self) -> MonitorStats {
@@ -266,6 +304,9 @@ impl OwnOps {
             external: l(&c.external),
             outside: l(&c.outside),
             remap_unmaps: l(&c.remap_unmaps),
+            remap_dontunmap: l(&c.remap_dontunmap),
+            worker_panics: l(&c.worker_panics),
+            failed: self.failure(),
         }
     }
 }
@@ -291,6 +332,14 @@ impl<T> std::ops::Deref for IntervalHandle<T> {
 /// Every operation runs: validation (no syscall on bad input) -> `invalidate_range_start` of every
 /// overlapping subscriber (no lock of the crate held) -> the mapping lock -> the syscall ->
 /// `invalidate_range` (mapping lock held) -> the mapping lock released -> `invalidate_range_end`.
+/// External teardowns (the monitor's worker) and [`AddressSpace::release`] run start ->
+/// `invalidate_range` -> end with no lock of the crate held.
+///
+/// # Invariants
+///
+/// * S1. An operation never maps over memory it was not given: a remap's destination is reserved
+///   with `MAP_FIXED_NOREPLACE` (failing if anything is mapped there) before `MREMAP_FIXED`
+///   replaces that reservation, under the mapping lock.
 pub struct AddressSpace {
     regions: RwLock<Vec<Region>>,
     pub(crate) reg: Registry,
@@ -472,8 +521,10 @@ impl AddressSpace {
         self.run(Op::Unmap, start, len, OpOptions::default())
     }
 
-    /// Moves `[start, start + len)` to `dst` (`mremap(MAYMOVE | FIXED)`); the destination must not
-    /// overlap any region (guest RAM is never silently unmapped by it).
+    /// Moves `[start, start + len)` to `dst` (`mremap(MAYMOVE | FIXED)`). The destination must be
+    /// free address space: it must not overlap any region ([`Error::DestinationOverlaps`]) and
+    /// nothing may be mapped there ([`Error::DestinationOccupied`], checked by reserving it with
+    /// `MAP_FIXED_NOREPLACE`, invariant S1), so a remap never replaces anyone's memory.
     pub fn remap(&self, start: usize, len: usize, dst: usize) -> Result<OpReport, Error> {
         self.run(Op::Remap { dst }, start, len, OpOptions::default())
     }
@@ -689,9 +740,16 @@ impl AddressSpace {
                 split_out(g, i, start, end);
             }
             Op::Remap { dst } => {
+                // S1: the destination must be free. Reserving it with MAP_FIXED_NOREPLACE fails
+                // (EEXIST) if anything is mapped there, and the reservation keeps every other
+                // thread's mmap out of it until MREMAP_FIXED replaces it (which then unmaps only
+                // our own reservation).
+                reserve(dst, len)?;
                 let own = self.own_record(OwnKind::Remap { dst }, start, end);
-                // SAFETY: as for munmap; the destination was checked (under this lock) to overlap
-                // no region, so MREMAP_FIXED replaces no guest RAM.
+                // SAFETY: `[start, end)` is guest RAM the caller handed us under
+                // `AddressSpace::new`'s contract (no Rust reference into it; it may be moved
+                // through this API). The destination is our own PROT_NONE reservation (S1), so
+                // MREMAP_FIXED unmaps nothing but it.
                 let q = unsafe {
                     libc::mremap(
                         p,
@@ -701,9 +759,15 @@ impl AddressSpace {
                         dst as *mut libc::c_void,
                     )
                 };
+                let failed = (q == libc::MAP_FAILED).then(std::io::Error::last_os_error);
+                if failed.is_some() {
+                    // SAFETY: the failed mremap left our reservation at `dst` as it was; nothing
+                    // else can be mapped there.
+                    unsafe { libc::munmap(dst as *mut libc::c_void, len) };
+                }
                 self.own_done(own);
-                if q == libc::MAP_FAILED {
-                    return Err(Error::Os { op: "mremap", source: std::io::Error::last_os_error() });
+                if let Some(source) = failed {
+                    return Err(Error::Os { op: "mremap", source });
                 }
                 let moved = g[i].slice(start, end);
                 split_out(g, i, start, end);
@@ -765,9 +829,21 @@ impl AddressSpace {
                     split_out(&mut g, i, s, e);
                 }
             }
-            RawEvent::Remap { from, to, len } => {
+            RawEvent::Remap { from, to, len, dontunmap } => {
                 let end = from + len;
                 let mut g = self.write_regions();
+                if dontunmap {
+                    // U3 (monitor.rs): the old range stays mapped (empty) but is no longer guest RAM: it leaves
+                    // the regions like a moved range and is unregistered here, before any
+                    // subscriber hears of the move (a subscriber that maps guest RAM there again
+                    // registers it anew through `add_region`).
+                    c.remap_dontunmap.fetch_add(1, Ordering::Relaxed);
+                    if let Some(u) = self.uffd.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                        if let Err(e) = u.unregister(from, len) {
+                            tracing::warn!(%e, from, len, "cannot unregister the range mremap(DONTUNMAP) left");
+                        }
+                    }
+                }
                 let mut moved = Vec::new();
                 while let Some(i) = g.iter().position(|r| overlaps(r.start, r.end, from, end)) {
                     let (s, e) = (from.max(g[i].start), end.min(g[i].end));
@@ -797,7 +873,14 @@ impl AddressSpace {
     /// Tells every subscriber that the address space goes away: an [`Event::Release`] range per
     /// region, then [`Subscriber::release`] once no other callback of it can run. Later operations
     /// and subscriptions fail with [`Error::Released`]. Also done on drop.
+    /// Fails with [`Error::InCallback`], changing nothing, when called from inside a teardown.
     pub fn release(&self) -> Result<(), Error> {
+        // Refused before `released` is set: from inside a callback `release_all` could not wait,
+        // and a release that set the flag and then failed would leave every subscriber without
+        // its `release()` forever (a later call would return at once).
+        if crate::registry::in_teardown() {
+            return Err(Error::InCallback);
+        }
         if self.released.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
@@ -856,6 +939,38 @@ impl Drop for AddressSpace {
     fn drop(&mut self) {
         let _ = self.release();
     }
+}
+
+/// S1: maps an inaccessible placeholder at exactly `[dst, dst + len)`, or fails with
+/// [`Error::DestinationOccupied`] if any of it is mapped.
+fn reserve(dst: usize, len: usize) -> Result<(), Error> {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; a fresh anonymous
+    // PROT_NONE mapping is created or nothing happens.
+    let q = unsafe {
+        libc::mmap(
+            dst as *mut libc::c_void,
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if q == libc::MAP_FAILED {
+        let source = std::io::Error::last_os_error();
+        return Err(if source.raw_os_error() == Some(libc::EEXIST) {
+            Error::DestinationOccupied { dst, end: dst + len }
+        } else {
+            Error::Os { op: "mmap(MAP_FIXED_NOREPLACE)", source }
+        });
+    }
+    if q as usize != dst {
+        // A kernel older than 4.17 treats the flag as a hint and maps elsewhere.
+        // SAFETY: `q` is the mapping just created, owned by nobody else.
+        unsafe { libc::munmap(q, len) };
+        return Err(Error::DestinationOccupied { dst, end: dst + len });
+    }
+    Ok(())
 }
 
 /// Removes `[s, e)` (inside `g[i]`) from the regions, splitting `g[i]` if needed.

@@ -19,6 +19,9 @@ pub struct KindStats {
     pub retries: u64,
     /// Bytes of completed teardowns (notified ranges, i.e. after THP widening).
     pub bytes: u64,
+    /// Subscriber callbacks that panicked (contained for external teardowns and Release, handed
+    /// to the caller after every end for the VMM's own operations).
+    pub panics: u64,
 }
 
 /// Per subscriber.
@@ -72,6 +75,15 @@ pub struct MonitorStats {
     /// UNMAPs of the old range that `mremap` queues after its REMAP: part of that move, folded
     /// into it by the reader and not notified.
     pub remap_unmaps: u64,
+    /// External `mremap(MREMAP_DONTUNMAP)` moves: REMAP with no UNMAP to follow (the old range
+    /// stays mapped); the old range is unregistered and leaves the regions.
+    pub remap_dontunmap: u64,
+    /// Events on which the worker panicked outside any subscriber callback (subscribers' own
+    /// panics are counted per kind, in `KindStats::panics`).
+    pub worker_panics: u64,
+    /// Why the monitor stopped intercepting before `Monitor::stop` (a failed userfaultfd read, a
+    /// lost worker), if it did. It then released the userfaultfd, so no teardown waits for it.
+    pub failed: Option<String>,
 }
 
 /// A snapshot of all counters of an [`crate::AddressSpace`].

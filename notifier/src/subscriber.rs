@@ -13,12 +13,20 @@ pub struct Refused;
 /// For every teardown overlapping the subscriber's interval, callbacks run in this order, each at
 /// most once per teardown: `invalidate_range_start` -> (the host operation) -> `invalidate_range` ->
 /// `invalidate_range_end`. A subscriber whose start returned `Ok` always gets the matching end; one
-/// that refused gets neither `invalidate_range` nor end. Callbacks of different teardowns may run
-/// concurrently on different threads, and their ranges may overlap.
+/// that refused gets neither `invalidate_range` nor end; one whose start panicked gets its end (it
+/// may have begun). Callbacks of different teardowns may run concurrently on different threads,
+/// and their ranges may overlap.
+///
+/// A panicking callback does not cost any other subscriber its callbacks (R6 in `registry.rs`):
+/// for external teardowns and Release the panic is caught and counted (`KindStats::panics`); for
+/// the VMM's own operations it reaches the caller of the operation after every end was delivered
+/// (a panicking start aborts the operation before its syscall).
 ///
 /// Callbacks must not subscribe, unsubscribe, release, or start/stop the monitor (those wait for
-/// callbacks to finish). `invalidate_range_start`/`_end` may perform operations on the
-/// [`crate::AddressSpace`]; `invalidate_range` must not (it runs under the mapping lock).
+/// callbacks to finish; unsubscribe, release and stop fail with [`crate::Error::InCallback`] and
+/// change nothing). `invalidate_range_start`/`_end` may perform operations on the
+/// [`crate::AddressSpace`]; `invalidate_range` must not (for the VMM's own operations it runs under
+/// the mapping lock).
 pub trait Subscriber: Send + Sync {
     /// A name for counters and traces.
     fn name(&self) -> &str {
@@ -37,14 +45,19 @@ pub trait Subscriber: Send + Sync {
         Ok(())
     }
 
-    /// The host page tables of the range have just changed (called right after the syscall, with
-    /// the address space's mapping lock held). Must not sleep or take locks that are held across
-    /// an address-space operation.
+    /// The host page tables of the range have just changed. For the VMM's own operations it is
+    /// called right after the syscall with the address space's mapping lock held; for external
+    /// teardowns (on the monitor's worker, after the kernel acted) and for Release it is called
+    /// right after the start callbacks, with no lock of the crate held. Must not sleep or take
+    /// locks that are held across an address-space operation.
     fn invalidate_range(&self, range: &Range) {
         let _ = range;
     }
 
-    /// The teardown is complete; translations of the range may be installed again.
+    /// The teardown is complete; translations of the range may be installed again. Called with no
+    /// lock of the crate held, also for non-blockable teardowns: `blockable == false` constrains
+    /// `invalidate_range_start` only, and an end may block (e.g. [`crate::Interval`]'s end waits
+    /// for its table lock, held at most for a reader's install).
     fn invalidate_range_end(&self, range: &Range) {
         let _ = range;
     }

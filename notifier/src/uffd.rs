@@ -17,11 +17,11 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use linux_raw_sys::general::{
-    uffd_msg, uffdio_api, uffdio_range, uffdio_register, UFFDIO_REGISTER_MODE_WP, UFFD_API, UFFD_EVENT_REMAP,
-    UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP, UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE,
-    UFFD_FEATURE_EVENT_UNMAP, UFFD_USER_MODE_ONLY,
+    uffd_msg, uffdio_api, uffdio_range, uffdio_register, uffdio_writeprotect, UFFDIO_REGISTER_MODE_WP,
+    UFFD_API, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP, UFFD_FEATURE_EVENT_REMAP,
+    UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP, UFFD_USER_MODE_ONLY,
 };
-use linux_raw_sys::ioctl::{UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER};
+use linux_raw_sys::ioctl::{UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WRITEPROTECT};
 
 /// `USERFAULTFD_IOC_NEW` = `_IO(0xAA, 0x00)` (include/uapi/linux/userfaultfd.h). linux-raw-sys
 /// does not list the ioctls of the `/dev/userfaultfd` misc device.
@@ -163,6 +163,52 @@ impl Userfaultfd {
         // SAFETY: UFFDIO_UNREGISTER reads one `uffdio_range` that lives for the call.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER as _, &range) } < 0 {
             return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether some mapping in `[start, start + len)` is registered in write-protect mode (with
+    /// this or another userfaultfd of the process), asked without changing anything: an
+    /// un-write-protect (`UFFDIO_WRITEPROTECT` with mode 0) of a range where nothing is
+    /// write-protected leaves every page as it was, and fails with `ENOENT` when no mapping of the
+    /// range is registered in WP mode (an unmapped range, or memory nobody registered), which is
+    /// `Ok(false)` here. Fails with `EAGAIN` while a non-cooperative event of the process is
+    /// between its queueing and its completion (the kernel's `mmap_changing`).
+    pub fn is_registered_wp(&self, start: usize, len: usize) -> io::Result<bool> {
+        let mut wp =
+            uffdio_writeprotect { range: uffdio_range { start: start as u64, len: len as u64 }, mode: 0 };
+        // SAFETY: UFFDIO_WRITEPROTECT reads one `uffdio_writeprotect` that lives for the call; with
+        // mode 0 on memory that nobody write-protected it changes no page's contents or access.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &mut wp) } < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOENT) => Ok(false),
+                _ => Err(e),
+            };
+        }
+        Ok(true)
+    }
+
+    /// Gives the userfaultfd up for good, at once, while other threads may still hold `self`: the
+    /// descriptor number is pointed at an inert eventfd (`dup3`), so the kernel releases the
+    /// userfaultfd (it had no other reference). Releasing unregisters every range registered with
+    /// it and wakes every thread waiting for one of its events to be read, so nothing can block on
+    /// it any more. Afterwards ioctls on `self` fail (`ENOTTY`) and reads return no message.
+    pub fn disable(&self) -> io::Result<()> {
+        // SAFETY: eventfd takes no pointer.
+        let inert = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if inert < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: dup3 atomically makes our own descriptor number refer to the eventfd; the number
+        // stays owned by `self.fd` (which later closes the eventfd), so no other owner's
+        // descriptor is touched. `inert` is ours and closed right after.
+        let r = unsafe { libc::dup3(inert, self.fd.as_raw_fd(), libc::O_CLOEXEC) };
+        let err = io::Error::last_os_error();
+        // SAFETY: closes the descriptor we created above and nobody else uses.
+        unsafe { libc::close(inert) };
+        if r < 0 {
+            return Err(err);
         }
         Ok(())
     }

@@ -230,10 +230,6 @@ fn thp_cut_is_widened_and_no_translation_survives_a_discard() {
 fn unmap_remap_protect_update_regions_and_notify() {
     let m = Map::anon(32 * P, P, false);
     m.fill(9);
-    let dst = Map::anon(8 * P, P, false);
-    let d = dst.addr();
-    // The destination stays mapped but is not guest RAM: MREMAP_FIXED replaces it atomically
-    // (an unmapped hole could be taken by another test's mmap meanwhile).
     let s = space(&[m.spec(false)]);
     let rec = Recorder::new("rec");
     s.subscribe(rec.clone()).unwrap();
@@ -244,7 +240,10 @@ fn unmap_remap_protect_update_regions_and_notify() {
     assert_eq!(regs, vec![(a, a + 8 * P), (a + 12 * P, a + 32 * P)]);
     assert!(matches!(s.discard(a + 8 * P, P), Err(Error::NotMapped { .. })));
     m.set(20 * P, 42);
-    let r = s.remap(a + 20 * P, 4 * P, d).unwrap().range;
+    // The destination must be free address space (a remap never maps over anything).
+    let (d, rep) = remap_to_hole(&s, a + 20 * P, 4 * P);
+    let _moved = Unmapper(d, 4 * P);
+    let r = rep.range;
     assert_eq!(r.event, Event::Remap { new_start: d });
     // SAFETY: the destination is mapped now.
     assert_eq!(unsafe { (d as *const u8).read_volatile() }, 42);
@@ -301,7 +300,7 @@ fn memfd_discard_methods() {
     assert_eq!(get(2), 0);
     let o = OpOptions { discard: Some(DiscardMethod::DontNeed), ..Default::default() };
     s.discard_with(base as usize + 3 * P, P, o).unwrap();
-    assert_eq!(get(3), 5, "DONTNEED keeps shared data in the page cache (docs/host.md)");
+    assert_eq!(get(3), 5, "DONTNEED keeps shared data in the page cache (`docs/host.md`)");
     // SAFETY: our mapping.
     unsafe { libc::munmap(base as *mut _, len) };
 }

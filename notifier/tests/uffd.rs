@@ -102,13 +102,11 @@ fn external_munmap_and_mremap() {
 fn own_operations_are_notified_once() {
     let (m, s, rx, mon) = setup(64);
     let a = m.addr();
-    let d = Map::anon(4 * P, P, false);
-    let dst = d.addr();
-    // The destination stays mapped (not guest RAM): MREMAP_FIXED replaces it atomically, so no
-    // other thread can take the hole meanwhile.
     s.discard(a, 2 * P).unwrap();
     s.unmap(a + 10 * P, P).unwrap();
-    s.remap(a + 20 * P, 2 * P, dst).unwrap();
+    // The destination must be free address space (a remap never maps over anything).
+    let (dst, _) = remap_to_hole(&s, a + 20 * P, 2 * P);
+    let _moved = Unmapper(dst, 2 * P);
     s.discard(dst, P).unwrap();
     let mut got: Vec<(Origin, Event)> =
         (0..4).map(|_| rx.recv().unwrap()).map(|r| (r.origin, r.event)).collect();

@@ -158,3 +158,41 @@ impl Subscriber for Recorder {
         ));
     }
 }
+
+/// Moves `[start, start + len)` of `s` to free address space and returns the destination. The
+/// destination must be free (`remap` refuses to map over anything); a hole is made by mapping and
+/// unmapping, and taken again if another thread's mmap took it meanwhile (`DestinationOccupied`:
+/// nothing was touched).
+pub fn remap_to_hole(s: &AddressSpace, start: usize, len: usize) -> (usize, notifier::OpReport) {
+    for _ in 0..100 {
+        // SAFETY: a fresh inaccessible mapping at a kernel-chosen address, unmapped at once.
+        let hole = unsafe {
+            let q = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            );
+            assert_ne!(q, libc::MAP_FAILED);
+            libc::munmap(q, len);
+            q as usize
+        };
+        match s.remap(start, len, hole) {
+            Ok(rep) => return (hole, rep),
+            Err(notifier::Error::DestinationOccupied { .. }) => continue,
+            Err(e) => panic!("remap: {e}"),
+        }
+    }
+    panic!("no free hole for a remap in 100 tries");
+}
+
+/// Unmaps `[addr, addr + len)` (a remap destination the test owns) on drop.
+pub struct Unmapper(pub usize, pub usize);
+impl Drop for Unmapper {
+    fn drop(&mut self) {
+        // SAFETY: the test's own mapping.
+        unsafe { libc::munmap(self.0 as *mut _, self.1) };
+    }
+}

@@ -3,34 +3,51 @@
 //! zapvm is a secondary MMU of its own address space. Every access the VMM makes to guest RAM on
 //! the guest's behalf (ucall records, virtqueues, balloon PFN arrays, the host's check of guest
 //! pages) goes through a [`GuestMmu`], which translates guest-physical addresses with a table of
-//! 4 KiB and 2 MiB entries that is
-//! - **filled on demand** through the notifier's sequence-retry read: `read_begin` (waits while
-//!   an invalidation of the range runs) -> translate (check that the host range is still mapped,
-//!   pick the entry size) -> take the table lock -> `read_retry` (start over if an overlapping
-//!   invalidation began or ended meanwhile) -> install;
-//! - **torn down only** by the notifier's `invalidate_range_start` callback, under the table lock,
-//!   for every range that overlaps an entry — a 4 KiB discard inside a 2 MiB entry drops the
-//!   whole 2 MiB entry (the notifier also widens ranges that cut a THP to whole huge pages).
+//! 4 KiB and 2 MiB entries and copies with a fault-tolerant routine
+//! ([`fault_tolerant_copy`]). Per region the table is two bitmaps, one bit per 4 KiB page and one
+//! per 2 MiB block of the region's host range (M3: the translation is linear, so a set bit is the
+//! whole entry), looked up in O(1). It is
+//! - **read on the hit path** under the region's access lock, read side (an `RwLock`: readers do
+//!   not wait for each other), then the copy runs under that same read lock;
+//! - **filled on demand** (the miss path) through the notifier's sequence-retry read:
+//!   `read_begin_range` over the whole block the install may create (waits while an invalidation
+//!   of it runs) -> translate (check that the host range is still mapped, pick the entry size) ->
+//!   take the table lock -> `read_retry` (start over if an overlapping invalidation began or ended
+//!   meanwhile) -> set the bit;
+//! - **torn down only** by the notifier's `invalidate_range_start` callback, under the table lock
+//!   and the access lock's write side, for every range that overlaps an entry — a 4 KiB discard
+//!   inside a 2 MiB entry drops the whole 2 MiB entry (the notifier also widens ranges that cut a
+//!   THP to whole huge pages).
+//!
+//! Lock order: table lock (the notifier interval's mutex) -> access lock. The hit path takes only
+//! the access lock's read side and never waits on the notifier while holding it; the miss path
+//! takes the read side while it holds the table lock (no writer can hold or wait for the write
+//! side then: writers hold the table lock) and keeps it for the copy.
 //!
 //! # Invariants
-//! - M1. An access copies guest memory only while it holds the table lock of the region and the
-//!   entry covering the address is installed. `invalidate_range_start` takes the same lock to drop
-//!   entries, so when start returns no copy through a dropped entry is in flight, and none starts
-//!   until a new entry is installed, which `read_begin` delays until the invalidation's end. For
-//!   the VMM's own operations (start -> syscall -> end) no device access ever sees a half-done
-//!   teardown: it completes before the syscall or begins after the end.
+//! - M1. An access copies guest memory only while it holds the read side of its region's access
+//!   lock and every 4 KiB piece it copies is covered by a set bit it saw under that lock.
+//!   `invalidate_range_start` clears the bits of the range while it holds the write side, so when
+//!   start returns no copy through a dropped entry is in flight (the write side waited for every
+//!   reader), and none starts until a new entry is installed, which `read_begin_range` delays until
+//!   the invalidation's end. For the VMM's own operations (start -> syscall -> end) no device access
+//!   ever sees a half-done teardown: it completes before the syscall or begins after the end.
 //! - M2. External teardowns (the userfaultfd monitor) reach the table after the kernel acted (see
-//!   `notifier::Monitor`), so a copy may race an external munmap. Copies therefore use
-//!   `process_vm_readv`/`process_vm_writev` on this process, which fail with EFAULT on an
-//!   unmapped address instead of raising SIGSEGV: an external munmap of guest RAM is an access
-//!   error for the device, never a crash of the VMM.
+//!   `notifier::Monitor`), so a copy may race an external munmap or a truncation of a memfd.
+//!   Copies therefore use [`fault_tolerant_copy::Copier`]: a fault of the copy routine ends the copy
+//!   and is an [`AccessError::Unmapped`] for the device, counted in `faults`, never a crash of the
+//!   VMM, and no syscall is made on the way. What M2 does not cover without a sealed guest RAM: a
+//!   mapping someone else made in an externally unmapped hole before the monitor delivered the
+//!   teardown is reachable through the old entry until then (as it was with `process_vm_readv`).
 //! - M3. The translation is linear per region (guest RAM regions are contiguous in both spaces),
 //!   so an entry needs no payload: its presence says "this host range was mapped when the entry
 //!   was installed, and no teardown has touched it since".
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use fault_tolerant_copy::Copier;
 
 use notifier::{AddressSpace, Event, IntervalHandle, Range};
 use vm_memory::ByteValued;
@@ -130,29 +147,137 @@ pub struct MmuStats {
     pub torn_down: BTreeMap<String, u64>,
 }
 
-/// The entries of one region: host address of the entry -> its size.
-#[derive(Default)]
-struct Table {
-    entries: BTreeMap<usize, usize>,
-}
+const PAGE: usize = PAGE_SIZE as usize;
+const HUGE: usize = HUGE_PAGE_SIZE as usize;
+const PAGE_SHIFT: u32 = PAGE.trailing_zeros();
+const HUGE_SHIFT: u32 = HUGE.trailing_zeros();
 
-impl Table {
-    fn covers(&self, hva: usize) -> bool {
-        let page = hva & !(PAGE_SIZE as usize - 1);
-        let huge = hva & !(HUGE_PAGE_SIZE as usize - 1);
-        self.entries.get(&page) == Some(&(PAGE_SIZE as usize))
-            || self.entries.get(&huge) == Some(&(HUGE_PAGE_SIZE as usize))
+/// A bitmap of atomics (one bit per entry slot).
+struct Bits(Box<[AtomicU64]>);
+
+impl Bits {
+    fn new(slots: usize) -> Self {
+        Bits((0..slots.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
     }
 
-    /// Drops every entry overlapping `[start, end)`; returns how many.
-    fn drop_overlapping(&mut self, start: usize, end: usize) -> u64 {
-        let from = start.saturating_sub(HUGE_PAGE_SIZE as usize - 1);
-        let doomed: Vec<usize> =
-            self.entries.range(from..end).filter(|(&s, &len)| s + len > start).map(|(&s, _)| s).collect();
-        for s in &doomed {
-            self.entries.remove(s);
+    /// Relaxed: the ordering that matters comes from the access lock (M1); see `Entries`.
+    #[inline]
+    fn get(&self, i: usize) -> bool {
+        self.0[i / 64].load(Ordering::Relaxed) & (1 << (i % 64)) != 0
+    }
+
+    fn set(&self, i: usize) {
+        self.0[i / 64].fetch_or(1 << (i % 64), Ordering::Relaxed);
+    }
+
+    /// Clears slots `[from, to)`; returns how many were set.
+    fn clear_range(&self, from: usize, to: usize) -> u64 {
+        let mut dropped = 0;
+        let mut i = from;
+        while i < to {
+            let word = i / 64;
+            let lo = i % 64;
+            let hi = (to - word * 64).min(64);
+            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            dropped += (self.0[word].fetch_and(!mask, Ordering::Relaxed) & mask).count_ones() as u64;
+            i = word * 64 + hi;
         }
-        doomed.len() as u64
+        dropped
+    }
+
+    fn count(&self) -> u64 {
+        self.0.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+    }
+}
+
+/// The entries of one region (host range `[hva, hva + len)`): bit `i` of `pages` is the 4 KiB
+/// entry of the page at `hva + i * 4 KiB`; bit `j` of `blocks` is the 2 MiB entry of the block at
+/// `(hva >> 21 << 21) + j * 2 MiB` (installed only for blocks inside the region).
+///
+/// Bits are set under the table lock (the notifier interval's mutex) and cleared under the table
+/// lock plus `access`'s write side; they are read under `access`'s read side. Relaxed atomics
+/// suffice: a reader that sees a bit set under the read lock knows no start cleared it before the
+/// lock was taken (the clear happened-before the write unlock, which happened-before this read
+/// lock), and no start can clear it until the read lock is released (M1).
+struct Entries {
+    hva: usize,
+    len: usize,
+    /// M1: held (read) by every copy; held (write) by `invalidate_range_start` while it clears.
+    access: RwLock<()>,
+    pages: Bits,
+    blocks: Bits,
+    #[cfg(feature = "fault-injection")]
+    planted: planted::StaleTranslations,
+}
+
+impl Entries {
+    fn new(hva: usize, len: usize) -> Self {
+        let first_block = hva >> HUGE_SHIFT;
+        let last_block = (hva + len - 1) >> HUGE_SHIFT;
+        Entries {
+            hva,
+            len,
+            access: RwLock::new(()),
+            pages: Bits::new(len.div_ceil(PAGE)),
+            blocks: Bits::new(last_block - first_block + 1),
+            #[cfg(feature = "fault-injection")]
+            planted: planted::StaleTranslations::default(),
+        }
+    }
+
+    #[inline]
+    fn page_index(&self, hva: usize) -> usize {
+        (hva - self.hva) >> PAGE_SHIFT
+    }
+
+    #[inline]
+    fn block_index(&self, hva: usize) -> usize {
+        (hva >> HUGE_SHIFT) - (self.hva >> HUGE_SHIFT)
+    }
+
+    /// How many bytes from `hva` (at most `len`, inside the region) are covered by installed
+    /// entries without a gap. Call with `access` held (read or write) for the answer to stay true.
+    #[inline]
+    fn covered(&self, hva: usize, len: usize) -> usize {
+        let end = hva + len;
+        let mut at = hva;
+        while at < end {
+            if self.blocks.get(self.block_index(at)) {
+                at = ((at >> HUGE_SHIFT) + 1) << HUGE_SHIFT;
+            } else if self.pages.get(self.page_index(at)) {
+                at = ((at >> PAGE_SHIFT) + 1) << PAGE_SHIFT;
+            } else {
+                break;
+            }
+        }
+        at.min(end) - hva
+    }
+
+    /// Drops every entry overlapping `[start, end)` (clipped to the region); returns how many.
+    /// Called at `invalidate_range_start`, under the table lock; takes the write side of `access`
+    /// (M1: waits for every copy in flight, and no copy starts until the bits are clear).
+    fn drop_overlapping(&self, start: usize, end: usize) -> u64 {
+        let start = start.max(self.hva);
+        let end = end.min(self.hva + self.len);
+        if start >= end {
+            return 0;
+        }
+        let _writer = self.access.write().unwrap_or_else(|p| p.into_inner());
+        #[cfg(feature = "fault-injection")]
+        self.planted.keep_alive(self, start, end);
+        let pages = self.pages.clear_range(self.page_index(start), self.page_index(end - 1) + 1);
+        let blocks = self.blocks.clear_range(self.block_index(start), self.block_index(end - 1) + 1);
+        pages + blocks
+    }
+
+    fn clear(&self) {
+        let _writer = self.access.write().unwrap_or_else(|p| p.into_inner());
+        self.pages.clear_range(0, self.len.div_ceil(PAGE));
+        self.blocks.clear_range(0, self.block_index(self.hva + self.len - 1) + 1);
+    }
+
+    fn count(&self) -> u64 {
+        self.pages.count() + self.blocks.count()
     }
 }
 
@@ -162,7 +287,23 @@ struct MmuRegion {
     hva: usize,
     /// Host memory comes in 2 MiB pages (THP or hugetlb): install 2 MiB entries.
     huge: bool,
-    table: IntervalHandle<Table>,
+    entries: Arc<Entries>,
+    /// The notifier subscription; its table lock guards installs (its table is `entries`).
+    table: IntervalHandle<Arc<Entries>>,
+}
+
+/// How [`GuestMmu`] copies guest memory once the translation is installed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum CopyPath {
+    /// Loads and stores of the fault-tolerant copy routine: no syscall (M2 by the fault handler).
+    #[default]
+    Direct,
+    /// `process_vm_readv`/`process_vm_writev` on this process, one call per contiguous run: the
+    /// kernel walks the page tables for every copy, so a copy never goes through a translation the
+    /// copying CPU's TLB kept (M2 by EFAULT). About 1.7-2 us per call (`docs/host.md`); the path
+    /// of earlier versions, kept for hosts whose remote TLB flushes cannot be trusted and as the
+    /// baseline of `zapvm bench access`.
+    Syscall,
 }
 
 /// Guest-physical -> host-virtual translation for the VMM's accesses to guest RAM.
@@ -170,29 +311,74 @@ pub struct GuestMmu {
     space: Arc<AddressSpace>,
     regions: Vec<MmuRegion>,
     counters: Arc<Counters>,
+    copier: Copier,
+    path: CopyPath,
+}
+
+/// Which way a copy goes.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// Guest memory -> the buffer.
+    Read(*mut u8),
+    /// The buffer -> guest memory.
+    Write(*const u8),
 }
 
 impl GuestMmu {
-    /// A table over every region of `ram`, subscribed to `space` (which must cover `ram`).
+    /// A table over every region of `ram`, subscribed to `space` (which must cover `ram`), copying
+    /// with [`CopyPath::Direct`].
     pub fn new(ram: &GuestRam, space: Arc<AddressSpace>) -> Result<Self, notifier::Error> {
+        Self::with_copy_path(ram, space, CopyPath::Direct)
+    }
+
+    /// [`GuestMmu::new`] with a chosen copy path. Installs the fault-tolerant copy's signal handler
+    /// (once per process) if not done yet, whatever the path.
+    pub fn with_copy_path(
+        ram: &GuestRam,
+        space: Arc<AddressSpace>,
+        path: CopyPath,
+    ) -> Result<Self, notifier::Error> {
+        let copier = fault_tolerant_copy::install().map_err(|e| notifier::Error::Os {
+            op: "sigaction (the fault-tolerant copy's SIGSEGV/SIGBUS handler)",
+            source: match e {
+                fault_tolerant_copy::InstallError::Sigaction(errno) => {
+                    std::io::Error::from_raw_os_error(errno)
+                }
+                other => std::io::Error::other(other.to_string()),
+            },
+        })?;
         let counters = Arc::new(Counters::default());
         let mut regions = Vec::new();
         for (gpa, hva, len) in ram.regions() {
             let c = counters.clone();
+            let entries = Arc::new(Entries::new(hva as usize, len as usize));
             let table = space.subscribe_interval(
                 &format!("vmm-table@{:#x}", gpa.0),
                 hva as usize,
                 len as usize,
-                Table::default(),
-                move |table: &mut Table, range: &Range| {
-                    // M1: runs under the table lock, at invalidate_range_start.
-                    let dropped = table.drop_overlapping(range.start, range.end);
+                entries.clone(),
+                move |entries: &mut Arc<Entries>, range: &Range| {
+                    // M1: runs under the table lock, at invalidate_range_start; takes the access
+                    // lock's write side.
+                    let dropped = entries.drop_overlapping(range.start, range.end);
                     c.torn_down[kind_index(&range.event)].fetch_add(dropped, Ordering::Relaxed);
                 },
             )?;
-            regions.push(MmuRegion { gpa: gpa.0, len, hva: hva as usize, huge: ram.huge_pages(), table });
+            regions.push(MmuRegion {
+                gpa: gpa.0,
+                len,
+                hva: hva as usize,
+                huge: ram.huge_pages(),
+                entries,
+                table,
+            });
         }
-        Ok(Self { space, regions, counters })
+        Ok(Self { space, regions, counters, copier, path })
+    }
+
+    /// The copy path.
+    pub fn copy_path(&self) -> CopyPath {
+        self.path
     }
 
     /// The notifier address space the table is subscribed to.
@@ -207,6 +393,7 @@ impl GuestMmu {
         Some(r.hva + (gpa - r.gpa) as usize)
     }
 
+    #[inline]
     fn region_of(&self, gpa: u64, len: u64) -> Option<&MmuRegion> {
         let end = gpa.checked_add(len)?;
         self.regions.iter().find(|r| gpa >= r.gpa && end <= r.gpa + r.len)
@@ -222,7 +409,7 @@ impl GuestMmu {
             installs_2m: c.installs_2m.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
             faults: c.faults.load(Ordering::Relaxed),
-            entries: self.regions.iter().map(|r| r.table.lock().entries.len() as u64).sum(),
+            entries: self.regions.iter().map(|r| r.entries.count()).sum(),
             torn_down: KIND_NAMES
                 .iter()
                 .zip(&c.torn_down)
@@ -231,130 +418,390 @@ impl GuestMmu {
         }
     }
 
-    /// Whether `hva` (inside `region`) is still mapped according to the notifier, and the size
-    /// of the entry to install for it.
-    fn translate(&self, region: &MmuRegion, hva: usize) -> Option<usize> {
-        let huge = HUGE_PAGE_SIZE as usize;
-        let huge_start = hva & !(huge - 1);
-        let inside = |s: usize, e: usize| self.space.is_mapped(s, e);
-        if region.huge
-            && huge_start >= region.hva
-            && huge_start + huge <= region.hva + region.len as usize
-            && inside(huge_start, huge_start + huge)
-        {
-            return Some(huge);
-        }
-        let page = hva & !(PAGE_SIZE as usize - 1);
-        inside(page, page + PAGE_SIZE as usize).then_some(PAGE_SIZE as usize)
+    /// The 2 MiB block of `hva` when `region` installs 2 MiB entries and the block lies inside it.
+    fn huge_block(region: &MmuRegion, hva: usize) -> Option<usize> {
+        let block = hva & !(HUGE - 1);
+        (region.huge && block >= region.hva && block + HUGE <= region.hva + region.len as usize)
+            .then_some(block)
     }
 
-    /// Runs `copy(hva)` for the piece of guest memory at `gpa` (inside one 4 KiB page) with an
-    /// installed translation, holding the table lock (M1).
-    fn with_translation(
-        &self,
-        gpa: u64,
-        len: usize,
-        copy: &mut dyn FnMut(usize) -> Result<(), AccessError>,
-    ) -> Result<(), AccessError> {
-        let region =
-            self.region_of(gpa, len as u64).ok_or(AccessError::OutsideRam { gpa, len: len as u64 })?;
-        let hva = region.hva + (gpa - region.gpa) as usize;
-        {
-            let table = region.table.lock();
-            if table.covers(hva) {
-                self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                return copy(hva);
+    /// Whether `hva` (inside `region`) is still mapped according to the notifier, and the entry to
+    /// install for it: (its start, its size).
+    fn translate(&self, region: &MmuRegion, hva: usize) -> Option<(usize, usize)> {
+        if let Some(block) = Self::huge_block(region, hva) {
+            if self.space.is_mapped(block, block + HUGE) {
+                return Some((block, HUGE));
             }
         }
+        let page = hva & !(PAGE - 1);
+        self.space.is_mapped(page, page + PAGE).then_some((page, PAGE))
+    }
+
+    /// The miss path: installs the entry covering `hva` with the sequence-retry protocol and
+    /// returns the access lock's read side, taken before the table lock was released, so the
+    /// entry is still installed when the caller copies through it (M1).
+    fn install<'r>(
+        &self,
+        region: &'r MmuRegion,
+        hva: usize,
+        gpa: u64,
+    ) -> Result<RwLockReadGuard<'r, ()>, AccessError> {
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        // read_begin_range's precondition: the reader installs only inside the range it waits on.
+        // An install here may create the 2 MiB entry of hva's block, so wait on the whole block
+        // (issue 14 defect 8); else on the page.
+        let (wait_start, wait_len) = match Self::huge_block(region, hva) {
+            Some(block) => (block, HUGE),
+            None => (hva & !(PAGE - 1), PAGE),
+        };
         loop {
-            let page = hva & !(PAGE_SIZE as usize - 1);
-            let seq = region.table.read_begin_range(page, page + PAGE_SIZE as usize);
-            let Some(size) = self.translate(region, hva) else {
+            let seq = region.table.read_begin_range(wait_start, wait_start + wait_len);
+            let Some((entry, size)) = self.translate(region, hva) else {
                 self.counters.faults.fetch_add(1, Ordering::Relaxed);
                 return Err(AccessError::Unmapped { gpa });
             };
-            let mut table = region.table.lock();
+            debug_assert!(entry >= wait_start && entry + size <= wait_start + wait_len);
+            let table = region.table.lock();
             if region.table.read_retry(&table, seq) {
                 self.counters.retries.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            table.entries.insert(hva & !(size - 1), size);
-            let installs = if size == PAGE_SIZE as usize {
+            let installs = if size == PAGE {
+                region.entries.pages.set(region.entries.page_index(entry));
                 &self.counters.installs_4k
             } else {
+                region.entries.blocks.set(region.entries.block_index(entry));
                 &self.counters.installs_2m
             };
             installs.fetch_add(1, Ordering::Relaxed);
-            return copy(hva);
+            // Under the table lock no writer holds or waits for the write side (writers take the
+            // table lock first), so this does not wait; held from here, it keeps the entry
+            // installed until the copy is done (M1).
+            let reader = region.entries.access.read().unwrap_or_else(|p| p.into_inner());
+            drop(table);
+            return Ok(reader);
         }
+    }
+
+    /// Copies `len` bytes between guest-physical `gpa` and the buffer of `dir` through installed
+    /// translations (M1), installing the missing ones; the whole range is checked first.
+    #[inline]
+    fn access(&self, gpa: u64, len: usize, dir: Direction) -> Result<(), AccessError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let region =
+            self.region_of(gpa, len as u64).ok_or(AccessError::OutsideRam { gpa, len: len as u64 })?;
+        let entries = &*region.entries;
+        let base = region.hva + (gpa - region.gpa) as usize;
+        let mut done = 0;
+        while done < len {
+            let hva = base + done;
+            let piece_gpa = gpa + done as u64;
+            #[cfg(feature = "fault-injection")]
+            if let Some(n) = entries.planted.access(self.copier, hva, len - done, dir, done) {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                done += n;
+                continue;
+            }
+            // M1: the hit path's read side; the copy below runs under it.
+            let mut reader = entries.access.read().unwrap_or_else(|p| p.into_inner());
+            let mut run = entries.covered(hva, len - done);
+            let mut hit_pieces = pieces(hva, run);
+            if run == 0 {
+                drop(reader);
+                reader = self.install(region, hva, piece_gpa)?;
+                run = entries.covered(hva, len - done);
+                debug_assert!(run > 0, "the entry just installed is held by the read side");
+                hit_pieces = pieces(hva, run) - 1;
+            }
+            if hit_pieces > 0 {
+                self.counters.hits.fetch_add(hit_pieces, Ordering::Relaxed);
+            }
+            let copied = match self.path {
+                // SAFETY: [hva, hva + run) is guest RAM of this region, covered by entries
+                // installed while it was mapped and not torn down since (M1, M3; `reader` keeps
+                // them installed); guest RAM is never the target of a Rust reference (the guest and
+                // the VMM access it only with volatile or raw accesses), so the routine's loads and
+                // stores alias nothing Rust assumes unchanged, and any byte is a valid u8. If the
+                // mapping went away externally since (M2), the routine faults and returns an error
+                // instead. The buffer side, `run` bytes at offset `done`, lies inside the caller's
+                // buffer (done + run <= len = its length): exclusively borrowed for a read, only
+                // read for a write.
+                CopyPath::Direct => unsafe {
+                    match dir {
+                        Direction::Read(buf) => self.copier.copy(buf.add(done), hva as *const u8, run),
+                        Direction::Write(buf) => self.copier.copy(hva as *mut u8, buf.add(done), run),
+                    }
+                }
+                .map_err(|fault| fault.not_copied),
+                CopyPath::Syscall => syscall_copy(hva, run, dir, done),
+            };
+            drop(reader);
+            if let Err(not_copied) = copied {
+                self.counters.faults.fetch_add(1, Ordering::Relaxed);
+                let at = done + (run - not_copied);
+                return Err(AccessError::Unmapped { gpa: gpa + at as u64 });
+            }
+            done += run;
+        }
+        Ok(())
     }
 
     /// Drops every entry (for tests and for the end of a run).
     pub fn clear(&self) {
         for r in &self.regions {
-            r.table.lock().entries.clear();
+            let _table = r.table.lock();
+            r.entries.clear();
         }
     }
 }
 
-fn pages(gpa: u64, len: usize) -> impl Iterator<Item = (u64, usize, usize)> {
-    // (gpa of the piece, offset into the buffer, length of the piece), each inside one page.
-    let mut offset = 0usize;
-    std::iter::from_fn(move || {
-        if offset >= len {
-            return None;
-        }
-        let at = gpa + offset as u64;
-        let piece = ((PAGE_SIZE - at % PAGE_SIZE) as usize).min(len - offset);
-        let item = (at, offset, piece);
-        offset += piece;
-        Some(item)
-    })
-}
-
-/// `process_vm_readv`/`writev` on this process: a copy that reports EFAULT instead of faulting.
-fn safe_copy(gpa: u64, local: *mut u8, remote: usize, len: usize, write: bool) -> Result<(), AccessError> {
-    let local_iov = libc::iovec { iov_base: local.cast(), iov_len: len };
-    let remote_iov = libc::iovec { iov_base: remote as *mut libc::c_void, iov_len: len };
-    // SAFETY: `local` points at `len` bytes of a buffer the caller owns (read side: writable).
-    // The remote side is this process's own memory; the kernel checks it and returns EFAULT if
-    // it is not mapped, so no Rust reference to guest memory is created.
-    let done = unsafe {
+/// [`CopyPath::Syscall`]: `run` bytes between `hva` and the buffer of `dir` at offset `done`, with
+/// `process_vm_readv`/`writev` on this process. `Err(bytes not copied)` when the kernel stopped
+/// (EFAULT: not mapped).
+fn syscall_copy(hva: usize, run: usize, dir: Direction, done: usize) -> Result<(), usize> {
+    let (local, write) = match dir {
+        Direction::Read(buf) => (buf.wrapping_add(done), false),
+        Direction::Write(buf) => (buf.wrapping_add(done).cast_mut(), true),
+    };
+    let local_iov = libc::iovec { iov_base: local.cast(), iov_len: run };
+    let remote_iov = libc::iovec { iov_base: hva as *mut libc::c_void, iov_len: run };
+    // SAFETY: `local` points at `run` bytes inside the caller's buffer (writable for a read, only
+    // read for a write). The remote side is this process's own memory, which the kernel checks
+    // (EFAULT if not mapped); no Rust reference to guest memory is created.
+    let copied = unsafe {
         if write {
             libc::process_vm_writev(libc::getpid(), &local_iov, 1, &remote_iov, 1, 0)
         } else {
             libc::process_vm_readv(libc::getpid(), &local_iov, 1, &remote_iov, 1, 0)
         }
     };
-    if done == len as isize {
+    if copied == run as isize {
         Ok(())
-    } else if done < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EFAULT) || done >= 0 {
-        Err(AccessError::Unmapped { gpa })
     } else {
-        Err(AccessError::Fault { gpa, errno: std::io::Error::last_os_error().to_string() })
+        Err(run - copied.max(0) as usize)
+    }
+}
+
+/// The number of 4 KiB pages `[hva, hva + len)` touches (0 for `len == 0`).
+#[inline]
+fn pieces(hva: usize, len: usize) -> u64 {
+    if len == 0 {
+        0
+    } else {
+        (((hva + len - 1) >> PAGE_SHIFT) - (hva >> PAGE_SHIFT) + 1) as u64
     }
 }
 
 impl GuestMemoryAccess for GuestMmu {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError> {
-        let base = buf.as_mut_ptr();
-        for (at, offset, len) in pages(gpa, buf.len()) {
-            // SAFETY (pointer arithmetic): offset + len <= buf.len().
-            let local = unsafe { base.add(offset) };
-            self.with_translation(at, len, &mut |hva| safe_copy(at, local, hva, len, false))?;
-        }
-        Ok(())
+        self.access(gpa, buf.len(), Direction::Read(buf.as_mut_ptr()))
     }
 
     fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), AccessError> {
-        let base = buf.as_ptr() as *mut u8;
-        for (at, offset, len) in pages(gpa, buf.len()) {
-            // SAFETY (pointer arithmetic): offset + len <= buf.len(); the buffer is only read.
-            let local = unsafe { base.add(offset) };
-            self.with_translation(at, len, &mut |hva| safe_copy(at, local, hva, len, true))?;
+        self.access(gpa, buf.len(), Direction::Write(buf.as_ptr()))
+    }
+}
+
+/// **Planted fault, for tests only** (cargo feature `fault-injection`): stale translations.
+///
+/// Armed with [`GuestMmu::plant_stale_translations`], the next invalidations keep the entries of
+/// up to `pages` pages alive: the table keeps translating those pages to the frame they had when
+/// the teardown began, as a table that missed the invalidation would keep pointing at a frame the
+/// kernel freed. zapvm's entries carry no pointer (M3: they only say "the linear mapping is
+/// valid"), so the old frame is modelled by a copy of the page taken at `invalidate_range_start`;
+/// from then on every access to the page goes to that copy (reads see the old data, writes are
+/// lost to the guest). The table race test and the stress run's device-path check must see it.
+#[cfg(feature = "fault-injection")]
+mod planted {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::{Direction, Entries, PAGE};
+
+    #[derive(Default)]
+    pub(super) struct StaleTranslations {
+        armed: AtomicBool,
+        left: AtomicUsize,
+        fired: AtomicU64,
+        /// Host page address -> the frame its stale entry still reaches.
+        frames: Mutex<BTreeMap<usize, Box<[u8]>>>,
+    }
+
+    impl StaleTranslations {
+        pub(super) fn arm(&self, pages: usize) {
+            self.left.store(pages, Ordering::SeqCst);
+            self.armed.store(true, Ordering::SeqCst);
         }
-        Ok(())
+
+        pub(super) fn fired(&self) -> u64 {
+            self.fired.load(Ordering::SeqCst)
+        }
+
+        /// At `invalidate_range_start` of `[start, end)`, before the bits are cleared: the pages
+        /// with an installed entry keep it, pointing at their current content.
+        pub(super) fn keep_alive(&self, entries: &Entries, start: usize, end: usize) {
+            if !self.armed.load(Ordering::SeqCst) {
+                return;
+            }
+            let copier = fault_tolerant_copy::install().expect("installed by GuestMmu::new");
+            let mut frames = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+            let mut page = start & !(PAGE - 1);
+            while page < end && self.left.load(Ordering::SeqCst) > 0 {
+                let live = entries.pages.get(entries.page_index(page))
+                    || entries.blocks.get(entries.block_index(page));
+                if live && !frames.contains_key(&page) {
+                    let mut frame = vec![0u8; PAGE].into_boxed_slice();
+                    // SAFETY: `page` is guest RAM with an installed entry, read under the write
+                    // side of the access lock before the teardown's syscall; guest RAM is never
+                    // the target of a Rust reference; a fault is returned, not raised.
+                    if unsafe { copier.read(&mut frame, page as *const u8) }.is_ok() {
+                        frames.insert(page, frame);
+                        self.left.fetch_sub(1, Ordering::SeqCst);
+                        self.fired.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                page += PAGE;
+            }
+        }
+
+        /// The bytes of an access at `hva` (`len` left, `done` already copied) served by a stale
+        /// entry, or `None` when `hva`'s page has none.
+        pub(super) fn access(
+            &self,
+            _copier: fault_tolerant_copy::Copier,
+            hva: usize,
+            len: usize,
+            dir: Direction,
+            done: usize,
+        ) -> Option<usize> {
+            if !self.armed.load(Ordering::Relaxed) {
+                return None;
+            }
+            let mut frames = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+            let page = hva & !(PAGE - 1);
+            let frame = frames.get_mut(&page)?;
+            let offset = hva - page;
+            let n = len.min(PAGE - offset);
+            // SAFETY: the buffer of `dir` has `done + len` bytes (GuestMmu::access's caller's
+            // buffer), exclusively borrowed for a read, only read for a write; the frame is ours.
+            unsafe {
+                match dir {
+                    Direction::Read(buf) => {
+                        std::ptr::copy_nonoverlapping(frame[offset..].as_ptr(), buf.add(done), n)
+                    }
+                    Direction::Write(buf) => {
+                        std::ptr::copy_nonoverlapping(buf.add(done), frame[offset..].as_mut_ptr(), n)
+                    }
+                }
+            }
+            Some(n)
+        }
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+impl GuestMmu {
+    /// **Planted fault, for tests only**: the next invalidations keep up to `pages` pages' entries
+    /// alive per region, translating to the frame they had (see the `planted` module).
+    pub fn plant_stale_translations(&self, pages: usize) {
+        for r in &self.regions {
+            r.entries.planted.arm(pages);
+        }
+    }
+
+    /// How many stale translations the planted fault has kept alive so far.
+    pub fn planted_stale_translations(&self) -> u64 {
+        self.regions.iter().map(|r| r.entries.planted.fired()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use notifier::{DiscardMethod, Origin, Subscriber};
+
+    use super::*;
+    use crate::memory::{MemoryBackend, MemoryConfig};
+
+    fn thp_table() -> (GuestRam, Arc<AddressSpace>, GuestMmu) {
+        let ram = GuestRam::new(MemoryConfig { size: 8 << 20, backend: MemoryBackend::Anonymous, thp: true })
+            .unwrap();
+        assert!(ram.huge_page_aligned());
+        // SAFETY: the regions are `ram`'s own mappings, mapped until `ram` drops (after the space);
+        // nothing unmaps them; guest RAM is only accessed through the table's copies.
+        let space = unsafe { AddressSpace::new(&ram.notifier_regions()) }.unwrap();
+        let mmu = GuestMmu::new(&ram, space.clone()).unwrap();
+        (ram, space, mmu)
+    }
+
+    /// Issue 14 defect 8: an install that creates a 2 MiB entry must wait for an invalidation in
+    /// progress anywhere in that block, not only on the page it reads. The invalidation here is a
+    /// 4 KiB range inside a THP block delivered to the table's subscription directly (the address
+    /// space widens such ranges to the whole block, which hid the defect): a read of another page
+    /// of the block must wait for its end. With the old wait (the read's page only) the read
+    /// installs the 2 MiB entry, covering the page being torn down, while the teardown runs.
+    #[test]
+    fn an_install_of_a_2m_entry_waits_for_an_invalidation_anywhere_in_the_block() {
+        let (_ram, _space, mmu) = thp_table();
+        let region = &mmu.regions[0];
+        let block = region.hva + HUGE;
+        let torn = Range {
+            start: block + 5 * PAGE,
+            end: block + 6 * PAGE,
+            exact_start: block + 5 * PAGE,
+            exact_end: block + 6 * PAGE,
+            event: Event::Discard(DiscardMethod::DontNeed),
+            origin: Origin::Vmm,
+            blockable: true,
+        };
+        region.table.invalidate_range_start(&torn).unwrap();
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut b = [0u8; 8];
+                mmu.read(region.gpa + HUGE as u64 + 300 * PAGE as u64, &mut b)
+            });
+            // Bounded wait (no sleep): the reader either blocks in read_begin_range or finishes.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while region.table.waiting_readers() == 0 && !reader.is_finished() {
+                assert!(Instant::now() < deadline, "the reader neither waited nor finished");
+                std::thread::yield_now();
+            }
+            let st = mmu.stats();
+            assert_eq!(
+                (st.installs_2m, st.installs_4k),
+                (0, 0),
+                "installed an entry over a block whose teardown is in progress"
+            );
+            assert_eq!(region.table.waiting_readers(), 1);
+            region.table.invalidate_range_end(&torn);
+            reader.join().unwrap().unwrap();
+        });
+        let st = mmu.stats();
+        assert_eq!((st.installs_2m, st.entries), (1, 1), "{st:?}");
+    }
+
+    #[test]
+    fn bitmaps_clear_exactly_the_overlapping_entries() {
+        let e = Entries::new(0x4000_0000, 8 << 20);
+        for i in [0, 1, 63, 64, 65, 127, 128, 2047] {
+            e.pages.set(i);
+        }
+        e.blocks.set(1);
+        assert_eq!(e.count(), 9);
+        assert_eq!(e.covered(0x4000_0000, 3 * PAGE), 2 * PAGE, "pages 0 and 1, then a gap");
+        assert_eq!(e.covered(0x4000_0000 + HUGE + 17, 3 * HUGE), HUGE - 17, "the 2 MiB entry");
+        // [page 63, page 128): pages 63, 64, 65, 127 (block 0 has no entry).
+        assert_eq!(e.drop_overlapping(0x4000_0000 + 63 * PAGE, 0x4000_0000 + 128 * PAGE), 4);
+        assert_eq!(e.count(), 5);
+        assert!(e.pages.get(128) && e.pages.get(1) && !e.pages.get(64));
+        // A range that cuts block 1 drops the block entry; outside the region nothing.
+        assert_eq!(e.drop_overlapping(0x4000_0000 + HUGE + PAGE, 0x4000_0000 + HUGE + 2 * PAGE), 1);
+        assert_eq!(e.drop_overlapping(0, 0x4000_0000), 0);
+        assert_eq!(e.count(), 4);
     }
 }
 

@@ -209,4 +209,15 @@ pub enum Error {
         /// One past its last byte.
         end: usize,
     },
+    /// An unmap, remap or protect of guest RAM that is sealed with `mseal(2)`
+    /// ([`AddressSpace::mark_sealed`]); refused before any notification or syscall.
+    #[error("cannot {op} {start:#x}..{end:#x}: guest RAM there is sealed (mseal), so it can never be unmapped, moved or re-protected")]
+    Sealed {
+        /// `unmap`, `remap` or `protect`.
+        op: &'static str,
+        /// Start.
+        start: usize,
+        /// End.
+        end: usize,
+    },
 }

@@ -346,6 +346,9 @@ pub struct AddressSpace {
     pub(crate) own: OwnOps,
     pub(crate) uffd: Mutex<Option<Arc<crate::uffd::Userfaultfd>>>,
     released: AtomicBool,
+    /// Host ranges the caller sealed with `mseal(2)` ([`AddressSpace::mark_sealed`]): the own
+    /// unmap, remap and protect operations refuse any range overlapping one of them.
+    sealed: RwLock<Vec<(usize, usize)>>,
 }
 
 fn check_range(start: usize, len: usize) -> Result<(usize, usize), Error> {
@@ -399,6 +402,7 @@ impl AddressSpace {
             own: OwnOps::default(),
             uffd: Mutex::new(None),
             released: AtomicBool::new(false),
+            sealed: RwLock::new(Vec::new()),
         };
         for r in regions {
             // SAFETY: forwarded from this function's contract.
@@ -470,6 +474,31 @@ impl AddressSpace {
     /// space). Allocation-free, for translation paths.
     pub fn is_mapped(&self, start: usize, end: usize) -> bool {
         self.read_regions().iter().any(|r| r.start <= start && end <= r.end)
+    }
+
+    /// Records that `[start, start + len)` (inside one region) is sealed with `mseal(2)`: the
+    /// kernel refuses every `munmap`, `mremap`, `mprotect` and `mmap(MAP_FIXED)` over it, by
+    /// anyone, for the life of the process. From now on [`Self::unmap`], [`Self::remap`] and
+    /// [`Self::protect`] of a range overlapping it fail with [`Error::Sealed`] before any
+    /// notification or syscall, rather than notifying subscribers of a teardown the kernel then
+    /// refuses. Discards are unaffected: `MADV_DONTNEED` on writable private memory,
+    /// `MADV_REMOVE` and `fallocate(PUNCH_HOLE)` work on sealed memory.
+    ///
+    /// The address space does not seal anything itself (the caller owns the mapping and seals
+    /// it where it creates it); marking a range that is not sealed only makes these operations
+    /// refuse it. The mark is never lifted: a seal cannot be.
+    pub fn mark_sealed(&self, start: usize, len: usize) -> Result<(), Error> {
+        let (start, end) = check_range(start, len)?;
+        if !self.is_mapped(start, end) {
+            return Err(Error::NotMapped { start, end });
+        }
+        self.sealed.write().unwrap_or_else(|p| p.into_inner()).push((start, end));
+        Ok(())
+    }
+
+    /// Whether any part of `[start, end)` was marked sealed ([`Self::mark_sealed`]).
+    pub fn is_sealed(&self, start: usize, end: usize) -> bool {
+        self.sealed.read().unwrap_or_else(|p| p.into_inner()).iter().any(|&(s, e)| overlaps(s, e, start, end))
     }
 
     /// Subscribes `sub` to every range.
@@ -607,6 +636,17 @@ impl AddressSpace {
 
     fn run(&self, op: Op, start: usize, len: usize, o: OpOptions) -> Result<OpReport, Error> {
         let (start, end) = check_range(start, len)?;
+        // Sealed memory: refused here, before any subscriber hears of a teardown the kernel
+        // would refuse with EPERM (see `mark_sealed`).
+        let what = match op {
+            Op::Unmap => Some("unmap"),
+            Op::Remap { .. } => Some("remap"),
+            Op::Protect { .. } => Some("protect"),
+            Op::Discard(_) => None,
+        };
+        if let Some(op) = what.filter(|_| self.is_sealed(start, end)) {
+            return Err(Error::Sealed { op, start, end });
+        }
         let mut retries = 0;
         loop {
             if self.released.load(Ordering::Acquire) {

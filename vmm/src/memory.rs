@@ -9,7 +9,7 @@
 //!   default. Discarding it (`MADV_DONTNEED`) frees the pages and the next touch reads zeros.
 //! - [`MemoryBackend::Memfd`]: one `memfd` mapped `MAP_SHARED`. Discarding it needs
 //!   `fallocate(PUNCH_HOLE)` or `MADV_REMOVE`; `MADV_DONTNEED` only drops the mapping and the
-//!   page cache keeps the data (docs/host.md).
+//!   page cache keeps the data (see `docs/host.md`).
 //!
 //! - [`MemoryBackend::Hugetlb`]: a memfd of 2 MiB hugetlb pages (`MFD_HUGETLB`), mapped shared.
 //!   The pages are reserved when guest RAM is mapped, so a host without enough free huge pages
@@ -17,6 +17,23 @@
 //!
 //! With `thp`, every region is `madvise(MADV_HUGEPAGE)`d so that the host backs it with 2 MiB
 //! transparent huge pages where it can (this host's THP mode is `madvise`).
+//!
+//! # Sealed guest RAM
+//!
+//! [`GuestRam::sealed_with_hotplug`] seals every region with `mseal(2)` right after mapping it.
+//! The kernel then refuses (`EPERM`) every `munmap`, `mremap`, `mprotect` and `mmap(MAP_FIXED)`
+//! over guest RAM, by any code of the process, for the rest of its life: nothing can tear guest
+//! RAM down behind the VMM's back, and no other mapping can ever land in its address range.
+//! Every discard keeps working (measured, see `docs/host.md`): `MADV_DONTNEED` on the private
+//! anonymous backing, `fallocate(PUNCH_HOLE)` and `MADV_REMOVE` on the memfd and hugetlb
+//! backings, and `MADV_(NO)HUGEPAGE` and userfaultfd registration too.
+//!
+//! A sealed mapping can never be unmapped, not even by the VMM. So dropping sealed [`GuestRam`]
+//! *discards* its contents instead (`MADV_DONTNEED`; `PUNCH_HOLE` over the whole memfd, which also
+//! gives hugetlb pages and their reservations back to the host): the memory goes back to the host,
+//! while the address range stays reserved in the process (mapped, reading zeros) until it exits.
+//! A process that runs many VMs (the test binaries) therefore keeps no guest RAM resident, only
+//! address space and the page tables of the discarded ranges.
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
@@ -114,7 +131,13 @@ pub enum MemoryError {
     /// madvise(MADV_HUGEPAGE) failed.
     #[error("madvise(MADV_HUGEPAGE) on guest RAM failed: {0}")]
     Thp(#[source] std::io::Error),
+    /// mseal(2) failed (it needs Linux 6.10 or later on x86_64).
+    #[error("cannot seal guest RAM with mseal(2) (Linux 6.10 or later): {0}")]
+    Seal(#[source] std::io::Error),
 }
+
+/// The `mseal(2)` system call on x86_64; libc has no wrapper for it.
+const SYS_MSEAL: libc::c_long = 462;
 
 /// The guest-physical ranges `size` bytes of RAM occupy: below the MMIO hole first, the rest
 /// above 4 GiB.
@@ -157,6 +180,57 @@ pub struct GuestRam {
     memfd: Option<Arc<File>>,
     /// A hot-pluggable region above all RAM (guest-physical start, size), for virtio-mem.
     hotplug: Option<(u64, u64)>,
+    /// The sealed host mappings, discarded on drop; `None` when guest RAM is not sealed.
+    sealed: Option<SealedMappings>,
+}
+
+/// Host mappings of guest RAM sealed with `mseal(2)`. They can never be unmapped, so dropping
+/// this discards their contents instead: the memory goes back to the host and the address range
+/// stays reserved (see the module docs).
+#[derive(Debug, Default)]
+struct SealedMappings {
+    /// (host address, length) of each sealed mapping.
+    ranges: Vec<(usize, usize)>,
+    /// The memfd behind them (memfd and hugetlb backings), and its length.
+    memfd: Option<(Arc<File>, u64)>,
+}
+
+impl Drop for SealedMappings {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        if let Some((file, len)) = &self.memfd {
+            // SAFETY: fallocate on guest RAM's own memfd; it zaps the sealed mappings' pages (they
+            // stay mapped, so any pointer into them stays valid) and frees the file's pages (and
+            // hugetlb reservations).
+            let ret = unsafe {
+                libc::fallocate(
+                    file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    0,
+                    *len as libc::off_t,
+                )
+            };
+            if ret != 0 {
+                tracing::warn!(
+                    "discarding sealed guest RAM (PUNCH_HOLE): {}; its memory stays in use until exit",
+                    std::io::Error::last_os_error()
+                );
+            }
+            return;
+        }
+        for &(addr, len) in &self.ranges {
+            // SAFETY: the range is a private anonymous mapping this struct's owner created and
+            // sealed, so it stays mapped for the life of the process whatever anyone does: the
+            // discard only replaces its contents by zeros, and no Rust reference points into
+            // guest RAM (it is accessed through raw pointers only).
+            if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) } != 0 {
+                tracing::warn!(
+                    "discarding sealed guest RAM (MADV_DONTNEED): {}; its memory stays in use until exit",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
 }
 
 /// Where a hot-pluggable region of `size` bytes goes for `ram_size` bytes of RAM: above all RAM
@@ -177,6 +251,17 @@ impl GuestRam {
     /// KVM and the memory layer, but not RAM the guest is told of at boot (not in the e820 map,
     /// not in the test guest's work ranges, not in the balloon's PFN space).
     pub fn with_hotplug(config: MemoryConfig, hotplug_size: u64) -> Result<Self, MemoryError> {
+        Self::create(config, hotplug_size, false)
+    }
+
+    /// As [`Self::with_hotplug`], with every region sealed with `mseal(2)` (see the module docs:
+    /// nothing can unmap, move or re-protect guest RAM any more, every discard still works, and
+    /// dropping it discards the contents while the address range stays reserved).
+    pub fn sealed_with_hotplug(config: MemoryConfig, hotplug_size: u64) -> Result<Self, MemoryError> {
+        Self::create(config, hotplug_size, true)
+    }
+
+    fn create(config: MemoryConfig, hotplug_size: u64, seal: bool) -> Result<Self, MemoryError> {
         if hotplug_size % HUGE_PAGE_SIZE != 0 {
             return Err(MemoryError::HotplugNotAligned(hotplug_size));
         }
@@ -208,33 +293,21 @@ impl GuestRam {
             MemoryBackend::Hugetlb => Some(Arc::new(create_memfd(total, true)?)),
         };
         let hugetlb = config.backend == MemoryBackend::Hugetlb;
+        // Filled as regions are sealed, so that a failure half-way still discards those.
+        let mut sealed =
+            seal.then(|| SealedMappings { ranges: Vec::new(), memfd: memfd.clone().map(|f| (f, total)) });
         let mut regions = Vec::with_capacity(layout.len());
         let mut file_offset = 0u64;
         for &(base, size) in &layout {
-            let builder =
-                MmapRegionBuilder::new(size as usize).with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
-            let builder = match &memfd {
-                None => {
-                    builder.with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-                }
-                // Hugetlb pages are reserved at mmap (no MAP_NORESERVE): too few free huge
-                // pages is an error now rather than a SIGBUS at the guest's first touch.
-                Some(file) => builder
-                    .with_mmap_flags(libc::MAP_SHARED | if hugetlb { 0 } else { libc::MAP_NORESERVE })
-                    .with_file_offset(FileOffset::from_arc(file.clone(), file_offset))
-                    .with_hugetlbfs(hugetlb),
+            let file = memfd.as_ref().map(|f| (f, file_offset));
+            let region = match &mut sealed {
+                None => map_region(size, total, file, hugetlb)?,
+                Some(sealed) => map_sealed_region(size, total, file, hugetlb, sealed)?,
             };
-            let region: MmapRegion<()> = builder.build().map_err(|source| {
-                let enomem = matches!(&source, vm_memory::mmap::MmapRegionError::Mmap(e) if e.raw_os_error() == Some(libc::ENOMEM));
-                if hugetlb && enomem {
-                    MemoryError::NoHugePages { needed: total / HUGE_PAGE_SIZE, free: free_huge_pages() }
-                } else {
-                    MemoryError::Mmap { size, source }
-                }
-            })?;
             if config.thp {
-                // SAFETY: the range is exactly the mapping vm-memory just created and owns;
-                // MADV_HUGEPAGE changes no contents and no mapping, only the fault policy.
+                // SAFETY: the range is exactly the mapping just created for this region;
+                // MADV_HUGEPAGE changes no contents and no mapping, only the fault policy (and
+                // is allowed on sealed memory).
                 let ret =
                     unsafe { libc::madvise(region.as_ptr().cast(), size as usize, libc::MADV_HUGEPAGE) };
                 if ret != 0 {
@@ -245,7 +318,12 @@ impl GuestRam {
             file_offset += size;
         }
         let memory = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Assemble)?;
-        Ok(Self { memory: Arc::new(memory), config, memfd, hotplug })
+        Ok(Self { memory: Arc::new(memory), config, memfd, hotplug, sealed })
+    }
+
+    /// Whether guest RAM is sealed with `mseal(2)`.
+    pub fn sealed(&self) -> bool {
+        self.sealed.is_some()
     }
 
     /// The hot-pluggable region (guest-physical start, size), if any.
@@ -329,6 +407,93 @@ impl GuestRam {
         };
         self.regions().any(|(start, _, size)| gpa >= start.0 && end <= start.0 + size)
     }
+}
+
+/// The mmap flags of a region of guest RAM: private anonymous, or the memfd shared. Hugetlb pages
+/// are reserved at mmap (no `MAP_NORESERVE`): too few free huge pages is an error now rather
+/// than a SIGBUS at the guest's first touch.
+fn mmap_flags(file: bool, hugetlb: bool) -> i32 {
+    match (file, hugetlb) {
+        (false, _) => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        (true, false) => libc::MAP_SHARED | libc::MAP_NORESERVE,
+        (true, true) => libc::MAP_SHARED,
+    }
+}
+
+/// The error for a failed mmap of `size` bytes of guest RAM, of `total` bytes in all.
+fn mmap_error(size: u64, total: u64, hugetlb: bool, source: vm_memory::mmap::MmapRegionError) -> MemoryError {
+    let enomem = matches!(&source, vm_memory::mmap::MmapRegionError::Mmap(e) if e.raw_os_error() == Some(libc::ENOMEM));
+    if hugetlb && enomem {
+        MemoryError::NoHugePages { needed: total / HUGE_PAGE_SIZE, free: free_huge_pages() }
+    } else {
+        MemoryError::Mmap { size, source }
+    }
+}
+
+/// Maps one region of `size` bytes of the `total` bytes of guest RAM (vm-memory owns and unmaps
+/// it); `file` is the memfd and the region's offset in it.
+fn map_region(
+    size: u64,
+    total: u64,
+    file: Option<(&Arc<File>, u64)>,
+    hugetlb: bool,
+) -> Result<MmapRegion<()>, MemoryError> {
+    let builder = MmapRegionBuilder::new(size as usize)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(mmap_flags(file.is_some(), hugetlb));
+    let builder = match file {
+        None => builder,
+        Some((file, offset)) => {
+            builder.with_file_offset(FileOffset::from_arc(file.clone(), offset)).with_hugetlbfs(hugetlb)
+        }
+    };
+    builder.build().map_err(|source| mmap_error(size, total, hugetlb, source))
+}
+
+/// Maps one region of guest RAM and seals it with `mseal(2)`, recording it in `sealed` (which
+/// discards it on drop: it can never be unmapped). vm-memory gets the mapping as one it does not
+/// own, so it never tries to unmap it.
+fn map_sealed_region(
+    size: u64,
+    total: u64,
+    file: Option<(&Arc<File>, u64)>,
+    hugetlb: bool,
+    sealed: &mut SealedMappings,
+) -> Result<MmapRegion<()>, MemoryError> {
+    use std::os::fd::AsRawFd;
+    let len = size as usize;
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = mmap_flags(file.is_some(), hugetlb);
+    let (fd, offset) = file.map_or((-1, 0), |(f, off)| (f.as_raw_fd(), off as libc::off_t));
+    // SAFETY: a new mapping at an address the kernel picks (no MAP_FIXED), so no existing
+    // mapping is touched; the fd, if any, is guest RAM's own memfd, sized to cover the range.
+    let addr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, offset) };
+    if addr == libc::MAP_FAILED {
+        let source = vm_memory::mmap::MmapRegionError::Mmap(std::io::Error::last_os_error());
+        return Err(mmap_error(size, total, hugetlb, source));
+    }
+    // SAFETY: mseal only forbids later changes of the mapping just created (the whole of it);
+    // it reads and writes no memory.
+    if unsafe { libc::syscall(SYS_MSEAL, addr as usize, len, 0usize) } != 0 {
+        let err = std::io::Error::last_os_error();
+        // SAFETY: the mapping just created, which the failed mseal left unsealed; nothing else
+        // knows of it.
+        unsafe { libc::munmap(addr, len) };
+        return Err(MemoryError::Seal(err));
+    }
+    sealed.ranges.push((addr as usize, len));
+    let builder = MmapRegionBuilder::new(len).with_mmap_prot(prot).with_mmap_flags(flags);
+    let builder = match file {
+        None => builder,
+        Some((file, offset)) => {
+            builder.with_file_offset(FileOffset::from_arc(file.clone(), offset)).with_hugetlbfs(hugetlb)
+        }
+    };
+    // SAFETY: `addr..addr + len` is a mapping of exactly this size, prot and flags, and it is
+    // sealed: no one can unmap or move it for the life of the process, so it outlives the region.
+    unsafe { builder.with_raw_mmap_pointer(addr.cast()) }
+        .build()
+        .map_err(|source| MemoryError::Mmap { size, source })
 }
 
 /// Free 2 MiB huge pages on the host (`HugePages_Free` of /proc/meminfo).
@@ -424,5 +589,60 @@ mod tests {
         ram.memory().write_obj(9u64, GuestAddress((4 << 30) + 4096)).unwrap();
         assert_eq!(hotplug_base((5 << 30) + 1), 7 << 30, "above RAM that reaches past 4 GiB, 1 GiB aligned");
         assert!(matches!(GuestRam::with_hotplug(cfg, 4096), Err(MemoryError::HotplugNotAligned(_))));
+    }
+
+    /// Resident pages of `[addr, addr + len)` (mincore), or `None` when part of it is unmapped.
+    fn resident_pages(addr: u64, len: u64) -> Option<usize> {
+        let mut vec = vec![0u8; (len / PAGE_SIZE) as usize];
+        // SAFETY: mincore writes one byte per page of the range into `vec`, which is that long;
+        // it touches no memory of the range.
+        let ret = unsafe { libc::mincore(addr as *mut libc::c_void, len as usize, vec.as_mut_ptr()) };
+        (ret == 0).then(|| vec.iter().filter(|&&b| b & 1 != 0).count())
+    }
+
+    /// Sealed RAM cannot be unmapped, moved, re-protected or mapped over, but discards work; when
+    /// it is dropped its pages go back to the host (none resident, the file holds no blocks)
+    /// while the range stays mapped.
+    #[test]
+    fn sealed_ram_refuses_unmaps_keeps_discards_and_gives_its_memory_back_on_drop() {
+        use std::os::unix::fs::MetadataExt;
+        for backend in [MemoryBackend::Anonymous, MemoryBackend::Memfd] {
+            let cfg = MemoryConfig { size: 8 << 20, backend, thp: false };
+            let ram = GuestRam::sealed_with_hotplug(cfg, 0).unwrap();
+            assert!(ram.sealed());
+            let (_, hva, len) = ram.regions().next().unwrap();
+            let page = hva as *mut libc::c_void;
+            for off in (0..len).step_by(PAGE_SIZE as usize) {
+                ram.memory().write_obj(0x5a5a_u16, GuestAddress(off)).unwrap();
+            }
+            assert_eq!(resident_pages(hva, len), Some((len / PAGE_SIZE) as usize), "{backend:?}");
+            let eperm =
+                |ret: bool| ret && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            // SAFETY (all four): calls the kernel must refuse on sealed memory; were the seal
+            // missing they would only tear down this test's own guest RAM.
+            assert!(eperm(unsafe { libc::munmap(page, 4096) } != 0), "{backend:?}");
+            assert!(eperm(unsafe { libc::mprotect(page, 4096, libc::PROT_READ) } != 0), "{backend:?}");
+            let fixed = unsafe {
+                libc::mmap(
+                    page,
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            assert!(eperm(fixed == libc::MAP_FAILED), "{backend:?}");
+            let moved = unsafe { libc::mremap(page, 4096, 8192, libc::MREMAP_MAYMOVE) };
+            assert!(eperm(moved == libc::MAP_FAILED), "{backend:?}");
+            assert_eq!(ram.memory().read_obj::<u16>(GuestAddress(0)).unwrap(), 0x5a5a);
+
+            let file = ram.memfd().cloned();
+            drop(ram);
+            assert_eq!(resident_pages(hva, len), Some(0), "{backend:?}: nothing resident, still mapped");
+            if let Some(file) = file {
+                assert_eq!(file.metadata().unwrap().blocks(), 0, "the memfd gave its pages back");
+            }
+        }
     }
 }

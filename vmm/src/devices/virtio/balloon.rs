@@ -6,15 +6,18 @@
 //!
 //! - **Inflate**: a request is an array of 32-bit PFNs (4 KiB pages). It is validated as a whole
 //!   before anything is done: every descriptor device-readable with a length that is a multiple
-//!   of 4, every PFN inside guest RAM (the table's region check, `mmu.host_range(gpa, 4096)`), no
+//!   of 4, every PFN inside one of the balloon's regions (guest RAM the guest was told of), no
 //!   PFN twice. A request that fails any check is refused entirely — each bad PFN or buffer is
-//!   counted by kind and logged, and **nothing reaches a syscall**. A valid request is sorted,
-//!   contiguous PFNs are coalesced into ranges (split where guest RAM regions end), and each
-//!   range is discarded with **one** notifier operation (`space.discard`: start -> madvise or
-//!   fallocate -> invalidate_range -> end), so the VMM's table and every other subscriber drop
-//!   their translations before the syscall. The pages are then marked in a bitmap.
-//! - **Deflate**: the same validation; the pages leave the bitmap. No syscall: anonymous or
-//!   memfd memory refaults as zero pages when the guest touches it again.
+//!   counted by kind and logged, and **nothing reaches a syscall**. The PFNs of all the valid
+//!   requests of one notify are sorted and coalesced **as one set** into ranges (split where
+//!   guest RAM regions end), the pages are marked in a bitmap, and each range is discarded with
+//!   **one** notifier operation through `GuestMmu::discard` (translated once; start -> madvise
+//!   or fallocate -> invalidate_range -> end), so the VMM's table and every other subscriber
+//!   drop their translations before the syscall. Only then do the notify's heads go back to the
+//!   driver, in one used-ring update: VIRTIO_BALLOON_F_MUST_TELL_HOST holds, no page is
+//!   returned before the host acted.
+//! - **Deflate**: the same validation; the pages leave the bitmap. No syscall for discarded
+//!   pages: anonymous or memfd memory refaults as zero pages when the guest touches it again.
 //! - **Stats** (statsq): the driver's buffer of (le16 tag, le64 value) pairs is parsed and kept
 //!   as the latest guest statistics; the buffer is held until the VMM asks for fresh ones
 //!   ([`Balloon::request_guest_stats`]), which returns it to the driver (the driver then refills
@@ -24,18 +27,25 @@
 //!   region); adjacent ranges are coalesced and discarded the
 //!   same way. Reported pages are not ballooned (the guest reuses them freely).
 //!
-//! On THP-backed memory a 4 KiB discard inside a 2 MiB huge page splits it, and the kernel
-//! frees such partly-discarded huge pages only later (deferred split) — the gap Firecracker's
-//! balloon documents. The stats therefore count 2 MiB guest blocks that are fully ballooned vs
-//! partly ballooned ([`BalloonStats::huge_blocks_full`], [`BalloonStats::huge_blocks_partial`]).
-//! Blocks are guest-physical 2 MiB blocks; they coincide with host huge pages when
-//! `GuestRam::huge_page_aligned` holds.
+//! # When pages are discarded (invariant B1)
+//! - B1. On 4 KiB-page memory every inflated run is discarded before the notify's heads are
+//!   used. On huge-page-backed memory (THP or hugetlb) a 2 MiB guest block is discarded **whole,
+//!   once the guest has given all of it** (the per-block count reaches the block's pages, in
+//!   this notify or over several), runs of such blocks coalesced into one operation; the pages of
+//!   a block still partly given are *held* (ballooned, not yet discarded; a bitmap, counted in
+//!   [`BalloonStats::held_pages`]). A 4 KiB discard inside a THP would split the huge page, and
+//!   the kernel frees a split huge page only later (deferred split) — the gap Firecracker's
+//!   balloon documents; hugetlb cannot discard less than 2 MiB at all (the notifier refuses it
+//!   before any syscall). Linux's driver gives 256 pages (half a block) per request and one
+//!   request per kick, so without holding every THP block would be split. When the guest takes
+//!   held pages back (deflate), on THP they are discarded first, so deflated pages always read
+//!   zeros, as on 4 KiB memory; on hugetlb they come back with their contents.
 //!
-//! On hugetlb-backed memory nothing smaller than a 2 MiB page can be discarded (the notifier
-//! refuses it before any syscall), so there the balloon discards a 2 MiB block when its last
-//! page is inflated (runs of such blocks coalesced into one operation), and free page reports
-//! are trimmed to whole 2 MiB blocks. Pages of partial blocks stay backed
-//! ([`BalloonStats::huge_blocks_partial`] counts them).
+//! The stats count 2 MiB guest blocks that are fully ballooned vs partly ballooned
+//! ([`BalloonStats::huge_blocks_full`], [`BalloonStats::huge_blocks_partial`]). Blocks are
+//! guest-physical 2 MiB blocks; they coincide with host huge pages when
+//! `GuestRam::huge_page_aligned` holds. Free page reports are discarded as given (coalesced
+//! across the notify's buffers), trimmed to whole 2 MiB blocks on hugetlb.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -167,6 +177,9 @@ pub struct BalloonStats {
     pub huge_blocks_partial: u64,
     /// Whether guest RAM is THP-backed (the two counters above matter then).
     pub thp: bool,
+    /// Pages in the balloon not discarded yet: on huge-page-backed memory, the pages of blocks
+    /// the guest has not given whole (B1); 0 on 4 KiB pages.
+    pub held_pages: u64,
     /// Guest errors.
     pub errors: BalloonErrors,
     /// Statistics buffers received from the guest.
@@ -207,6 +220,19 @@ enum Role {
     Reporting,
 }
 
+/// How guest RAM is backed, for the discard policy (B1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backing {
+    /// 4 KiB pages: every inflated run is discarded at once.
+    Small,
+    /// THP: a 2 MiB block is discarded whole once the guest has given all of it; pages of a
+    /// partial block are held (discarded if the guest takes them back first).
+    Thp,
+    /// hugetlb: nothing smaller than a 2 MiB page can be discarded; pages of a partial block
+    /// are held and come back with their contents.
+    Hugetlb,
+}
+
 /// One guest RAM region's balloon state.
 struct RegionMap {
     gpa: u64,
@@ -215,6 +241,9 @@ struct RegionMap {
     bitmap: Vec<u64>,
     /// Ballooned pages per 2 MiB guest block (blocks indexed from `gpa` rounded down).
     per_block: Vec<u16>,
+    /// One bit per 4 KiB page: in the balloon but not discarded yet (on huge-page-backed
+    /// memory, a page of a block the guest has not given whole; B1 below).
+    held: Vec<u64>,
 }
 
 impl RegionMap {
@@ -227,7 +256,59 @@ impl RegionMap {
             pages,
             bitmap: vec![0; pages.div_ceil(64) as usize],
             per_block: vec![0; (last_block - first_block) as usize],
+            held: vec![0; pages.div_ceil(64) as usize],
         }
+    }
+
+    /// Guest-physical end.
+    fn end(&self) -> u64 {
+        self.gpa + self.pages * PAGE_SIZE
+    }
+
+    /// Pages of block `b` inside the region (the region may start or end mid-block).
+    fn block_len(&self, b: usize) -> u64 {
+        let block_start = (self.gpa / HUGE_PAGE_SIZE + b as u64) * PAGES_PER_BLOCK;
+        let first = self.gpa / PAGE_SIZE;
+        let end = (block_start + PAGES_PER_BLOCK).min(first + self.pages);
+        end - block_start.max(first)
+    }
+
+    /// Whether every page of block `b` inside the region is in the balloon.
+    fn block_full(&self, b: usize) -> bool {
+        self.per_block[b] as u64 == self.block_len(b)
+    }
+
+    /// The guest-physical range of block `b`, clipped to the region.
+    fn block_range(&self, b: usize) -> (u64, u64) {
+        let start = ((self.gpa / HUGE_PAGE_SIZE + b as u64) * HUGE_PAGE_SIZE).max(self.gpa);
+        let end = (start / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE + HUGE_PAGE_SIZE).min(self.end());
+        (start, end)
+    }
+
+    fn is_held(&self, pfn: u64) -> bool {
+        let i = self.index(pfn);
+        self.held[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    fn set_held(&mut self, pfn: u64, on: bool) {
+        let i = self.index(pfn);
+        if on {
+            self.held[i / 64] |= 1 << (i % 64);
+        } else {
+            self.held[i / 64] &= !(1 << (i % 64));
+        }
+    }
+
+    /// Clears the held bits of block `b` (it is being discarded whole).
+    fn release_block(&mut self, b: usize) {
+        let (start, end) = self.block_range(b);
+        for pfn in start / PAGE_SIZE..end / PAGE_SIZE {
+            self.set_held(pfn, false);
+        }
+    }
+
+    fn held_pages(&self) -> u64 {
+        self.held.iter().map(|w| w.count_ones() as u64).sum()
     }
 
     fn contains(&self, pfn: u64) -> bool {
@@ -268,6 +349,7 @@ impl RegionMap {
     fn clear(&mut self) {
         self.bitmap.fill(0);
         self.per_block.fill(0);
+        self.held.fill(0);
     }
 }
 
@@ -275,8 +357,8 @@ impl RegionMap {
 pub struct Balloon {
     mmu: Arc<GuestMmu>,
     regions: Vec<RegionMap>,
-    /// Guest RAM is hugetlb: discard whole 2 MiB blocks only.
-    hugetlb: bool,
+    /// How guest RAM is backed, which decides when ballooned pages are discarded (B1).
+    backing: Backing,
     avail_features: u64,
     queue_sizes: Vec<u16>,
     acked_features: u64,
@@ -317,7 +399,13 @@ impl Balloon {
         Self {
             mmu,
             regions,
-            hugetlb: ram.config().backend == crate::memory::MemoryBackend::Hugetlb,
+            backing: if ram.config().backend == crate::memory::MemoryBackend::Hugetlb {
+                Backing::Hugetlb
+            } else if thp {
+                Backing::Thp
+            } else {
+                Backing::Small
+            },
             avail_features,
             queue_sizes,
             acked_features: 0,
@@ -345,13 +433,7 @@ impl Balloon {
         s.actual_pages = self.actual_pages;
         s.ballooned_pages =
             self.regions.iter().map(|r| r.per_block.iter().map(|&n| n as u64).sum::<u64>()).sum();
-        let full_len = |r: &RegionMap, b: usize| {
-            // Pages of block `b` inside the region (the region may start or end mid-block).
-            let block_start = (r.gpa / HUGE_PAGE_SIZE + b as u64) * PAGES_PER_BLOCK;
-            let first = r.gpa / PAGE_SIZE;
-            let end = (block_start + PAGES_PER_BLOCK).min(first + r.pages);
-            end - block_start.max(first)
-        };
+        s.held_pages = self.regions.iter().map(RegionMap::held_pages).sum();
         s.huge_blocks_full = 0;
         s.huge_blocks_partial = 0;
         for r in &self.regions {
@@ -359,7 +441,7 @@ impl Balloon {
                 if n == 0 {
                     continue;
                 }
-                if n as u64 == full_len(r, b) {
+                if n as u64 == r.block_len(b) {
                     s.huge_blocks_full += 1;
                 } else {
                     s.huge_blocks_partial += 1;
@@ -398,12 +480,13 @@ impl Balloon {
 
     /// Whether `[gpa, gpa + len)` lies inside one of the balloon's regions.
     fn in_balloon_regions(&self, gpa: u64, len: u64) -> bool {
-        gpa.checked_add(len).is_some_and(|end| {
-            self.regions.iter().any(|r| gpa >= r.gpa && end <= r.gpa + r.pages * PAGE_SIZE)
-        })
+        gpa.checked_add(len).is_some_and(|end| self.regions.iter().any(|r| gpa >= r.gpa && end <= r.end()))
     }
 
-    /// Reads and validates a PFN request; `None` (counted, logged) when it is refused.
+    /// Reads and validates a PFN request (its buffers with one copy each); `None` (counted,
+    /// logged) when it is refused. A PFN is valid when it lies in one of the balloon's regions,
+    /// which are guest RAM regions of the table: no further translation is needed until the
+    /// discard, which translates each run once (`GuestMmu::discard`).
     fn read_pfns(&mut self, mem: &dyn GuestMemoryAccess, chain: &DescriptorChain) -> Option<Vec<u64>> {
         let e = &mut self.stats.errors;
         if chain.writable().next().is_some() || chain.readable().any(|d| d.len % 4 != 0) {
@@ -430,10 +513,10 @@ impl Balloon {
             .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as u64)
             .collect();
         let mut ok = true;
+        pfns.sort_unstable();
+        // Sorted: one pass finds the region of each PFN (regions are few and disjoint).
         for &pfn in &pfns {
-            if self.mmu.host_range(pfn * BALLOON_PAGE, BALLOON_PAGE).is_none()
-                || self.region_of(pfn).is_none()
-            {
+            if self.region_of(pfn).is_none() {
                 ok = false;
                 let e = &mut self.stats.errors;
                 e.pfn_outside_ram += 1;
@@ -443,7 +526,6 @@ impl Balloon {
                 );
             }
         }
-        pfns.sort_unstable();
         for w in pfns.windows(2) {
             if w[0] == w[1] {
                 ok = false;
@@ -455,15 +537,11 @@ impl Balloon {
         ok.then_some(pfns)
     }
 
-    /// Discards `[gpa, gpa + len)` (inside one region: checked by the caller through
-    /// `host_range`) through the notifier.
+    /// Discards guest `[gpa, gpa + len)` through the table's one handle (`GuestMmu::discard`:
+    /// translated once, then one notifier operation). Callers pass ranges inside one balloon
+    /// region; anything else is refused by the table before any syscall.
     fn discard(&mut self, gpa: u64, len: u64) -> bool {
-        let Some(hva) = self.mmu.host_range(gpa, len) else {
-            // Callers only pass ranges that passed this check; never reach a syscall otherwise.
-            self.stats.discard_failures += 1;
-            return false;
-        };
-        match self.mmu.space().discard(hva, len as usize) {
+        match self.mmu.discard(gpa, len) {
             Ok(_) => {
                 self.stats.discard_ranges += 1;
                 self.stats.bytes_discarded += len;
@@ -471,40 +549,73 @@ impl Balloon {
             }
             Err(e) => {
                 self.stats.discard_failures += 1;
-                tracing::warn!("balloon: discard of guest [{gpa:#x}, +{len:#x}) failed: {e}");
+                tracing::warn!("balloon: {e}");
                 false
             }
         }
     }
 
-    /// Coalesces sorted, unique PFNs into (gpa, len) runs inside one region each.
+    /// Coalesces sorted, unique PFNs of the balloon's regions into (gpa, len) runs, each inside
+    /// one region.
     fn runs(&self, pfns: &[u64]) -> Vec<(u64, u64)> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut region_end = 0;
         for &pfn in pfns {
             let gpa = pfn * BALLOON_PAGE;
             if let Some((start, len)) = runs.last_mut() {
-                if *start + *len == gpa && self.mmu.host_range(*start, *len + BALLOON_PAGE).is_some() {
+                if *start + *len == gpa && gpa < region_end {
                     *len += BALLOON_PAGE;
                     continue;
                 }
             }
+            region_end = self.region_of(pfn).map_or(0, |r| self.regions[r].end());
             runs.push((gpa, BALLOON_PAGE));
         }
         runs
     }
 
-    fn inflate(&mut self, mem: &dyn GuestMemoryAccess, chain: &DescriptorChain) {
-        let Some(pfns) = self.read_pfns(mem, chain) else {
-            self.stats.inflate_refused += 1;
-            return;
-        };
-        self.stats.inflate_requests += 1;
-        if !self.hugetlb {
-            for (gpa, len) in self.runs(&pfns) {
-                self.discard(gpa, len);
+    /// Discards runs of `ranges` (sorted by start, possibly overlapping or adjacent), merged
+    /// where they touch inside one region; returns the (gpa, len) of each discard that worked.
+    fn discard_merged(&mut self, ranges: &mut Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for &(gpa, len) in ranges.iter() {
+            if let Some((s, l)) = merged.last_mut() {
+                let end = (*s + *l).max(gpa + len);
+                if gpa <= *s + *l && self.in_balloon_regions(*s, end - *s) {
+                    *l = end - *s;
+                    continue;
+                }
+            }
+            merged.push((gpa, len));
+        }
+        merged.into_iter().filter(|&(gpa, len)| self.discard(gpa, len)).collect()
+    }
+
+    /// Inflates every request of one notify: each request is validated whole (a bad one is
+    /// refused, counted and reaches no syscall), then the PFNs of all accepted requests are
+    /// sorted and coalesced **as one set** and discarded (B1), before any head goes back to the
+    /// driver (the caller writes the used ring afterwards: VIRTIO_BALLOON_F_MUST_TELL_HOST).
+    fn inflate_all(&mut self, mem: &dyn GuestMemoryAccess, chains: &[DescriptorChain]) {
+        let mut pfns = Vec::new();
+        for chain in chains {
+            match self.read_pfns(mem, chain) {
+                Some(p) => {
+                    self.stats.inflate_requests += 1;
+                    pfns.extend(p);
+                }
+                None => self.stats.inflate_refused += 1,
             }
         }
-        let mut full_blocks = Vec::new();
+        if pfns.is_empty() {
+            return;
+        }
+        pfns.sort_unstable();
+        let given = pfns.len();
+        pfns.dedup();
+        // A PFN in two requests of one notify: the second is a re-inflate.
+        self.stats.reinflated_pages += (given - pfns.len()) as u64;
+        let mut touched_blocks: Vec<(usize, usize)> = Vec::new();
         for &pfn in &pfns {
             let Some(r) = self.region_of(pfn) else { continue };
             let region = &mut self.regions[r];
@@ -513,56 +624,86 @@ impl Balloon {
             } else {
                 self.stats.reinflated_pages += 1;
             }
-            let block = region.block(pfn);
-            if region.per_block[block] as u64 == PAGES_PER_BLOCK
-                && full_blocks.last() != Some(&(pfn / PAGES_PER_BLOCK))
-            {
-                full_blocks.push(pfn / PAGES_PER_BLOCK);
+            let block = (r, region.block(pfn));
+            if touched_blocks.last() != Some(&block) {
+                touched_blocks.push(block);
             }
         }
-        if self.hugetlb {
-            // Whole 2 MiB blocks only (full_blocks is sorted: the PFNs are).
-            let pfns: Vec<u64> =
-                full_blocks.iter().flat_map(|b| b * PAGES_PER_BLOCK..(b + 1) * PAGES_PER_BLOCK).collect();
-            for (gpa, len) in self.runs(&pfns) {
+        match self.backing {
+            Backing::Small => {
+                for (gpa, len) in self.runs(&pfns) {
+                    self.discard(gpa, len);
+                }
+            }
+            Backing::Thp | Backing::Hugetlb => {
+                // B1: a block the guest has now given whole is discarded whole (runs of such
+                // blocks coalesced into one operation); the pages of the other blocks this
+                // notify touched are held.
+                for &pfn in &pfns {
+                    let Some(r) = self.region_of(pfn) else { continue };
+                    self.regions[r].set_held(pfn, true);
+                }
+                let mut whole = Vec::new();
+                for &(r, b) in &touched_blocks {
+                    if self.regions[r].block_full(b) {
+                        self.regions[r].release_block(b);
+                        let (start, end) = self.regions[r].block_range(b);
+                        whole.push((start, end - start));
+                    }
+                }
+                self.discard_merged(&mut whole);
+            }
+        }
+    }
+
+    /// Deflates every request of one notify. No syscall for pages the host discarded (anonymous
+    /// or memfd memory refaults as zero pages); on THP memory, pages still held (B1) are
+    /// discarded first so that they, too, come back as zeros.
+    fn deflate_all(&mut self, mem: &dyn GuestMemoryAccess, chains: &[DescriptorChain]) {
+        let mut flush = Vec::new();
+        for chain in chains {
+            let Some(pfns) = self.read_pfns(mem, chain) else {
+                self.stats.deflate_refused += 1;
+                continue;
+            };
+            self.stats.deflate_requests += 1;
+            for pfn in pfns {
+                let Some(r) = self.region_of(pfn) else { continue };
+                let region = &mut self.regions[r];
+                if region.is_held(pfn) {
+                    region.set_held(pfn, false);
+                    flush.push(pfn);
+                }
+                if region.set(pfn, false) {
+                    self.stats.deflated_pages += 1;
+                } else {
+                    let e = &mut self.stats.errors;
+                    e.deflate_not_ballooned += 1;
+                    log_guest_error(
+                        e.deflate_not_ballooned,
+                        format_args!("balloon: deflate of PFN {pfn:#x}, which is not ballooned"),
+                    );
+                }
+            }
+        }
+        if self.backing == Backing::Thp && !flush.is_empty() {
+            flush.sort_unstable();
+            for (gpa, len) in self.runs(&flush) {
                 self.discard(gpa, len);
             }
         }
     }
 
-    fn deflate(&mut self, mem: &dyn GuestMemoryAccess, chain: &DescriptorChain) {
-        let Some(pfns) = self.read_pfns(mem, chain) else {
-            self.stats.deflate_refused += 1;
-            return;
-        };
-        self.stats.deflate_requests += 1;
-        for pfn in pfns {
-            let Some(r) = self.region_of(pfn) else { continue };
-            if self.regions[r].set(pfn, false) {
-                self.stats.deflated_pages += 1;
-            } else {
-                let e = &mut self.stats.errors;
-                e.deflate_not_ballooned += 1;
-                log_guest_error(
-                    e.deflate_not_ballooned,
-                    format_args!("balloon: deflate of PFN {pfn:#x}, which is not ballooned"),
-                );
-            }
-        }
-    }
-
-    fn report(&mut self, chain: &DescriptorChain) {
+    /// Checks the free page reports of one notify and discards them, adjacent ranges of all
+    /// its buffers coalesced.
+    fn report_all(&mut self, chains: &[DescriptorChain]) {
         let mut ranges = Vec::new();
-        for d in &chain.descriptors {
+        for d in chains.iter().flat_map(|c| &c.descriptors) {
             let (gpa, len) = (d.addr, d.len as u64);
             // Inside one of the balloon's regions (RAM the guest was told of), not merely guest
             // RAM of the table: the table also covers virtio-mem's hot-pluggable region, which
             // is not the balloon's to discard.
-            if len == 0
-                || gpa % PAGE_SIZE != 0
-                || len % PAGE_SIZE != 0
-                || !self.in_balloon_regions(gpa, len)
-                || self.mmu.host_range(gpa, len).is_none()
+            if len == 0 || gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || !self.in_balloon_regions(gpa, len)
             {
                 let e = &mut self.stats.errors;
                 e.bad_report_range += 1;
@@ -574,7 +715,7 @@ impl Balloon {
                 );
                 continue;
             }
-            if self.hugetlb {
+            if self.backing == Backing::Hugetlb {
                 let (start, end) =
                     (gpa.next_multiple_of(HUGE_PAGE_SIZE), (gpa + len) / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE);
                 if start < end {
@@ -584,23 +725,9 @@ impl Balloon {
             }
             ranges.push((gpa, len));
         }
-        ranges.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::new();
-        for (gpa, len) in ranges {
-            if let Some((s, l)) = merged.last_mut() {
-                let end = (*s + *l).max(gpa + len);
-                if gpa <= *s + *l && self.mmu.host_range(*s, end - *s).is_some() {
-                    *l = end - *s;
-                    continue;
-                }
-            }
-            merged.push((gpa, len));
-        }
-        for (gpa, len) in merged {
-            if self.discard(gpa, len) {
-                self.stats.reported_ranges += 1;
-                self.stats.reported_bytes += len;
-            }
+        for (_, len) in self.discard_merged(&mut ranges) {
+            self.stats.reported_ranges += 1;
+            self.stats.reported_bytes += len;
         }
     }
 
@@ -707,45 +834,52 @@ impl VirtioDevice for Balloon {
             log_guest_error(e.unknown_queue, format_args!("balloon: notify of undefined queue {index}"));
             return Ok(());
         };
-        let mut used = false;
-        while let Some(popped) = self.queues[index].pop(mem.as_ref()).map_err(fault)? {
-            let head = match popped {
-                Popped::Chain(chain) => match role {
-                    Role::Inflate => {
-                        self.inflate(mem.as_ref(), &chain);
-                        Some(chain.head)
-                    }
-                    Role::Deflate => {
-                        self.deflate(mem.as_ref(), &chain);
-                        Some(chain.head)
-                    }
-                    Role::Reporting => {
-                        self.report(&chain);
-                        Some(chain.head)
-                    }
-                    Role::Stats => self.take_stats(mem.as_ref(), &chain),
-                },
-                Popped::Bad { head, error } => {
-                    let e = &mut self.stats.errors;
-                    e.bad_chain += 1;
-                    log_guest_error(e.bad_chain, format_args!("balloon: queue {index}: {error}"));
-                    head
-                }
-            };
-            if let Some(head) = head {
-                self.queues[index].add_used(mem.as_ref(), head, 0).map_err(fault)?;
-                used = true;
+        let mut used_any = false;
+        loop {
+            // One notify's chains, read in bulk; all of them are handled (and, for inflate,
+            // discarded) before their heads go back in one used-ring update.
+            let batch = self.queues[index].pop_all(mem.as_ref()).map_err(fault)?;
+            if batch.is_empty() {
+                break;
             }
+            let mut used: Vec<(u16, u32)> = Vec::with_capacity(batch.len());
+            let mut chains = Vec::with_capacity(batch.len());
+            for popped in batch {
+                match popped {
+                    Popped::Chain(chain) => chains.push(chain),
+                    Popped::Bad { head, error } => {
+                        let e = &mut self.stats.errors;
+                        e.bad_chain += 1;
+                        log_guest_error(e.bad_chain, format_args!("balloon: queue {index}: {error}"));
+                        used.extend(head.map(|h| (h, 0)));
+                    }
+                }
+            }
+            match role {
+                Role::Inflate => self.inflate_all(mem.as_ref(), &chains),
+                Role::Deflate => self.deflate_all(mem.as_ref(), &chains),
+                Role::Reporting => self.report_all(&chains),
+                Role::Stats => {}
+            }
+            if role == Role::Stats {
+                for chain in &chains {
+                    used.extend(self.take_stats(mem.as_ref(), chain).map(|h| (h, 0)));
+                }
+            } else {
+                used.extend(chains.iter().map(|c| (c.head, 0)));
+            }
+            self.queues[index].add_used_all(mem.as_ref(), &used).map_err(fault)?;
+            used_any |= !used.is_empty();
         }
-        if used {
+        if used_any {
             irq.signal_used_queue();
         }
         Ok(())
     }
 
     fn reset(&mut self) {
-        // The driver is gone: its ballooned pages are ordinary guest memory again (they read
-        // zeros until written).
+        // The driver is gone: its ballooned pages are ordinary guest memory again (discarded
+        // ones read zeros until written; held ones, B1, keep their contents).
         self.regions.iter_mut().for_each(RegionMap::clear);
         self.actual_pages = 0;
         self.acked_features = 0;
@@ -820,6 +954,17 @@ mod tests {
     impl Fixture {
         fn mem(&self) -> &crate::memory::GuestMemoryMmap {
             self.ram.memory()
+        }
+
+        /// Queues a one-descriptor PFN request on queue `q` (descriptor `desc`, its array at
+        /// `ARRAYS + 0x1000 * desc`) without notifying.
+        fn queue_pfns(&mut self, q: usize, desc: u16, pfns: &[u32]) {
+            let array = ARRAYS + 0x1000 * desc as u64;
+            let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+            self.mem().write_slice(&bytes, GuestAddress(array)).unwrap();
+            let mem = self.ram.memory().clone();
+            self.rings[q].set_desc(&mem, desc, array, bytes.len() as u32, 0, 0);
+            self.rings[q].push(&mem, desc);
         }
 
         /// Queues a one-descriptor PFN request on queue `q` and notifies.
@@ -1075,24 +1220,120 @@ mod tests {
     }
 
     #[test]
-    fn thp_blocks_full_and_partial() {
+    fn thp_blocks_are_discarded_whole_once_given_whole() {
         let mut f = fixture(true);
-        // All of the block at 4 MiB (512 PFNs, more than one page of array: two requests) and
-        // half of the block at 6 MiB.
+        f.fill(0x400, 0x300);
+        // The block at 4 MiB in two requests of two notifies (Linux's pattern: 256 PFNs per
+        // request, one request per kick), and half of the block at 6 MiB.
         let block: Vec<u32> = (0x400..0x600).collect();
         f.send_pfns(0, 0, &block[..256]);
+        assert!(f.recorder.take().is_empty(), "half a huge page: held, not split");
+        assert!(f.page_is(0x400, 0xaa), "held pages are not discarded yet");
+        assert_eq!(f.stats().held_pages, 256);
+        assert_eq!(f.rings[0].used_idx(f.mem()), 1, "a held request is still answered");
         f.send_pfns(0, 1, &block[256..]);
+        assert_eq!(f.recorder.take(), [(0x400000, 0x600000)], "the whole block, once");
+        assert!(f.page_is(0x400, 0) && f.page_is(0x5ff, 0));
         let half: Vec<u32> = (0x600..0x700).collect();
         f.send_pfns(0, 2, &half);
+        assert!(f.recorder.take().is_empty());
         let s = f.stats();
         assert!(s.thp);
         assert_eq!((s.ballooned_pages, s.huge_blocks_full, s.huge_blocks_partial), (768, 1, 1));
-        assert_eq!(s.discard_ranges, 3);
-        assert!(f.page_is(0x5ff, 0));
-        // Deflate one page of the full block: it becomes partial.
-        f.send_pfns(1, 0, &[0x400]);
+        assert_eq!((s.discard_ranges, s.bytes_discarded, s.held_pages), (1, 2 << 20, 256));
+        // Deflate one page of the full block (discarded: no syscall) and two held pages of the
+        // partial one: those are discarded first, so every page got back reads zeros.
+        f.send_pfns(1, 0, &[0x400, 0x600, 0x601]);
+        assert_eq!(f.recorder.take(), [(0x600000, 0x602000)]);
+        assert!(f.page_is(0x400, 0) && f.page_is(0x600, 0) && f.page_is(0x601, 0));
+        assert!(f.page_is(0x602, 0xaa), "still held");
         let s = f.stats();
-        assert_eq!((s.huge_blocks_full, s.huge_blocks_partial), (0, 2));
+        assert_eq!((s.huge_blocks_full, s.huge_blocks_partial, s.held_pages), (0, 2, 254));
+        // The rest of the 6 MiB block in one notify of two requests: the block is given whole
+        // (the two pages deflated above came back and are given again).
+        let rest: Vec<u32> = (0x700..0x800).collect();
+        f.queue_pfns(0, 3, &[0x600, 0x601]);
+        f.queue_pfns(0, 4, &rest);
+        w32(&mut f.t, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(f.recorder.take(), [(0x600000, 0x800000)]);
+        let s = f.stats();
+        assert_eq!((s.huge_blocks_full, s.huge_blocks_partial, s.held_pages), (1, 1, 0));
+        assert_eq!(s.errors.total(), 0);
+    }
+
+    /// All requests of one notify are coalesced into one set of runs, and the notifier acts on
+    /// each before any of the notify's heads is in the used ring (MUST_TELL_HOST).
+    #[test]
+    fn one_notify_is_one_set_of_runs_discarded_before_any_head_is_used() {
+        struct UsedIdxAtDiscard {
+            mem: Arc<crate::memory::GuestMemoryMmap>,
+            used_idx_gpa: u64,
+            seen: std::sync::Mutex<Vec<u16>>,
+        }
+        impl notifier::Subscriber for UsedIdxAtDiscard {
+            fn invalidate_range_start(&self, _: &notifier::Range) -> Result<(), notifier::Refused> {
+                let idx: u16 = self.mem.read_obj(GuestAddress(self.used_idx_gpa)).unwrap();
+                self.seen.lock().unwrap().push(idx);
+                Ok(())
+            }
+        }
+        let mut f = fixture(false);
+        let watcher = Arc::new(UsedIdxAtDiscard {
+            mem: f.ram.memory().clone(),
+            used_idx_gpa: f.rings[0].used + 2,
+            seen: Default::default(),
+        });
+        f._space.subscribe(watcher.clone()).unwrap();
+        f.fill(0x200, 0x10);
+        // Three requests, adjacent across requests, plus a refused one in the middle.
+        f.queue_pfns(0, 0, &[0x202, 0x203]);
+        f.queue_pfns(0, 1, &[0x200, 0x201]);
+        f.queue_pfns(0, 2, &[0x201, 0x1000]);
+        f.queue_pfns(0, 3, &[0x204, 0x208]);
+        w32(&mut f.t, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(f.recorder.take(), [(0x200000, 0x205000), (0x208000, 0x209000)]);
+        assert_eq!(*watcher.seen.lock().unwrap(), [0, 0], "no head was used before the discards");
+        assert_eq!(f.rings[0].used_idx(f.mem()), 4);
+        assert_eq!(f.interrupts(), 1, "one interrupt for the notify");
+        let s = f.stats();
+        assert_eq!((s.inflate_requests, s.inflate_refused, s.inflated_pages), (3, 1, 6));
+        assert_eq!((s.discard_ranges, s.bytes_discarded), (2, 0x6000));
+        assert!(f.page_is(0x200, 0) && f.page_is(0x208, 0) && f.page_is(0x205, 0xaa));
+        // A PFN in two requests of one notify is one discard; the second is a re-inflate.
+        f.queue_pfns(0, 4, &[0x20a]);
+        f.queue_pfns(0, 5, &[0x20a, 0x20b]);
+        w32(&mut f.t, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(f.recorder.take(), [(0x20a000, 0x20c000)]);
+        assert_eq!((f.stats().inflated_pages, f.stats().reinflated_pages), (8, 1));
+    }
+
+    /// Each request is one read of its PFN array and the queue's rings are read once per
+    /// notify; nothing is translated per PFN.
+    #[test]
+    fn a_notify_reads_each_pfn_array_once() {
+        use crate::devices::virtio::queue::tests::Counting;
+        let mut f = fixture(false);
+        let counting = Arc::new(Counting::new(f.mmu.clone()));
+        // Re-activate the queues with the counting view (the transport activated with the
+        // table itself): reset, negotiate, set up, DRIVER_OK.
+        let balloon = Balloon::new(f.mmu.clone(), &f.ram, BalloonConfig::default());
+        let irq = Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mem: Arc<dyn GuestMemoryAccess> = counting.clone();
+        let mut t = MmioTransport::new(balloon, mem, irq);
+        assert!(negotiate(&mut t, 0));
+        setup_queue(&mut t, 0, &f.rings[0]);
+        setup_queue(&mut t, 1, &f.rings[1]);
+        driver_ok(&mut t);
+        counting.take();
+        let pfns: Vec<u32> = (0x300..0x400).collect();
+        for d in 0..4u16 {
+            f.queue_pfns(0, d, &pfns[64 * d as usize..64 * (d as usize + 1)]);
+        }
+        w32(&mut t, reg::QUEUE_NOTIFY, 0);
+        // Index, ring entries, descriptor table, four arrays; then the index again (empty).
+        assert_eq!(counting.take(), (1 + 1 + 1 + 4 + 1, 2), "used elements and used index");
+        assert_eq!(f.recorder.take(), [(0x300000, 0x400000)]);
+        assert_eq!(t.device().stats().inflated_pages, 256);
     }
 
     #[test]

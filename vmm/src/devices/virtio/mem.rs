@@ -468,15 +468,11 @@ impl VirtioMem {
     }
 
     /// Discards `count` blocks from `first` (inside the region, which the constructor checked is
-    /// guest RAM of the table) with one notifier operation.
+    /// guest RAM of the table) with one notifier operation, through the table's one handle
+    /// (`GuestMmu::discard`, which also refuses anything outside guest RAM before any syscall).
     fn discard(&mut self, first: u64, count: u64) -> bool {
         let (gpa, len) = (self.addr + first * self.block_size, count * self.block_size);
-        let Some(hva) = self.mmu.host_range(gpa, len) else {
-            // The constructor checked the whole region; never reach a syscall otherwise.
-            self.stats.discard_failures += 1;
-            return false;
-        };
-        match self.mmu.space().discard(hva, len as usize) {
+        match self.mmu.discard(gpa, len) {
             Ok(_) => {
                 self.stats.discard_ranges += 1;
                 self.stats.blocks_discarded += count;
@@ -485,7 +481,7 @@ impl VirtioMem {
             }
             Err(e) => {
                 self.stats.discard_failures += 1;
-                tracing::warn!("virtio-mem: discard of guest [{gpa:#x}, +{len:#x}) failed: {e}");
+                tracing::warn!("virtio-mem: {e}");
                 false
             }
         }
@@ -741,23 +737,31 @@ impl VirtioDevice for VirtioMem {
             log_guest_error(e.unknown_queue, format_args!("virtio-mem: notify of undefined queue {index}"));
             return Ok(());
         }
-        let mut used = false;
-        while let Some(popped) = self.queues[0].pop(mem.as_ref()).map_err(fault)? {
-            let done = match popped {
-                Popped::Chain(chain) => Some((chain.head, self.handle(mem.as_ref(), &chain))),
-                Popped::Bad { head, error } => {
-                    let e = &mut self.stats.errors;
-                    e.bad_chain += 1;
-                    log_guest_error(e.bad_chain, format_args!("virtio-mem: requestq: {error}"));
-                    head.map(|h| (h, 0))
-                }
-            };
-            if let Some((head, len)) = done {
-                self.queues[0].add_used(mem.as_ref(), head, len).map_err(fault)?;
-                used = true;
+        let mut used_any = false;
+        loop {
+            // One notify's requests, read in bulk, handled in ring order; their heads go back
+            // in one used-ring update.
+            let batch = self.queues[0].pop_all(mem.as_ref()).map_err(fault)?;
+            if batch.is_empty() {
+                break;
             }
+            let mut used = Vec::with_capacity(batch.len());
+            for popped in batch {
+                let done = match popped {
+                    Popped::Chain(chain) => Some((chain.head, self.handle(mem.as_ref(), &chain))),
+                    Popped::Bad { head, error } => {
+                        let e = &mut self.stats.errors;
+                        e.bad_chain += 1;
+                        log_guest_error(e.bad_chain, format_args!("virtio-mem: requestq: {error}"));
+                        head.map(|h| (h, 0))
+                    }
+                };
+                used.extend(done);
+            }
+            self.queues[0].add_used_all(mem.as_ref(), &used).map_err(fault)?;
+            used_any |= !used.is_empty();
         }
-        if used {
+        if used_any {
             irq.signal_used_queue();
         }
         Ok(())

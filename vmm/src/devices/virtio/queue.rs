@@ -229,7 +229,9 @@ impl Queue {
 
     /// Takes the next available chain, or `None` when there is none. A malformed chain is
     /// consumed and returned as [`Popped::Bad`]; a ring problem is an `Err` and consumes
-    /// nothing.
+    /// nothing. Reads field by field (the index, the slot, each descriptor): for a device that
+    /// takes one chain at a time; [`Queue::pop_all`] takes a notify's chains with one read each
+    /// of the ring and the descriptor table.
     pub fn pop(&mut self, mem: &dyn GuestMemoryAccess) -> Result<Option<Popped>, QueueError> {
         if self.pending(mem)? == 0 {
             return Ok(None);
@@ -240,14 +242,75 @@ impl Queue {
         let slot = self.avail_ring + 4 + 2 * (self.next_avail % self.size) as u64;
         let head = Self::read_u16(mem, slot)?;
         self.next_avail = self.next_avail.wrapping_add(1);
-        Ok(Some(match self.read_chain(mem, head) {
+        let desc_table = self.desc_table;
+        let mut fetch = |index: u16| {
+            let mut raw = [0u8; DESC_SIZE as usize];
+            mem.read(desc_table + DESC_SIZE * index as u64, &mut raw).map(|()| raw)
+        };
+        Ok(Some(self.classify(head, &mut fetch)))
+    }
+
+    /// Takes every chain the driver has made available so far, in ring order (empty when there
+    /// is none), with **one** read of the available index, one read of the ring entries (two
+    /// when they wrap around the end of the ring) and one read of the whole descriptor table,
+    /// instead of a translated access per field. A ring problem is an `Err` and consumes
+    /// nothing; a malformed chain is consumed and returned as [`Popped::Bad`].
+    ///
+    /// Reading the table once is sound: the chains returned were made available before the
+    /// index was read (the driver writes descriptors, then ring entries, then the index), and
+    /// until the device returns a chain its descriptors belong to the device (§2.7.13), so a
+    /// conforming driver does not change them under the snapshot; a hostile one can change
+    /// anything at any time, and every descriptor is checked as it is parsed either way.
+    pub fn pop_all(&mut self, mem: &dyn GuestMemoryAccess) -> Result<Vec<Popped>, QueueError> {
+        let ahead = self.pending(mem)?;
+        if ahead == 0 {
+            return Ok(Vec::new());
+        }
+        // As in `pop`: the entries and descriptors are read after the index.
+        fence(Ordering::Acquire);
+        let size = self.size as usize;
+        let first = self.next_avail as usize % size;
+        let mut raw_heads = vec![0u8; 2 * ahead as usize];
+        let before_wrap = (size - first).min(ahead as usize);
+        let (head_part, wrapped_part) = raw_heads.split_at_mut(2 * before_wrap);
+        mem.read(self.avail_ring + 4 + 2 * first as u64, head_part)?;
+        if !wrapped_part.is_empty() {
+            mem.read(self.avail_ring + 4, wrapped_part)?;
+        }
+        self.next_avail = self.next_avail.wrapping_add(ahead);
+        let mut table = vec![0u8; DESC_SIZE as usize * size];
+        let table_read = mem.read(self.desc_table, &mut table);
+        let mut fetch = |index: u16| match &table_read {
+            Ok(()) => {
+                let at = DESC_SIZE as usize * index as usize;
+                Ok(table[at..at + DESC_SIZE as usize].try_into().expect("16 bytes"))
+            }
+            Err(e) => Err(e.clone()),
+        };
+        Ok(raw_heads
+            .chunks_exact(2)
+            .map(|h| self.classify(u16::from_le_bytes([h[0], h[1]]), &mut fetch))
+            .collect())
+    }
+
+    fn classify(
+        &self,
+        head: u16,
+        fetch: &mut dyn FnMut(u16) -> Result<[u8; DESC_SIZE as usize], AccessError>,
+    ) -> Popped {
+        match self.read_chain(head, fetch) {
             Ok(chain) => Popped::Chain(chain),
             Err(error @ ChainError::HeadOutOfRange(_)) => Popped::Bad { head: None, error },
             Err(error) => Popped::Bad { head: Some(head), error },
-        }))
+        }
     }
 
-    fn read_chain(&self, mem: &dyn GuestMemoryAccess, head: u16) -> Result<DescriptorChain, ChainError> {
+    /// Follows the chain at `head`; `fetch(i)` gives the raw descriptor `i` (`i < size`).
+    fn read_chain(
+        &self,
+        head: u16,
+        fetch: &mut dyn FnMut(u16) -> Result<[u8; DESC_SIZE as usize], AccessError>,
+    ) -> Result<DescriptorChain, ChainError> {
         if head >= self.size {
             return Err(ChainError::HeadOutOfRange(head));
         }
@@ -257,8 +320,7 @@ impl Queue {
             if descriptors.len() >= self.size as usize {
                 return Err(ChainError::TooLong(self.size));
             }
-            let mut raw = [0u8; DESC_SIZE as usize];
-            mem.read(self.desc_table + DESC_SIZE * index as u64, &mut raw).map_err(ChainError::Access)?;
+            let raw = fetch(index).map_err(ChainError::Access)?;
             let addr = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
             let len = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
             let flags = u16::from_le_bytes(raw[12..14].try_into().expect("2 bytes"));
@@ -282,19 +344,46 @@ impl Queue {
 
     /// Puts `head` in the used ring with `len` bytes written, then publishes the new used index.
     pub fn add_used(&mut self, mem: &dyn GuestMemoryAccess, head: u16, len: u32) -> Result<(), QueueError> {
+        self.add_used_all(mem, &[(head, len)])
+    }
+
+    /// Puts every `(head, len)` of `used` in the used ring, in order, with one write of the
+    /// elements (two when they wrap around the end of the ring) per `size` of them, then
+    /// publishes the new used index with one write. The driver sees none of them before all
+    /// are written (the index is written last, after a release fence).
+    pub fn add_used_all(
+        &mut self,
+        mem: &dyn GuestMemoryAccess,
+        used: &[(u16, u32)],
+    ) -> Result<(), QueueError> {
         if !self.ready {
             return Err(QueueError::NotReady);
         }
-        let slot = self.used_ring + 4 + 8 * (self.next_used % self.size) as u64;
-        let mut elem = [0u8; 8];
-        elem[..4].copy_from_slice(&(head as u32).to_le_bytes());
-        elem[4..].copy_from_slice(&len.to_le_bytes());
-        mem.write(slot, &elem)?;
-        // The entry must be visible before the index that publishes it.
-        fence(Ordering::Release);
-        let next = self.next_used.wrapping_add(1);
-        mem.write(self.used_ring + 2, &next.to_le_bytes())?;
-        self.next_used = next;
+        if used.is_empty() {
+            return Ok(());
+        }
+        let size = self.size as usize;
+        let mut next = self.next_used;
+        // At most `size` elements per publication: more would overwrite unpublished ones.
+        for part in used.chunks(size) {
+            let mut elems = Vec::with_capacity(8 * part.len());
+            for &(head, len) in part {
+                elems.extend_from_slice(&(head as u32).to_le_bytes());
+                elems.extend_from_slice(&len.to_le_bytes());
+            }
+            let first = next as usize % size;
+            let before_wrap = (size - first).min(part.len());
+            let (head_part, wrapped_part) = elems.split_at(8 * before_wrap);
+            mem.write(self.used_ring + 4 + 8 * first as u64, head_part)?;
+            if !wrapped_part.is_empty() {
+                mem.write(self.used_ring + 4, wrapped_part)?;
+            }
+            // The entries must be visible before the index that publishes them.
+            fence(Ordering::Release);
+            next = next.wrapping_add(part.len() as u16);
+            mem.write(self.used_ring + 2, &next.to_le_bytes())?;
+            self.next_used = next;
+        }
         Ok(())
     }
 }
@@ -434,6 +523,88 @@ pub(crate) mod tests {
         // The driver claims 100 new entries on a 4-entry queue.
         mem.write_obj(ring.avail_idx.wrapping_add(100), GuestAddress(ring.avail + 2)).unwrap();
         assert!(matches!(q.pop(&mem), Err(QueueError::AvailTooFar { .. })));
+    }
+
+    /// Counts the accesses made through it (one per `read`/`write` call).
+    pub(crate) struct Counting {
+        pub inner: std::sync::Arc<dyn GuestMemoryAccess>,
+        pub reads: std::sync::atomic::AtomicU64,
+        pub writes: std::sync::atomic::AtomicU64,
+    }
+
+    impl Counting {
+        pub fn new(inner: std::sync::Arc<dyn GuestMemoryAccess>) -> Self {
+            Self { inner, reads: Default::default(), writes: Default::default() }
+        }
+
+        /// (reads, writes) since the last call.
+        pub fn take(&self) -> (u64, u64) {
+            (self.reads.swap(0, Ordering::Relaxed), self.writes.swap(0, Ordering::Relaxed))
+        }
+    }
+
+    impl GuestMemoryAccess for Counting {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            self.inner.read(gpa, buf)
+        }
+        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), AccessError> {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            self.inner.write(gpa, buf)
+        }
+    }
+
+    /// A notify's chains cost one read of the index, one of the ring entries (two across the
+    /// end of the ring) and one of the descriptor table, however many chains and descriptors;
+    /// their used entries one write of the elements (two across the end) and one of the index.
+    #[test]
+    fn pop_all_and_add_used_all_access_each_ring_once() {
+        let mem = std::sync::Arc::new(memory());
+        let mut ring = TestRing::new(8, 0x10000);
+        let mut q = ring.queue();
+        q.mark_ready();
+        let counting = Counting::new(mem.clone());
+        // Start at slot 6 so that the five chains below wrap around the end of the ring.
+        for _ in 0..6 {
+            ring.set_desc(&mem, 0, 0x20000, 4, 0, 0);
+            ring.push(&mem, 0);
+        }
+        assert_eq!(q.pop_all(&counting).unwrap().len(), 6);
+        q.add_used_all(&counting, &[(0, 0); 6]).unwrap();
+        counting.take();
+        // Five chains of two descriptors each: (0, 1), (2, 3), ...
+        for c in 0..5u16 {
+            ring.set_desc(&mem, 2 * c, 0x20000 + 0x1000 * c as u64, 8, VIRTQ_DESC_F_NEXT, 2 * c + 1);
+            ring.set_desc(&mem, 2 * c + 1, 0x30000 + 0x1000 * c as u64, 16, VIRTQ_DESC_F_WRITE, 0);
+        }
+        // Chain 4's head (8) is outside the 8-entry table: a bad chain, and no extra read.
+        for c in 0..5u16 {
+            ring.push(&mem, 2 * c);
+        }
+        let popped = q.pop_all(&counting).unwrap();
+        assert_eq!(counting.take(), (4, 0), "index, ring entries in two parts (wrap), the table");
+        assert_eq!(popped.len(), 5);
+        for (c, p) in popped.iter().enumerate().take(4) {
+            let Popped::Chain(chain) = p else { panic!("chain {c}: {p:?}") };
+            assert_eq!(chain.head, 2 * c as u16);
+            assert_eq!(
+                chain.descriptors,
+                [
+                    Descriptor { addr: 0x20000 + 0x1000 * c as u64, len: 8, write: false },
+                    Descriptor { addr: 0x30000 + 0x1000 * c as u64, len: 16, write: true },
+                ]
+            );
+        }
+        assert_eq!(popped[4], Popped::Bad { head: None, error: ChainError::HeadOutOfRange(8) });
+        assert!(q.pop_all(&counting).unwrap().is_empty());
+        assert_eq!(counting.take(), (1, 0), "nothing new: the index only");
+        let used: Vec<(u16, u32)> = (0..5).map(|c| (2 * c, 16)).collect();
+        q.add_used_all(&counting, &used).unwrap();
+        assert_eq!(counting.take(), (0, 3), "elements in two parts (wrap), then the index");
+        assert_eq!(ring.used_idx(&mem), 11);
+        for (i, &(head, len)) in used.iter().enumerate() {
+            assert_eq!(ring.used_elem(&mem, 6 + i as u16), (head as u32, len));
+        }
     }
 
     #[test]

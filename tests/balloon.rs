@@ -161,6 +161,7 @@ impl Controller {
 /// is re-raised here, after the run).
 fn run_balloon(
     hostile: bool,
+    ioeventfd: bool,
     memory: MemoryConfig,
     vcpus: u32,
     scenario: impl FnOnce(&mut Controller) + Send + 'static,
@@ -203,6 +204,7 @@ fn run_balloon(
         monitor: false,
         after_start: Some(hook),
         balloon: Some(BalloonConfig::default()),
+        ioeventfd,
         ..VmConfig::test_guest(TestGuestParams {
             seed: 0xba11,
             hostile,
@@ -299,12 +301,22 @@ fn standard_scenario(c: &mut Controller) {
 }
 
 /// The device's counters after [`standard_scenario`].
-fn check_standard(log: Log) {
+fn check_standard(log: Log, ioeventfd: bool) {
     let s = log.final_stats.expect("controller finished");
     let t = log.transport.expect("controller finished");
     eprintln!("device: {s:#?}\ntransport: {t:?}");
     assert_eq!(t.errors(), 0, "{t:?}");
     assert_eq!(t.needs_reset, 0);
+    // Kicks: through an ioeventfd none exits (the event loop processes them); without one
+    // (not asked for, or refused by the host: counted) every kick exits.
+    let through_ioeventfd = ioeventfd && t.ioeventfd_refused == 0;
+    assert_eq!(t.ioeventfd_queues, if through_ioeventfd { 4 } else { 0 }, "{t:?}");
+    if through_ioeventfd {
+        assert!(t.kicks_exit == 0 && t.kicks_ioeventfd > 0, "{t:?}");
+    } else {
+        assert_eq!(t.ioeventfd_refused, if ioeventfd { 4 } else { 0 }, "{t:?}");
+        assert!(t.kicks_exit > 0 && t.kicks_ioeventfd == 0, "{t:?}");
+    }
     assert_eq!(s.errors.total(), 0, "{:?}", s.errors);
     // 4096 + 1024 (back after the OOM deflate) + 7168.
     assert_eq!(s.inflated_pages, 12288);
@@ -333,29 +345,31 @@ fn check_standard(log: Log) {
 
 #[test]
 fn balloon_follows_the_target_and_the_host_gets_the_memory() {
-    let (_, log) = run_balloon(false, anonymous(), 1, standard_scenario);
-    check_standard(log);
+    let (_, log) = run_balloon(false, true, anonymous(), 1, standard_scenario);
+    check_standard(log, true);
 }
 
 #[test]
 fn memfd_ram_and_an_idle_second_vcpu() {
     let memory = MemoryConfig { size: RAM, backend: MemoryBackend::Memfd, thp: false };
-    let (_, log) = run_balloon(false, memory, 2, standard_scenario);
-    check_standard(log);
+    // Without ioeventfds: every kick exits and is processed on the vCPU thread (the fallback
+    // where the host refuses KVM_IOEVENTFD).
+    let (_, log) = run_balloon(false, false, memory, 2, standard_scenario);
+    check_standard(log, false);
 }
 
 #[test]
 fn thp_ram_counts_whole_2mib_blocks() {
     let memory = MemoryConfig { size: RAM, backend: MemoryBackend::Anonymous, thp: true };
-    let (report, log) = run_balloon(false, memory, 1, standard_scenario);
+    let (report, log) = run_balloon(false, true, memory, 1, standard_scenario);
     assert!(report.thp_aligned);
     assert!(log.final_stats.as_ref().unwrap().thp);
-    check_standard(log);
+    check_standard(log, true);
 }
 
 #[test]
 fn hostile_requests_are_counted_and_change_nothing() {
-    let (_, log) = run_balloon(true, anonymous(), 1, |c| {
+    let (_, log) = run_balloon(true, true, anonymous(), 1, |c| {
         // The guest sends its five malformed requests right after the fill, checks that none of
         // its pages changed (it fails the run otherwise), then reports free pages.
         let s = c.wait("hostile requests answered", |s| s.errors.total() >= 5 && s.reported_ranges >= 2);

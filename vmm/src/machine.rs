@@ -24,7 +24,7 @@ use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonStats};
 use crate::devices::virtio::mem::{VirtioMem, VirtioMemConfig, VirtioMemStats};
-use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
+use crate::devices::virtio::mmio::{MmioTransport, TransportStats, MMIO_WINDOW_SIZE};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::{Bus, BusError};
 use crate::kvm_stats::KvmStatsReader;
@@ -124,6 +124,10 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// A virtio-mem device and its hot-pluggable region.
     pub virtio_mem: Option<VirtioMemSpec>,
+    /// Register an ioeventfd per virtio queue so that a guest kick does not exit to the VMM
+    /// (the event loop processes the queue); `false`: every kick exits and is processed on the
+    /// vCPU thread (what happens anyway where the host refuses ioeventfd).
+    pub ioeventfd: bool,
 }
 
 /// A virtio-mem device: a region of `region_size` bytes above all RAM, of which the host asks
@@ -139,7 +143,7 @@ pub struct VirtioMemSpec {
 impl VmConfig {
     /// A VM booting `boot` with the defaults of `zapvm run`: `/dev/kvm`, 256 MiB of anonymous
     /// RAM without THP, one vCPU, no timeout, the console on stdout, the userfaultfd monitor on,
-    /// external teardowns re-backed, a virtio-balloon with all its features.
+    /// external teardowns re-backed, a virtio-balloon with all its features, ioeventfds on.
     pub fn new(boot: BootSource) -> Self {
         Self {
             kvm_device: "/dev/kvm".into(),
@@ -155,6 +159,7 @@ impl VmConfig {
             balloon_stats_interval: Some(Duration::from_secs(5)),
             api_socket: None,
             virtio_mem: None,
+            ioeventfd: true,
         }
     }
 
@@ -348,6 +353,7 @@ impl VmControl {
             "balloon": self.balloon.as_ref().map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).device().stats()),
             "balloon_transport": self.balloon.as_ref().map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).stats()),
             "virtio_mem": self.virtio_mem.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).device().stats()),
+            "virtio_mem_transport": self.virtio_mem.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).stats()),
             "pvm_quirks": self.shared.pvm_quirks.as_ref().map(|q| q.counts()),
         })
     }
@@ -462,6 +468,10 @@ pub struct MemoryLayerReport {
     pub balloon: Option<BalloonStats>,
     /// The virtio-mem device's counters, if the VM had one.
     pub virtio_mem: Option<VirtioMemStats>,
+    /// The balloon's transport counters (kicks by exit / by ioeventfd, ioeventfd fallback).
+    pub balloon_transport: Option<TransportStats>,
+    /// The virtio-mem device's transport counters.
+    pub virtio_mem_transport: Option<TransportStats>,
 }
 
 /// The result of running a VM.
@@ -548,13 +558,18 @@ impl RawFdI32 for EventFd {
 }
 
 /// Places virtio-mmio devices: the `n`-th at `VIRTIO_MMIO_BASE + n * VIRTIO_MMIO_STRIDE` with GSI
-/// `VIRTIO_FIRST_GSI + n`, its interrupt an irqfd, its accesses to guest RAM through the table.
+/// `VIRTIO_FIRST_GSI + n`, its interrupt an irqfd, its accesses to guest RAM through the table,
+/// and (unless `ioeventfd` is off or the host refuses it) an ioeventfd per queue on its
+/// QueueNotify register, whose kicks the event loop handles ([`QueueKicks`]).
 struct VirtioSlots<'a> {
     vm: &'a Vm,
     mmio: &'a mut Bus,
     mmu: &'a Arc<GuestMmu>,
+    ioeventfd: bool,
     /// What the guest is told of the devices placed so far.
     devices: Vec<guest_abi::VirtioMmioDevice>,
+    /// The event-loop subscribers of the devices' ioeventfds.
+    kick_handlers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
 }
 
 impl VirtioSlots<'_> {
@@ -569,11 +584,21 @@ impl VirtioSlots<'_> {
         self.vm.fd().register_irqfd(&irq, gsi).map_err(|e| {
             Error::Device(format!("KVM_IRQFD for virtio device {device_id} on GSI {gsi}: {e}"))
         })?;
-        let transport = Arc::new(Mutex::new(MmioTransport::new(
+        let mut transport = MmioTransport::new(
             device,
             self.mmu.clone() as Arc<dyn GuestMemoryAccess>,
             Arc::new(VirtioInterrupt::new(irq)),
-        )));
+        );
+        let kicks = if self.ioeventfd { self.register_kicks(base, transport.queue_count())? } else { vec![] };
+        let refused = kicks.iter().filter(|k| k.is_none()).count() as u64;
+        let handler_fds: Vec<(usize, EventFd)> =
+            kicks.iter().enumerate().filter_map(|(i, k)| Some((i, k.as_ref()?.try_clone().ok()?))).collect();
+        transport.attach_ioeventfds(kicks, refused);
+        let transport = Arc::new(Mutex::new(transport));
+        if !handler_fds.is_empty() {
+            self.kick_handlers
+                .push(Arc::new(Mutex::new(QueueKicks { transport: transport.clone(), fds: handler_fds })));
+        }
         self.mmio.insert(base, MMIO_WINDOW_SIZE, transport.clone())?;
         self.devices.push(guest_abi::VirtioMmioDevice {
             base,
@@ -582,6 +607,59 @@ impl VirtioSlots<'_> {
             irq: u64::from(gsi),
         });
         Ok(transport)
+    }
+
+    /// An ioeventfd per queue for a 4-byte write of its index to the QueueNotify register of
+    /// the window at `base`; `None` for a queue whose registration the host refused (its kicks
+    /// exit to the vCPU thread, the fallback; logged once per device).
+    fn register_kicks(&self, base: u64, queues: usize) -> Result<Vec<Option<EventFd>>, Error> {
+        let address =
+            kvm_ioctls::IoEventAddress::Mmio(base + crate::devices::virtio::mmio::reg::QUEUE_NOTIFY);
+        let mut kicks = Vec::with_capacity(queues);
+        let mut refusal = None;
+        for index in 0..queues {
+            let fd = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
+            match self.vm.fd().register_ioevent(&fd, &address, index as u32) {
+                Ok(()) => kicks.push(Some(fd)),
+                Err(e) => {
+                    refusal.get_or_insert(e);
+                    kicks.push(None);
+                }
+            }
+        }
+        if let Some(e) = refusal {
+            tracing::warn!(
+                "virtio-mmio at {base:#x}: the host refused KVM_IOEVENTFD ({e}); {} of {queues} queues' kicks exit to the vCPU thread",
+                kicks.iter().filter(|k| k.is_none()).count()
+            );
+        }
+        Ok(kicks)
+    }
+}
+
+/// The event loop's side of a virtio device's ioeventfds: a signalled queue is processed under
+/// the transport's lock (invariants T1-T3 of `devices::virtio::mmio`), off the vCPU thread.
+struct QueueKicks<D: VirtioDevice> {
+    transport: Arc<Mutex<MmioTransport<D>>>,
+    /// (queue index, the queue's ioeventfd).
+    fds: Vec<(usize, EventFd)>,
+}
+
+impl<D: VirtioDevice> MutEventSubscriber for QueueKicks<D> {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let Some(&(index, _)) = self.fds.iter().find(|(_, fd)| fd.as_raw_fd_i32() == events.fd()) else {
+            return;
+        };
+        // T2: the count is consumed under the lock, inside handle_kick.
+        self.transport.lock().unwrap_or_else(|e| e.into_inner()).handle_kick(index);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for (index, fd) in &self.fds {
+            if let Err(e) = ops.add(event_manager::Events::new(fd, EventSet::IN)) {
+                tracing::error!("cannot watch the ioeventfd of queue {index}: {e:?}");
+            }
+        }
     }
 }
 
@@ -642,7 +720,14 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     // virtio-mmio devices, at fixed windows in the MMIO hole; the guest learns them from its boot
     // info (test guest) or its command line (Linux).
     let mut mmio = Bus::default();
-    let mut virtio = VirtioSlots { vm: &vm, mmio: &mut mmio, mmu: &mmu, devices: Vec::new() };
+    let mut virtio = VirtioSlots {
+        vm: &vm,
+        mmio: &mut mmio,
+        mmu: &mmu,
+        ioeventfd: config.ioeventfd,
+        devices: Vec::new(),
+        kick_handlers: Vec::new(),
+    };
     let balloon: Option<BalloonDevice> = match config.balloon {
         None => None,
         Some(features) => {
@@ -659,6 +744,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         }
         _ => None,
     };
+    let kick_handlers = std::mem::take(&mut virtio.kick_handlers);
     let virtio = virtio.devices;
 
     // Boot: fill RAM, decide entries.
@@ -781,6 +867,9 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     }));
     crate::stats::set_wake_fd(watcher.lock().unwrap_or_else(|e| e.into_inner()).stats_wake.as_raw_fd_i32());
     manager.add_subscriber(watcher.clone());
+    for handler in kick_handlers {
+        manager.add_subscriber(handler);
+    }
 
     let control = Arc::new(VmControl {
         regions: ram.regions().map(|(gpa, hva, len)| (gpa.0, hva as usize, len as usize)).collect(),
@@ -907,6 +996,10 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         external_teardowns: teardown.report(),
         balloon: balloon.as_ref().map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).device().stats()),
         virtio_mem: virtio_mem.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).device().stats()),
+        balloon_transport: balloon.as_ref().map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).stats()),
+        virtio_mem_transport: virtio_mem
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).stats()),
     };
     Ok(RunReport {
         memory_layer,

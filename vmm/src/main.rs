@@ -165,6 +165,10 @@ struct RunArgs {
     /// guest's free memory then stays resident unless it is ballooned.
     #[arg(long, conflicts_with = "no_balloon")]
     no_free_page_reporting: bool,
+    /// No ioeventfds: every virtio queue kick exits to the VMM and is processed on the vCPU
+    /// thread (the fallback used where the host refuses KVM_IOEVENTFD).
+    #[arg(long)]
+    no_ioeventfd: bool,
     /// Seconds between the balloon's requests for fresh guest statistics (0: never).
     #[arg(long, default_value_t = 5.0)]
     balloon_stats_interval: f64,
@@ -355,6 +359,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             region_size,
             requested_size: args.virtio_mem_requested,
         }),
+        ioeventfd: !args.no_ioeventfd,
         api_socket: if args.no_api {
             None
         } else {

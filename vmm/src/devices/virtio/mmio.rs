@@ -22,8 +22,34 @@
 //! wrong width, setup after DRIVER_OK) is counted in [`TransportStats`] and logged; the device
 //! is set to DEVICE_NEEDS_RESET (with a config-change interrupt) when it cannot go on, or the
 //! access is ignored. Nothing a driver writes makes the transport panic.
+//!
+//! # Kicks off the vCPU thread (ioeventfd)
+//! The VMM registers, per queue, an ioeventfd with KVM for a 4-byte write of the queue's index
+//! to QueueNotify ([`MmioTransport::attach_ioeventfds`]): KVM signals the eventfd inside the
+//! guest's store and resumes the guest without an exit to userspace, and the VMM's event loop
+//! processes the queue ([`MmioTransport::handle_kick`]). Where the host refuses ioeventfd the
+//! write exits as before and is handled on the vCPU thread (counted: [`TransportStats`]). Two
+//! threads then touch the device — the vCPU's MMIO exits (configuration, status, queue setup,
+//! InterruptStatus/ACK) and the event loop's queue processing — and these invariants keep that
+//! race-free:
+//! - T1. All transport and device state (registers, queues, the device model, the counters) is
+//!   behind the one `Mutex` the VMM holds the transport in; the bus takes it for every MMIO
+//!   exit and the event loop for every kick, so queue processing never overlaps a register
+//!   access, and each sees all of the other's effects. (InterruptStatus and the config
+//!   generation are atomics in [`VirtioInterrupt`], also written by the device under the lock.)
+//! - T2. An ioeventfd is read (its count consumed) only under that lock, by
+//!   [`MmioTransport::handle_kick`] or by the drain of T3, so every kick is handled exactly
+//!   once, by whichever thread reads it first; a kick that finds its count consumed does
+//!   nothing.
+//! - T3. A Status write handles every kick made before it first: KVM signals the ioeventfd
+//!   during the guest's QueueNotify store, before that vCPU runs its next instruction, so when
+//!   a later Status write of the driver exits, the kick is already counted; `write_status`
+//!   drains the eventfds (T2) before it resets or activates the device. A reset or DRIVER_OK
+//!   therefore never overtakes an earlier kick, exactly as when every kick exited.
 
 use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::Queue;
 use super::{features, log_guest_error, status, VirtioDevice, VirtioInterrupt};
@@ -97,6 +123,15 @@ pub struct TransportStats {
     pub needs_reset: u64,
     /// Notifies passed to the device.
     pub notifies: u64,
+    /// QueueNotify writes that exited to the VMM (on the vCPU thread).
+    pub kicks_exit: u64,
+    /// Kicks read from an ioeventfd (processed off the vCPU thread; several guest kicks may
+    /// count once).
+    pub kicks_ioeventfd: u64,
+    /// Queues whose QueueNotify has an ioeventfd.
+    pub ioeventfd_queues: u64,
+    /// Queues whose ioeventfd the host refused (their kicks exit, the fallback).
+    pub ioeventfd_refused: u64,
     /// Successful activations (DRIVER_OK).
     pub activations: u64,
     /// Device resets (Status written with 0).
@@ -130,6 +165,9 @@ pub struct MmioTransport<D: VirtioDevice> {
     activated: bool,
     /// Queues notified before DRIVER_OK (bit per queue index), handled at activation.
     early_notified: u64,
+    /// Per queue, the ioeventfd KVM signals for a QueueNotify write of its index, if any
+    /// (read only under the transport's lock: T2).
+    kick_fds: Vec<Option<EventFd>>,
     stats: TransportStats,
     name: String,
 }
@@ -153,8 +191,54 @@ impl<D: VirtioDevice> MmioTransport<D> {
             status: 0,
             activated: false,
             early_notified: 0,
+            kick_fds: Vec::new(),
             stats: TransportStats::default(),
             name,
+        }
+    }
+
+    /// The number of queues (what QueueNumMax answers for).
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Takes `fds[i]` as the ioeventfd of queue `i` (`None`: its kicks exit); `refused` counts
+    /// the queues whose registration the host refused. The eventfds must be non-blocking.
+    pub fn attach_ioeventfds(&mut self, fds: Vec<Option<EventFd>>, refused: u64) {
+        self.stats.ioeventfd_queues = fds.iter().filter(|f| f.is_some()).count() as u64;
+        self.stats.ioeventfd_refused = refused;
+        self.kick_fds = fds;
+    }
+
+    /// The ioeventfd of queue `index` signalled (the event loop calls this holding the
+    /// transport's lock, T1): consumes its count and, if there was one, processes the queue as
+    /// a QueueNotify write would. Does nothing when the count was consumed already (T2).
+    pub fn handle_kick(&mut self, index: usize) {
+        if self.take_kick(index) {
+            self.stats.kicks_ioeventfd += 1;
+            self.notify_queue(index as u32);
+        }
+    }
+
+    /// Consumes queue `index`'s ioeventfd count; whether there was one.
+    fn take_kick(&mut self, index: usize) -> bool {
+        let Some(Some(fd)) = self.kick_fds.get(index) else {
+            return false;
+        };
+        match fd.read() {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                tracing::warn!("{}: reading the ioeventfd of queue {index}: {e}", self.name);
+                false
+            }
+        }
+    }
+
+    /// T3: handles the kicks signalled so far, in queue order, before a Status write.
+    fn drain_kicks(&mut self) {
+        for index in 0..self.kick_fds.len() {
+            self.handle_kick(index);
         }
     }
 
@@ -263,6 +347,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn write_status(&mut self, value: u32) {
+        // T3: every kick the driver made before this write is handled before it.
+        self.drain_kicks();
         if value == 0 {
             self.reset();
             return;
@@ -438,7 +524,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             reg::QUEUE_SEL => self.queue_select = value,
             reg::QUEUE_NUM => self.set_queue(|q| q.size = value.min(u16::MAX as u32 + 1) as u16),
             reg::QUEUE_READY => self.write_queue_ready(value),
-            reg::QUEUE_NOTIFY => self.notify_queue(value),
+            reg::QUEUE_NOTIFY => {
+                self.stats.kicks_exit += 1;
+                self.notify_queue(value)
+            }
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
             reg::STATUS => self.write_status(value),
             reg::QUEUE_DESC_LOW => self.set_queue(|q| q.desc_table = low(q.desc_table)),
@@ -708,6 +797,125 @@ pub(crate) mod tests {
         ring.push(&mem, 0);
         driver_ok(&mut t);
         assert_eq!(ring.used_idx(&mem), 0, "the notify before the reset is gone");
+    }
+
+    fn kick_fds(n: usize) -> (Vec<Option<EventFd>>, Vec<EventFd>) {
+        let fds: Vec<EventFd> = (0..n).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+        let guest_side = fds.iter().map(|f| f.try_clone().unwrap()).collect();
+        (fds.into_iter().map(Some).collect(), guest_side)
+    }
+
+    /// T2 and T3: a kick signalled on the ioeventfd is processed once, by whoever reads it
+    /// first, and a later Status write (here: a reset) handles it before it acts.
+    #[test]
+    fn ioeventfd_kicks_are_handled_once_and_before_a_later_status_write() {
+        let (mut t, mem) = transport();
+        let (fds, kvm) = kick_fds(2);
+        t.attach_ioeventfds(fds, 0);
+        let mut ring = TestRing::new(8, 0x10000);
+        assert!(negotiate(&mut t, 0));
+        setup_queue(&mut t, 0, &ring);
+        driver_ok(&mut t);
+        ring.set_desc(&mem, 0, 0x30000, 12, 0, 0);
+        ring.push(&mem, 0);
+        // What KVM does for the guest's QueueNotify store: signal, no exit.
+        kvm[0].write(1).unwrap();
+        t.handle_kick(0);
+        assert_eq!(ring.used_idx(&mem), 1);
+        t.handle_kick(0);
+        t.handle_kick(1);
+        let s = t.stats();
+        assert_eq!((s.kicks_ioeventfd, s.kicks_exit, s.notifies, s.errors()), (1, 0, 1, 0), "{s:?}");
+        // A kick, then the driver resets before the event loop ran: the reset handles it first.
+        ring.set_desc(&mem, 1, 0x30000, 20, 0, 0);
+        ring.push(&mem, 1);
+        kvm[0].write(1).unwrap();
+        w32(&mut t, reg::STATUS, 0);
+        assert_eq!(ring.used_idx(&mem), 2, "the kick before the reset was handled before it");
+        assert_eq!(ring.used_elem(&mem, 1), (1, 20));
+        t.handle_kick(0);
+        let s = t.stats();
+        assert_eq!((s.kicks_ioeventfd, s.notifies, s.resets, s.errors()), (2, 2, 1, 0), "{s:?}");
+        assert_eq!((s.ioeventfd_queues, s.ioeventfd_refused), (2, 0));
+    }
+
+    /// T1 and T2 under real concurrency: one thread plays the vCPU (makes buffers available,
+    /// kicks through the ioeventfd, reads and acknowledges InterruptStatus, reads config and
+    /// status through MMIO), another the event loop (handles kicks). Every buffer comes back
+    /// exactly once, in order, and no access is a driver error.
+    #[test]
+    fn ioeventfd_kicks_race_free_with_the_vcpus_register_accesses() {
+        const BUFFERS: u16 = 20_000;
+        let (mut t, mem) = transport();
+        let (fds, kvm) = kick_fds(1);
+        t.attach_ioeventfds(fds, 0);
+        let mut ring = TestRing::new(8, 0x10000);
+        assert!(negotiate(&mut t, 0));
+        setup_queue(&mut t, 0, &ring);
+        driver_ok(&mut t);
+        for d in 0..8u16 {
+            ring.set_desc(&mem, d, 0x30000 + 0x100 * d as u64, 1 + d as u32, 0, 0);
+        }
+        let t = Arc::new(std::sync::Mutex::new(t));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let event_loop = {
+            let (t, stop) = (t.clone(), stop.clone());
+            let fd = kvm[0].try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut polls = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Wait for the eventfd like epoll would, without consuming it.
+                    let mut pfd = libc::pollfd {
+                        fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd, for the duration of the call.
+                    unsafe { libc::poll(&mut pfd, 1, 10) };
+                    t.lock().unwrap().handle_kick(0);
+                    polls += 1;
+                }
+                polls
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let mut reaped = 0u16;
+        let mut next_used = 0u16;
+        while reaped < BUFFERS {
+            // At most the ring's size in flight.
+            while ring.avail_idx.wrapping_sub(reaped) < 8 && ring.avail_idx < BUFFERS {
+                let d = ring.avail_idx % 8;
+                ring.push(&mem, d);
+                kvm[0].write(1).unwrap();
+            }
+            {
+                let mut dev = t.lock().unwrap();
+                let pending = r32(&mut *dev, reg::INTERRUPT_STATUS);
+                w32(&mut *dev, reg::INTERRUPT_ACK, pending);
+                assert_eq!(r32(&mut *dev, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+                let mut cfg = [0u8; 4];
+                dev.read(CONFIG_SPACE_OFFSET, &mut cfg);
+            }
+            let used = ring.used_idx(&mem);
+            while next_used != used {
+                let (id, len) = ring.used_elem(&mem, next_used);
+                assert_eq!(
+                    (id, len),
+                    ((next_used % 8) as u32, 1 + (next_used % 8) as u32),
+                    "used {next_used}"
+                );
+                next_used = next_used.wrapping_add(1);
+                reaped += 1;
+            }
+            assert!(std::time::Instant::now() < deadline, "hung at {reaped} of {BUFFERS}");
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        event_loop.join().unwrap();
+        let s = t.lock().unwrap().stats();
+        assert_eq!(s.errors(), 0, "{s:?}");
+        assert_eq!((s.kicks_exit, s.needs_reset), (0, 0));
+        assert!(s.kicks_ioeventfd >= 1 && s.kicks_ioeventfd <= BUFFERS as u64, "{s:?}");
+        assert_eq!(ring.used_idx(&mem), BUFFERS);
     }
 
     #[test]

@@ -114,6 +114,17 @@ pub struct VmConfig {
     pub monitor: bool,
     /// What to do when code outside the VMM unmaps or moves guest RAM.
     pub teardown_policy: TeardownPolicy,
+    /// Seal guest RAM with `mseal(2)` (see [`crate::memory`]): the kernel refuses every unmap,
+    /// move, protection change and `MAP_FIXED` mapping over it, by anyone, so no external
+    /// teardown can leave a hole another mapping could be placed in. The VMM gives up its own
+    /// unmap, remap and protect operations (the notifier refuses them with
+    /// `notifier::Error::Sealed`); discards (balloon, virtio-mem, free page reporting) still work.
+    pub seal_guest_ram: bool,
+    /// **Fault injection for tests only**: with `seal_guest_ram`, everything behaves and reports
+    /// as sealed except that the `mseal` call is skipped, as a VMM whose seal silently failed
+    /// would; checkers of the seal (the stress run's) must notice.
+    #[doc(hidden)]
+    pub plant_skip_mseal: bool,
     /// Called on the VMM's thread once the vCPUs run (tests use it to act on a running VM).
     pub after_start: Option<AfterStart>,
     /// A virtio-balloon device, with the features it offers.
@@ -154,6 +165,8 @@ impl VmConfig {
             console: Console::Stdout,
             monitor: true,
             teardown_policy: Default::default(),
+            seal_guest_ram: false,
+            plant_skip_mseal: false,
             after_start: None,
             balloon: Some(BalloonConfig::default()),
             balloon_stats_interval: Some(Duration::from_secs(5)),
@@ -456,6 +469,8 @@ pub struct HostCheck {
 pub struct MemoryLayerReport {
     /// Whether the userfaultfd monitor watched guest RAM.
     pub monitor: bool,
+    /// Whether guest RAM was sealed with `mseal(2)` (`--seal-guest-ram`).
+    pub sealed: bool,
     /// The VMM's table.
     pub table: MmuStats,
     /// The notifier's counters.
@@ -677,7 +692,12 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     if nr_vcpus as usize > kvm.get_max_vcpus() {
         return Err(VmError::TooManyVcpus { wanted: nr_vcpus, max: kvm.get_max_vcpus() }.into());
     }
-    let ram = GuestRam::with_hotplug(config.memory, config.virtio_mem.map_or(0, |m| m.region_size))?;
+    let hotplug_size = config.virtio_mem.map_or(0, |m| m.region_size);
+    let ram = if config.seal_guest_ram && !config.plant_skip_mseal {
+        GuestRam::sealed_with_hotplug(config.memory, hotplug_size)?
+    } else {
+        GuestRam::with_hotplug(config.memory, hotplug_size)?
+    };
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&ram)?;
 
@@ -689,6 +709,12 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     // (vm-memory's volatile accesses, KVM, process_vm_readv/writev) — no Rust reference to guest
     // RAM is held across an operation of the address space.
     let space = unsafe { notifier::AddressSpace::new(&ram.notifier_regions()) }.map_err(notifier_err)?;
+    if config.seal_guest_ram {
+        // The VMM's own unmap/remap/protect of sealed RAM are refused before any syscall.
+        for r in ram.notifier_regions() {
+            space.mark_sealed(r.host_addr, r.len).map_err(notifier_err)?;
+        }
+    }
     let monitor = if config.monitor {
         match notifier::Monitor::start(&space, notifier::MonitorOptions::default()) {
             Ok(m) => Some(m),
@@ -990,6 +1016,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     }
     let memory_layer = MemoryLayerReport {
         monitor: monitor_ran,
+        sealed: config.seal_guest_ram,
         table: mmu.stats(),
         notifier: space.stats(),
         discards: rendezvous.as_ref().map(|r| r.records()).unwrap_or_default(),

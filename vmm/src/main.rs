@@ -197,6 +197,12 @@ struct RunArgs {
     /// memory and continue, or stop the VM.
     #[arg(long, value_enum, default_value_t = vmm::teardown::TeardownPolicy::Reback)]
     on_external_unmap: vmm::teardown::TeardownPolicy,
+    /// Seal guest RAM with mseal(2): the kernel then refuses every munmap, mremap, mprotect and
+    /// mmap(MAP_FIXED) over it by any code in the process, so nothing can tear it down or map
+    /// something else into it. Discards (balloon, free page reporting, virtio-mem) still work;
+    /// the VMM's own unmap, remap and protect operations are refused.
+    #[arg(long)]
+    seal_guest_ram: bool,
     /// Print the run report as JSON.
     #[arg(long)]
     json: bool,
@@ -347,6 +353,8 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         console: Console::Terminal,
         monitor: !args.no_monitor,
         teardown_policy: args.on_external_unmap,
+        seal_guest_ram: args.seal_guest_ram,
+        plant_skip_mseal: false,
         after_start: None,
         balloon: (!args.no_balloon).then(|| vmm::devices::virtio::balloon::BalloonConfig {
             free_page_reporting: !args.no_free_page_reporting,

@@ -16,6 +16,11 @@
 //! - **mprotect**: phases where random data ranges are made read-only through the notifier and
 //!   then writable again; guest writes there make `KVM_RUN` fail with `EFAULT`, the vCPU waits for
 //!   the restore, and those faults are counted;
+//! - with **`--seal-guest-ram`** guest RAM is sealed with `mseal(2)`. The external chaos then
+//!   also tries `mprotect` and `mmap(MAP_FIXED)` blows, and the kernel must refuse every munmap,
+//!   mremap, mprotect and MAP_FIXED blow with `EPERM` (counted; one that succeeds breaks the run)
+//!   while its madvise blows still discard; the mprotect phases are not run (the VMM cannot
+//!   re-protect sealed memory: the notifier refuses its protect operations), and a note says so;
 //! - a **device-path reader** (always): random data pages read through the VMM's table, each word
 //!   checked against the generations the metadata allows;
 //! - **balloon storm**: a vCPU of its own runs the test guest's balloon driver over its slice (the
@@ -88,6 +93,13 @@ pub struct StressOptions {
     pub seed: u64,
     /// Discard storm through the notifier.
     pub discard: bool,
+    /// Seal guest RAM with `mseal(2)` (see the module docs).
+    pub seal_guest_ram: bool,
+    /// **Fault injection for the stress test only**: with `seal_guest_ram`, skip the `mseal`
+    /// call itself (everything else behaves as sealed), as a seal that silently failed would;
+    /// the judge must notice the external blows that then succeed.
+    #[doc(hidden)]
+    pub plant_skip_mseal: bool,
     /// External madvise/munmap/mremap chaos.
     pub external_chaos: bool,
     /// Read-only / read-write phases through the notifier.
@@ -128,6 +140,8 @@ impl StressOptions {
             duration: Duration::from_secs(10),
             seed: 0x5eed,
             discard: false,
+            seal_guest_ram: false,
+            plant_skip_mseal: false,
             external_chaos: false,
             mprotect: false,
             balloon: false,
@@ -187,10 +201,39 @@ pub struct ChaosReport {
     pub munmap: u64,
     /// `mremap` calls that succeeded (the moved pages are then unmapped at their destination).
     pub mremap: u64,
-    /// Calls that failed (the range was a hole not yet re-backed, or spanned two mappings).
+    /// With the seal only: `mprotect(PROT_READ)` and `mmap(MAP_FIXED)` blows that succeeded
+    /// (must be 0).
+    pub mprotect: u64,
+    /// See `mprotect`.
+    pub map_fixed: u64,
+    /// With the seal: munmap, mremap, mprotect and mmap(MAP_FIXED) blows the kernel refused with
+    /// `EPERM`, per kind (the seal at work).
+    pub refused_by_seal: SealRefusals,
+    /// Calls that failed otherwise (the range was a hole not yet re-backed, or spanned two
+    /// mappings).
     pub failed: u64,
     /// Bytes torn down.
     pub bytes: u64,
+}
+
+/// External blows at sealed guest RAM that the kernel refused with `EPERM`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SealRefusals {
+    /// `munmap`.
+    pub munmap: u64,
+    /// `mremap(MAYMOVE | FIXED)`.
+    pub mremap: u64,
+    /// `mprotect(PROT_READ)`.
+    pub mprotect: u64,
+    /// `mmap(MAP_FIXED)` of fresh anonymous memory over it.
+    pub map_fixed: u64,
+}
+
+impl SealRefusals {
+    /// All refusals.
+    pub fn total(&self) -> u64 {
+        self.munmap + self.mremap + self.mprotect + self.map_fixed
+    }
 }
 
 /// The mprotect phases.
@@ -393,6 +436,8 @@ struct Ctx {
     runs: Vec<Run>,
     /// Alignment of attacks (2 MiB on hugetlb).
     granule: u64,
+    /// Guest RAM is (meant to be) sealed: the external chaos adds mprotect and MAP_FIXED blows.
+    sealed: bool,
     seed: u64,
     discard_max: u64,
     deadline: Instant,
@@ -481,6 +526,10 @@ struct Counters {
     chaos_madvise: AtomicU64,
     chaos_munmap: AtomicU64,
     chaos_mremap: AtomicU64,
+    chaos_mprotect: AtomicU64,
+    chaos_map_fixed: AtomicU64,
+    /// EPERM refusals: munmap, mremap, mprotect, mmap(MAP_FIXED).
+    chaos_eperm: [AtomicU64; 4],
     chaos_failed: AtomicU64,
     chaos_bytes: AtomicU64,
     prot_phases: AtomicU64,
@@ -704,7 +753,9 @@ fn external_chaos(ctx: &Ctx, mut rng: ChaCha8Rng) {
         ctx.maybe_plant(&mut planted);
         let (run, gpa, len) = ctx.pick(&mut rng, HUGE_PAGE_SIZE);
         let (p, l) = (ctx.hva(&run, gpa) as *mut libc::c_void, len as usize);
-        match rng.gen_range(0..3) {
+        // With the seal the kernel must refuse every blow but madvise; two more kinds test it.
+        let kinds = if ctx.sealed { 5 } else { 3 };
+        match rng.gen_range(0..kinds) {
             0 => {
                 // SAFETY: `p..p+l` is guest RAM (data pages only: no metadata, stack or image), which
                 // the VMM accesses only through raw pointers and the fault-tolerant copies of the
@@ -724,10 +775,10 @@ fn external_chaos(ctx: &Ctx, mut rng: ChaCha8Rng) {
                     bump(&c.chaos_bytes, len);
                     wait_rebacked(p, l);
                 } else {
-                    bump(&c.chaos_failed, 1);
+                    refused(c, SealedBlow::Munmap);
                 }
             }
-            _ => {
+            2 => {
                 // SAFETY: moves guest RAM (data pages) onto this thread's scratch reservation,
                 // replacing only it (MREMAP_FIXED); as for munmap, the VMM survives the hole left
                 // behind.
@@ -738,7 +789,7 @@ fn external_chaos(ctx: &Ctx, mut rng: ChaCha8Rng) {
                     bump(&c.chaos_bytes, len);
                     wait_rebacked(p, l);
                 } else {
-                    bump(&c.chaos_failed, 1);
+                    refused(c, SealedBlow::Mremap);
                 }
                 // SAFETY: `scratch..+l` is this thread's reservation (now possibly holding the
                 // moved pages, no longer guest RAM): MAP_FIXED drops them and reserves it again in
@@ -749,12 +800,56 @@ fn external_chaos(ctx: &Ctx, mut rng: ChaCha8Rng) {
                     break;
                 }
             }
+            3 => {
+                // Sealed RAM only. SAFETY: guest RAM the kernel must refuse to re-protect; were
+                // the seal missing, write access is given back at once (the guest may meanwhile
+                // fault on a write and wait in the teardown guard), and the run is broken anyway.
+                if unsafe { libc::mprotect(p, l, libc::PROT_READ) } == 0 {
+                    bump(&c.chaos_mprotect, 1);
+                    // SAFETY: the same range, made writable again.
+                    unsafe { libc::mprotect(p, l, libc::PROT_READ | libc::PROT_WRITE) };
+                } else {
+                    refused(c, SealedBlow::Mprotect);
+                }
+            }
+            _ => {
+                // Sealed RAM only. SAFETY: guest RAM the kernel must refuse to map over; were the
+                // seal missing, fresh zeroed memory replaces it (the teardown guard then stops the
+                // VM: a mapping it did not make sits in guest RAM), and the run is broken anyway.
+                let over = unsafe {
+                    libc::mmap(p, l, libc::PROT_READ | libc::PROT_WRITE, none | libc::MAP_FIXED, -1, 0)
+                };
+                if over == p {
+                    bump(&c.chaos_map_fixed, 1);
+                } else {
+                    refused(c, SealedBlow::MapFixed);
+                }
+            }
         }
         // Let the guard re-back before the next blow (bounded: at most a few ms per operation).
         std::thread::sleep(Duration::from_micros(rng.gen_range(200..3000)));
     }
     // SAFETY: the reservation (and whatever was moved into it) is this thread's alone.
     unsafe { libc::munmap(base, reserve) };
+}
+
+/// The external blows sealed guest RAM must refuse, as indices of `Counters::chaos_eperm`.
+#[derive(Clone, Copy)]
+enum SealedBlow {
+    Munmap = 0,
+    Mremap = 1,
+    Mprotect = 2,
+    MapFixed = 3,
+}
+
+/// Counts a failed external blow, right after the call: an `EPERM` is the seal refusing it,
+/// anything else an ordinary failure (a hole not re-backed yet, a range spanning two mappings).
+fn refused(c: &Counters, blow: SealedBlow) {
+    if std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+        bump(&c.chaos_eperm[blow as usize], 1);
+    } else {
+        bump(&c.chaos_failed, 1);
+    }
 }
 
 /// Waits (up to [`REBACK_WAIT`]) until the hole at `[p, p + l)` that an external unmap or move
@@ -1399,6 +1494,7 @@ fn controller(
         layouts,
         runs,
         granule,
+        sealed: opts.seal_guest_ram,
         seed: opts.seed,
         discard_max: (opts.discard_max as u64).max(granule),
         deadline: started + opts.duration,
@@ -1576,6 +1672,15 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
         );
         opts.balloon = false;
     }
+    if opts.mprotect && opts.seal_guest_ram {
+        notes.push(
+            "mprotect: not run with --seal-guest-ram (sealed guest RAM cannot be re-protected: the \
+             notifier refuses the VMM's protect operations before any syscall, and the kernel would \
+             refuse the mprotect)"
+                .to_string(),
+        );
+        opts.mprotect = false;
+    }
     let opts = &opts;
     if !(opts.discard || opts.external_chaos || opts.mprotect || opts.balloon || opts.virtio_mem) {
         return Err(format!(
@@ -1623,6 +1728,8 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
         console: Console::Null,
         monitor: true,
         teardown_policy: crate::teardown::TeardownPolicy::Reback,
+        seal_guest_ram: opts.seal_guest_ram,
+        plant_skip_mseal: opts.plant_skip_mseal,
         after_start: Some(hook),
         balloon: opts.balloon.then(BalloonConfig::default),
         virtio_mem: opts
@@ -1975,6 +2082,24 @@ fn judge(
             ));
         }
     }
+    let external_chaos = opts.external_chaos.then(|| ChaosReport {
+        madvise: l(&k.chaos_madvise),
+        munmap: l(&k.chaos_munmap),
+        mremap: l(&k.chaos_mremap),
+        mprotect: l(&k.chaos_mprotect),
+        map_fixed: l(&k.chaos_map_fixed),
+        refused_by_seal: SealRefusals {
+            munmap: l(&k.chaos_eperm[SealedBlow::Munmap as usize]),
+            mremap: l(&k.chaos_eperm[SealedBlow::Mremap as usize]),
+            mprotect: l(&k.chaos_eperm[SealedBlow::Mprotect as usize]),
+            map_fixed: l(&k.chaos_eperm[SealedBlow::MapFixed as usize]),
+        },
+        failed: l(&k.chaos_failed),
+        bytes: l(&k.chaos_bytes),
+    });
+    if opts.seal_guest_ram {
+        seal_invariants(external_chaos.as_ref(), teardowns.as_ref(), &mut broken);
+    }
     let invalidations = invalidations(&c.kinds);
     let ok = broken.is_empty();
     StressReport {
@@ -1995,13 +2120,7 @@ fn judge(
         invalidations_per_s: invalidations as f64 / c.ran_for.as_secs_f64().max(1e-3),
         guest,
         discard,
-        external_chaos: opts.external_chaos.then(|| ChaosReport {
-            madvise: l(&k.chaos_madvise),
-            munmap: l(&k.chaos_munmap),
-            mremap: l(&k.chaos_mremap),
-            failed: l(&k.chaos_failed),
-            bytes: l(&k.chaos_bytes),
-        }),
+        external_chaos,
         mprotect,
         balloon,
         virtio_mem,
@@ -2091,12 +2210,45 @@ pub struct StressArgs {
     /// Every scenario at once.
     #[arg(long)]
     pub all: bool,
+    /// Seal guest RAM with mseal(2): the external chaos's munmap, mremap, mprotect and
+    /// mmap(MAP_FIXED) blows must then all be refused (EPERM) while its madvise blows still
+    /// discard; the mprotect phases are not run (the VMM cannot re-protect sealed memory).
+    #[arg(long)]
+    pub seal_guest_ram: bool,
     /// Write the JSON summary here instead of standard output.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
     /// The KVM device.
     #[arg(long, default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
+}
+
+/// What sealed guest RAM must show: no external munmap, mremap, mprotect or MAP_FIXED blow
+/// succeeded, and the teardown guard saw no external unmap or move of guest RAM (there can be
+/// none).
+fn seal_invariants(
+    chaos: Option<&ChaosReport>,
+    teardowns: Option<&crate::teardown::TeardownReport>,
+    broken: &mut Vec<String>,
+) {
+    if let Some(c) = chaos {
+        let succeeded = c.munmap + c.mremap + c.mprotect + c.map_fixed;
+        if succeeded > 0 {
+            broken.push(format!(
+                "the seal did not hold: {succeeded} external blows at sealed guest RAM succeeded \
+                 (munmap {}, mremap {}, mprotect {}, mmap(MAP_FIXED) {})",
+                c.munmap, c.mremap, c.mprotect, c.map_fixed
+            ));
+        }
+    }
+    if let Some(t) = teardowns {
+        if t.events > 0 {
+            broken.push(format!(
+                "the seal did not hold: the teardown guard saw {} external unmaps or moves of sealed guest RAM",
+                t.events
+            ));
+        }
+    }
 }
 
 /// Parses `10s`, `2m`, `500ms`, `1h` or plain seconds.
@@ -2132,6 +2284,8 @@ pub fn cli(args: StressArgs) -> Result<std::process::ExitCode, String> {
         duration: args.duration,
         seed: args.seed,
         discard: args.discard,
+        seal_guest_ram: args.seal_guest_ram,
+        plant_skip_mseal: false,
         external_chaos: args.external_chaos,
         mprotect: args.mprotect,
         balloon: args.balloon,

@@ -24,6 +24,42 @@
 //! restore the protection — until the range is writable again, and the fault is counted
 //! ([`TeardownReport::protect_faults`]). Unmaps of memory that was moved out of guest RAM (the
 //! destination of an external `mremap`) concern no guest RAM and are only counted.
+//!
+//! # The reused-hole window: what is and is not guaranteed
+//!
+//! An external `munmap` (or `mremap` away) of guest RAM takes effect in the kernel before the
+//! monitor can read its UNMAP event; the unmapping thread resumes as soon as the monitor's reader
+//! has *read* it, and the monitor's worker turns events into notifications one at a time, behind
+//! subscribers that may sleep. Until the worker handles the event the notifier's regions still
+//! list the range, and until the table's `invalidate_range_start` for it returns the table keeps
+//! its entries. In that window anything the process maps next can land in the hole (a malloc
+//! arena, a thread stack, a file mapping).
+//!
+//! Guaranteed, with or without the seal:
+//! - a device copy never crashes the VMM: `process_vm_readv`/`writev` fail with `EFAULT` on an
+//!   address that is unmapped at the moment of the copy (an `AccessError`);
+//! - once the worker handles the event the range leaves the notifier's regions (before any
+//!   subscriber's start), so no new translation of it is installed; once the table's start has
+//!   returned, no copy through a dropped entry is in flight and none starts;
+//! - this guard looks for a mapping the VMM did not make in the hole as soon as its start for the
+//!   event runs (before anything is re-backed) and then stops the VM with an error naming the
+//!   guest-physical range; it never maps over, nor unmaps, a mapping it did not make
+//!   (`MAP_FIXED_NOREPLACE`).
+//!
+//! Not guaranteed without the seal: a device copy in the window — through an entry installed
+//! before the unmap, or through a translation installed while the regions still listed the range —
+//! reads or writes whatever was mapped into the hole meanwhile. A write succeeds and corrupts that
+//! foreign memory (a test held the worker behind a slow subscriber and saw a 16-byte
+//! `process_vm_writev` change a foreign page). KVM is in the same position: its memslot is keyed
+//! by host virtual address, so a guest access faulting in the window maps the foreign page. No
+//! notification can close this window, since the hole exists before any event can be read; the
+//! check above stops the VM after the fact and cannot undo a write that already happened.
+//!
+//! With `--seal-guest-ram` (`mseal(2)`, see [`crate::memory`]) the window does not exist: the
+//! kernel refuses every `munmap`, `mremap`, `mprotect` and `mmap(MAP_FIXED)` over guest RAM with
+//! `EPERM`, so its host range can never be a hole nor hold another mapping, and a table entry
+//! stays a valid address of guest RAM for the life of the process. Only discards (REMOVE events)
+//! reach the monitor then, and this guard has nothing to re-back.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -179,6 +215,19 @@ impl TeardownGuard {
             }
             None => format!("host range [{start:#x}, {end:#x})"),
         }
+    }
+
+    /// The first mapped host range inside `[start, end)` (an external unmap or move just left it
+    /// without guest RAM) that this guard did not map, if any: someone else's mapping in the
+    /// hole. `None` also when /proc/self/maps cannot be read (the re-back looks again).
+    fn foreign_mapping(&self, start: usize, end: usize) -> Option<(usize, usize)> {
+        let mapped = host_mappings(start, end).ok()?;
+        let s = self.lock();
+        mapped.into_iter().find(|&(a, b)| {
+            (a..b)
+                .step_by(crate::memory::PAGE_SIZE as usize)
+                .any(|p| !s.ours.iter().any(|&(x, y)| x <= p && p < y))
+        })
     }
 
     /// Whether `[start, end)` lies inside guest RAM as it was mapped at start-up.
@@ -489,10 +538,23 @@ impl Subscriber for TeardownGuard {
         let (start, end) = (range.exact_start, range.exact_end);
         match (range.origin, range.event) {
             (Origin::External, Event::Unmap | Event::Remap { .. }) => {
-                let mut s = self.lock();
                 if !self.is_guest_ram(start, end) {
-                    s.outside += 1;
+                    self.lock().outside += 1;
                     return Ok(());
+                }
+                // The earliest the guard can see it (the window of the module docs): a mapping
+                // that landed in the hole stops the VM now, before any re-back.
+                let foreign = self.foreign_mapping(start, end);
+                let mut s = self.lock();
+                if let Some((a, b)) = foreign {
+                    let verb =
+                        if matches!(range.event, Event::Remap { .. }) { "moved away" } else { "unmapped" };
+                    let why = format!(
+                        "{} was {verb} by code outside the VMM and [{a:#x}, {b:#x}) now holds a mapping \
+                         the VMM did not make",
+                        self.describe(start, end)
+                    );
+                    self.stop_vm(&mut s, why);
                 }
                 s.events += 1;
                 let id = s.next_hole;
@@ -535,9 +597,15 @@ impl Subscriber for TeardownGuard {
         }
         let what = self.describe(start, end);
         let verb = if matches!(range.event, Event::Remap { .. }) { "moved away" } else { "unmapped" };
-        let result = match self.policy {
-            TeardownPolicy::Stop => Err(format!("{what} was {verb} by code outside the VMM (policy: stop)")),
-            TeardownPolicy::Reback => self.reback(start, end).map_err(|e| {
+        let stopping = self.lock().fatal.clone();
+        let result = match (stopping, self.policy) {
+            // The VM stops anyway (e.g. a foreign mapping was found in the hole at the start):
+            // nothing is mapped any more.
+            (Some(why), _) => Err(why),
+            (None, TeardownPolicy::Stop) => {
+                Err(format!("{what} was {verb} by code outside the VMM (policy: stop)"))
+            }
+            (None, TeardownPolicy::Reback) => self.reback(start, end).map_err(|e| {
                 format!("{what} was {verb} by code outside the VMM and cannot be re-backed: {e}")
             }),
         };

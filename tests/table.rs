@@ -8,8 +8,14 @@
 //!    reads.
 //! 2. Entry sizes: with THP, 2 MiB entries; a 4 KiB discard drops the whole 2 MiB entry, the data
 //!    outside the discarded page survives. Without THP, 4 KiB entries, a discard drops exactly one.
-//! 3. Unmapped guest RAM (through the API, and by an external `munmap` seen by the uffd monitor)
-//!    is an `AccessError` for the device path, never a crash.
+//! 3. Unmapped guest RAM (through the API, by an external `munmap` seen by the uffd monitor, and
+//!    by a `munmap` under a device read loop, recovered by the copy's fault handler) is an
+//!    `AccessError` for the device path, never a crash; a fault outside the copy routine still
+//!    kills the process as before, and a stack overflow still aborts with Rust's message
+//!    (subprocesses: the test binary re-run with `ZAPVM_TABLE_CHILD` set).
+//!
+//! The race runs on both copy paths (`CopyPath::Direct`, the default, and `CopyPath::Syscall`);
+//! with the feature `fault-injection`, a planted stale translation must make it fail.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -18,7 +24,7 @@ use std::time::{Duration, Instant};
 use notifier::{AddressSpace, Monitor, MonitorOptions};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::memory::{GuestRam, MemoryBackend, MemoryConfig, HUGE_PAGE_SIZE, PAGE_SIZE};
-use vmm::mmu::{AccessError, GuestMemoryAccess, GuestMmu};
+use vmm::mmu::{AccessError, CopyPath, GuestMemoryAccess, GuestMmu};
 
 const PAGE: usize = PAGE_SIZE as usize;
 const HUGE: usize = HUGE_PAGE_SIZE as usize;
@@ -31,9 +37,9 @@ fn ram(thp: bool) -> GuestRam {
 fn space_over(ram: &GuestRam) -> Arc<AddressSpace> {
     // SAFETY: the regions are `ram`'s own mappings, which stay mapped until `ram` is dropped
     // (always after the space), except for pieces a test unmaps through this space or, in the
-    // monitor test, with an external munmap: the teardown the monitor exists to report, after
-    // which the table touches the piece only with process_vm_readv/writev (EFAULT, no fault).
-    // Guest RAM is accessed only through vm-memory's volatile accesses and those syscalls: no
+    // unmap tests, with an external munmap: the teardowns the table must survive, after which it
+    // touches the piece only with its fault-tolerant copy (a fault is an error, not a crash).
+    // Guest RAM is accessed only through vm-memory's volatile accesses and the table's copies: no
     // Rust reference points into it.
     unsafe { AddressSpace::new(&ram.notifier_regions()) }.unwrap()
 }
@@ -159,10 +165,25 @@ fn inspect(buf: &[u8], page: usize) -> Verdict {
 /// while the readers get the CPU. Readers stop at `target_reads` in total (or at the first stale
 /// read with `stop_on_stale`); the writer stops when the readers do. Rendezvous: a barrier for
 /// the start, atomics for the rest.
-fn race(path: ReadPath, target_reads: u64, stop_on_stale: bool) -> (RaceOutcome, vmm::mmu::MmuStats) {
+///
+/// `plant_stale` (feature `fault-injection`) arms the table's planted fault: the entry of the first
+/// page torn down keeps translating to its old frame.
+fn race(
+    path: ReadPath,
+    copy: CopyPath,
+    plant_stale: bool,
+    target_reads: u64,
+    stop_on_stale: bool,
+) -> (RaceOutcome, vmm::mmu::MmuStats) {
     let ram = ram(false);
     let space = space_over(&ram);
-    let mmu = GuestMmu::new(&ram, space.clone()).unwrap();
+    let mmu = GuestMmu::with_copy_path(&ram, space.clone(), copy).unwrap();
+    #[cfg(feature = "fault-injection")]
+    if plant_stale {
+        mmu.plant_stale_translations(1);
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    assert!(!plant_stale, "planting needs the feature fault-injection");
     let gpa = |p: usize| RACE_GPA + (p * PAGE) as u64;
     let hvas: Vec<usize> = (0..RACE_PAGES).map(|p| hva_of(&ram, gpa(p))).collect();
     let atomics = || (0..RACE_PAGES).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
@@ -290,10 +311,9 @@ fn race(path: ReadPath, target_reads: u64, stop_on_stale: bool) -> (RaceOutcome,
     (out, stats)
 }
 
-#[test]
-fn race_a_million_device_reads_against_discards_see_nothing_stale() {
-    let (o, stats) = race(ReadPath::Table, 1_000_000, false);
-    eprintln!("table race: {o:?}\n  table: {stats:?}");
+fn assert_race_clean(copy: CopyPath) {
+    let (o, stats) = race(ReadPath::Table, copy, false, 1_000_000, false);
+    eprintln!("table race ({copy:?}): {o:?}\n  table: {stats:?}");
     assert!(o.reads >= 1_000_000, "{o:?}");
     assert_eq!(o.stale, 0, "stale reads through the table: {o:?}");
     assert_eq!(o.torn, 0, "a read straddled a teardown: {o:?}");
@@ -305,13 +325,35 @@ fn race_a_million_device_reads_against_discards_see_nothing_stale() {
     assert!(o.discards >= 1000, "{o:?}");
     assert!(o.nonzero > 0 && o.zero > 0, "{o:?}");
     assert!(stats.torn_down["discard"] >= 100, "{o:?} {stats:?}");
+    // The reads went through the hit path as well as through installs.
+    assert!(stats.hits > 0 && stats.misses > 0, "{stats:?}");
+}
+
+#[test]
+fn race_a_million_device_reads_against_discards_see_nothing_stale() {
+    assert_race_clean(CopyPath::Direct);
+}
+
+#[test]
+fn race_on_the_syscall_copy_path_sees_nothing_stale() {
+    assert_race_clean(CopyPath::Syscall);
 }
 
 #[test]
 fn control_naive_cache_bypassing_the_notifier_reads_stale_data() {
-    let (o, _) = race(ReadPath::NaiveCacheBypassingNotifier, 200_000, true);
+    let (o, _) = race(ReadPath::NaiveCacheBypassingNotifier, CopyPath::Direct, false, 200_000, true);
     eprintln!("control race: {o:?}");
     assert!(o.stale > 0, "the checker must see the stale reads of a cache the notifier cannot reach: {o:?}");
+}
+
+/// PLANTED FAULT: an entry of the table that survives its invalidation (and keeps translating to
+/// the frame it had) must make the race see stale reads.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn planted_stale_translation_in_the_table_is_caught_by_the_race() {
+    let (o, stats) = race(ReadPath::Table, CopyPath::Direct, true, 1_000_000, true);
+    eprintln!("planted race: {o:?}\n  table: {stats:?}");
+    assert!(o.stale > 0, "a stale entry in the table must be seen: {o:?}");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -557,4 +599,141 @@ fn external_munmap_seen_by_the_monitor_is_an_access_error() {
     drop(mmu);
     drop(space);
     refill_hole_and_drop(ram, hole, HOLE_LEN);
+}
+
+/// A device read loop on the hit path while another thread munmaps the pages behind the API's
+/// back (no monitor: nothing tells the table, so its entries stay): every read after the unmap
+/// goes through an installed entry into an unmapped page, faults inside the copy routine and is
+/// an `Unmapped` error at the hole, counted; the process lives and the RAM around works.
+#[test]
+fn a_page_unmapped_under_a_device_read_loop_is_unmapped_not_a_crash() {
+    let ram = ram(false);
+    let space = space_over(&ram);
+    let mmu = GuestMmu::new(&ram, space.clone()).unwrap();
+    write_block_pattern(&ram, 0);
+    let hole = hva_of(&ram, HOLE_GPA);
+    let mut piece = vec![0u8; HOLE_LEN];
+    mmu.read(HOLE_GPA, &mut piece).unwrap();
+    let reads_before = AtomicU64::new(0);
+    let unmapped = AtomicBool::new(false);
+    let (first_error, reads_after) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut buf = [0u8; 256];
+            let mut i = 0u64;
+            let mut after = 0u64;
+            loop {
+                let was_unmapped = unmapped.load(Ordering::SeqCst);
+                let gpa = HOLE_GPA + (i % (HOLE_LEN as u64 / 256)) * 256;
+                i += 1;
+                match mmu.read(gpa, &mut buf) {
+                    Ok(()) => {
+                        assert_eq!(words(&buf).next(), Some(pattern(0, gpa / PAGE_SIZE)));
+                        if was_unmapped {
+                            after += 1;
+                        } else {
+                            reads_before.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    Err(e) => return (e, after),
+                }
+            }
+        });
+        while reads_before.load(Ordering::SeqCst) < 10_000 {
+            std::hint::spin_loop();
+        }
+        unmapped.store(true, Ordering::SeqCst);
+        // SAFETY: [hole, hole + HOLE_LEN) is guest RAM this test owns, unmapped behind the API's
+        // back on purpose; no Rust reference points into it; the table copies with its
+        // fault-tolerant routine; `ram`'s drop is handled by `refill_hole_and_drop`.
+        let r = unsafe { libc::munmap(hole as *mut libc::c_void, HOLE_LEN) };
+        assert_eq!(r, 0, "munmap: {}", std::io::Error::last_os_error());
+        reader.join().unwrap()
+    });
+    eprintln!(
+        "reads before the unmap {}, after {reads_after}: {first_error:?}",
+        reads_before.load(Ordering::SeqCst)
+    );
+    assert!(
+        matches!(first_error, AccessError::Unmapped { gpa } if (HOLE_GPA..HOLE_GPA + HOLE_LEN as u64).contains(&gpa))
+    );
+    let st = mmu.stats();
+    assert_eq!(st.installs_4k, 16, "no install after the first read: the loop ran on the hit path: {st:?}");
+    assert!(st.faults >= 1 && st.hits >= 10_000, "{st:?}");
+    // The entries are still there (nobody told the table), and every access to the hole faults.
+    assert_unmapped_piece_is_an_error(&mmu);
+    assert_ram_around_the_hole_works(&mmu);
+    drop(mmu);
+    drop(space);
+    refill_hole_and_drop(ram, hole, HOLE_LEN);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 4. Faults outside the copy routine behave as without the table (subprocesses).
+// ------------------------------------------------------------------------------------------------
+
+const CHILD: &str = "ZAPVM_TABLE_CHILD";
+
+/// Runs test `name` of this binary alone in a child with `ZAPVM_TABLE_CHILD=name`.
+fn run_child(name: &str) -> (std::process::ExitStatus, String) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, name)
+        .output()
+        .unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn in_child(name: &str) -> bool {
+    std::env::var(CHILD).as_deref() == Ok(name)
+}
+
+/// A table that has copied (so its fault handler is installed and has recovered a fault).
+fn table_that_recovered_a_fault() -> (GuestRam, Arc<AddressSpace>, GuestMmu) {
+    let ram = ram(false);
+    let space = space_over(&ram);
+    let mmu = GuestMmu::new(&ram, space.clone()).unwrap();
+    let mut b = [0u8; 8];
+    mmu.read(0x1000, &mut b).unwrap();
+    (ram, space, mmu)
+}
+
+#[test]
+fn a_null_write_outside_the_copy_routine_still_dies_of_sigsegv() {
+    use std::os::unix::process::ExitStatusExt;
+    const NAME: &str = "a_null_write_outside_the_copy_routine_still_dies_of_sigsegv";
+    if in_child(NAME) {
+        let _table = table_that_recovered_a_fault();
+        // SAFETY: deliberately not: the write faults outside the copy routine; the process must
+        // die of SIGSEGV exactly as without the table's handler.
+        unsafe { std::ptr::write_volatile(std::ptr::null_mut::<u64>().wrapping_add(1), 1) };
+        std::process::exit(0);
+    }
+    let (status, stderr) = run_child(NAME);
+    assert_eq!(status.signal(), Some(libc::SIGSEGV), "{status:?}\n{stderr}");
+}
+
+#[inline(never)]
+#[allow(unconditional_recursion)] // the point: overflow the stack
+fn recurse(depth: u64) -> u64 {
+    let pad = [depth; 64];
+    std::hint::black_box(&pad);
+    recurse(depth + 1).wrapping_add(std::hint::black_box(pad[3]))
+}
+
+#[test]
+fn a_stack_overflow_in_a_thread_still_aborts_with_rusts_message() {
+    use std::os::unix::process::ExitStatusExt;
+    const NAME: &str = "a_stack_overflow_in_a_thread_still_aborts_with_rusts_message";
+    if in_child(NAME) {
+        let _table = table_that_recovered_a_fault();
+        let t = std::thread::Builder::new().name("deep".into()).stack_size(256 << 10).spawn(|| recurse(0));
+        let _ = t.unwrap().join();
+        std::process::exit(0);
+    }
+    let (status, stderr) = run_child(NAME);
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "{status:?}\n{stderr}");
+    assert!(
+        stderr.lines().any(|l| l.starts_with("thread 'deep'") && l.ends_with("has overflowed its stack")),
+        "{stderr}"
+    );
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::bench_pressure::{size_label, Delivery, PressureReport};
+use crate::bench_pressure_report::{size_label, Delivery, PressureReport};
 
 /// The target line's colour.
 const TARGET: RGBColor = RGBColor(0xb0, 0xb0, 0xb0);

@@ -17,6 +17,7 @@
 //! - [`bench`]: `zapvm bench` measurements;
 //! - [`bench_balloon`]: `zapvm bench balloon` (the balloon's inflate/deflate throughput vs raw madvise);
 //! - [`bench_pressure`]: `zapvm bench pressure` (the guest's touch rate under host discards);
+//! - [`bench_pressure_report`]: the report of `zapvm bench pressure`, which the plot draws;
 //! - [`bench_plot`]: SVG plots of benchmark reports.
 
 pub mod api;
@@ -25,6 +26,7 @@ pub mod bench;
 pub mod bench_balloon;
 pub mod bench_plot;
 pub mod bench_pressure;
+pub mod bench_pressure_report;
 pub mod boot;
 pub mod console_input;
 pub mod devices;

@@ -46,7 +46,6 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-
 use crate::space::AddressSpace;
 use crate::uffd::{Message, Userfaultfd};
 use crate::{Error, Origin};
@@ -80,12 +79,12 @@ impl Default for MonitorOptions {
 /// is not available (it needs root here: `vm.unprivileged_userfaultfd = 0`).
 pub fn open_userfaultfd() -> Result<Userfaultfd, Error> {
     Userfaultfd::open(crate::uffd::EVENT_FEATURES).map_err(|e| {
-            Error::Uffd(format!(
-                "cannot open a userfaultfd with EVENT_REMOVE|UNMAP|REMAP and without \
+        Error::Uffd(format!(
+            "cannot open a userfaultfd with EVENT_REMOVE|UNMAP|REMAP and without \
                  UFFD_USER_MODE_ONLY (needs root or vm.unprivileged_userfaultfd=1, and the \
                  userfaultfd syscall or /dev/userfaultfd): {e}"
-            ))
-        })
+        ))
+    })
 }
 
 pub(crate) fn register(u: &Userfaultfd, start: usize, end: usize) -> Result<(), Error> {

@@ -17,9 +17,9 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use linux_raw_sys::general::{
-    uffd_msg, uffdio_api, uffdio_range, uffdio_register, UFFDIO_REGISTER_MODE_WP, UFFD_API,
-    UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP, UFFD_FEATURE_EVENT_REMAP,
-    UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP, UFFD_USER_MODE_ONLY,
+    uffd_msg, uffdio_api, uffdio_range, uffdio_register, UFFDIO_REGISTER_MODE_WP, UFFD_API, UFFD_EVENT_REMAP,
+    UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP, UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE,
+    UFFD_FEATURE_EVENT_UNMAP, UFFD_USER_MODE_ONLY,
 };
 use linux_raw_sys::ioctl::{UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER};
 
@@ -183,7 +183,10 @@ impl Userfaultfd {
         }
         let n = n as usize;
         if n % size != 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("short uffd_msg read: {n} bytes")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("short uffd_msg read: {n} bytes"),
+            ));
         }
         out.extend(buf[..n / size].iter().map(Message::decode));
         Ok(n / size)

@@ -4,40 +4,51 @@
 //! discarded in the delivery asked for, the guest kept touching pages, and KVM saw the
 //! refaults.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+#[path = "support/scratch.rs"]
+mod scratch;
 
-fn zapvm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zapvm")).args(args).output().expect("zapvm runs")
+use std::path::PathBuf;
+use std::process::Output;
+
+use scratch::{scratch_dir, zapvm_in};
+
+/// `zapvm args` with `dir` as its temporary directory.
+fn zapvm(dir: &tempfile::TempDir, args: &[&str]) -> Output {
+    zapvm_in(dir.path()).args(args).output().expect("zapvm runs")
 }
 
-fn out_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("zapvm-bench-pressure-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+/// A scratch directory for one run (removed when the test ends) and the run's output directory
+/// in it.
+fn out_dir(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let scratch = scratch_dir(&format!("bench-pressure-{name}"));
+    let dir = scratch.path().join("out");
+    (scratch, dir)
 }
 
 #[test]
 fn tiny_run_writes_json_table_and_plot() {
-    let dir = out_dir("tiny");
-    let out = zapvm(&[
-        "bench",
-        "pressure",
-        "--mem",
-        "32M",
-        "--ranges",
-        "64K,2M",
-        "--rates",
-        "1024",
-        "--backings",
-        "4k",
-        "--slice",
-        "200ms",
-        "--reps",
-        "1",
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
+    let (scratch, dir) = out_dir("tiny");
+    let out = zapvm(
+        &scratch,
+        &[
+            "bench",
+            "pressure",
+            "--mem",
+            "32M",
+            "--ranges",
+            "64K,2M",
+            "--rates",
+            "1024",
+            "--backings",
+            "4k",
+            "--slice",
+            "200ms",
+            "--reps",
+            "1",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+    );
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -96,7 +107,6 @@ fn tiny_run_writes_json_table_and_plot() {
     // A marker per sweep point (colours of the first two range sizes) and the per-page cross.
     assert!(svg.contains("<circle") && svg.contains("#1F77B4") && svg.contains("#D62728"), "points drawn");
     assert!(svg.contains("one discard per 4K page"), "the per-page legend");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -108,7 +118,7 @@ fn bad_options_are_refused_with_a_message() {
     ] {
         let mut all = vec!["bench", "pressure", "--out", "/nonexistent-never-written"];
         all.extend_from_slice(args);
-        let out = zapvm(&all);
+        let out = zapvm(&scratch_dir("bench-pressure-refused"), &all);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains("zapvm: error:") && stderr.contains(needle), "{args:?}: {stderr}");

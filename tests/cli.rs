@@ -1,13 +1,25 @@
 //! End-to-end: the `zapvm` command's contract with a user — exit status 0 on success, non-zero
-//! with a one-line message naming the problem on bad input or guest failure, never a panic.
+//! with a one-line message naming the problem on bad input or guest failure, never a panic —
+//! and the client commands' handling of the control sockets that VMs leave behind.
+//!
+//! Every `zapvm` here runs with a scratch directory of its test as its temporary and runtime
+//! directory, removed when the test ends: sockets, snapshots and files go with it.
+
+#[path = "support/scratch.rs"]
+mod scratch;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
+use scratch::{scratch_dir, zapvm_in};
+
+/// `zapvm args` in a scratch directory of its own.
 fn zapvm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zapvm")).args(args).output().expect("zapvm runs")
+    let dir = scratch_dir("cli");
+    zapvm_in(dir.path()).args(args).output().expect("zapvm runs")
 }
 
 fn text(out: &Output) -> (String, String) {
@@ -16,8 +28,12 @@ fn text(out: &Output) -> (String, String) {
 
 /// A bad-input run: non-zero exit, one `zapvm: error:` line containing `needle`, no panic.
 fn assert_refused(args: &[&str], needle: &str) {
-    let out = zapvm(args);
-    let (stdout, stderr) = text(&out);
+    assert_output_refused(&zapvm(args), args, needle);
+}
+
+/// [`assert_refused`] for a run already made.
+fn assert_output_refused(out: &Output, args: &[&str], needle: &str) {
+    let (stdout, stderr) = text(out);
     assert_eq!(out.status.code(), Some(1), "{args:?}\nstdout: {stdout}\nstderr: {stderr}");
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("zapvm: error: ")).collect();
     assert_eq!(errors.len(), 1, "{args:?}: want one error line, stderr: {stderr}");
@@ -25,10 +41,11 @@ fn assert_refused(args: &[&str], needle: &str) {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("zapvm-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+/// A file `name` in a fresh scratch directory (removed when the returned directory drops).
+fn scratch(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = scratch_dir("cli-file");
+    let path = dir.path().join(name);
+    (dir, path)
 }
 
 #[test]
@@ -97,7 +114,7 @@ fn missing_guest_elf_is_refused() {
 #[test]
 fn truncated_guest_elf_is_refused() {
     // An x86_64 ELF64 header cut off before its program header fields.
-    let path = scratch("truncated.elf");
+    let (_dir, path) = scratch("truncated.elf");
     let mut header = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\x3e\0".to_vec();
     header.resize(40, 0);
     std::fs::write(&path, &header).unwrap();
@@ -106,7 +123,7 @@ fn truncated_guest_elf_is_refused() {
 
 #[test]
 fn garbage_guest_is_refused() {
-    let path = scratch("garbage.elf");
+    let (_dir, path) = scratch("garbage.elf");
     std::fs::write(&path, b"#!/bin/sh\necho not an elf\n").unwrap();
     assert_refused(&["run", "--guest", path.to_str().unwrap()], "no ELF magic");
 }
@@ -118,7 +135,7 @@ fn missing_kernel_is_refused() {
 
 #[test]
 fn truncated_kernel_is_refused() {
-    let path = scratch("bzImage");
+    let (_dir, path) = scratch("bzImage");
     let mut image = vec![0u8; 0x300];
     image[0x202..0x206].copy_from_slice(b"HdrS");
     std::fs::write(&path, &image[..0x210]).unwrap();
@@ -133,12 +150,12 @@ fn missing_kvm_device_is_refused() {
 #[test]
 fn inaccessible_kvm_device_is_refused() {
     // A device node nobody may open, opened as an unprivileged user.
-    let path = scratch("kvm-no-access");
+    let (_dir, path) = scratch("kvm-no-access");
     std::fs::write(&path, b"").unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).unwrap();
     let dir = path.parent().unwrap();
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_zapvm"));
+    let mut cmd = zapvm_in(dir);
     cmd.args(["run", "--kvm-device", path.to_str().unwrap()]);
     // Root opens anything: drop to `nobody` in the child (CommandExt::uid/gid).
     if nix_is_root() {
@@ -164,19 +181,57 @@ fn bad_size_syntax_is_a_usage_error() {
     assert!(stderr.contains("invalid value 'lots' for '--mem"), "{stderr}");
 }
 
+/// A `zapvm run` of the test guest in `dir` long enough to be asked things (Touch over 2 GiB of
+/// 4 KiB pages takes seconds here), killed and reaped when dropped.
+struct RunningVm(Child);
+
+impl RunningVm {
+    fn start(dir: &Path) -> Self {
+        let child = zapvm_in(dir)
+            .args(["run", "--workload", "touch", "--mem", "2G", "--timeout", "60"])
+            // Not the test runner's terminal: the killed VMM could not give it back.
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("zapvm run starts");
+        Self(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Its default control socket, once it is there (waiting up to 60 s for it).
+    fn socket(&self, dir: &Path) -> PathBuf {
+        let socket = dir.join(format!("zapvm-{}.sock", self.pid()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "{} did not appear", socket.display());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        socket
+    }
+
+    /// Kills it (SIGKILL: it cannot remove its socket) and reaps it.
+    fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn stats_of_a_running_vm_show_kvm_table_and_notifier_counters() {
-    // A run long enough to be asked (Touch over 2 GiB of 4 KiB pages takes seconds here).
-    let mut vm = Command::new(env!("CARGO_BIN_EXE_zapvm"))
-        .args(["run", "--workload", "touch", "--mem", "2G", "--timeout", "60"])
-        // Not the test runner's terminal: the killed VMM could not give it back.
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = zapvm(&["stats", "--pid", &vm.id().to_string()]);
-    let _ = vm.kill();
-    let _ = vm.wait();
+    let dir = scratch_dir("cli-stats");
+    let vm = RunningVm::start(dir.path());
+    let out = zapvm_in(dir.path()).args(["stats", "--pid", &vm.pid().to_string()]).output().unwrap();
+    vm.kill();
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
     let stats: serde_json::Value = serde_json::from_str(&stdout).expect("stats are JSON");
@@ -184,6 +239,38 @@ fn stats_of_a_running_vm_show_kvm_table_and_notifier_counters() {
     assert!(stats["kvm"]["vcpus"]["exits"].as_u64().unwrap() > 0, "{stats}");
     assert!(stats["table"]["installs_4k"].is_u64(), "{stats}");
     assert!(stats["notifier"]["kinds"].is_array(), "{stats}");
+}
+
+#[test]
+fn stale_sockets_of_killed_vms_are_removed_and_do_not_fail_client_commands() {
+    let dir = scratch_dir("cli-stale");
+    let killed = RunningVm::start(dir.path());
+    let stale = killed.socket(dir.path());
+    killed.kill();
+    assert!(stale.exists(), "a killed VM leaves its socket behind (the case under test)");
+
+    // Without --pid: the stale socket does not count (there is exactly one VM), and goes.
+    let live = RunningVm::start(dir.path());
+    let socket = live.socket(dir.path());
+    let out = zapvm_in(dir.path()).args(["pause"]).output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(!stale.exists(), "the stale socket {} is removed", stale.display());
+    let out = zapvm_in(dir.path()).args(["stats"]).output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    let stats: serde_json::Value = serde_json::from_str(&stdout).expect("stats are JSON");
+    assert_eq!(stats["pid"], live.pid(), "{stats}");
+    assert_eq!(stats["paused"], true, "{stats}");
+
+    // With --pid of a killed VM: a clear error, and its socket goes too.
+    let pid = live.pid().to_string();
+    live.kill();
+    assert!(socket.exists());
+    let args = ["quit", "--pid", &pid];
+    let out = zapvm_in(dir.path()).args(args).output().unwrap();
+    assert_output_refused(&out, &args, &format!("no process {pid}"));
+    assert!(!socket.exists(), "the stale socket {} is removed", socket.display());
 }
 
 #[test]

@@ -2,10 +2,12 @@
 //! statistics, VM statistics, pause and resume, a malformed request that changes nothing, and
 //! quit, which ends the run.
 
+#[path = "support/scratch.rs"]
+mod scratch;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,9 +17,7 @@ use vmm::boot::test_guest::TestGuestParams;
 use vmm::machine::{run, Console, VmConfig, VmControl, VmOutcome};
 use vmm::memory::MemoryConfig;
 
-fn socket_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("zapvm-test-{}-{name}.sock", std::process::id()))
-}
+use scratch::scratch_dir;
 
 /// One request line, one reply line.
 fn ask(stream: &mut BufReader<UnixStream>, request: &str) -> Value {
@@ -29,7 +29,8 @@ fn ask(stream: &mut BufReader<UnixStream>, request: &str) -> Value {
 
 #[test]
 fn a_client_drives_balloon_pause_resume_and_quit() {
-    let path = socket_path("drive");
+    let dir = scratch_dir("control-api");
+    let path = dir.path().join("vm.sock");
     let replies: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
     let log = replies.clone();
     let socket = path.clone();

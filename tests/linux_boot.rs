@@ -7,12 +7,17 @@
 //! On PVM hosts guest ring 0 is emulated (docs/host.md, "PVM"), so the bzImage's decompression alone takes
 //! minutes: that test has a budget of minutes ([`BZIMAGE_BUDGET`]; `ZAPVM_LINUX_BOOT_BUDGET`
 //! seconds replaces both budgets) and never waits longer. The two tests run one after the other.
-//! Each is skipped, with a message saying why, only when the kernel package cannot be had
+//! Each is skipped (through the one skip helper, which `ZAPVM_REQUIRE_ALL=1` turns into a
+//! failure), with a message saying why, only when the kernel package cannot be had
 //! (`resources/fetch-debian-kernel.sh` fails), the vmlinux one also when its payload cannot be
 //! unpacked.
 
 #[path = "support/lines.rs"]
 mod lines;
+#[path = "support/scratch.rs"]
+mod scratch;
+#[path = "support/skip.rs"]
+mod skip;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,6 +27,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use lines::lines_to_channel;
+use scratch::{scratch_dir, zapvm_in};
+use skip::skip;
 
 /// How long the VM may take to print everything checked here, booting the bzImage (measured on
 /// a PVM host: banner after 127-185 s depending on the host's load, RAMDISK line ~3 s later).
@@ -190,12 +197,14 @@ fn boot_debian_kernel(vmlinux: bool, budget: Duration) {
     let kernel = match fetch_kernel(&root, vmlinux) {
         Ok(path) => path,
         Err(why) => {
-            eprintln!(
-                "SKIPPED linux_boot ({name}): Debian's linux-image-cloud-amd64 cannot be had{}, so \
-                 there is no stock kernel to boot: {why}",
-                if vmlinux { " or its vmlinux cannot be unpacked" } else { "" }
-            );
-            return;
+            return skip(
+                &format!("debian_cloud_{}_boots_with_initrd_and_cmdline", name.to_lowercase()),
+                &format!(
+                    "Debian's linux-image-cloud-amd64 cannot be had{}, so there is no stock kernel to \
+                     boot: {why}",
+                    if vmlinux { " or its vmlinux cannot be unpacked" } else { "" }
+                ),
+            )
         }
     };
     let budget = std::env::var("ZAPVM_LINUX_BOOT_BUDGET")
@@ -204,19 +213,14 @@ fn boot_debian_kernel(vmlinux: bool, budget: Duration) {
         .map(Duration::from_secs)
         .unwrap_or(budget);
 
+    // The initrd, and the control socket of the VM (which is killed), go with this directory.
+    let scratch = scratch_dir(&format!("linux-boot-{name}"));
     let initrd_data = newc_archive("zapvm-linux-boot", b"hello from the zapvm linux_boot test\n");
-    let initrd = std::env::temp_dir().join(format!("zapvm-linux-boot-{name}-{}.cpio", std::process::id()));
+    let initrd = scratch.path().join("initrd.cpio");
     std::fs::write(&initrd, &initrd_data).expect("write the initrd");
-    struct RemoveOnDrop(PathBuf);
-    impl Drop for RemoveOnDrop {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    let _initrd_guard = RemoveOnDrop(initrd.clone());
 
     let cmdline = format!("{} {MARKER}", vmm::boot::linux::default_cmdline());
-    let mut command = Command::new(env!("CARGO_BIN_EXE_zapvm"));
+    let mut command = zapvm_in(scratch.path());
     command
         .arg("run")
         .arg("--kernel")

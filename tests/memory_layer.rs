@@ -4,21 +4,40 @@
 //! everywhere else, and so does the VMM's own device path. KVM, the other secondary MMU, shows
 //! the discard in its statistics.
 
-use std::time::Duration;
+#[path = "support/skip.rs"]
+mod skip;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use guest_abi::Workload;
 use vmm::boot::test_guest::TestGuestParams;
-use vmm::machine::{run, Console, RunReport, VmConfig, VmOutcome};
+use vmm::machine::{run, AfterStart, Console, RunReport, VmConfig, VmControl, VmOutcome};
 use vmm::memory::{MemoryBackend, MemoryConfig};
 use vmm::vstate::vcpu::VcpuOutcome;
 
+use skip::skip;
+
 fn discard_verify(backend: MemoryBackend, thp: bool, vcpus: u32, mem_mib: u64) -> RunReport {
+    discard_verify_then(backend, thp, vcpus, mem_mib, None)
+}
+
+/// [`discard_verify`] with a hook run on the VMM's thread once the vCPUs run: until it returns
+/// the VMM does nothing else, so guest RAM stays mapped whatever the guest does meanwhile.
+fn discard_verify_then(
+    backend: MemoryBackend,
+    thp: bool,
+    vcpus: u32,
+    mem_mib: u64,
+    after_start: Option<AfterStart>,
+) -> RunReport {
     let config = VmConfig {
         memory: MemoryConfig { size: mem_mib << 20, backend, thp },
         vcpus,
         timeout: Some(Duration::from_secs(120)),
         console: Console::Null,
         balloon: None,
+        after_start,
         ..VmConfig::test_guest(TestGuestParams {
             seed: 0xd15c,
             ..TestGuestParams::new(Workload::DiscardVerify)
@@ -92,13 +111,51 @@ fn memfd_memory_reads_zeros_after_a_discard() {
     assert_guest_and_device_path_see_zeros(&report, 2);
 }
 
+/// Bytes of `AnonHugePages` (transparent huge pages the kernel really maps) in the mappings of
+/// this process that lie inside `[start, start + len)`, from /proc/self/smaps.
+fn anon_huge_bytes_in(start: usize, len: usize) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("reading /proc/self/smaps");
+    let mut inside = false;
+    let mut bytes = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        // A mapping's header line: `start-end perms offset dev inode [path]`.
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                inside = start <= a && b <= start + len;
+                continue;
+            }
+        }
+        if let Some(kib) = line.strip_prefix("AnonHugePages:").filter(|_| inside) {
+            let kib: u64 = kib.trim().trim_end_matches("kB").trim().parse().expect("a size in kB");
+            bytes += kib << 10;
+        }
+    }
+    bytes
+}
+
 #[test]
 fn thp_memory_reads_zeros_and_huge_entries_are_dropped_whole() {
-    let report = discard_verify(MemoryBackend::Anonymous, true, 2, 64);
+    // Once the host has made every discard (the guest filled its slice before asking for the
+    // first), the kernel's own account of guest RAM: how much of it is transparent huge pages.
+    let vcpus = 2;
+    let huge_bytes = Arc::new(Mutex::new(None));
+    let seen = huge_bytes.clone();
+    let hook: AfterStart = Arc::new(move |vm: &Arc<VmControl>| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while vm.stats()["discards"].as_u64() < Some(4 * vcpus as u64) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let bytes: u64 = vm.regions.iter().map(|&(_, hva, len)| anon_huge_bytes_in(hva, len)).sum();
+        *seen.lock().unwrap() = Some(bytes);
+    });
+    let report = discard_verify_then(MemoryBackend::Anonymous, true, vcpus, 64, Some(hook));
     assert!(report.thp_aligned);
-    assert_guest_and_device_path_see_zeros(&report, 2);
+    assert_guest_and_device_path_see_zeros(&report, vcpus);
+    let huge = huge_bytes.lock().unwrap().expect("the hook ran");
+    assert!(huge >= 2 << 20, "guest RAM is backed by transparent huge pages: AnonHugePages {huge} bytes");
     let layer = &report.memory_layer;
-    assert!(layer.table.installs_2m > 0, "THP memory gets 2 MiB table entries: {:?}", layer.table);
+    assert!(layer.table.installs_2m > 0, "the table installs 2 MiB entries for THP RAM: {:?}", layer.table);
     for d in &layer.discards {
         let (start, end) = d.notified;
         // A discard cutting a huge page is notified as whole huge pages.
@@ -106,37 +163,57 @@ fn thp_memory_reads_zeros_and_huge_entries_are_dropped_whole() {
     }
 }
 
-/// Reserves 2 MiB hugetlb pages for one test and gives them back (docs/host.md: none are reserved
-/// here; `nr_hugepages` must be put back).
+/// 2 MiB hugetlb pages reserved for one test and given back when it ends, also when it fails
+/// (this machine reserves none: docs/host.md). Needs root.
 struct HugePages {
-    before: String,
+    before: u64,
 }
 
 impl HugePages {
-    const PATH: &'static str = "/proc/sys/vm/nr_hugepages";
+    const DIR: &'static str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 
+    fn read(name: &str) -> Result<u64, String> {
+        let path = format!("{}/{name}", Self::DIR);
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
+        text.trim().parse().map_err(|e| format!("{path} holds {text:?}: {e}"))
+    }
+
+    /// Raises the pool by `extra` pages and checks that at least that many are free.
     fn reserve(extra: u64) -> Result<Self, String> {
-        let before = std::fs::read_to_string(Self::PATH).map_err(|e| e.to_string())?;
-        let now: u64 = before.trim().parse().map_err(|e| format!("{e}"))?;
-        std::fs::write(Self::PATH, (now + extra).to_string())
-            .map_err(|e| format!("writing {}: {e}", Self::PATH))?;
-        Ok(Self { before })
+        let before = Self::read("nr_hugepages")?;
+        let path = format!("{}/nr_hugepages", Self::DIR);
+        std::fs::write(&path, (before + extra).to_string()).map_err(|e| format!("writing {path}: {e}"))?;
+        // From here on the pool is put back on every path out.
+        let pages = Self { before };
+        let free = Self::read("free_hugepages")?;
+        if free < extra {
+            return Err(format!(
+                "asked the kernel for {extra} more 2 MiB pages, but only {free} are free (memory too fragmented?)"
+            ));
+        }
+        Ok(pages)
     }
 }
 
 impl Drop for HugePages {
     fn drop(&mut self) {
-        let _ = std::fs::write(Self::PATH, self.before.trim());
+        let path = format!("{}/nr_hugepages", Self::DIR);
+        if let Err(e) = std::fs::write(&path, self.before.to_string()) {
+            eprintln!("cannot put {path} back to {}: {e}", self.before);
+        }
     }
 }
 
 #[test]
 fn hugetlb_memory_reads_zeros_after_whole_huge_page_discards() {
+    // 64 MiB of guest RAM: 32 pages, and some to spare.
     let _pages = match HugePages::reserve(40) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("SKIPPED: cannot reserve hugetlb pages ({e}); this test needs root");
-            return;
+            return skip(
+                "hugetlb_memory_reads_zeros_after_whole_huge_page_discards",
+                &format!("cannot reserve hugetlb pages ({e}); this test needs root"),
+            )
         }
     };
     let report = discard_verify(MemoryBackend::Hugetlb, false, 2, 64);

@@ -32,7 +32,7 @@ use vmm::devices::virtio::mmio::{reg, MmioTransport};
 use vmm::devices::virtio::queue::{Popped, Queue};
 use vmm::devices::virtio::{status, VirtioDevice, VirtioInterrupt};
 use vmm::devices::BusDevice;
-use vmm::memory::{parse_size, GuestMemoryMmap, GuestRam, MemoryBackend, MemoryConfig};
+use vmm::memory::{GuestMemoryMmap, GuestRam, MemoryBackend, MemoryConfig};
 use vmm::mmu::{GuestMemoryAccess, GuestMmu};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -263,9 +263,9 @@ fn oracle(line: &[u8]) -> (Value, Result<Option<Call>, ErrorKind>) {
         };
         match (bytes, size) {
             (Some(n), None) => n,
-            (None, Some(s)) => match parse_size(s) {
-                Ok(n) => n,
-                Err(_) => return bad(id, ErrorKind::BadArgument),
+            (None, Some(s)) => match size_oracle(s) {
+                Some(n) => n,
+                None => return bad(id, ErrorKind::BadArgument),
             },
             _ => return bad(id, ErrorKind::BadArgument),
         }
@@ -284,6 +284,34 @@ fn oracle(line: &[u8]) -> (Value, Result<Option<Call>, ErrorKind>) {
         _ => None,
     };
     (id, Ok(call))
+}
+
+/// What a `"size"` argument means, written from the control API's contract rather than from the
+/// VMM's parser: optional whitespace around a decimal number (ASCII digits, an optional leading
+/// `+`), then at most one binary unit letter `K`, `M`, `G` or `T` (either case) right after the
+/// digits; the value in bytes, `None` for anything else or a value above `u64::MAX`.
+pub fn size_oracle(text: &str) -> Option<u64> {
+    let text = text.trim_matches(char::is_whitespace);
+    let (number, unit) = match text.as_bytes().last()? {
+        b'k' | b'K' => (&text[..text.len() - 1], 1u128 << 10),
+        b'm' | b'M' => (&text[..text.len() - 1], 1 << 20),
+        b'g' | b'G' => (&text[..text.len() - 1], 1 << 30),
+        b't' | b'T' => (&text[..text.len() - 1], 1 << 40),
+        _ => (text, 1),
+    };
+    let digits = number.strip_prefix('+').unwrap_or(number);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Digit by digit in 128 bits; anything past u64 is too large either way.
+    let mut value: u128 = 0;
+    for b in digits.bytes() {
+        value = value * 10 + u128::from(b - b'0');
+        if value > u128::from(u64::MAX) {
+            return None;
+        }
+    }
+    u64::try_from(value * unit).ok()
 }
 
 /// Runs `line` through [`handle_bytes`] against a fake VM and checks the reply: one line of

@@ -86,7 +86,8 @@ fn catches_sigusr1(pid: u32) -> Result<bool, String> {
     Ok(caught & (1 << (libc::SIGUSR1 - 1)) != 0)
 }
 
-/// Asks VM `pid` for a snapshot and returns it, waiting at most `timeout`.
+/// Asks VM `pid` for a snapshot and returns it, waiting at most `timeout`; the snapshot's file is
+/// removed once read.
 pub fn request(pid: u32, timeout: Duration) -> Result<String, String> {
     let path = stats_path(pid);
     // A snapshot that exists after this removal was written for this request. (Comparing mtimes
@@ -109,7 +110,11 @@ pub fn request(pid: u32, timeout: Duration) -> Result<String, String> {
             next_signal = Instant::now() + Duration::from_millis(500);
         }
         match std::fs::read_to_string(&path) {
-            Ok(json) => return Ok(json),
+            Ok(json) => {
+                // The snapshot was for this request alone: nothing is left behind.
+                let _ = std::fs::remove_file(&path);
+                return Ok(json);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         }

@@ -3,8 +3,10 @@
 //! The test guest runs [`Workload::Stress`] on every vCPU: each data page of its slice holds a
 //! known generation of a pattern (or zeros, which is what discards and re-backs leave), and the
 //! guest verifies and rewrites every page forever. Meanwhile the host runs the scenarios the
-//! options select, each on its own thread with its own RNG derived from the seed, each bounded by
-//! the duration:
+//! options select, each on its own thread with its own RNG derived from the seed, until the run's
+//! work is done ([`StressOptions::work`]: passes of every verifier, targets of every device storm,
+//! operations of every host scenario, with a deadline that only catches hangs) or, without a work
+//! goal, for the run's duration:
 //!
 //! - **discard**: random page-aligned ranges (4 KiB .. 2 MiB, some cutting THPs) of data pages
 //!   discarded through the notifier; right after each discard the device path reads sampled
@@ -87,8 +89,12 @@ pub struct StressOptions {
     pub thp: bool,
     /// Host backing of guest RAM.
     pub backend: MemoryBackend,
-    /// How long the scenarios run.
+    /// With [`Self::work`] unset, how long the scenarios run. With it set, the deadline that
+    /// catches a hang: the run ends as soon as its work is done, and work not done by then is a
+    /// broken invariant.
     pub duration: Duration,
+    /// The work a run does before it ends (`None`: it runs for [`Self::duration`]).
+    pub work: Option<Work>,
     /// Seed of the guest's pattern and of every scenario's RNG.
     pub seed: u64,
     /// Discard storm through the notifier.
@@ -117,19 +123,82 @@ pub struct StressOptions {
     pub progress: bool,
     /// **Fault injection for the stress test only**: after this long, the next teardown skips its
     /// `invalidate_range_end` (`notifier::AddressSpace::plant_fault_skip_next_end`).
-    #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
     pub plant_skip_end_after: Option<Duration>,
     /// **Fault injection for the stress test only**: after this long, the balloon and virtio-mem
     /// storms each write a non-zero word into memory their device discarded (the next ballooned
     /// page to come back, the next unplugged block to be plugged), as a memory layer that failed
     /// to discard would leave it.
-    #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
     pub plant_dirty_discarded_after: Option<Duration>,
+    /// **Fault injection for the stress test only**: each time verifier 0 completes a pass, the
+    /// host writes [`PLANTED_WORD`] into a word of that verifier's last data page (which the guest
+    /// checks last in its next pass), as memory corrupted behind the guest's back would hold it.
+    /// The guest's verifier must fail the run.
+    #[cfg(feature = "fault-injection")]
+    pub plant_corrupt_verifier_word: bool,
 }
+
+/// How much work a run does (see [`StressOptions::work`]). A zero asks for nothing of its kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Work {
+    /// Passes over its whole slice every verifier vCPU completes.
+    pub passes: u64,
+    /// Targets the guest's driver reaches in each device storm (balloon targets, virtio-mem
+    /// requested sizes).
+    pub targets: u64,
+    /// Operations each host scenario completes: discards (discard storm), madvise/munmap/mremap
+    /// blows (external chaos), read-only phases (mprotect) and judged reads (device reader).
+    pub ops: u64,
+}
+
+/// A run's work goal and what it did (see [`StressOptions::work`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkReport {
+    /// What the run was asked to do.
+    pub goal: Work,
+    /// The least done of each kind when the run ended: passes of the slowest verifier, targets
+    /// of the slower device storm, operations of the slowest host scenario (0 for a kind no
+    /// scenario of the run does).
+    pub least: Work,
+    /// Every scenario did its share before the deadline.
+    pub done: bool,
+}
+
+/// The least work done of each kind (see [`WorkReport::least`]); `None` for a kind no scenario of
+/// the run does.
+#[derive(Clone, Copy, Debug, Default)]
+struct Progress {
+    passes: Option<u64>,
+    targets: Option<u64>,
+    ops: Option<u64>,
+}
+
+impl Progress {
+    /// Whether this is at least `goal` in every kind some scenario does.
+    fn covers(&self, goal: &Work) -> bool {
+        self.passes.is_none_or(|n| n >= goal.passes)
+            && self.targets.is_none_or(|n| n >= goal.targets)
+            && self.ops.is_none_or(|n| n >= goal.ops)
+    }
+
+    fn as_work(&self) -> Work {
+        Work {
+            passes: self.passes.unwrap_or(0),
+            targets: self.targets.unwrap_or(0),
+            ops: self.ops.unwrap_or(0),
+        }
+    }
+}
+
+/// The word [`StressOptions::plant_corrupt_verifier_word`] writes: neither zero nor, for any
+/// realistic generation, the guest's pattern.
+#[cfg(feature = "fault-injection")]
+pub const PLANTED_WORD: u64 = 0x0bad_c0de_0bad_c0de;
 
 impl StressOptions {
     /// Defaults: 2 verifier vCPUs, 256 MiB anonymous RAM, a 128 MiB virtio-mem region (used only
-    /// by the virtio-mem storm), 10 s, no scenario selected.
+    /// by the virtio-mem storm), 10 s without a work goal, no scenario selected.
     pub fn new() -> Self {
         Self {
             kvm_device: "/dev/kvm".into(),
@@ -137,7 +206,8 @@ impl StressOptions {
             mem: 256 << 20,
             thp: false,
             backend: MemoryBackend::Anonymous,
-            duration: Duration::from_secs(10),
+            duration: DEFAULT_DURATION,
+            work: None,
             seed: 0x5eed,
             discard: false,
             seal_guest_ram: false,
@@ -149,9 +219,25 @@ impl StressOptions {
             virtio_mem_region: 128 << 20,
             discard_max: HUGE_PAGE_SIZE as usize,
             progress: false,
+            #[cfg(feature = "fault-injection")]
             plant_skip_end_after: None,
+            #[cfg(feature = "fault-injection")]
             plant_dirty_discarded_after: None,
+            #[cfg(feature = "fault-injection")]
+            plant_corrupt_verifier_word: false,
         }
+    }
+
+    /// When each planted fault is due (all `None` without the `fault-injection` feature).
+    fn planted(&self) -> Planted {
+        #[cfg(feature = "fault-injection")]
+        return Planted {
+            skip_end_after: self.plant_skip_end_after,
+            dirty_discarded_after: self.plant_dirty_discarded_after,
+            corrupt_verifier_word: self.plant_corrupt_verifier_word,
+        };
+        #[cfg(not(feature = "fault-injection"))]
+        Planted::default()
     }
 
     /// Every scenario.
@@ -372,6 +458,8 @@ pub struct StressReport {
     pub seed: u64,
     /// Seconds the scenarios ran.
     pub duration_s: f64,
+    /// The work goal and what was done of it (runs with [`StressOptions::work`] only).
+    pub work: Option<WorkReport>,
     /// vCPUs in all (verifiers and drivers).
     pub vcpus: u32,
     /// Guest RAM bytes.
@@ -418,6 +506,14 @@ pub struct StressReport {
     pub planted_faults_fired: u64,
 }
 
+/// The planted faults of a run (see the `plant_*` fields of [`StressOptions`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Planted {
+    skip_end_after: Option<Duration>,
+    dirty_discarded_after: Option<Duration>,
+    corrupt_verifier_word: bool,
+}
+
 /// A contiguous run of data pages (guest-physical and host addresses).
 #[derive(Clone, Copy, Debug)]
 struct Run {
@@ -440,6 +536,8 @@ struct Ctx {
     sealed: bool,
     seed: u64,
     discard_max: u64,
+    /// The end of the run: without a work goal its planned end, with one the deadline that
+    /// catches a hang.
     deadline: Instant,
     stop: AtomicBool,
     started: Instant,
@@ -455,6 +553,8 @@ struct Ctx {
     /// Set when the VM ended before the scenarios did (a guest failure): waiting is pointless.
     vm_ended: Arc<AtomicBool>,
     plant_dirty_after: Option<Duration>,
+    /// Times the host wrote [`Planted::corrupt_verifier_word`]'s word.
+    planted_corruptions: AtomicU64,
     /// Scenario threads running (counted as each begins) and whether they may start their work
     /// (set once every one of them runs), with the condvar signalling both.
     go: (Mutex<(usize, bool)>, std::sync::Condvar),
@@ -1123,6 +1223,32 @@ fn maybe_dirty(ctx: &Ctx, planted: &mut bool, gpa: u64) -> bool {
     *planted
 }
 
+/// The planted fault of [`StressOptions::plant_corrupt_verifier_word`]: each time verifier 0
+/// completes a pass, [`PLANTED_WORD`] goes into the middle of its last data page, which the guest
+/// checks last in its next pass. (A plant that lands while the guest rewrites that very page, or
+/// that a discard zeroes, is lost; the next pass brings the next one.)
+fn corrupt_verifier(ctx: &Ctx, _rng: ChaCha8Rng) {
+    #[cfg(feature = "fault-injection")]
+    {
+        let Some(layout) = ctx.layouts.first() else { return };
+        let gpa = layout.data_gpa(&ctx.work, layout.data_pages() - 1) + PAGE_SIZE / 2;
+        let mut planted_after = None;
+        while ctx.running() {
+            let passes = guest_headers(ctx)[0].passes;
+            if planted_after != Some(passes) {
+                if ctx.mmu.write(gpa, &PLANTED_WORD.to_le_bytes()).is_ok() {
+                    bump(&ctx.planted_corruptions, 1);
+                    tracing::warn!("planted fault: word {PLANTED_WORD:#x} written at GPA {gpa:#x}");
+                }
+                planted_after = Some(passes);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = ctx;
+}
+
 /// The balloon storm: random targets, each followed by the guest's driver, then checked.
 fn balloon_storm(ctx: &Ctx, mut rng: ChaCha8Rng) {
     let Some(pool) = &ctx.balloon else { return };
@@ -1387,9 +1513,40 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, f64>)
     }
 }
 
+/// The least work done of each kind by the scenarios `names` (see [`Progress`]).
+fn progress(ctx: &Ctx, names: &[String]) -> Progress {
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let k = &ctx.c;
+    let ops: Vec<u64> = names
+        .iter()
+        .filter_map(|n| match n.as_str() {
+            "device-reader" => Some(l(&k.dev_reads)),
+            "discard" => Some(l(&k.discard_ops)),
+            "external-chaos" => Some(l(&k.chaos_madvise) + l(&k.chaos_munmap) + l(&k.chaos_mremap)),
+            "mprotect" => Some(l(&k.prot_phases)),
+            _ => None,
+        })
+        .collect();
+    let targets: Vec<u64> = names
+        .iter()
+        .filter_map(|n| match n.as_str() {
+            "balloon" => Some(l(&k.balloon_storm.reached)),
+            "virtio-mem" => Some(l(&k.mem_storm.reached)),
+            _ => None,
+        })
+        .collect();
+    Progress {
+        passes: guest_headers(ctx).iter().map(|h| h.passes).min(),
+        targets: targets.into_iter().min(),
+        ops: ops.into_iter().min(),
+    }
+}
+
 /// What the controller thread hands back.
 struct Controlled {
     scenarios: Vec<String>,
+    /// The work done when the scenarios ended.
+    least: Progress,
     hung_threads: Vec<String>,
     kvm_delta: BTreeMap<String, f64>,
     headers: Vec<StressHeader>,
@@ -1488,6 +1645,7 @@ fn controller(
             })
         })
         .collect();
+    let planted = opts.planted();
     let ctx = Arc::new(Ctx {
         mmu: vm.mmu.clone(),
         work: info_work,
@@ -1504,7 +1662,7 @@ fn controller(
         first_error: Mutex::new(None),
         first_stale_discard: Mutex::new(None),
         first_stale_device: Mutex::new(None),
-        plant_after: opts.plant_skip_end_after,
+        plant_after: planted.skip_end_after,
         balloon: vm
             .balloon
             .clone()
@@ -1512,7 +1670,8 @@ fn controller(
             .map(|device| BalloonPool { device, slice: balloon_slice }),
         virtio_mem: vm.virtio_mem.clone().filter(|_| opts.virtio_mem),
         vm_ended,
-        plant_dirty_after: opts.plant_dirty_discarded_after,
+        plant_dirty_after: planted.dirty_discarded_after,
+        planted_corruptions: AtomicU64::new(0),
         go: Default::default(),
     });
     let kvm_before = vm.stats().get("kvm").cloned().unwrap_or_default();
@@ -1527,6 +1686,9 @@ fn controller(
     }
     if opts.mprotect {
         chosen.push(("mprotect", mprotect_phases));
+    }
+    if planted.corrupt_verifier_word {
+        chosen.push(("corrupt-verifier", corrupt_verifier));
     }
     if ctx.runs.is_empty() {
         chosen.clear();
@@ -1578,10 +1740,20 @@ fn controller(
     let mut finished = vec![false; names.len()];
     let mut last_inv = (Instant::now(), 0u64);
     while Instant::now() < ctx.deadline && !ctx.vm_ended.load(Ordering::Relaxed) {
-        match done_rx.recv_timeout(Duration::from_millis(250)) {
-            Ok(i) => finished[i] = true,
+        match done_rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(i) => {
+                finished[i] = true;
+                // A scenario that gave up before the end does no more work: waiting for the
+                // goal until the deadline would only delay the verdict.
+                if opts.work.is_some() {
+                    break;
+                }
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if opts.work.is_some_and(|goal| progress(&ctx, &names).covers(&goal)) {
+            break;
         }
         if let Some(bar) = &bar {
             let inv = invalidations(&ctx.space().stats().kinds);
@@ -1640,10 +1812,12 @@ fn controller(
             (d != 0.0).then(|| (k.clone(), d))
         })
         .collect();
-    let planted_fired = ctx.space().planted_faults_fired();
+    let planted_fired = ctx.space().planted_faults_fired() + ctx.planted_corruptions.load(Ordering::Relaxed);
+    let least = progress(&ctx, &names);
     vm.quit();
     let _ = tx.send(Controlled {
-        scenarios: names.into_iter().filter(|n| n != "device-reader").collect(),
+        scenarios: names.into_iter().filter(|n| n != "device-reader" && n != "corrupt-verifier").collect(),
+        least,
         hung_threads,
         kvm_delta,
         headers,
@@ -1867,6 +2041,7 @@ fn judge(
             roles,
             seed: opts.seed,
             duration_s: 0.0,
+            work: None,
             vcpus,
             mem_bytes: opts.mem,
             backend: format!("{:?}", opts.backend).to_lowercase(),
@@ -1923,6 +2098,20 @@ fn judge(
     // (When a guest failure ended the VM early, that failure is what counts.)
     if let Some(v) = guest.passes.iter().position(|&p| p == 0).filter(|_| !c.vm_ended_early) {
         broken.push(format!("guest vCPU {v} completed no pass"));
+    } else if let Some(starved) = starved_verifier(&guest.passes).filter(|_| !c.vm_ended_early) {
+        broken.push(starved);
+    }
+    let work =
+        opts.work.map(|goal| WorkReport { goal, least: c.least.as_work(), done: c.least.covers(&goal) });
+    // (Again, when a guest failure ended the VM early, that failure is what counts.)
+    if let Some(w) = work.as_ref().filter(|w| !w.done && !c.vm_ended_early) {
+        broken.push(format!(
+            "work not done within the deadline of {:.0} s (a hang, or a scenario starved): did at least {:?} \
+             of {:?}",
+            opts.duration.as_secs_f64(),
+            w.least,
+            w.goal
+        ));
     }
     let last_read = Duration::from_millis(l(&k.dev_last_ms));
     let device = DeviceReport {
@@ -1931,8 +2120,10 @@ fn judge(
         first_stale: ctx.first_stale_device.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         raced: l(&k.dev_raced),
         unmapped: l(&k.dev_unmapped),
+        // With a work goal the reader's reads are part of it: a reader that stalls keeps the
+        // goal from being met.
         hung: c.hung_threads.iter().any(|n| n == "device-reader")
-            || c.ran_for.saturating_sub(last_read) > READER_STALL,
+            || (opts.work.is_none() && c.ran_for.saturating_sub(last_read) > READER_STALL),
     };
     if device.stale > 0 {
         broken.push(format!(
@@ -2110,6 +2301,7 @@ fn judge(
         roles,
         seed: opts.seed,
         duration_s: c.ran_for.as_secs_f64(),
+        work,
         vcpus,
         mem_bytes: opts.mem,
         backend: format!("{:?}", opts.backend).to_lowercase(),
@@ -2133,6 +2325,25 @@ fn judge(
         external_teardowns: teardowns,
         planted_faults_fired: c.planted_fired,
     }
+}
+
+/// A verifier with fewer than 1 in [`STARVATION_RATIO`] of the passes of its busiest sibling is
+/// starved (the run's other vCPUs ran, so its memory layer kept it from running), once the
+/// busiest has made [`STARVATION_MIN_PASSES`] (below that, the spread of a short run says
+/// nothing). Compared within the run, never against a clock.
+const STARVATION_RATIO: u64 = 10;
+const STARVATION_MIN_PASSES: u64 = 20;
+
+/// The starved verifier among `passes` (each verifier's passes), if any, as a broken invariant.
+fn starved_verifier(passes: &[u64]) -> Option<String> {
+    let (busiest, &most) = passes.iter().enumerate().max_by_key(|(_, &p)| p)?;
+    let (starved, &least) = passes.iter().enumerate().min_by_key(|(_, &p)| p)?;
+    (most >= STARVATION_MIN_PASSES && least * STARVATION_RATIO < most).then(|| {
+        format!(
+            "guest vCPU {starved} starved: {least} passes against {most} of vCPU {busiest} in the same run \
+             (less than 1 in {STARVATION_RATIO})"
+        )
+    })
 }
 
 /// The invariants every device storm keeps: each target reached (or the run ended while the
@@ -2178,9 +2389,23 @@ pub struct StressArgs {
     /// Host backing of guest RAM.
     #[arg(long, value_enum, default_value_t = MemoryBackend::Anonymous)]
     pub mem_backend: MemoryBackend,
-    /// How long the scenarios run (e.g. 10s, 2m, 500ms; plain numbers are seconds).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub duration: Duration,
+    /// How long the scenarios run (e.g. 10s, 2m, 500ms; plain numbers are seconds; default
+    /// 10s). With --passes, --targets or --ops: the deadline for that work (default 10m), which
+    /// only catches a hang.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Run until every verifier vCPU completed this many passes over its slice (and the other
+    /// work asked for is done).
+    #[arg(long)]
+    pub passes: Option<u64>,
+    /// Run until the guest's driver reached this many targets in each device storm (--balloon,
+    /// --virtio-mem).
+    #[arg(long)]
+    pub targets: Option<u64>,
+    /// Run until each host scenario did this many operations (discards, external blows,
+    /// read-only phases, device-path reads).
+    #[arg(long)]
+    pub ops: Option<u64>,
     /// Seed of the guest's pattern and of every scenario's RNG (a run is reproducible from it).
     #[arg(long, default_value_t = 0x5eed)]
     pub seed: u64,
@@ -2251,6 +2476,11 @@ fn seal_invariants(
     }
 }
 
+/// How long `zapvm stress` runs without a work goal.
+const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+/// The deadline of `zapvm stress --passes/--targets/--ops` unless `--duration` says otherwise.
+const DEFAULT_WORK_DEADLINE: Duration = Duration::from_secs(600);
+
 /// Parses `10s`, `2m`, `500ms`, `1h` or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -2275,13 +2505,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Runs `zapvm stress`: the JSON summary goes to standard output (or `--json-out`); the exit
 /// status is non-zero when an invariant broke, and `Err` when nothing could run.
 pub fn cli(args: StressArgs) -> Result<std::process::ExitCode, String> {
+    let work = (args.passes.is_some() || args.targets.is_some() || args.ops.is_some()).then(|| Work {
+        passes: args.passes.unwrap_or(0),
+        targets: args.targets.unwrap_or(0),
+        ops: args.ops.unwrap_or(0),
+    });
+    let default_duration = if work.is_some() { DEFAULT_WORK_DEADLINE } else { DEFAULT_DURATION };
     let mut opts = StressOptions {
         kvm_device: args.kvm_device,
         vcpus: args.vcpus,
         mem: args.mem,
         thp: args.thp,
         backend: args.mem_backend,
-        duration: args.duration,
+        duration: args.duration.unwrap_or(default_duration),
+        work,
         seed: args.seed,
         discard: args.discard,
         seal_guest_ram: args.seal_guest_ram,
@@ -2293,8 +2530,7 @@ pub fn cli(args: StressArgs) -> Result<std::process::ExitCode, String> {
         virtio_mem_region: args.virtio_mem_region,
         discard_max: args.discard_max as usize,
         progress: true,
-        plant_skip_end_after: None,
-        plant_dirty_discarded_after: None,
+        ..StressOptions::new()
     };
     if args.all {
         opts = opts.all();
@@ -2321,6 +2557,32 @@ mod tests {
     use super::*;
 
     const PAGE: usize = PAGE_SIZE as usize;
+
+    /// The starvation check compares the verifiers of one run: the starved verifier of a real
+    /// CI run (1 pass against its sibling's 211) is caught, a fair run (96 and 100) and a run too
+    /// short to say anything (1 and 9) are not.
+    #[test]
+    fn a_starved_verifier_is_told_from_its_siblings() {
+        let starved = starved_verifier(&[211, 1]).expect("1 pass against 211 is starvation");
+        assert!(starved.starts_with("guest vCPU 1 starved: 1 passes against 211 of vCPU 0"), "{starved}");
+        assert_eq!(starved_verifier(&[96, 100]), None);
+        assert_eq!(starved_verifier(&[1, 9]), None);
+        assert_eq!(starved_verifier(&[50, 4, 48]).map(|s| s.contains("vCPU 1 starved")), Some(true));
+        assert_eq!(starved_verifier(&[]), None);
+    }
+
+    /// A kind of work no scenario of the run does never holds the run up; one that some
+    /// scenario does must reach the goal.
+    #[test]
+    fn work_progress_covers_only_the_kinds_the_run_does() {
+        let goal = Work { passes: 2, targets: 3, ops: 10 };
+        let p = Progress { passes: Some(2), targets: None, ops: Some(10) };
+        assert!(p.covers(&goal));
+        assert_eq!(p.as_work(), Work { passes: 2, targets: 0, ops: 10 });
+        assert!(!Progress { ops: Some(9), ..p }.covers(&goal));
+        assert!(!Progress { passes: Some(1), ..p }.covers(&goal));
+        assert!(!Progress { targets: Some(2), ..p }.covers(&goal));
+    }
 
     /// The permissions (`rw-p`, ...) of every mapping of this process overlapping `[start, end)`.
     fn permissions(start: usize, end: usize) -> Vec<(usize, usize, String)> {

@@ -56,7 +56,7 @@ fn assert_ok(r: &StressReport) {
 
 #[test]
 fn discard_storm_keeps_every_invariant() {
-    let r = stress(Work { passes: 3, ops: 300, targets: 0 }, |o| StressOptions { discard: true, ..o });
+    let r = stress(Work { passes: 2, ops: 300, targets: 0 }, |o| StressOptions { discard: true, ..o });
     assert_ok(&r);
     let d = r.discard.as_ref().unwrap();
     assert!(d.ops >= 300, "{d:?}");
@@ -68,7 +68,7 @@ fn discard_storm_keeps_every_invariant() {
 
 #[test]
 fn external_chaos_keeps_every_invariant() {
-    let r = stress(Work { passes: 3, ops: 150, targets: 0 }, |o| StressOptions { external_chaos: true, ..o });
+    let r = stress(Work { passes: 2, ops: 150, targets: 0 }, |o| StressOptions { external_chaos: true, ..o });
     assert_ok(&r);
     let c = r.external_chaos.as_ref().unwrap();
     assert!(c.madvise + c.munmap + c.mremap >= 150, "{c:?}");
@@ -81,7 +81,7 @@ fn external_chaos_keeps_every_invariant() {
 
 #[test]
 fn mprotect_phases_fault_guest_writes_and_keep_every_invariant() {
-    let r = stress(Work { passes: 3, ops: 10, targets: 0 }, |o| StressOptions { mprotect: true, ..o });
+    let r = stress(Work { passes: 2, ops: 10, targets: 0 }, |o| StressOptions { mprotect: true, ..o });
     assert_ok(&r);
     let p = r.mprotect.as_ref().unwrap();
     assert!(p.phases >= 10 && p.ranges > 0, "{p:?}");

@@ -326,9 +326,17 @@ enum Direction {
 
 impl GuestMmu {
     /// A table over every region of `ram`, subscribed to `space` (which must cover `ram`), copying
-    /// with [`CopyPath::Direct`].
+    /// with [`CopyPath::Syscall`].
+    ///
+    /// Not [`CopyPath::Direct`] by default: on this project's machines (PVM inside a VM with
+    /// paravirtual remote TLB flushes) a user-space load on one CPU was seen to read through a
+    /// translation that another thread's `MADV_DONTNEED` had already torn down — stale data, and
+    /// sometimes another page's data — even with no table involved (`docs/host.md`, "Copying
+    /// guest memory"). A direct copy is then only as correct as the host's TLB shootdown; the
+    /// kernel's page-table walk of `process_vm_readv` is not. Choose `Direct` with
+    /// [`GuestMmu::with_copy_path`] on hosts whose remote TLB flushes are trusted.
     pub fn new(ram: &GuestRam, space: Arc<AddressSpace>) -> Result<Self, notifier::Error> {
-        Self::with_copy_path(ram, space, CopyPath::Direct)
+        Self::with_copy_path(ram, space, CopyPath::Syscall)
     }
 
     /// [`GuestMmu::new`] with a chosen copy path. Installs the fault-tolerant copy's signal handler

@@ -1121,7 +1121,7 @@ fn device_reader(ctx: &Ctx, mut rng: ChaCha8Rng) {
 
 /// How long a device storm waits for the guest's driver to reach one target (a step of the
 /// largest size is well under a second on an idle host).
-const STEP_WAIT: Duration = Duration::from_secs(20);
+const STEP_WAIT: Duration = Duration::from_secs(120);
 /// Pages of each kind a device storm reads through the device path after each step.
 const STEP_SAMPLES: usize = 8;
 

@@ -2389,9 +2389,10 @@ pub struct StressArgs {
     /// Host backing of guest RAM.
     #[arg(long, value_enum, default_value_t = MemoryBackend::Anonymous)]
     pub mem_backend: MemoryBackend,
-    /// How long the scenarios run (e.g. 10s, 2m, 500ms; plain numbers are seconds; default
-    /// 10s). With --passes, --targets or --ops: the deadline for that work (default 10m), which
-    /// only catches a hang.
+    /// How long the scenarios run (e.g. 10s, 2m, 500ms; plain numbers are seconds). Without it
+    /// and without --passes/--targets/--ops the run does a fixed amount of work (2 passes, 3
+    /// targets, 5 ops). With --passes, --targets or --ops: the deadline for that work (default
+    /// 10m), which only catches a hang.
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// Run until every verifier vCPU completed this many passes over its slice (and the other
@@ -2476,6 +2477,8 @@ fn seal_invariants(
     }
 }
 
+/// What `zapvm stress` does when given neither `--duration` nor a work goal.
+const DEFAULT_WORK: Work = Work { passes: 2, targets: 3, ops: 5 };
 /// How long `zapvm stress` runs without a work goal.
 const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 /// The deadline of `zapvm stress --passes/--targets/--ops` unless `--duration` says otherwise.
@@ -2505,11 +2508,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Runs `zapvm stress`: the JSON summary goes to standard output (or `--json-out`); the exit
 /// status is non-zero when an invariant broke, and `Err` when nothing could run.
 pub fn cli(args: StressArgs) -> Result<std::process::ExitCode, String> {
-    let work = (args.passes.is_some() || args.targets.is_some() || args.ops.is_some()).then(|| Work {
-        passes: args.passes.unwrap_or(0),
-        targets: args.targets.unwrap_or(0),
-        ops: args.ops.unwrap_or(0),
-    });
+    let asked = args.passes.is_some() || args.targets.is_some() || args.ops.is_some();
+    let work = if asked {
+        Some(Work {
+            passes: args.passes.unwrap_or(0),
+            targets: args.targets.unwrap_or(0),
+            ops: args.ops.unwrap_or(0),
+        })
+    } else if args.duration.is_none() {
+        // Neither a time nor an amount of work: a fixed amount of work, so that a slow host runs
+        // longer instead of reporting starved verifiers.
+        Some(DEFAULT_WORK)
+    } else {
+        None
+    };
     let default_duration = if work.is_some() { DEFAULT_WORK_DEADLINE } else { DEFAULT_DURATION };
     let mut opts = StressOptions {
         kvm_device: args.kvm_device,

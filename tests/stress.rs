@@ -237,3 +237,19 @@ fn bad_options_are_refused_before_a_vm_starts() {
     let err = run(&StressOptions { discard: true, vcpus: 0, ..StressOptions::new() }).unwrap_err();
     assert!(err.contains("--vcpus"), "{err}");
 }
+
+/// The device-path checks fire: with the table keeping torn-down entries alive (planted), the
+/// discard storm's read-back after each discard sees the old data and the run is broken (every
+/// torn-down page with an entry keeps it: early pages the guest has not written yet read zero
+/// either way).
+#[test]
+fn a_stale_translation_in_the_table_breaks_the_run() {
+    let r = stress(Work { passes: 1, ops: 300, targets: 0 }, |o| StressOptions {
+        discard: true,
+        plant_stale_translations: 1 << 20,
+        ..o
+    });
+    assert!(!r.ok, "a planted stale translation must break the run: {:#?}", r.broken);
+    let d = r.discard.as_ref().unwrap();
+    assert!(d.stale_after_discard > 0 || r.device.stale > 0, "the device path saw it: {d:?} {:?}", r.device);
+}

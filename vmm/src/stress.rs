@@ -137,6 +137,12 @@ pub struct StressOptions {
     /// The guest's verifier must fail the run.
     #[cfg(feature = "fault-injection")]
     pub plant_corrupt_verifier_word: bool,
+    /// **Fault injection for the stress test only**: the VMM's table keeps up to this many
+    /// torn-down entries per region alive, translating to the frame they had
+    /// ([`crate::mmu::GuestMmu::plant_stale_translations`]), as a table that missed an
+    /// invalidation would. The device-path checks must fail the run.
+    #[cfg(feature = "fault-injection")]
+    pub plant_stale_translations: usize,
 }
 
 /// How much work a run does (see [`StressOptions::work`]). A zero asks for nothing of its kind.
@@ -225,6 +231,8 @@ impl StressOptions {
             plant_dirty_discarded_after: None,
             #[cfg(feature = "fault-injection")]
             plant_corrupt_verifier_word: false,
+            #[cfg(feature = "fault-injection")]
+            plant_stale_translations: 0,
         }
     }
 
@@ -1646,6 +1654,10 @@ fn controller(
         })
         .collect();
     let planted = opts.planted();
+    #[cfg(feature = "fault-injection")]
+    if opts.plant_stale_translations > 0 {
+        vm.mmu.plant_stale_translations(opts.plant_stale_translations);
+    }
     let ctx = Arc::new(Ctx {
         mmu: vm.mmu.clone(),
         work: info_work,

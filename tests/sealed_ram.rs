@@ -82,7 +82,8 @@ fn layer(sealed: bool) -> Layer {
             space.mark_sealed(r.host_addr, r.len).unwrap();
         }
     }
-    let monitor = notifier::Monitor::start(&space, notifier::MonitorOptions::default()).expect("monitor (root)");
+    let monitor =
+        notifier::Monitor::start(&space, notifier::MonitorOptions::default()).expect("monitor (root)");
     let slow = Arc::new(SlowSubscriber::default());
     space.subscribe(slow.clone()).unwrap();
     let mmu = GuestMmu::new(&ram, space.clone()).unwrap();
@@ -128,7 +129,7 @@ fn foreign_page_at(at: usize) -> Option<*mut u8> {
 fn without_the_seal_a_device_write_in_the_window_reaches_a_foreign_page_and_the_guard_stops_the_vm() {
     let l = layer(false);
     l.mmu.write(GPA, &[0x11; 16]).unwrap(); // the table holds an entry for the page
-    // SAFETY (test): an external munmap of one page of guest RAM, the scenario itself.
+                                            // SAFETY (test): an external munmap of one page of guest RAM, the scenario itself.
     assert_eq!(unsafe { libc::munmap(l.hva as *mut libc::c_void, PAGE) }, 0);
     l.slow.wait_holding();
     let foreign = foreign_page_at(l.hva).expect("the hole is free for another mapping");
@@ -218,13 +219,20 @@ fn stress_all_with_the_seal_keeps_every_invariant_and_the_kernel_refuses_every_u
     let r = sealed_stress(false);
     assert!(r.ok, "broken invariants: {:#?}", r.broken);
     assert!(r.vmm_alive);
-    assert!(r.notes.iter().any(|n| n.starts_with("mprotect: not run with --seal-guest-ram")), "{:?}", r.notes);
+    assert!(
+        r.notes.iter().any(|n| n.starts_with("mprotect: not run with --seal-guest-ram")),
+        "{:?}",
+        r.notes
+    );
     assert!(r.mprotect.is_none());
     let c = r.external_chaos.as_ref().unwrap();
     assert!(c.madvise > 0, "{c:?}");
     assert_eq!((c.munmap, c.mremap, c.mprotect, c.map_fixed), (0, 0, 0, 0), "{c:?}");
     let refused = &c.refused_by_seal;
-    assert!(refused.munmap > 0 && refused.mremap > 0 && refused.mprotect > 0 && refused.map_fixed > 0, "{c:?}");
+    assert!(
+        refused.munmap > 0 && refused.mremap > 0 && refused.mprotect > 0 && refused.map_fixed > 0,
+        "{c:?}"
+    );
     assert_eq!(r.external_teardowns.as_ref().unwrap().events, 0);
     assert!(r.discard.as_ref().unwrap().ops > 0 && r.discard.as_ref().unwrap().stale_after_discard == 0);
     let b = r.balloon.as_ref().unwrap();

@@ -542,14 +542,22 @@ impl GuestMmu {
                         Direction::Write(buf) => self.copier.copy(hva as *mut u8, buf.add(done), run),
                     }
                 }
-                .map_err(|fault| fault.not_copied),
+                .map_err(|fault| (fault.not_copied, None)),
                 CopyPath::Syscall => syscall_copy(hva, run, dir, done),
             };
             drop(reader);
-            if let Err(not_copied) = copied {
+            if let Err((not_copied, errno)) = copied {
                 self.counters.faults.fetch_add(1, Ordering::Relaxed);
-                let at = done + (run - not_copied);
-                return Err(AccessError::Unmapped { gpa: gpa + at as u64 });
+                let at = gpa + (done + (run - not_copied)) as u64;
+                return Err(match errno {
+                    // Not "unmapped": the host refused the copy for another reason (a seccomp
+                    // filter's EPERM or ENOSYS, ...).
+                    Some(e) => AccessError::Fault {
+                        gpa: at,
+                        errno: std::io::Error::from_raw_os_error(e).to_string(),
+                    },
+                    None => AccessError::Unmapped { gpa: at },
+                });
             }
             done += run;
         }
@@ -566,9 +574,10 @@ impl GuestMmu {
 }
 
 /// [`CopyPath::Syscall`]: `run` bytes between `hva` and the buffer of `dir` at offset `done`, with
-/// `process_vm_readv`/`writev` on this process. `Err(bytes not copied)` when the kernel stopped
-/// (EFAULT: not mapped).
-fn syscall_copy(hva: usize, run: usize, dir: Direction, done: usize) -> Result<(), usize> {
+/// `process_vm_readv`/`writev` on this process. `Err((bytes not copied, None))` when the kernel
+/// stopped at memory that is not mapped (a short copy, or EFAULT), `Err((run, Some(errno)))` when it
+/// refused the copy for another reason.
+fn syscall_copy(hva: usize, run: usize, dir: Direction, done: usize) -> Result<(), (usize, Option<i32>)> {
     let (local, write) = match dir {
         Direction::Read(buf) => (buf.wrapping_add(done), false),
         Direction::Write(buf) => (buf.wrapping_add(done).cast_mut(), true),
@@ -587,8 +596,13 @@ fn syscall_copy(hva: usize, run: usize, dir: Direction, done: usize) -> Result<(
     };
     if copied == run as isize {
         Ok(())
+    } else if copied >= 0 {
+        Err((run - copied as usize, None))
     } else {
-        Err(run - copied.max(0) as usize)
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EFAULT) | None => Err((run, None)),
+            Some(e) => Err((run, Some(e))),
+        }
     }
 }
 

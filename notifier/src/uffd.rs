@@ -217,11 +217,12 @@ impl Userfaultfd {
     /// none is pending (the descriptor is non-blocking).
     pub fn read(&self, out: &mut Vec<Message>, max: usize) -> io::Result<usize> {
         out.clear();
-        let max = max.clamp(1, 256);
-        // SAFETY: `uffd_msg` is plain integers, for which all-zero bytes are a valid value.
-        let mut buf: Vec<uffd_msg> = vec![unsafe { std::mem::zeroed() }; max];
+        const MAX: usize = 256;
+        let max = max.clamp(1, MAX);
+        // On the reader's stack, not allocated per read: the monitor reads in a loop.
+        let mut buf = [std::mem::MaybeUninit::<uffd_msg>::uninit(); MAX];
         let size = std::mem::size_of::<uffd_msg>();
-        // SAFETY: `buf` owns `max * size` writable bytes for the duration of the call.
+        // SAFETY: `buf` owns `MAX * size >= max * size` writable bytes for the duration of the call.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), max * size) };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -234,7 +235,9 @@ impl Userfaultfd {
                 format!("short uffd_msg read: {n} bytes"),
             ));
         }
-        out.extend(buf[..n / size].iter().map(Message::decode));
+        // SAFETY: the kernel wrote `n / size` whole messages at the start of `buf`, and `uffd_msg`
+        // is plain integers (any bytes are a valid value).
+        out.extend(buf[..n / size].iter().map(|m| Message::decode(unsafe { m.assume_init_ref() })));
         Ok(n / size)
     }
 }

@@ -969,12 +969,7 @@ mod tests {
 
         /// Queues a one-descriptor PFN request on queue `q` and notifies.
         fn send_pfns(&mut self, q: usize, desc: u16, pfns: &[u32]) {
-            let array = ARRAYS + 0x1000 * desc as u64;
-            let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
-            self.mem().write_slice(&bytes, GuestAddress(array)).unwrap();
-            let mem = self.ram.memory().clone();
-            self.rings[q].set_desc(&mem, desc, array, bytes.len() as u32, 0, 0);
-            self.rings[q].push(&mem, desc);
+            self.queue_pfns(q, desc, pfns);
             w32(&mut self.t, reg::QUEUE_NOTIFY, q as u32);
         }
 

@@ -591,8 +591,9 @@ impl VirtioSlots<'_> {
     fn add<D: VirtioDevice + Send + 'static>(
         &mut self,
         device: D,
-        device_id: u64,
     ) -> Result<Arc<Mutex<MmioTransport<D>>>, Error> {
+        // The id the boot info announces is the one the transport's DeviceID register shows.
+        let device_id = u64::from(device.device_type());
         let n = self.devices.len();
         let (base, gsi) = (VIRTIO_MMIO_BASE + VIRTIO_MMIO_STRIDE * n as u64, VIRTIO_FIRST_GSI + n as u32);
         let irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
@@ -756,9 +757,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     };
     let balloon: Option<BalloonDevice> = match config.balloon {
         None => None,
-        Some(features) => {
-            Some(virtio.add(Balloon::new(mmu.clone(), &ram, features), guest_abi::VIRTIO_ID_BALLOON)?)
-        }
+        Some(features) => Some(virtio.add(Balloon::new(mmu.clone(), &ram, features))?),
     };
     let virtio_mem: Option<VirtioMemDevice> = match (config.virtio_mem, ram.hotplug()) {
         (Some(spec), Some((gpa, size))) => {
@@ -766,7 +765,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
                 VirtioMemConfig { requested_size: spec.requested_size, ..VirtioMemConfig::new(gpa, size) };
             let device =
                 VirtioMem::new(mmu.clone(), config).map_err(|e| Error::Device(format!("virtio-mem: {e}")))?;
-            Some(virtio.add(device, guest_abi::VIRTIO_ID_MEM)?)
+            Some(virtio.add(device)?)
         }
         _ => None,
     };

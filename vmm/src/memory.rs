@@ -51,10 +51,13 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole (4 GiB), where RAM continues.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
-/// Host and guest page size.
-pub const PAGE_SIZE: u64 = 4096;
-/// Size of a transparent huge page / 2 MiB guest mapping.
-pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+/// Host and guest page size, and the size of a transparent huge page / 2 MiB guest mapping
+/// (defined once, in the guest ABI).
+pub use guest_abi::{HUGE_PAGE_SIZE, PAGE_SIZE};
+// The notifier works in the host's page sizes (it knows nothing of guests); the VMM maps guest
+// pages one to one onto host pages, so the two must be the same.
+const _: () =
+    assert!(notifier::PAGE_SIZE as u64 == PAGE_SIZE && notifier::HUGE_PAGE_SIZE as u64 == HUGE_PAGE_SIZE);
 /// Smallest guest RAM zapvm accepts.
 pub const MIN_MEM_SIZE: u64 = 4 << 20;
 

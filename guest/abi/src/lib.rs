@@ -32,15 +32,15 @@ pub const MAX_MESSAGE_LEN: usize = 512;
 pub const MAX_RANGES: usize = 8;
 /// The most virtio-mmio devices a [`BootInfo`] describes.
 pub const MAX_VIRTIO_DEVICES: usize = 4;
-/// virtio device type of a memory balloon.
-pub const VIRTIO_ID_BALLOON: u64 = 5;
-/// virtio device type of a memory device (virtio-mem).
-pub const VIRTIO_ID_MEM: u64 = 24;
-/// Guest pages are 4 KiB.
+/// Guest pages are 4 KiB (the one definition: the VMM's memory layer and the notifier use it).
 pub const PAGE_SIZE: u64 = 4096;
+/// A huge page (x86-64 PMD, THP and hugetlb default size): 2 MiB.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
 /// [`BootInfo::flags`]: the workload runs at CPL 0 (for VMX/SVM hosts, where ring 0 is not emulated).
 pub const FLAG_CPL0: u64 = 1 << 0;
+
+pub mod virtio;
 
 /// GDT selectors the VMM sets up (identical for the test guest and Linux's 64-bit boot protocol,
 /// which wants `__BOOT_CS` = 0x10 and `__BOOT_DS` = 0x18).
@@ -258,7 +258,7 @@ pub struct VirtioMmioDevice {
     pub base: u64,
     /// Size of the window.
     pub size: u64,
-    /// virtio device type ([`VIRTIO_ID_BALLOON`], [`VIRTIO_ID_MEM`]).
+    /// virtio device type ([`virtio::device_type`]).
     pub device_id: u64,
     /// Its interrupt line (GSI); the test guest polls instead.
     pub irq: u64,

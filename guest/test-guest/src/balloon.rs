@@ -39,22 +39,18 @@
 //! With [`FLAG_HOSTILE`] the driver first sends five malformed inflate requests (see
 //! [`Driver::hostile`]) and checks that none of its memory changed.
 
+use guest_abi::virtio::balloon::{
+    tag, CONFIG_ACTUAL, CONFIG_NUM_PAGES, STAT_ENTRY_SIZE as STAT_ENTRY, VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_PAGE_REPORTING, VIRTIO_BALLOON_F_STATS_VQ,
+};
+use guest_abi::virtio::device_type;
 use guest_abi::{
     pattern, slice_pages, BootInfo, GpaRange, UcallKind, FLAG_HOSTILE, MAX_RANGES, PAGE_SIZE,
-    STAGE_BALLOON_STEP, VIRTIO_ID_BALLOON,
+    STAGE_BALLOON_STEP,
 };
 
 use crate::virtio::{self, reg, status, Mmio, Virtqueue, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use crate::{arch, fail, report};
-
-/// The host must be told before the guest reuses deflated pages.
-const F_MUST_TELL_HOST: u32 = 0;
-/// The statistics queue.
-const F_STATS_VQ: u32 = 1;
-/// The guest may deflate on its own under memory pressure.
-const F_DEFLATE_ON_OOM: u32 = 2;
-/// Free page reporting.
-const F_PAGE_REPORTING: u32 = 5;
 
 /// Size of every queue the driver sets up.
 const QUEUE_SIZE: u16 = 8;
@@ -89,20 +85,8 @@ const _: () = assert!(WORK_FIRST == guest_abi::BALLOON_CARVED_PAGES);
 /// Words in a page.
 const WORDS_PER_PAGE: u64 = PAGE_SIZE / 8;
 
-/// Statistics tags (virtio 1.2, §5.5.6.3).
-mod tag {
-    pub const SWAP_IN: u16 = 0;
-    pub const SWAP_OUT: u16 = 1;
-    pub const MAJFLT: u16 = 2;
-    pub const MINFLT: u16 = 3;
-    pub const MEMFREE: u16 = 4;
-    pub const MEMTOT: u16 = 5;
-    pub const AVAIL: u16 = 6;
-}
 /// Entries of the statistics buffer.
 const NR_STATS: usize = 7;
-/// Bytes of one entry (le16 tag, le64 value, packed).
-const STAT_ENTRY: u64 = 10;
 
 /// A vCPU's slice as up to [`MAX_RANGES`] contiguous pieces, so that the `i`-th page is found
 /// without walking every page.
@@ -227,7 +211,7 @@ pub fn drive(vcpu: u64, boot: &BootInfo, idle: bool) -> ! {
     let slice = Slice::new(boot, vcpu);
     let Some(device) = boot.virtio[..(boot.nr_virtio as usize).min(boot.virtio.len())]
         .iter()
-        .find(|d| d.device_id == VIRTIO_ID_BALLOON)
+        .find(|d| d.device_id == u64::from(device_type::BALLOON))
     else {
         fail(vcpu, format_args!("balloon: the boot info names no virtio-balloon device"));
     };
@@ -258,7 +242,7 @@ impl Driver {
         let magic = mmio.read(reg::MAGIC);
         let version = mmio.read(reg::VERSION);
         let id = mmio.read(reg::DEVICE_ID);
-        if magic != virtio::MMIO_MAGIC || version != 2 || u64::from(id) != VIRTIO_ID_BALLOON {
+        if magic != virtio::MMIO_MAGIC || version != virtio::reg::VERSION_2 || id != device_type::BALLOON {
             fail(
                 vcpu,
                 format_args!(
@@ -278,10 +262,10 @@ impl Driver {
             fail(vcpu, format_args!("balloon: device does not offer VIRTIO_F_VERSION_1 ({offered:#x})"));
         }
         let wanted = version_1
-            | 1 << F_MUST_TELL_HOST
-            | 1 << F_STATS_VQ
-            | 1 << F_DEFLATE_ON_OOM
-            | 1 << F_PAGE_REPORTING;
+            | 1 << VIRTIO_BALLOON_F_MUST_TELL_HOST
+            | 1 << VIRTIO_BALLOON_F_STATS_VQ
+            | 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM
+            | 1 << VIRTIO_BALLOON_F_PAGE_REPORTING;
         let accepted = offered & wanted;
         mmio.set_driver_features(accepted);
         let s = mmio.add_status(status::FEATURES_OK);
@@ -298,12 +282,12 @@ impl Driver {
         let inflate = unsafe { Virtqueue::new(0, QUEUE_SIZE, queue_page(0)) };
         let deflate = unsafe { Virtqueue::new(1, QUEUE_SIZE, queue_page(1)) };
         let mut next = 2;
-        let stats = (accepted & 1 << F_STATS_VQ != 0).then(|| {
+        let stats = (accepted & 1 << VIRTIO_BALLOON_F_STATS_VQ != 0).then(|| {
             next += 1;
             // SAFETY: as above.
             unsafe { Virtqueue::new(next - 1, QUEUE_SIZE, queue_page(2)) }
         });
-        let reporting = (accepted & 1 << F_PAGE_REPORTING != 0).then(|| {
+        let reporting = (accepted & 1 << VIRTIO_BALLOON_F_PAGE_REPORTING != 0).then(|| {
             // SAFETY: as above.
             unsafe { Virtqueue::new(next, QUEUE_SIZE, queue_page(3)) }
         });
@@ -316,7 +300,7 @@ impl Driver {
         if s & status::DRIVER_OK == 0 || s & status::DEVICE_NEEDS_RESET != 0 {
             fail(vcpu, format_args!("balloon: DRIVER_OK refused (status {s:#x})"));
         }
-        mmio.write_config(4, 0);
+        mmio.write_config(CONFIG_ACTUAL, 0);
         Self {
             vcpu,
             seed: boot.seed,
@@ -326,7 +310,7 @@ impl Driver {
             deflate,
             stats,
             reporting,
-            deflate_on_oom: accepted & 1 << F_DEFLATE_ON_OOM != 0,
+            deflate_on_oom: accepted & 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM != 0,
             size: 0,
             idle: false,
         }
@@ -451,7 +435,7 @@ impl Driver {
 
     /// Writes `actual` and makes the Stage ucall `STAGE_BALLOON_STEP | kind`.
     fn announce(&self, kind: u64, pages: u64) {
-        self.mmio.write_config(4, self.size as u32);
+        self.mmio.write_config(CONFIG_ACTUAL, self.size as u32);
         report(self.vcpu, UcallKind::Stage, &[STAGE_BALLOON_STEP | kind, pages]);
     }
 
@@ -507,7 +491,7 @@ impl Driver {
             let now = arch::rdtsc();
             if now.wrapping_sub(last_poll) >= POLL_CYCLES {
                 last_poll = now;
-                let target = u64::from(self.mmio.read_config(0)).min(self.work_pages());
+                let target = u64::from(self.mmio.read_config(CONFIG_NUM_PAGES)).min(self.work_pages());
                 if target != self.size {
                     self.step(target);
                     if !oom_done && self.size > 0 {

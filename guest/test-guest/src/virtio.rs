@@ -12,69 +12,11 @@
 
 use guest_abi::PAGE_SIZE;
 
-/// Register offsets of the MMIO window (virtio 1.2, §4.2.2).
-pub mod reg {
-    /// "virt".
-    pub const MAGIC: u64 = 0x000;
-    /// Transport version (2).
-    pub const VERSION: u64 = 0x004;
-    /// Device type.
-    pub const DEVICE_ID: u64 = 0x008;
-    /// Feature bits the device offers, 32 at a time (selected by `DEVICE_FEATURES_SEL`).
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    /// Which 32 device feature bits `DEVICE_FEATURES` shows.
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    /// Feature bits the driver accepts, 32 at a time.
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    /// Which 32 driver feature bits `DRIVER_FEATURES` sets.
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    /// Selects the queue the queue registers below refer to.
-    pub const QUEUE_SEL: u64 = 0x030;
-    /// Largest size of the selected queue (0: no such queue).
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    /// Size of the selected queue.
-    pub const QUEUE_NUM: u64 = 0x038;
-    /// The selected queue is ready (write 1 after setting it up).
-    pub const QUEUE_READY: u64 = 0x044;
-    /// Written with a queue index: new buffers are available in it.
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    /// Device status (§2.1).
-    pub const STATUS: u64 = 0x070;
-    /// Descriptor table address, low 32 bits (the high half follows at +4).
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    /// Available ring address, low 32 bits.
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    /// Used ring address, low 32 bits.
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    /// Changes whenever the device changes its configuration space.
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    /// Start of the device-specific configuration space.
-    pub const CONFIG: u64 = 0x100;
-}
-
-/// Device status bits (virtio 1.2, §2.1).
-pub mod status {
-    /// The guest found the device.
-    pub const ACKNOWLEDGE: u32 = 1;
-    /// The guest has a driver for it.
-    pub const DRIVER: u32 = 2;
-    /// The driver is ready.
-    pub const DRIVER_OK: u32 = 4;
-    /// Feature negotiation is done.
-    pub const FEATURES_OK: u32 = 8;
-    /// The device hit an error and needs a reset.
-    pub const DEVICE_NEEDS_RESET: u32 = 64;
-}
-
-/// `MAGIC` reads this ("virt" in little-endian).
-pub const MMIO_MAGIC: u32 = 0x7472_6976;
-/// Feature bit of a virtio 1.x device (mandatory with transport version 2).
-pub const VIRTIO_F_VERSION_1: u32 = 32;
-
-/// Descriptor flag: the chain continues at `next`.
-pub const VIRTQ_DESC_F_NEXT: u16 = 1;
-/// Descriptor flag: the buffer is device-writable.
-pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+// The contract's constants, defined once in the ABI crate the VMM's devices use too.
+pub use guest_abi::virtio::features::VIRTIO_F_VERSION_1;
+pub use guest_abi::virtio::mmio::{self as reg, MAGIC_VALUE as MMIO_MAGIC};
+pub use guest_abi::virtio::ring::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+pub use guest_abi::virtio::status;
 
 /// A virtio-mmio register window.
 #[derive(Clone, Copy)]

@@ -40,35 +40,17 @@
 //!
 //! With [`FLAG_HOSTILE`] the driver sends malformed requests first, see [`Driver::hostile`].
 
-use guest_abi::{pattern, BootInfo, UcallKind, FLAG_HOSTILE, PAGE_SIZE, STAGE_MEM_STEP, VIRTIO_ID_MEM};
+use guest_abi::virtio::device_type;
+use guest_abi::virtio::mem::{
+    config as cfg, REQUEST_SIZE, RESPONSE_SIZE, VIRTIO_MEM_REQ_PLUG, VIRTIO_MEM_REQ_STATE,
+    VIRTIO_MEM_REQ_UNPLUG, VIRTIO_MEM_REQ_UNPLUG_ALL, VIRTIO_MEM_RESP_ACK, VIRTIO_MEM_RESP_BUSY,
+    VIRTIO_MEM_RESP_ERROR, VIRTIO_MEM_RESP_NACK, VIRTIO_MEM_STATE_PLUGGED, VIRTIO_MEM_STATE_UNPLUGGED,
+};
+use guest_abi::{pattern, BootInfo, UcallKind, FLAG_HOSTILE, PAGE_SIZE, STAGE_MEM_STEP};
 
 use crate::balloon::{check_page, fill_page, Slice};
 use crate::virtio::{self, reg, status, Mmio, Virtqueue, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use crate::{arch, fail, report};
-
-/// Request types.
-const REQ_PLUG: u16 = 0;
-const REQ_UNPLUG: u16 = 1;
-const REQ_UNPLUG_ALL: u16 = 2;
-const REQ_STATE: u16 = 3;
-/// Response types.
-const RESP_ACK: u16 = 0;
-const RESP_NACK: u16 = 1;
-const RESP_BUSY: u16 = 2;
-const RESP_ERROR: u16 = 3;
-/// STATE answers.
-const STATE_PLUGGED: u16 = 0;
-const STATE_UNPLUGGED: u16 = 1;
-
-/// Configuration space offsets (§5.15.4).
-mod cfg {
-    pub const BLOCK_SIZE: u64 = 0;
-    pub const ADDR: u64 = 16;
-    pub const REGION_SIZE: u64 = 24;
-    pub const USABLE_REGION_SIZE: u64 = 32;
-    pub const PLUGGED_SIZE: u64 = 40;
-    pub const REQUESTED_SIZE: u64 = 48;
-}
 
 /// Size of the request queue.
 const QUEUE_SIZE: u16 = 8;
@@ -94,8 +76,8 @@ const RESP_OFFSET: u64 = 0x40;
 /// What the driver writes into the response buffer before a request (the device overwrites it).
 const RESP_SENTINEL: u64 = 0xdead_beef_dead_beef;
 /// Bytes of a request / of the response the device writes.
-const REQ_LEN: u32 = 24;
-const RESP_LEN: u32 = 10;
+const REQ_LEN: u32 = REQUEST_SIZE as u32;
+const RESP_LEN: u32 = RESPONSE_SIZE as u32;
 
 /// Writes the pattern into `[gpa, gpa + len)` (8-byte aligned).
 fn fill(seed: u64, gpa: u64, len: u64) {
@@ -174,7 +156,7 @@ pub fn drive(vcpu: u64, boot: &BootInfo, idle: bool) -> ! {
     let slice = Slice::new(boot, vcpu);
     let Some(device) = boot.virtio[..(boot.nr_virtio as usize).min(boot.virtio.len())]
         .iter()
-        .find(|d| d.device_id == VIRTIO_ID_MEM)
+        .find(|d| d.device_id == u64::from(device_type::MEM))
     else {
         fail(vcpu, format_args!("virtio-mem: the boot info names no virtio-mem device"));
     };
@@ -221,7 +203,7 @@ impl Driver {
         let magic = mmio.read(reg::MAGIC);
         let version = mmio.read(reg::VERSION);
         let id = mmio.read(reg::DEVICE_ID);
-        if magic != virtio::MMIO_MAGIC || version != 2 || u64::from(id) != VIRTIO_ID_MEM {
+        if magic != virtio::MMIO_MAGIC || version != virtio::reg::VERSION_2 || id != device_type::MEM {
             fail(
                 vcpu,
                 format_args!("virtio-mem: not a virtio-mmio v2 memory device: magic {magic:#x}, version {version}, id {id}"),
@@ -297,8 +279,8 @@ impl Driver {
             idle: false,
         };
         if config_u64(&d.mmio, cfg::PLUGGED_SIZE) != 0 {
-            let r = d.request(REQ_UNPLUG_ALL, 0, 0);
-            if r != (RESP_ACK, 0) {
+            let r = d.request(VIRTIO_MEM_REQ_UNPLUG_ALL, 0, 0);
+            if r != (VIRTIO_MEM_RESP_ACK, 0) {
                 fail(vcpu, format_args!("virtio-mem: UNPLUG_ALL at probe answered {r:?}"));
             }
         }
@@ -403,8 +385,8 @@ impl Driver {
         let mut b = first;
         while b < end {
             let n = (end - b).min(STATE_CHUNK);
-            let r = self.request(REQ_STATE, self.block_addr(b), n as u16);
-            if r != (RESP_ACK, want) {
+            let r = self.request(VIRTIO_MEM_REQ_STATE, self.block_addr(b), n as u16);
+            if r != (VIRTIO_MEM_RESP_ACK, want) {
                 fail(
                     self.vcpu,
                     format_args!(
@@ -420,8 +402,8 @@ impl Driver {
 
     /// PLUGGED over the plugged prefix, UNPLUGGED over the rest of the usable region.
     fn check_state(&mut self) {
-        self.expect_state(0, self.plugged, STATE_PLUGGED);
-        self.expect_state(self.plugged, self.usable_blocks, STATE_UNPLUGGED);
+        self.expect_state(0, self.plugged, VIRTIO_MEM_STATE_PLUGGED);
+        self.expect_state(self.plugged, self.usable_blocks, VIRTIO_MEM_STATE_UNPLUGGED);
     }
 
     /// Checks blocks `[first, first + n)` for the pattern or zeros; fails naming `what`.
@@ -453,7 +435,7 @@ impl Driver {
         let mut busy = 0;
         loop {
             let (r, _) = self.request(kind, self.block_addr(first), n as u16);
-            if r != RESP_BUSY {
+            if r != VIRTIO_MEM_RESP_BUSY {
                 return r;
             }
             busy += 1;
@@ -473,15 +455,15 @@ impl Driver {
     fn step(&mut self, target: u64) {
         while self.plugged < target {
             let (first, n) = (self.plugged, (target - self.plugged).min(RUN_BLOCKS));
-            match self.plug_or_unplug(REQ_PLUG, first, n) {
-                RESP_ACK => {
+            match self.plug_or_unplug(VIRTIO_MEM_REQ_PLUG, first, n) {
+                VIRTIO_MEM_RESP_ACK => {
                     self.check_blocks(first, n, true, "newly plugged block is not zero");
                     fill(self.seed, self.block_addr(first), n * self.block_size);
                     self.check_blocks(first, n, false, "plugged block lost its pattern right after the fill");
                     self.plugged += n;
                 }
                 // The host lowered requested_size meanwhile: the next poll sees it.
-                RESP_NACK => break,
+                VIRTIO_MEM_RESP_NACK => break,
                 r => fail(
                     self.vcpu,
                     format_args!("virtio-mem: PLUG of {n} blocks at block {first} answered {r}"),
@@ -491,8 +473,8 @@ impl Driver {
         while self.plugged > target {
             let n = (self.plugged - target).min(RUN_BLOCKS);
             let first = self.plugged - n;
-            match self.plug_or_unplug(REQ_UNPLUG, first, n) {
-                RESP_ACK => self.plugged -= n,
+            match self.plug_or_unplug(VIRTIO_MEM_REQ_UNPLUG, first, n) {
+                VIRTIO_MEM_RESP_ACK => self.plugged -= n,
                 r => fail(
                     self.vcpu,
                     format_args!("virtio-mem: UNPLUG of {n} blocks at block {first} answered {r}"),
@@ -557,7 +539,7 @@ impl Driver {
     /// A well-formed request that must be answered ERROR without changing anything.
     fn must_fail(&mut self, kind: u16, addr: u64, nb_blocks: u16) {
         let r = self.request(kind, addr, nb_blocks);
-        if r.0 != RESP_ERROR {
+        if r.0 != VIRTIO_MEM_RESP_ERROR {
             fail(
                 self.vcpu,
                 format_args!("virtio-mem: hostile request {kind} ({nb_blocks} blocks at {addr:#x}) answered {r:?}, expected ERROR"),
@@ -583,33 +565,33 @@ impl Driver {
     fn hostile(&mut self) {
         let (bs, region_end) = (self.block_size, self.block_addr(self.usable_blocks));
         let top = !(bs - 1);
-        self.must_fail(REQ_PLUG, region_end, 1);
-        self.must_fail(REQ_PLUG, self.addr + PAGE_SIZE, 1);
-        self.must_fail(REQ_PLUG, self.addr, 0);
-        self.must_fail(REQ_PLUG, top, u16::MAX);
-        self.must_fail(REQ_PLUG, self.addr, u16::MAX);
-        self.must_fail(REQ_UNPLUG, self.addr, 1);
+        self.must_fail(VIRTIO_MEM_REQ_PLUG, region_end, 1);
+        self.must_fail(VIRTIO_MEM_REQ_PLUG, self.addr + PAGE_SIZE, 1);
+        self.must_fail(VIRTIO_MEM_REQ_PLUG, self.addr, 0);
+        self.must_fail(VIRTIO_MEM_REQ_PLUG, top, u16::MAX);
+        self.must_fail(VIRTIO_MEM_REQ_PLUG, self.addr, u16::MAX);
+        self.must_fail(VIRTIO_MEM_REQ_UNPLUG, self.addr, 1);
 
         while self.target() == 0 {
             self.pause();
         }
-        let r = self.request(REQ_PLUG, self.addr, 1);
-        if r != (RESP_ACK, 0) {
+        let r = self.request(VIRTIO_MEM_REQ_PLUG, self.addr, 1);
+        if r != (VIRTIO_MEM_RESP_ACK, 0) {
             fail(self.vcpu, format_args!("virtio-mem: PLUG of block 0 answered {r:?}"));
         }
         self.plugged = 1;
         self.check_blocks(0, 1, true, "newly plugged block is not zero");
         fill(self.seed, self.addr, bs);
-        self.must_fail(REQ_PLUG, self.addr, 1);
+        self.must_fail(VIRTIO_MEM_REQ_PLUG, self.addr, 1);
 
         let buf = self.buffer();
         let resp = buf + RESP_OFFSET;
         let w = VIRTQ_DESC_F_WRITE;
-        self.write_request(0, REQ_UNPLUG, self.addr, 1);
+        self.write_request(0, VIRTIO_MEM_REQ_UNPLUG, self.addr, 1);
         self.malformed("16-byte request", &[(buf, 16, 0), (resp, 16, w)]);
-        self.write_request(0, REQ_UNPLUG, self.addr, 1);
+        self.write_request(0, VIRTIO_MEM_REQ_UNPLUG, self.addr, 1);
         self.malformed("device-readable response buffer", &[(buf, REQ_LEN, 0), (resp, 16, 0)]);
-        self.write_request(0, REQ_UNPLUG, self.addr, 1);
+        self.write_request(0, VIRTIO_MEM_REQ_UNPLUG, self.addr, 1);
         self.malformed("4-byte response buffer", &[(buf, REQ_LEN, 0), (resp, 4, w)]);
 
         self.check_blocks(0, 1, false, "plugged block changed after the hostile requests");

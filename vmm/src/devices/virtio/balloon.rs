@@ -57,25 +57,20 @@ use super::{
 use crate::memory::{GuestRam, HUGE_PAGE_SIZE, PAGE_SIZE};
 use crate::mmu::{GuestMemoryAccess, GuestMmu};
 
-/// The host must be told before the guest reuses deflated pages.
-pub const VIRTIO_BALLOON_F_MUST_TELL_HOST: u32 = 0;
-/// The statistics queue.
-pub const VIRTIO_BALLOON_F_STATS_VQ: u32 = 1;
-/// The guest deflates when it runs out of memory.
-pub const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u32 = 2;
-/// Free page reporting (the reporting queue).
-pub const VIRTIO_BALLOON_F_PAGE_REPORTING: u32 = 5;
+// The contract (feature bits, the balloon's page, the config layout, the statistics tags) is
+// defined once in the ABI crate the test guest's driver compiles too.
+use guest_abi::virtio::balloon::{CONFIG_ACTUAL, CONFIG_NUM_PAGES, STAT_NAMES};
+pub use guest_abi::virtio::balloon::{
+    CONFIG_SIZE, PAGE as BALLOON_PAGE, VIRTIO_BALLOON_F_DEFLATE_ON_OOM, VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_PAGE_REPORTING, VIRTIO_BALLOON_F_STATS_VQ,
+};
 
 /// Size of every balloon queue.
 pub const QUEUE_SIZE: u16 = 256;
-/// The balloon's page size (always 4 KiB, whatever the guest's page size).
-pub const BALLOON_PAGE: u64 = 4096;
 /// Largest PFN array accepted in one request (64 Ki PFNs; Linux sends at most 256).
 pub const MAX_PFN_BYTES: usize = 256 << 10;
 /// Largest statistics buffer accepted.
 pub const MAX_STATS_BYTES: usize = 4096;
-/// Bytes of configuration space (num_pages, actual, free_page_hint_cmd_id, poison_val).
-pub const CONFIG_SIZE: usize = 16;
 
 const PAGES_PER_BLOCK: u64 = HUGE_PAGE_SIZE / PAGE_SIZE;
 
@@ -190,25 +185,7 @@ pub struct BalloonStats {
 
 /// The name of a virtio-balloon statistics tag (virtio 1.2, §5.5.6.3).
 pub fn stat_name(tag: u16) -> String {
-    const NAMES: [&str; 16] = [
-        "swap_in",
-        "swap_out",
-        "major_faults",
-        "minor_faults",
-        "free_memory",
-        "total_memory",
-        "available_memory",
-        "disk_caches",
-        "hugetlb_allocations",
-        "hugetlb_failures",
-        "oom_kills",
-        "alloc_stalls",
-        "async_scans",
-        "direct_scans",
-        "async_reclaims",
-        "direct_reclaims",
-    ];
-    NAMES.get(tag as usize).map_or_else(|| format!("tag_{tag}"), |n| n.to_string())
+    STAT_NAMES.get(tag as usize).map_or_else(|| format!("tag_{tag}"), |n| n.to_string())
 }
 
 /// What a queue index means under the negotiated features.
@@ -780,14 +757,15 @@ impl VirtioDevice for Balloon {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; CONFIG_SIZE];
-        config[0..4].copy_from_slice(&self.target_pages.to_le_bytes());
-        config[4..8].copy_from_slice(&self.actual_pages.to_le_bytes());
+        let (target, actual) = (CONFIG_NUM_PAGES as usize, CONFIG_ACTUAL as usize);
+        config[target..target + 4].copy_from_slice(&self.target_pages.to_le_bytes());
+        config[actual..actual + 4].copy_from_slice(&self.actual_pages.to_le_bytes());
         read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         let end = offset.checked_add(data.len() as u64);
-        if offset < 4 || end.is_none_or(|e| e > 8) {
+        if offset < CONFIG_ACTUAL || end.is_none_or(|e| e > CONFIG_ACTUAL + 4) {
             let e = &mut self.stats.errors;
             e.config_write += 1;
             log_guest_error(

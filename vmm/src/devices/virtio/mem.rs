@@ -51,35 +51,15 @@ use super::{
 use crate::memory::HUGE_PAGE_SIZE;
 use crate::mmu::{GuestMemoryAccess, GuestMmu};
 
-/// `node_id` is an ACPI proximity domain and is valid.
-pub const VIRTIO_MEM_F_ACPI_PXM: u32 = 0;
-/// The driver must not read unplugged memory.
-pub const VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE: u32 = 1;
-
-/// Request: plug blocks.
-pub const VIRTIO_MEM_REQ_PLUG: u16 = 0;
-/// Request: unplug blocks.
-pub const VIRTIO_MEM_REQ_UNPLUG: u16 = 1;
-/// Request: unplug every block.
-pub const VIRTIO_MEM_REQ_UNPLUG_ALL: u16 = 2;
-/// Request: the plug state of blocks.
-pub const VIRTIO_MEM_REQ_STATE: u16 = 3;
-
-/// Response: done.
-pub const VIRTIO_MEM_RESP_ACK: u16 = 0;
-/// Response: refused (e.g. plugging beyond `requested_size`).
-pub const VIRTIO_MEM_RESP_NACK: u16 = 1;
-/// Response: cannot be done now, retry later.
-pub const VIRTIO_MEM_RESP_BUSY: u16 = 2;
-/// Response: bad request (range, alignment, state).
-pub const VIRTIO_MEM_RESP_ERROR: u16 = 3;
-
-/// STATE: every block is plugged.
-pub const VIRTIO_MEM_STATE_PLUGGED: u16 = 0;
-/// STATE: every block is unplugged.
-pub const VIRTIO_MEM_STATE_UNPLUGGED: u16 = 1;
-/// STATE: some are plugged, some not.
-pub const VIRTIO_MEM_STATE_MIXED: u16 = 2;
+// The contract (feature bits, request, response and state codes, the request, response and
+// config layouts) is defined once in the ABI crate the test guest's driver compiles too.
+use guest_abi::virtio::mem::config;
+pub use guest_abi::virtio::mem::{
+    REQUEST_SIZE, RESPONSE_SIZE, VIRTIO_MEM_F_ACPI_PXM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    VIRTIO_MEM_REQ_PLUG, VIRTIO_MEM_REQ_STATE, VIRTIO_MEM_REQ_UNPLUG, VIRTIO_MEM_REQ_UNPLUG_ALL,
+    VIRTIO_MEM_RESP_ACK, VIRTIO_MEM_RESP_BUSY, VIRTIO_MEM_RESP_ERROR, VIRTIO_MEM_RESP_NACK,
+    VIRTIO_MEM_STATE_MIXED, VIRTIO_MEM_STATE_PLUGGED, VIRTIO_MEM_STATE_UNPLUGGED,
+};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 128;
@@ -87,11 +67,7 @@ pub const QUEUE_SIZE: u16 = 128;
 pub const MIN_BLOCK_SIZE: u64 = HUGE_PAGE_SIZE;
 /// Bytes of configuration space (block_size, node_id, padding, addr, region_size,
 /// usable_region_size, plugged_size, requested_size).
-pub const CONFIG_SIZE: usize = 56;
-/// Bytes of a `virtio_mem_req`.
-pub const REQUEST_SIZE: usize = 24;
-/// Bytes of a `virtio_mem_resp` (what the device writes).
-pub const RESPONSE_SIZE: usize = 10;
+pub const CONFIG_SIZE: usize = config::SIZE;
 /// Largest device-readable part of a request chain accepted.
 pub const MAX_REQUEST_BYTES: usize = 4096;
 
@@ -691,15 +667,17 @@ impl VirtioDevice for VirtioMem {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut config = [0u8; CONFIG_SIZE];
-        config[0..8].copy_from_slice(&self.block_size.to_le_bytes());
-        config[8..10].copy_from_slice(&self.node_id.to_le_bytes());
-        config[16..24].copy_from_slice(&self.addr.to_le_bytes());
-        config[24..32].copy_from_slice(&self.region_size.to_le_bytes());
-        config[32..40].copy_from_slice(&self.usable_region_size.to_le_bytes());
-        config[40..48].copy_from_slice(&self.plugged_size().to_le_bytes());
-        config[48..56].copy_from_slice(&self.requested_size.to_le_bytes());
-        read_config_bytes(&config, offset, data);
+        let mut space = [0u8; CONFIG_SIZE];
+        let mut put =
+            |at: u64, bytes: &[u8]| space[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+        put(config::BLOCK_SIZE, &self.block_size.to_le_bytes());
+        put(config::NODE_ID, &self.node_id.to_le_bytes());
+        put(config::ADDR, &self.addr.to_le_bytes());
+        put(config::REGION_SIZE, &self.region_size.to_le_bytes());
+        put(config::USABLE_REGION_SIZE, &self.usable_region_size.to_le_bytes());
+        put(config::PLUGGED_SIZE, &self.plugged_size().to_le_bytes());
+        put(config::REQUESTED_SIZE, &self.requested_size.to_le_bytes());
+        read_config_bytes(&space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

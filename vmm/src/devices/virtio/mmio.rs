@@ -56,49 +56,15 @@ use super::{features, log_guest_error, status, VirtioDevice, VirtioInterrupt};
 use crate::devices::BusDevice;
 use crate::mmu::GuestMemoryAccess;
 
-/// Bytes of the MMIO window (registers up to 0x100, then configuration space).
-pub const MMIO_WINDOW_SIZE: u64 = 0x200;
-/// Start of configuration space in the window.
-pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
-/// "virt" in little-endian.
-pub const MMIO_MAGIC: u32 = 0x7472_6976;
-/// The transport version implemented (virtio 1.x, no legacy).
-pub const MMIO_VERSION: u32 = 2;
-/// VendorID: "ZAPV" (any value is allowed; Linux ignores it).
+pub use guest_abi::virtio::mmio::{
+    CONFIG as CONFIG_SPACE_OFFSET, MAGIC_VALUE as MMIO_MAGIC, VERSION_2 as MMIO_VERSION,
+    WINDOW_SIZE as MMIO_WINDOW_SIZE,
+};
+/// VendorID: "ZAPV" (any value is allowed; Linux ignores it). The VMM's choice, not the contract.
 pub const VENDOR_ID: u32 = 0x5650_415a;
 
-/// Register offsets (virtio 1.2, §4.2.2).
-pub mod reg {
-    #![allow(missing_docs)]
-    pub const MAGIC: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const VENDOR_ID: u64 = 0x00c;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const SHM_SEL: u64 = 0x0ac;
-    pub const SHM_LEN_LOW: u64 = 0x0b0;
-    pub const SHM_LEN_HIGH: u64 = 0x0b4;
-    pub const SHM_BASE_LOW: u64 = 0x0b8;
-    pub const SHM_BASE_HIGH: u64 = 0x0bc;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-}
+/// Register offsets (virtio 1.2, §4.2.2), defined in the ABI crate the test guest compiles too.
+pub use guest_abi::virtio::mmio as reg;
 
 /// Counters of the transport (driver errors and events).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]

@@ -28,48 +28,12 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::mmu::GuestMemoryAccess;
 use queue::Queue;
 
-/// Device status bits (virtio 1.2, §2.1).
-pub mod status {
-    /// The guest found the device.
-    pub const ACKNOWLEDGE: u32 = 1;
-    /// The guest has a driver for it.
-    pub const DRIVER: u32 = 2;
-    /// The driver is ready to drive the device.
-    pub const DRIVER_OK: u32 = 4;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u32 = 8;
-    /// The device hit an error it cannot recover from without a reset.
-    pub const DEVICE_NEEDS_RESET: u32 = 64;
-    /// The driver gave up on the device.
-    pub const FAILED: u32 = 128;
-}
-
-/// Device-independent feature bits.
-pub mod features {
-    /// Indirect descriptors (not offered by zapvm's devices).
-    pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
-    /// used_event / avail_event (not offered).
-    pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
-    /// A virtio 1.x device; mandatory for virtio-mmio version 2.
-    pub const VIRTIO_F_VERSION_1: u32 = 32;
-}
-
-/// Virtio device ids (virtio 1.2, §5).
-pub mod device_type {
-    /// Network card.
-    pub const NET: u32 = 1;
-    /// Block device.
-    pub const BLOCK: u32 = 2;
-    /// Memory balloon.
-    pub const BALLOON: u32 = 5;
-    /// virtio-mem.
-    pub const MEM: u32 = 24;
-}
-
-/// InterruptStatus bit: the device used a buffer.
-pub const INTERRUPT_USED_BUFFER: u32 = 1;
-/// InterruptStatus bit: the configuration space changed.
-pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
+// The contract's constants are defined once, in the ABI crate the test guest's drivers compile
+// too (see `guest_abi::virtio` for why not `virtio-bindings`).
+pub use guest_abi::virtio::interrupt::{
+    CONFIG_CHANGE as INTERRUPT_CONFIG_CHANGE, USED_BUFFER as INTERRUPT_USED_BUFFER,
+};
+pub use guest_abi::virtio::{device_type, features, status};
 
 /// The interrupt line of one virtio device, shared by the transport and the device model.
 ///

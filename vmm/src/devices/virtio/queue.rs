@@ -22,15 +22,7 @@ use std::sync::atomic::{fence, Ordering};
 
 use crate::mmu::{AccessError, GuestMemoryAccess};
 
-/// Descriptor flag: the chain continues at `next`.
-pub const VIRTQ_DESC_F_NEXT: u16 = 1;
-/// Descriptor flag: the buffer is device-writable.
-pub const VIRTQ_DESC_F_WRITE: u16 = 2;
-/// Descriptor flag: the buffer holds a table of indirect descriptors.
-pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
-
-/// Size of one descriptor.
-pub const DESC_SIZE: u64 = 16;
+pub use guest_abi::virtio::ring::{DESC_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 
 /// Errors that make a whole queue unusable (the device sets DEVICE_NEEDS_RESET).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -251,10 +251,8 @@ impl crate::api::VmHandle for VmControl {
     }
 }
 
-/// Guest-physical base of the first virtio-mmio window (in the 32-bit MMIO hole).
-pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
-/// Distance between two virtio-mmio windows.
-pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// Where the virtio-mmio windows go (the guest-physical map is [`crate::arch::layout`]).
+pub use crate::arch::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE};
 /// GSI of the first virtio-mmio device (after the legacy ISA lines the PIC/IOAPIC use).
 pub const VIRTIO_FIRST_GSI: u32 = 5;
 

@@ -47,10 +47,9 @@ use vm_memory::{
 /// The guest memory type of the VMM.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
-/// Start of the 32-bit MMIO hole (3 GiB); no RAM between here and [`MMIO_GAP_END`].
-pub const MMIO_GAP_START: u64 = 0xc000_0000;
-/// End of the 32-bit MMIO hole (4 GiB), where RAM continues.
-pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The 32-bit MMIO hole, `[3 GiB, 4 GiB)`: no RAM there (the guest-physical map is
+/// [`crate::arch::layout`]).
+pub use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
 /// Host and guest page size, and the size of a transparent huge page / 2 MiB guest mapping
 /// (defined once, in the guest ABI).
 pub use guest_abi::{HUGE_PAGE_SIZE, PAGE_SIZE};

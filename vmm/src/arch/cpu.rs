@@ -3,7 +3,7 @@
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 
-use super::gdt;
+use super::{gdt, layout};
 
 /// CR0: protection, monitor coprocessor, extension type, numeric error, write protect, paging.
 const CR0_BOOT: u64 = (1 << 0) | (1 << 1) | (1 << 4) | (1 << 5) | (1 << 16) | (1 << 31);
@@ -61,7 +61,7 @@ pub struct EntryState {
     pub load_tss: bool,
     /// The IDT's base and limit.
     pub idt: (u64, u16),
-    /// The GDT's limit (its base is [`gdt::GDT_GPA`]).
+    /// The GDT's limit (its base is [`layout::GDT_START`]).
     pub gdt_limit: u16,
 }
 
@@ -149,7 +149,7 @@ pub fn set_entry_state(vcpu: &VcpuFd, index: usize, entry: &EntryState) -> Resul
     if entry.load_tss {
         sregs.tr = gdt::task_register(index);
     }
-    sregs.gdt.base = gdt::GDT_GPA;
+    sregs.gdt.base = layout::GDT_START;
     sregs.gdt.limit = entry.gdt_limit;
     sregs.idt.base = entry.idt.0;
     sregs.idt.limit = entry.idt.1;

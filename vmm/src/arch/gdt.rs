@@ -14,18 +14,8 @@ use guest_abi::selectors;
 use kvm_bindings::kvm_segment;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-/// Guest-physical address of the GDT page.
-pub const GDT_GPA: u64 = 0x1000;
-/// Guest-physical address of the IDT page (256 16-byte gates, left zeroed for the guest).
-pub const IDT_GPA: u64 = 0x2000;
-/// Guest-physical address of the first TSS; vCPU `i`'s is at `TSS_GPA + i * TSS_STRIDE`.
-pub const TSS_GPA: u64 = 0x1_0000;
-/// Bytes between two vCPUs' TSSes (a 64-bit TSS is 104 bytes).
-pub const TSS_STRIDE: u64 = 128;
-/// The I/O permission bitmap all TSSes share: 8 KiB of zeros (every port allowed) and the
-/// terminating 0xff byte the architecture asks for.
-pub const IO_BITMAP_GPA: u64 = 0x1_8000;
-const IO_BITMAP_LEN: u64 = 8192;
+use super::layout::{GDT_START, IDT_START, IO_BITMAP_SIZE, IO_BITMAP_START, TSS_START, TSS_STRIDE};
+
 /// The most vCPUs the GDT page holds TSS descriptors for.
 pub const MAX_VCPUS: u32 = ((4096 - selectors::FIRST_TSS as u64) / 16) as u32;
 /// Byte offset of RSP0 inside a 64-bit TSS.
@@ -33,13 +23,12 @@ const TSS_RSP0: u64 = 4;
 /// Byte offset of the I/O map base inside a 64-bit TSS.
 const TSS_IOMAP_BASE: u64 = 102;
 
-const _: () = assert!(TSS_GPA + MAX_VCPUS as u64 * TSS_STRIDE <= IO_BITMAP_GPA);
-const _: () = assert!(IO_BITMAP_GPA - TSS_GPA <= 0xffff - IO_BITMAP_LEN);
+// That the TSSes of `MAX_VCPUS` vCPUs and the bitmap fit is checked in `layout`.
 
 /// vCPU `index`'s TSS address and limit (the limit reaches to the end of the shared bitmap).
 fn tss(index: usize) -> (u64, u32) {
-    let base = TSS_GPA + index as u64 * TSS_STRIDE;
-    (base, (IO_BITMAP_GPA + IO_BITMAP_LEN - base) as u32)
+    let base = TSS_START + index as u64 * TSS_STRIDE;
+    (base, (IO_BITMAP_START + IO_BITMAP_SIZE - base) as u32)
 }
 
 /// A code or data descriptor: `flags` holds the access byte (bits 0-7) and the G/DB/L/AVL
@@ -79,16 +68,16 @@ pub fn write_tables<M: GuestMemory>(mem: &M, rsp0: &[u64]) -> Result<(), vm_memo
         gdt[slot + 1] = base >> 32;
         mem.write_slice(&[0u8; TSS_STRIDE as usize], GuestAddress(base))?;
         mem.write_obj(stack, GuestAddress(base + TSS_RSP0))?;
-        mem.write_obj((IO_BITMAP_GPA - base) as u16, GuestAddress(base + TSS_IOMAP_BASE))?;
+        mem.write_obj((IO_BITMAP_START - base) as u16, GuestAddress(base + TSS_IOMAP_BASE))?;
     }
     if !rsp0.is_empty() {
-        mem.write_slice(&[0u8; IO_BITMAP_LEN as usize], GuestAddress(IO_BITMAP_GPA))?;
-        mem.write_obj(0xffu8, GuestAddress(IO_BITMAP_GPA + IO_BITMAP_LEN))?;
+        mem.write_slice(&[0u8; IO_BITMAP_SIZE as usize], GuestAddress(IO_BITMAP_START))?;
+        mem.write_obj(0xffu8, GuestAddress(IO_BITMAP_START + IO_BITMAP_SIZE))?;
     }
     for (i, entry) in gdt.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(GDT_GPA + 8 * i as u64))?;
+        mem.write_obj(*entry, GuestAddress(GDT_START + 8 * i as u64))?;
     }
-    mem.write_slice(&[0u8; 4096], GuestAddress(IDT_GPA))?;
+    mem.write_slice(&[0u8; 4096], GuestAddress(IDT_START))?;
     Ok(())
 }
 
@@ -163,16 +152,16 @@ mod tests {
         for i in [0, 1, n - 1] {
             let (base, limit) = tss(i);
             let iomap: u16 = mem.read_obj(GuestAddress(base + TSS_IOMAP_BASE)).unwrap();
-            assert_eq!(base + u64::from(iomap), IO_BITMAP_GPA);
-            assert_eq!(base + u64::from(limit), IO_BITMAP_GPA + IO_BITMAP_LEN);
+            assert_eq!(base + u64::from(iomap), IO_BITMAP_START);
+            assert_eq!(base + u64::from(limit), IO_BITMAP_START + IO_BITMAP_SIZE);
             let rsp0: u64 = mem.read_obj(GuestAddress(base + TSS_RSP0)).unwrap();
             assert_eq!(rsp0, 0x1234);
             let tr = task_register(i);
             assert_eq!((tr.base, tr.limit, tr.type_), (base, limit, 0xb));
         }
-        let port_0x3f8: u8 = mem.read_obj(GuestAddress(IO_BITMAP_GPA + 0x3f8 / 8)).unwrap();
+        let port_0x3f8: u8 = mem.read_obj(GuestAddress(IO_BITMAP_START + 0x3f8 / 8)).unwrap();
         assert_eq!(port_0x3f8, 0, "allowed");
-        let end: u8 = mem.read_obj(GuestAddress(IO_BITMAP_GPA + IO_BITMAP_LEN)).unwrap();
+        let end: u8 = mem.read_obj(GuestAddress(IO_BITMAP_START + IO_BITMAP_SIZE)).unwrap();
         assert_eq!(end, 0xff);
     }
 }

@@ -21,22 +21,15 @@ use vm_memory::{Bytes, GuestAddress};
 use super::{BootError, BootPlan};
 use crate::arch::cpu::EntryState;
 use crate::arch::gdt;
-use crate::arch::paging::{self, PageTableLayout};
+use crate::arch::paging;
 use crate::memory::{GuestRam, MMIO_GAP_END};
 
-/// The zero page (`struct boot_params`).
-const ZERO_PAGE: u64 = 0x7000;
-/// The boot stack's top (below the page tables).
-const BOOT_STACK: u64 = 0x8ff0;
-const PAGE_TABLES: PageTableLayout = PageTableLayout { pml4: 0x9000, pdpt: 0xa000, pds: 0xb000 };
-/// The command line.
-const CMDLINE: u64 = 0x2_0000;
 /// Longest command line accepted.
-pub const CMDLINE_MAX: usize = 4096;
-/// Where the kernel is loaded (and where "high memory" starts for the loader).
-const HIMEM_START: u64 = 0x10_0000;
-/// Start of the Extended BIOS Data Area: RAM below it is usable in the e820 map.
-const EBDA_START: u64 = 0x9_fc00;
+pub use crate::arch::layout::LINUX_CMDLINE_MAX as CMDLINE_MAX;
+use crate::arch::layout::{
+    LINUX_BOOT_STACK as BOOT_STACK, LINUX_CMDLINE as CMDLINE, LINUX_EBDA_START as EBDA_START,
+    LINUX_HIMEM_START as HIMEM_START, LINUX_PAGE_TABLES as PAGE_TABLES, LINUX_ZERO_PAGE as ZERO_PAGE,
+};
 const E820_RAM: u32 = 1;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;

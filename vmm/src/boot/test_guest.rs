@@ -1,36 +1,28 @@
 //! Loading the project's test guest and laying out its machine.
 //!
-//! Guest-physical layout (all below 2 MiB is the VMM's; the ELF links at 2 MiB):
-//!
-//! | range | what |
-//! |---|---|
-//! | 0x1000 | GDT ([`gdt`]) |
-//! | 0x2000 | IDT page, zeroed; the guest fills its own gates |
-//! | 0x7000 | [`BootInfo`] |
-//! | 0x8000, 0x9000 | PML4, PDPT |
-//! | 0x1_0000 | one TSS per vCPU, then their shared I/O bitmap at 0x1_8000 |
-//! | 0x10_0000 - 0x20_0000 | page directories (one per GiB mapped) |
-//! | 0x20_0000 | the ELF image |
-//! | next 2 MiB boundary | per vCPU: 64 KiB stack, 16 KiB ring-0 stack |
-//! | next 2 MiB boundary - end of RAM | the workload's pages, split between vCPUs |
+//! Guest-physical layout: all below 2 MiB is the VMM's (the fixed addresses, with their
+//! compile-time checks, are [`crate::arch::layout`]); the ELF links at 2 MiB, then come, at
+//! the next 2 MiB boundary, per vCPU a 64 KiB stack and a 16 KiB ring-0 stack, and from the
+//! next 2 MiB boundary to the end of RAM the workload's pages, split between vCPUs.
 
 use std::io::Cursor;
 
-use guest_abi::{BootInfo, GpaRange, Workload, BOOT_INFO_GPA, BOOT_INFO_MAGIC, FLAG_CPL0, MAX_RANGES};
+use guest_abi::{BootInfo, GpaRange, Workload, BOOT_INFO_MAGIC, FLAG_CPL0, MAX_RANGES};
 use linux_loader::loader::{Elf, KernelLoader};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use super::{BootError, BootPlan};
 use crate::arch::cpu::EntryState;
 use crate::arch::gdt;
-use crate::arch::paging::{self, PageTableLayout};
+use crate::arch::paging;
 use crate::memory::{GuestRam, HUGE_PAGE_SIZE, MMIO_GAP_END};
 
 /// Where the test guest's ELF is linked.
-pub const IMAGE_BASE: u64 = 0x20_0000;
-const PAGE_TABLES: PageTableLayout = PageTableLayout { pml4: 0x8000, pdpt: 0x9000, pds: 0x10_0000 };
-/// Page directories fit in [0x10_0000, 0x20_0000): 256 of them, one per GiB.
-const MAX_MAPPED: u64 = 256 << 30;
+pub use crate::arch::layout::TEST_GUEST_IMAGE_BASE as IMAGE_BASE;
+use crate::arch::layout::{
+    IDT_START, TEST_GUEST_BOOT_INFO, TEST_GUEST_MAX_MAPPED as MAX_MAPPED,
+    TEST_GUEST_PAGE_TABLES as PAGE_TABLES,
+};
 const STACK_SIZE: u64 = 64 << 10;
 const RING0_STACK_SIZE: u64 = 16 << 10;
 
@@ -202,13 +194,14 @@ pub fn load(
             | if params.hostile { guest_abi::FLAG_HOSTILE } else { 0 }
             | params.extra_flags,
         seed: params.seed,
-        idt_gpa: gdt::IDT_GPA,
+        idt_gpa: IDT_START,
         nr_work: nr_work as u64,
         work,
         nr_virtio: virtio.len().min(guest_abi::MAX_VIRTIO_DEVICES) as u64,
         virtio: std::array::from_fn(|i| virtio.get(i).copied().unwrap_or_default()),
     };
-    mem.write_obj(BootInfoBytes(boot_info), GuestAddress(BOOT_INFO_GPA)).map_err(write("boot info"))?;
+    mem.write_obj(BootInfoBytes(boot_info), GuestAddress(TEST_GUEST_BOOT_INFO))
+        .map_err(write("boot info"))?;
 
     let entries = (0..nr_vcpus)
         .map(|i| {
@@ -216,11 +209,11 @@ pub fn load(
                 rip: entry,
                 rsp: stack_base(i as u64) + STACK_SIZE,
                 rdi: i as u64,
-                rsi: BOOT_INFO_GPA,
+                rsi: TEST_GUEST_BOOT_INFO,
                 cr3: PAGE_TABLES.pml4,
                 ring3: !params.cpl0,
                 load_tss: true,
-                idt: (gdt::IDT_GPA, 4095),
+                idt: (IDT_START, 4095),
                 gdt_limit: gdt::gdt_limit(nr_vcpus),
             })
         })

@@ -814,9 +814,12 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     )?;
 
     // vCPUs.
-    let supported = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(|source| {
+    let mut supported = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(|source| {
         Error::Cpu { index: 0, source: cpu::CpuSetupError::Kvm { what: "KVM_GET_SUPPORTED_CPUID", source } }
     })?;
+    // The host kind's CPUID fixups (a feature bit the per-vCPU APIC ids leave alone) are made
+    // here, once, so that `arch` knows nothing of host kinds.
+    crate::pvm::adjust_cpuid(&mut supported);
     let mut vcpus = Vec::with_capacity(nr_vcpus as usize);
     for (index, entry) in plan.entries.iter().enumerate() {
         let fd = vm.fd().create_vcpu(index as u64).map_err(|source| Error::Cpu {

@@ -65,7 +65,8 @@ pub struct EntryState {
     pub gdt_limit: u16,
 }
 
-/// Gives vCPU `index` the host-supported CPUID with its own APIC IDs.
+/// Gives vCPU `index` the CPUID `supported` (the host's, already adjusted for the host's kind by
+/// the caller: `pvm::adjust_cpuid`) with its own APIC IDs.
 pub fn set_cpuid(vcpu: &VcpuFd, supported: &CpuId, index: u32) -> Result<(), CpuSetupError> {
     let mut cpuid = supported.clone();
     for entry in cpuid.as_mut_slice() {
@@ -78,7 +79,6 @@ pub fn set_cpuid(vcpu: &VcpuFd, supported: &CpuId, index: u32) -> Result<(), Cpu
             _ => {}
         }
     }
-    crate::pvm::adjust_cpuid(&mut cpuid);
     vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))
 }
 

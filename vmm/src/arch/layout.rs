@@ -96,8 +96,13 @@ const fn disjoint(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
     a + a_len <= b || b + b_len <= a
 }
 
+/// `gpa` is a multiple of `align` (a power of two).
+const fn aligned(gpa: u64, align: u64) -> bool {
+    gpa & (align - 1) == 0
+}
+
 const fn page_aligned(gpa: u64) -> bool {
-    gpa % PAGE_SIZE == 0
+    aligned(gpa, PAGE_SIZE)
 }
 
 // The descriptor tables: pages of their own, the TSSes of the most vCPUs the GDT can describe
@@ -121,7 +126,7 @@ const _: () =
     assert!(disjoint(TEST_GUEST_PAGE_TABLES.pml4, PAGE_SIZE, TEST_GUEST_PAGE_TABLES.pdpt, PAGE_SIZE));
 const _: () = assert!(TEST_GUEST_PAGE_TABLES.pdpt + PAGE_SIZE <= TSS_START);
 const _: () = assert!(DESCRIPTOR_TABLES_END <= TEST_GUEST_PAGE_TABLES.pds);
-const _: () = assert!(TEST_GUEST_IMAGE_BASE % (2 << 20) == 0 && TEST_GUEST_MAX_MAPPED >= MMIO_GAP_END);
+const _: () = assert!(aligned(TEST_GUEST_IMAGE_BASE, 2 << 20) && TEST_GUEST_MAX_MAPPED >= MMIO_GAP_END);
 
 // Linux: zero page, stack page, page tables, then the descriptor tables, the command line, the
 // EBDA, the kernel, in that order and all below the MMIO hole.
@@ -142,7 +147,7 @@ const _: () = assert!(page_aligned(VIRTIO_MMIO_BASE) && VIRTIO_MMIO_BASE >= MMIO
 const _: () = assert!(guest_abi::virtio::mmio::WINDOW_SIZE <= VIRTIO_MMIO_STRIDE);
 const _: () = assert!(VIRTIO_MMIO_BASE + MAX_VIRTIO_DEVICES as u64 * VIRTIO_MMIO_STRIDE <= MMIO_GAP_END);
 const _: () = assert!(TEST_GUEST_IMAGE_BASE < MMIO_GAP_START && LINUX_HIMEM_START < MMIO_GAP_START);
-const _: () = assert!(page_aligned(MMIO_GAP_START) && MMIO_GAP_END % (1 << 30) == 0);
+const _: () = assert!(page_aligned(MMIO_GAP_START) && aligned(MMIO_GAP_END, 1 << 30));
 
 #[cfg(test)]
 mod tests {
@@ -157,6 +162,9 @@ mod tests {
         assert!(!disjoint(IDT_START, PAGE_SIZE, GDT_START, PAGE_SIZE + 1), "one byte too long");
         assert!(disjoint(GDT_START, PAGE_SIZE, IDT_START, PAGE_SIZE), "adjacent pages");
         assert!(!page_aligned(LINUX_BOOT_STACK) && !page_aligned(LINUX_EBDA_START));
+        assert!(
+            !aligned(TEST_GUEST_IMAGE_BASE + PAGE_SIZE, 2 << 20) && aligned(TEST_GUEST_IMAGE_BASE, 2 << 20)
+        );
         assert!(page_aligned(TEST_GUEST_BOOT_INFO) && page_aligned(VIRTIO_MMIO_BASE));
     }
 

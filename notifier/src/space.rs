@@ -454,6 +454,8 @@ impl AddressSpace {
         }
         g.push(region);
         g.sort_by_key(|x| x.start);
+        let i = g.iter().position(|x| x.start == start).expect("the region just added");
+        coalesce_around(&mut g, i);
         Ok(())
     }
 
@@ -1014,6 +1016,28 @@ fn reserve(dst: usize, len: usize) -> Result<(), Error> {
 }
 
 /// Removes `[s, e)` (inside `g[i]`) from the regions, splitting `g[i]` if needed.
+/// Merges the region at `i` of the sorted `g` with its neighbours where they touch and are one
+/// kind of memory: private anonymous, with equal THP widening (nothing else records where a
+/// region came from, so two such pieces are indistinguishable from one). Without this, guest
+/// RAM given back piece by piece (an unmap, then `add_region` of the same range) leaves the
+/// list longer at every round, and every later event walks it while holding the lock that
+/// device accesses and the VMM's own operations wait on. File-backed and hugetlb pieces keep
+/// their own entries: their offsets and descriptors belong to each piece.
+fn coalesce_around(g: &mut Vec<Region>, mut i: usize) {
+    let mergeable = |a: &Region, b: &Region| {
+        a.end == b.start && a.kind == Kind::Anon && b.kind == Kind::Anon && a.thp == b.thp
+    };
+    if i > 0 && mergeable(&g[i - 1], &g[i]) {
+        let r = g.remove(i);
+        i -= 1;
+        g[i].end = r.end;
+    }
+    if i + 1 < g.len() && mergeable(&g[i], &g[i + 1]) {
+        let r = g.remove(i + 1);
+        g[i].end = r.end;
+    }
+}
+
 fn split_out(g: &mut Vec<Region>, i: usize, s: usize, e: usize) {
     let r = g.remove(i);
     if r.start < s {

@@ -260,6 +260,69 @@ fn unmap_remap_protect_update_regions_and_notify() {
     s.unmap(d, 4 * P).unwrap();
 }
 
+/// Guest RAM given back piece by piece (unmapped, mapped again at the same place, added back)
+/// is one region again, not a list that grows at every round: a discard across the old seams
+/// works, and the list every event walks stays as short as the memory is.
+#[test]
+fn regions_given_back_piece_by_piece_merge_again() {
+    let m = Map::anon(32 * P, P, false);
+    let s = space(&[m.spec(false)]);
+    let a = m.addr();
+    for round in 0..3 {
+        for piece in [8, 0, 24, 16] {
+            let at = a + piece * P;
+            s.unmap(at, 8 * P).unwrap();
+            // SAFETY: the range was just unmapped through the address space and is ours.
+            let p = unsafe {
+                libc::mmap(
+                    at as *mut libc::c_void,
+                    8 * P,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                    -1,
+                    0,
+                )
+            };
+            assert_eq!(p as usize, at, "round {round}: the hole at piece {piece} is free");
+            let spec = notifier::RegionSpec {
+                host_addr: at,
+                len: 8 * P,
+                backing: notifier::Backing::PrivateAnon,
+                thp: false,
+            };
+            // SAFETY: mapped above, accessed through raw pointers only.
+            unsafe { s.add_region(&spec) }.unwrap();
+        }
+        let regs: Vec<(usize, usize)> = s.regions().iter().map(|r| (r.start, r.end)).collect();
+        assert_eq!(regs, vec![(a, a + 32 * P)], "round {round}");
+    }
+    // Across the seams of the pieces: one region, one discard.
+    s.discard(a + 4 * P, 24 * P).unwrap();
+    // A piece with other THP widening stays its own region.
+    s.unmap(a + 8 * P, 8 * P).unwrap();
+    // SAFETY: as above.
+    let p = unsafe {
+        libc::mmap(
+            (a + 8 * P) as *mut libc::c_void,
+            8 * P,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(p as usize, a + 8 * P);
+    let spec = notifier::RegionSpec {
+        host_addr: a + 8 * P,
+        len: 8 * P,
+        backing: notifier::Backing::PrivateAnon,
+        thp: true,
+    };
+    // SAFETY: as above.
+    unsafe { s.add_region(&spec) }.unwrap();
+    assert_eq!(s.regions().len(), 3);
+}
+
 #[test]
 fn memfd_discard_methods() {
     let len = 16 * P;

@@ -61,6 +61,7 @@
 //! stays a valid address of guest RAM for the life of the process. Only discards (REMOVE events)
 //! reach the monitor then, and this guard has nothing to re-back.
 
+use rangemap::RangeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -122,7 +123,9 @@ struct State {
     /// External unmaps/remaps of memory that is not guest RAM (moved out of it before).
     outside: u64,
     /// Host ranges this guard mapped (re-backed), to tell them from someone else's mappings.
-    ours: Vec<(usize, usize)>,
+    /// A set of ranges that merges what touches: re-backs of neighbouring pages over a long run
+    /// stay a few entries, and a lookup is a search, not a walk of every re-back ever made.
+    ours: RangeSet<usize>,
 }
 
 /// Removes `[start, end)` from every range of `ranges`.
@@ -223,11 +226,7 @@ impl TeardownGuard {
     fn foreign_mapping(&self, start: usize, end: usize) -> Option<(usize, usize)> {
         let mapped = host_mappings(start, end).ok()?;
         let s = self.lock();
-        mapped.into_iter().find(|&(a, b)| {
-            (a..b)
-                .step_by(crate::memory::PAGE_SIZE as usize)
-                .any(|p| !s.ours.iter().any(|&(x, y)| x <= p && p < y))
-        })
+        mapped.into_iter().find(|&(a, b)| s.ours.gaps(&(a..b)).next().is_some())
     }
 
     /// Whether `[start, end)` lies inside guest RAM as it was mapped at start-up.
@@ -370,10 +369,7 @@ impl TeardownGuard {
             let mut changed = false;
             for (run_start, run_end, is_mapped) in runs(start, end, &mapped, |a, b| space.is_mapped(a, b)) {
                 if is_mapped {
-                    let ours = self.lock().ours.clone();
-                    let covered = (run_start..run_end)
-                        .step_by(crate::memory::PAGE_SIZE as usize)
-                        .all(|p| ours.iter().any(|&(a, b)| a <= p && p < b));
+                    let covered = self.lock().ours.gaps(&(run_start..run_end)).next().is_none();
                     if !covered {
                         return Err(format!(
                             "[{run_start:#x}, {run_end:#x}) holds a mapping the VMM did not make"
@@ -381,7 +377,7 @@ impl TeardownGuard {
                     }
                 } else {
                     self.map_fresh(run_start, run_end)?;
-                    self.lock().ours.push((run_start, run_end));
+                    self.lock().ours.insert(run_start..run_end);
                 }
                 let spec = self.region_spec(run_start, run_end)?;
                 // SAFETY: the range is memory this guard mapped, mapped for as long as guest RAM

@@ -7,6 +7,8 @@
 
 #[path = "support/scratch.rs"]
 mod scratch;
+#[path = "support/skip.rs"]
+mod skip;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -286,4 +288,42 @@ fn stats_never_signals_a_process_that_would_die_of_it() {
     assert!(sleeper.try_wait().unwrap().is_none(), "the process is alive");
     let _ = sleeper.kill();
     let _ = sleeper.wait();
+}
+
+/// `zapvm bench access` (a short run) writes its JSON, markdown table and plot, and its system
+/// call counts show the table's hit path copying without a single system call while the syscall
+/// path makes one per access (the bench itself fails when its counter counts nothing on the
+/// syscall path, so a zero for the hit path is a zero that was seen).
+#[test]
+fn bench_access_writes_its_outputs_and_the_hit_path_makes_no_system_call() {
+    let (_dir, out) = scratch("access");
+    let o = zapvm(&["bench", "access", "--rounds", "3", "--out", out.to_str().unwrap()]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("access_vs_memcpy"), "{stdout}");
+    let json = std::fs::read_to_string(out.join("access.json")).expect("access.json");
+    let report: serde_json::Value = serde_json::from_str(&json).expect("access.json is JSON");
+    let rows = report["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 6, "read and write of 16 B, 256 B, 4 KiB: {json}");
+    for r in rows {
+        for key in ["memcpy_ns", "direct_ns", "syscall_ns", "locked_memcpy_ns"] {
+            let ns = r[key].as_f64().unwrap_or(f64::NAN);
+            assert!(ns.is_finite() && ns > 0.0, "{key} of {r}");
+        }
+    }
+    assert_eq!(report["contention"]["failed_reads"], 0, "{json}");
+    assert!(std::fs::read_to_string(out.join("access.svg")).expect("access.svg").starts_with("<svg"));
+    assert!(std::fs::read_to_string(out.join("access.md")).expect("access.md").contains("| read | 256 |"));
+    let counter = report["syscall_counter"].as_str().unwrap_or_default();
+    if counter.starts_with("not counted") {
+        return skip::skip("bench_access_writes_its_outputs_and_the_hit_path_makes_no_system_call", counter);
+    }
+    for r in rows {
+        assert_eq!(
+            r["direct_syscalls_per_access"].as_f64(),
+            Some(0.0),
+            "the hit path made a system call: {r}"
+        );
+        assert!(r["syscall_syscalls_per_access"].as_f64().unwrap_or(0.0) >= 1.0, "{r}");
+    }
 }

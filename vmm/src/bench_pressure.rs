@@ -557,7 +557,7 @@ fn one_vm(
 }
 
 /// The current UTC time as RFC 3339.
-fn utc_now() -> String {
+pub(crate) fn utc_now() -> String {
     let secs =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     rfc3339(secs as i64)

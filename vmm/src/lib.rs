@@ -15,6 +15,7 @@
 //! - [`stress`]: `zapvm stress` (the memory layer under seeded, concurrent teardowns);
 //! - [`machine`]: builds a VM from a [`machine::VmConfig`] and runs it to a [`machine::RunReport`];
 //! - [`bench`]: `zapvm bench` measurements;
+//! - [`bench_access`]: `zapvm bench access` (a device-path access through the table vs memcpy and the syscall path);
 //! - [`bench_balloon`]: `zapvm bench balloon` (the balloon's inflate/deflate throughput vs raw madvise);
 //! - [`bench_pressure`]: `zapvm bench pressure` (the guest's touch rate under host discards);
 //! - [`bench_pressure_report`]: the report of `zapvm bench pressure`, which the plot draws;
@@ -23,6 +24,7 @@
 pub mod api;
 pub mod arch;
 pub mod bench;
+pub mod bench_access;
 pub mod bench_balloon;
 pub mod bench_plot;
 pub mod bench_pressure;

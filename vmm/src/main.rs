@@ -233,6 +233,20 @@ enum BenchCommand {
     /// The guest's memory touch rate while the host discards guest RAM at chosen rates and
     /// range sizes, against the unpressured rate in the same run (JSON, markdown, SVG plot).
     Pressure(vmm::bench_pressure::PressureArgs),
+    /// A device-path access to guest RAM through the VMM's table (hit path, fault-tolerant
+    /// copy) versus memcpy and versus process_vm_readv/writev, 16 B to 4 KiB, with system calls
+    /// counted; and two readers with a concurrent invalidator (JSON, markdown, SVG plot).
+    Access {
+        /// More chunks and longer contention phases (about a minute); the default is a quick run.
+        #[arg(long)]
+        full: bool,
+        /// Chunks per variant (overrides --full's and the quick run's).
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Directory for access.json, access.md and access.svg.
+        #[arg(long, default_value = "target/bench/access")]
+        out: PathBuf,
+    },
     /// VMM start to first guest instruction, and guest touch cost per page.
     Boot {
         /// Fresh VMs per configuration.
@@ -279,6 +293,14 @@ fn main() -> ExitCode {
         Command::Quit(target) => control(target.pid, vmm::api::Op::Quit),
         Command::Stress(args) => vmm::stress::cli(args),
         Command::Bench(BenchCommand::Pressure(args)) => vmm::bench_pressure::cli(args),
+        Command::Bench(BenchCommand::Access { full, rounds, out }) => {
+            use vmm::bench_access::AccessBenchOptions;
+            let base = if full { AccessBenchOptions::full() } else { AccessBenchOptions::quick() };
+            vmm::bench_access::cli(
+                &AccessBenchOptions { rounds: rounds.unwrap_or(base.rounds), ..base },
+                &out,
+            )
+        }
         Command::Bench(BenchCommand::Boot { runs, mem, json_out, kvm_device }) => {
             bench_boot(runs, mem, json_out, kvm_device)
         }

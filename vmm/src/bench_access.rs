@@ -345,7 +345,11 @@ pub fn run(opts: &AccessBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
     let contention = contention(&s, opts)?;
     drop(s);
     Ok(AccessReport {
-        command: std::env::args().collect::<Vec<_>>().join(" "),
+        // The program by its name, not its path (the report is kept and shared).
+        command: std::iter::once("zapvm".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
         date: crate::bench_pressure::utc_now(),
         rounds: opts.rounds,
         chunk: opts.chunk,

@@ -192,14 +192,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         kvm_device: args.kvm_device,
         memory: MemoryConfig { size: args.mem, backend: args.mem_backend.into(), thp: args.thp },
         vcpus: args.vcpus,
-        boot,
         timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),
         console: Console::Terminal,
         monitor: !args.no_monitor,
         teardown_policy: args.on_external_unmap.into(),
         seal_guest_ram: args.seal_guest_ram,
-        plant_skip_mseal: false,
-        after_start: None,
         balloon: (!args.no_balloon).then(|| vmm::devices::virtio::balloon::BalloonConfig {
             free_page_reporting: !args.no_free_page_reporting,
             ..Default::default()
@@ -217,6 +214,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         } else {
             Some(args.api_socket.unwrap_or_else(|| vmm::api::default_socket_path(std::process::id())))
         },
+        // No after-start hook, and the test-only fields at their defaults.
+        ..VmConfig::new(boot)
     };
     let report = machine::run(&config).map_err(|e| e.to_string())?;
     if args.json {

@@ -104,7 +104,7 @@ pub struct StressOptions {
     /// **Fault injection for the stress test only**: with `seal_guest_ram`, skip the `mseal`
     /// call itself (everything else behaves as sealed), as a seal that silently failed would;
     /// the judge must notice the external blows that then succeed.
-    #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
     pub plant_skip_mseal: bool,
     /// External madvise/munmap/mremap chaos.
     pub external_chaos: bool,
@@ -217,6 +217,7 @@ impl StressOptions {
             seed: 0x5eed,
             discard: false,
             seal_guest_ram: false,
+            #[cfg(feature = "fault-injection")]
             plant_skip_mseal: false,
             external_chaos: false,
             mprotect: false,
@@ -748,9 +749,12 @@ impl Ctx {
         self.first_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(what);
     }
 
+    /// Arms the planted skipped end once it is due (`plant_after` is `None` without the feature
+    /// `fault-injection`).
     fn maybe_plant(&self, planted: &mut bool) {
         if let Some(after) = self.plant_after {
             if !*planted && self.started.elapsed() >= after {
+                #[cfg(feature = "fault-injection")]
                 self.space().plant_fault_skip_next_end();
                 *planted = true;
             }
@@ -1914,6 +1918,7 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
         monitor: true,
         teardown_policy: vmm::teardown::TeardownPolicy::Reback,
         seal_guest_ram: opts.seal_guest_ram,
+        #[cfg(feature = "fault-injection")]
         plant_skip_mseal: opts.plant_skip_mseal,
         after_start: Some(hook),
         balloon: opts.balloon.then(BalloonConfig::default),
@@ -2525,7 +2530,6 @@ pub fn cli(args: StressRequest) -> Result<std::process::ExitCode, String> {
         seed: args.seed,
         discard: args.discard,
         seal_guest_ram: args.seal_guest_ram,
-        plant_skip_mseal: false,
         external_chaos: args.external_chaos,
         mprotect: args.mprotect,
         balloon: args.balloon,

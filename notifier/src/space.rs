@@ -959,13 +959,16 @@ impl AddressSpace {
     /// not counted in [`Stats`] (so the per-kind `ends` fall short of the `starts`, as they would
     /// with the bug). An interval subscriber then keeps that invalidation "in progress" forever and
     /// its readers block in `read_begin` on the range: exactly the failure a missing end causes.
-    /// `zapvm stress` must detect it; never call this elsewhere.
+    /// `zapvm stress` must detect it; never call this elsewhere. Only with the feature
+    /// `fault-injection`.
     #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
     pub fn plant_fault_skip_next_end(&self) {
         self.reg.plant_skip_next_end();
     }
 
-    /// Teardowns whose `invalidate_range_end` was skipped by [`Self::plant_fault_skip_next_end`].
+    /// Teardowns whose `invalidate_range_end` was skipped by `Self::plant_fault_skip_next_end`
+    /// (always 0 without the feature `fault-injection`, which nothing can plant then).
     #[doc(hidden)]
     pub fn planted_faults_fired(&self) -> u64 {
         self.reg.skipped_ends()

@@ -122,8 +122,10 @@ pub struct VmConfig {
     pub seal_guest_ram: bool,
     /// **Fault injection for tests only**: with `seal_guest_ram`, everything behaves and reports
     /// as sealed except that the `mseal` call is skipped, as a VMM whose seal silently failed
-    /// would; checkers of the seal (the stress run's) must notice.
+    /// would; checkers of the seal (the stress run's) must notice. Only with the feature
+    /// `fault-injection`.
     #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
     pub plant_skip_mseal: bool,
     /// Called on the VMM's thread once the vCPUs run (tests use it to act on a running VM).
     pub after_start: Option<AfterStart>,
@@ -166,6 +168,7 @@ impl VmConfig {
             monitor: true,
             teardown_policy: Default::default(),
             seal_guest_ram: false,
+            #[cfg(feature = "fault-injection")]
             plant_skip_mseal: false,
             after_start: None,
             balloon: Some(BalloonConfig::default()),
@@ -719,7 +722,11 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         return Err(VmError::TooManyVcpus { wanted: nr_vcpus, max: kvm.get_max_vcpus() }.into());
     }
     let hotplug_size = config.virtio_mem.map_or(0, |m| m.region_size);
-    let ram = if config.seal_guest_ram && !config.plant_skip_mseal {
+    #[cfg(feature = "fault-injection")]
+    let skip_mseal = config.plant_skip_mseal;
+    #[cfg(not(feature = "fault-injection"))]
+    let skip_mseal = false;
+    let ram = if config.seal_guest_ram && !skip_mseal {
         GuestRam::sealed_with_hotplug(config.memory, hotplug_size)?
     } else {
         GuestRam::with_hotplug(config.memory, hotplug_size)?

@@ -63,15 +63,15 @@ struct Controller {
 
 impl Controller {
     fn stats(&self) -> BalloonStats {
-        self.vm.balloon.as_ref().expect("the VM has a balloon").lock().unwrap().device().stats()
+        self.vm.balloon().expect("the VM has a balloon").lock().unwrap().device().stats()
     }
 
     fn transport(&self) -> TransportStats {
-        self.vm.balloon.as_ref().unwrap().lock().unwrap().stats().clone()
+        self.vm.balloon().unwrap().lock().unwrap().stats().clone()
     }
 
     fn set_target(&mut self, pages: u32) {
-        self.vm.balloon.as_ref().unwrap().lock().unwrap().update_config(|b| b.set_target_pages(pages));
+        self.vm.balloon().unwrap().lock().unwrap().update_config(|b| b.set_target_pages(pages));
         self.log.lines.push(format!("target -> {pages} pages"));
     }
 
@@ -113,7 +113,7 @@ impl Controller {
                 Some((usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?))
             });
             if let Some((start, end)) = header {
-                inside = self.vm.regions.iter().any(|&(_, hva, len)| start < hva + len && hva < end);
+                inside = self.vm.ram_regions().iter().any(|&(_, hva, len)| start < hva + len && hva < end);
             } else if let Some(kb) = line.strip_prefix("Rss:") {
                 if inside {
                     total += kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024;
@@ -264,7 +264,7 @@ fn standard_scenario(c: &mut Controller) {
 
     // The host asks for fresh statistics: the device returns the held buffer, the guest
     // refills and re-queues it.
-    let asked = c.vm.balloon.as_ref().unwrap().lock().unwrap().device_mut().request_guest_stats().unwrap();
+    let asked = c.vm.balloon().unwrap().lock().unwrap().device_mut().request_guest_stats().unwrap();
     assert!(asked, "the device held a statistics buffer");
     let before = s.guest_stats_updates;
     c.wait("fresh guest statistics", |s| s.guest_stats_updates > before);

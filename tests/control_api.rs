@@ -104,7 +104,7 @@ fn the_balloon_polls_the_guests_statistics_at_its_interval() {
         let (vm, seen) = (vm.clone(), seen.clone());
         std::thread::spawn(move || {
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            let balloon = vm.balloon.clone().expect("a balloon");
+            let balloon = vm.balloon().cloned().expect("a balloon");
             loop {
                 let n = balloon.lock().unwrap().device().stats().guest_stats_updates;
                 *seen.lock().unwrap() = n;

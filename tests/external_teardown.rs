@@ -42,9 +42,9 @@ fn config(
     let device: Arc<Mutex<Option<JoinHandle<DeviceView>>>> = Arc::default();
     let slot = device.clone();
     let hook = Arc::new(move |vm: &Arc<VmControl>| {
-        let (gpa, hva, _) = vm.regions[0];
+        let (gpa, hva, _) = vm.ram_regions()[0];
         let hole = hva + (HOLE_GPA - gpa) as usize;
-        let mmu = vm.mmu.clone();
+        let mmu = vm.guest_mmu().clone();
         let thread = std::thread::spawn(move || {
             let mut view = DeviceView::default();
             let mut buf = vec![0u8; 4096];

@@ -146,7 +146,7 @@ fn thp_memory_reads_zeros_and_huge_entries_are_dropped_whole() {
         while vm.stats()["discards"].as_u64() < Some(4 * vcpus as u64) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let bytes: u64 = vm.regions.iter().map(|&(_, hva, len)| anon_huge_bytes_in(hva, len)).sum();
+        let bytes: u64 = vm.ram_regions().iter().map(|&(_, hva, len)| anon_huge_bytes_in(hva, len)).sum();
         *seen.lock().unwrap() = Some(bytes);
     });
     let report = discard_verify_then(MemoryBackend::Anonymous, true, vcpus, 64, Some(hook));

@@ -367,7 +367,7 @@ fn mem_op(region: u64) -> impl Strategy<Value = MemOp> {
         1 => (0u64..0x4000).prop_map(move |p| region + p * 4096),
         1 => (0u64..40).prop_map(|b| b * MEM_BLOCK),
         1 => any::<u64>(),
-        1 => Just(u64::MAX & !(MEM_BLOCK - 1)),
+        1 => Just(!(MEM_BLOCK - 1)),
     ];
     let nb = prop_oneof![8 => 0u16..18, 1 => any::<u16>()];
     prop_oneof![

@@ -10,10 +10,10 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use harness::stress::{run, StressOptions};
 use notifier::{Event, Origin, Range, Refused, Subscriber};
 use vmm::memory::{GuestRam, MemoryBackend, MemoryConfig};
 use vmm::mmu::{GuestMemoryAccess, GuestMmu};
-use vmm::stress::{run, StressOptions};
 use vmm::teardown::{GuardedRegion, TeardownGuard, TeardownPolicy};
 
 const PAGE: usize = 4096;
@@ -195,13 +195,13 @@ fn with_the_seal_external_teardowns_fail_and_the_device_write_reaches_guest_ram(
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn sealed_stress(plant_skip_mseal: bool) -> vmm::stress::StressReport {
+fn sealed_stress(plant_skip_mseal: bool) -> harness::stress::StressReport {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let opts = StressOptions {
         seed: 0x5ea1,
         // A fixed amount of work; the duration is only the deadline that catches a hang.
         duration: Duration::from_secs(300),
-        work: Some(vmm::stress::Work { passes: 2, ops: 5, targets: 3 }),
+        work: Some(harness::stress::Work { passes: 2, ops: 5, targets: 3 }),
         seal_guest_ram: true,
         plant_skip_mseal,
         ..StressOptions::new().all()

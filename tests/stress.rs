@@ -15,7 +15,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use vmm::stress::{run, StormSteps, StressOptions, StressReport, Work, PLANTED_WORD};
+use harness::stress::{run, StormSteps, StressOptions, StressReport, Work, PLANTED_WORD};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 

@@ -15,7 +15,8 @@
 //!    (subprocesses: the test binary re-run with `ZAPVM_TABLE_CHILD` set).
 //!
 //! The race runs on both copy paths (`CopyPath::Direct`, the default, and `CopyPath::Syscall`);
-//! with the feature `fault-injection`, a planted stale translation must make it fail.
+//! a planted stale translation (the tests build the VMM with its feature `fault-injection`) must
+//! make it fail.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -166,7 +167,7 @@ fn inspect(buf: &[u8], page: usize) -> Verdict {
 /// read with `stop_on_stale`); the writer stops when the readers do. Rendezvous: a barrier for
 /// the start, atomics for the rest.
 ///
-/// `plant_stale` (feature `fault-injection`) arms the table's planted fault: the entry of the first
+/// `plant_stale` (the VMM's feature `fault-injection`) arms the table's planted fault: the entry of the first
 /// page torn down keeps translating to its old frame.
 fn race(
     path: ReadPath,
@@ -178,12 +179,9 @@ fn race(
     let ram = ram(false);
     let space = space_over(&ram);
     let mmu = GuestMmu::with_copy_path(&ram, space.clone(), copy).unwrap();
-    #[cfg(feature = "fault-injection")]
     if plant_stale {
         mmu.plant_stale_translations(1);
     }
-    #[cfg(not(feature = "fault-injection"))]
-    assert!(!plant_stale, "planting needs the feature fault-injection");
     let gpa = |p: usize| RACE_GPA + (p * PAGE) as u64;
     let hvas: Vec<usize> = (0..RACE_PAGES).map(|p| hva_of(&ram, gpa(p))).collect();
     let atomics = || (0..RACE_PAGES).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
@@ -350,7 +348,6 @@ fn control_naive_cache_bypassing_the_notifier_reads_stale_data() {
 
 /// PLANTED FAULT: an entry of the table that survives its invalidation (and keeps translating to
 /// the frame it had) must make the race see stale reads.
-#[cfg(feature = "fault-injection")]
 #[test]
 fn planted_stale_translation_in_the_table_is_caught_by_the_race() {
     let (o, stats) = race(ReadPath::Table, CopyPath::Direct, true, 1_000_000, true);

@@ -63,16 +63,16 @@ struct Controller {
 
 impl Controller {
     fn stats(&self) -> VirtioMemStats {
-        self.vm.virtio_mem.as_ref().expect("the VM has a virtio-mem device").lock().unwrap().device().stats()
+        self.vm.virtio_mem().expect("the VM has a virtio-mem device").lock().unwrap().device().stats()
     }
 
     fn transport(&self) -> TransportStats {
-        self.vm.virtio_mem.as_ref().unwrap().lock().unwrap().stats().clone()
+        self.vm.virtio_mem().unwrap().lock().unwrap().stats().clone()
     }
 
     fn set_requested(&mut self, bytes: u64) {
         self.vm
-            .virtio_mem
+            .virtio_mem()
             .as_ref()
             .unwrap()
             .lock()
@@ -115,7 +115,7 @@ impl Controller {
         let s = self.stats();
         let &(_, hva, len) = self
             .vm
-            .regions
+            .ram_regions()
             .iter()
             .find(|&&(gpa, _, _)| gpa == s.addr)
             .expect("the device region is a region of the VM");

@@ -60,8 +60,6 @@ mod subscriber;
 mod sync;
 pub mod uffd;
 
-pub mod bench;
-
 /// The subscriber registry on its own, for the loom models of `tests/loom.rs` (built only with
 /// `--cfg loom`, where the registry's lock, condition variable and thread-local depth are loom's).
 #[cfg(loom)]

@@ -186,6 +186,7 @@ pub(crate) struct Registry {
     kinds: Vec<KindCounters>,
     /// Fault injection (see `AddressSpace::plant_fault_skip_next_end`): teardowns whose ends are
     /// still to be skipped.
+    #[cfg(feature = "fault-injection")]
     skip_ends: AtomicU64,
     /// Teardowns whose ends were skipped by that fault injection.
     skipped_ends: AtomicU64,
@@ -208,12 +209,14 @@ impl Registry {
             cv: Condvar::new(),
             next_sub: AtomicU64::new(1),
             kinds: (0..Event::KINDS * 2).map(|_| KindCounters::default()).collect(),
+            #[cfg(feature = "fault-injection")]
             skip_ends: AtomicU64::new(0),
             skipped_ends: AtomicU64::new(0),
         }
     }
 
     /// Fault injection: the next teardown to finish skips its `invalidate_range_end`s.
+    #[cfg(feature = "fault-injection")]
     pub fn plant_skip_next_end(&self) {
         self.skip_ends.fetch_add(1, Ordering::SeqCst);
     }
@@ -223,16 +226,19 @@ impl Registry {
         self.skipped_ends.load(Ordering::SeqCst)
     }
 
-    /// Takes one pending skip, if any.
+    /// Takes one pending skip, if any (never one without the feature `fault-injection`).
     fn take_skip(&self) -> bool {
-        let mut n = self.skip_ends.load(Ordering::SeqCst);
-        while n > 0 {
-            match self.skip_ends.compare_exchange(n, n - 1, Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(_) => {
-                    self.skipped_ends.fetch_add(1, Ordering::SeqCst);
-                    return true;
+        #[cfg(feature = "fault-injection")]
+        {
+            let mut n = self.skip_ends.load(Ordering::SeqCst);
+            while n > 0 {
+                match self.skip_ends.compare_exchange(n, n - 1, Ordering::SeqCst, Ordering::SeqCst) {
+                    Ok(_) => {
+                        self.skipped_ends.fetch_add(1, Ordering::SeqCst);
+                        return true;
+                    }
+                    Err(now) => n = now,
                 }
-                Err(now) => n = now,
             }
         }
         false

@@ -2,7 +2,7 @@
 //! so that `tests/loom.rs` model-checks the very code the crate ships.
 //!
 //! Only the protocol-critical parts (the subscriber registry and [`crate::Interval`]) use this module;
-//! the userfaultfd monitor and the benchmark use `std` directly and are not run under loom.
+//! the userfaultfd monitor uses `std` directly and is not run under loom.
 
 #[cfg(loom)]
 pub(crate) use loom::{

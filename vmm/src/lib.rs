@@ -12,23 +12,15 @@
 //! - [`stats`]: statistics of a running VM on demand (`zapvm stats`);
 //! - [`teardown`]: surviving teardowns of guest RAM by code outside the VMM;
 //! - [`pvm`]: the few adjustments PVM hosts need, inert elsewhere;
-//! - [`stress`]: `zapvm stress` (the memory layer under seeded, concurrent teardowns);
 //! - [`machine`]: builds a VM from a [`machine::VmConfig`] and runs it to a [`machine::RunReport`];
-//! - [`bench`]: `zapvm bench` measurements;
-//! - [`bench_access`]: `zapvm bench access` (a device-path access through the table vs memcpy and the syscall path);
-//! - [`bench_balloon`]: `zapvm bench balloon` (the balloon's inflate/deflate throughput vs raw madvise);
-//! - [`bench_pressure`]: `zapvm bench pressure` (the guest's touch rate under host discards);
-//! - [`bench_pressure_report`]: the report of `zapvm bench pressure`, which the plot draws;
-//! - [`bench_plot`]: SVG plots of benchmark reports.
+//!   a running VM is seen through its [`machine::VmControl`] handle.
+//!
+//! This crate is the hypervisor only: the `zapvm` command line is the `zapvm` package (`cli/`),
+//! and the stress test and the benchmarks are the `harness` package, both users of this crate's
+//! public API.
 
 pub mod api;
 pub mod arch;
-pub mod bench;
-pub mod bench_access;
-pub mod bench_balloon;
-pub mod bench_plot;
-pub mod bench_pressure;
-pub mod bench_pressure_report;
 pub mod boot;
 pub mod console_input;
 pub mod devices;
@@ -41,7 +33,6 @@ pub mod mmu;
 pub mod pvm;
 pub mod rendezvous;
 pub mod stats;
-pub mod stress;
 pub mod teardown;
 pub mod ucall;
 pub mod vstate;

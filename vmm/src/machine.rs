@@ -122,8 +122,10 @@ pub struct VmConfig {
     pub seal_guest_ram: bool,
     /// **Fault injection for tests only**: with `seal_guest_ram`, everything behaves and reports
     /// as sealed except that the `mseal` call is skipped, as a VMM whose seal silently failed
-    /// would; checkers of the seal (the stress run's) must notice.
+    /// would; checkers of the seal (the stress run's) must notice. Only with the feature
+    /// `fault-injection`.
     #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
     pub plant_skip_mseal: bool,
     /// Called on the VMM's thread once the vCPUs run (tests use it to act on a running VM).
     pub after_start: Option<AfterStart>,
@@ -166,6 +168,7 @@ impl VmConfig {
             monitor: true,
             teardown_policy: Default::default(),
             seal_guest_ram: false,
+            #[cfg(feature = "fault-injection")]
             plant_skip_mseal: false,
             after_start: None,
             balloon: Some(BalloonConfig::default()),
@@ -265,15 +268,15 @@ pub type VirtioMemDevice = Arc<Mutex<MmioTransport<VirtioMem>>>;
 pub type AfterStart = Arc<dyn Fn(&Arc<VmControl>) + Send + Sync>;
 
 /// A running VM as its controllers (the control API, tests) see it.
+///
+/// [`run`] hands it to the [`AfterStart`] hook once the vCPUs run; it is meant for use while the
+/// run is in progress (from the hook or from threads the hook starts). Its accessors are the
+/// whole view of the VM a controller gets: the guest RAM regions, the VMM's table, the devices.
 pub struct VmControl {
-    /// Guest RAM regions: (guest-physical start, host address, length).
-    pub regions: Vec<(u64, usize, usize)>,
-    /// The VMM's table, for device-path accesses.
-    pub mmu: Arc<GuestMmu>,
-    /// The balloon, if the VM has one.
-    pub balloon: Option<BalloonDevice>,
-    /// The virtio-mem device, if the VM has one.
-    pub virtio_mem: Option<VirtioMemDevice>,
+    regions: Vec<(u64, usize, usize)>,
+    mmu: Arc<GuestMmu>,
+    balloon: Option<BalloonDevice>,
+    virtio_mem: Option<VirtioMemDevice>,
     /// Bytes of RAM the guest was booted with (without a hot-pluggable region).
     ram_bytes: u64,
     shared: Arc<VcpuShared>,
@@ -288,6 +291,33 @@ pub struct VmControl {
 }
 
 impl VmControl {
+    /// Guest RAM as the VM was built with it: one `(guest-physical start, host address, length)`
+    /// per region, in guest-physical order, the hot-pluggable (virtio-mem) region last if the VM
+    /// has one. The host ranges are the VMM's mappings for the life of the VM; code outside the
+    /// VMM may tear them down (the teardown guard re-backs them), but they never move.
+    pub fn ram_regions(&self) -> &[(u64, usize, usize)] {
+        &self.regions
+    }
+
+    /// The VMM's own second-level table over guest RAM: the device path every emulated device
+    /// reads and writes guest memory through, kept coherent with every teardown by the notifier.
+    /// Accesses through it are what a device would see at that moment.
+    pub fn guest_mmu(&self) -> &Arc<GuestMmu> {
+        &self.mmu
+    }
+
+    /// The balloon device, if the VM has one (`VmConfig::balloon`). Lock it briefly: the vCPU
+    /// and event-loop threads take the same lock to process the device's queues.
+    pub fn balloon(&self) -> Option<&BalloonDevice> {
+        self.balloon.as_ref()
+    }
+
+    /// The virtio-mem device, if the VM has one (`VmConfig::virtio_mem`). Lock it briefly, as
+    /// [`Self::balloon`].
+    pub fn virtio_mem(&self) -> Option<&VirtioMemDevice> {
+        self.virtio_mem.as_ref()
+    }
+
     /// Asks the VMM to stop the VM; the run ends with [`VmOutcome::Quit`].
     pub fn quit(&self) {
         let _ = self.quit.write(1);
@@ -692,7 +722,11 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         return Err(VmError::TooManyVcpus { wanted: nr_vcpus, max: kvm.get_max_vcpus() }.into());
     }
     let hotplug_size = config.virtio_mem.map_or(0, |m| m.region_size);
-    let ram = if config.seal_guest_ram && !config.plant_skip_mseal {
+    #[cfg(feature = "fault-injection")]
+    let skip_mseal = config.plant_skip_mseal;
+    #[cfg(not(feature = "fault-injection"))]
+    let skip_mseal = false;
+    let ram = if config.seal_guest_ram && !skip_mseal {
         GuestRam::sealed_with_hotplug(config.memory, hotplug_size)?
     } else {
         GuestRam::with_hotplug(config.memory, hotplug_size)?
@@ -1042,6 +1076,9 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
 }
 
 /// Runs the event loop until the VM should end; `None` means "every vCPU finished".
+// The loop's inputs are the built VM's parts; a struct for them is the builder/running-VM split
+// of issue #12 item 2.
+#[allow(clippy::too_many_arguments)]
 fn event_loop(
     config: &VmConfig,
     manager: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,

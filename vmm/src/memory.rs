@@ -61,7 +61,7 @@ const _: () =
 pub const MIN_MEM_SIZE: u64 = 4 << 20;
 
 /// How guest RAM is backed on the host.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MemoryBackend {
     /// Private anonymous memory.

@@ -69,7 +69,7 @@ use std::time::{Duration, Instant};
 use notifier::{AddressSpace, Event, Origin, Range, RegionSpec, Subscriber};
 
 /// What to do when code outside the VMM unmaps or moves guest RAM.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TeardownPolicy {
     /// Re-back the range with fresh zeroed memory at the same address and continue.
@@ -360,6 +360,7 @@ impl TeardownGuard {
     /// - unmapped: map fresh memory and register it;
     /// - mapped, unknown to the notifier, and mapped by this guard before: register it again;
     /// - mapped, unknown, not ours: someone else's mapping sits in guest RAM — an error;
+    ///
     /// and looks again until a pass changes nothing, which closes the unregistered window.
     fn reback(&self, start: usize, end: usize) -> Result<(), String> {
         const MAX_PASSES: usize = 16;
@@ -485,8 +486,10 @@ impl TeardownGuard {
     }
 }
 
-/// The mapped host ranges overlapping `[start, end)`, clipped to it, from /proc/self/maps.
-pub(crate) fn host_mappings(start: usize, end: usize) -> Result<Vec<(usize, usize)>, String> {
+/// The mapped host ranges of this process overlapping `[start, end)`, clipped to it and in
+/// address order, as /proc/self/maps lists them at the moment of the call (adjacent mappings
+/// are separate entries); `Err` when the file cannot be read.
+pub fn host_mappings(start: usize, end: usize) -> Result<Vec<(usize, usize)>, String> {
     let maps =
         std::fs::read_to_string("/proc/self/maps").map_err(|e| format!("reading /proc/self/maps: {e}"))?;
     let mut mapped = Vec::new();

@@ -223,7 +223,7 @@ pub fn load(
         "test guest {name}: image [{lo:#x}, {hi:#x}), entry {entry:#x}, {} , workload {:?} over {work_pages} pages ({} MiB) from {work_start:#x}",
         if params.cpl0 { "CPL 0" } else { "CPL 3" },
         params.workload,
-        work_pages * guest_abi::PAGE_SIZE >> 20,
+        (work_pages * guest_abi::PAGE_SIZE) >> 20,
     );
     Ok(LoadedTestGuest { plan: BootPlan { entries, summary }, boot_info })
 }

@@ -330,7 +330,7 @@ impl Balloon {
 
     /// Discards runs of `ranges` (sorted by start, possibly overlapping or adjacent), merged
     /// where they touch inside one region; returns the (gpa, len) of each discard that worked.
-    fn discard_merged(&mut self, ranges: &mut Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    fn discard_merged(&mut self, ranges: &mut [(u64, u64)]) -> Vec<(u64, u64)> {
         ranges.sort_unstable();
         let mut merged: Vec<(u64, u64)> = Vec::new();
         for &(gpa, len) in ranges.iter() {

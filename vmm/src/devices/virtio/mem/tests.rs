@@ -254,7 +254,7 @@ fn hostile_requests_change_only_error_counters() {
     f.fill(f.block(2), 2 * BLOCK);
     let err = answer(VIRTIO_MEM_RESP_ERROR);
     let before = f.stats();
-    let aligned_top = u64::MAX & !(BLOCK - 1);
+    let aligned_top = !(BLOCK - 1);
     for (kind, addr, n) in [
         // Out of range: below the region, at its end, straddling its end, all of RAM.
         (VIRTIO_MEM_REQ_UNPLUG, 0, 1),
@@ -393,7 +393,7 @@ fn constructor_refuses_bad_regions_and_offers_configured_features() {
     for (addr, size) in [(REGION + 4096, BLOCK), (REGION, BLOCK + 4096), (REGION, 0)] {
         assert!(matches!(new(VirtioMemConfig::new(addr, size)), Err(VirtioMemError::Alignment { .. })));
     }
-    for (addr, size) in [(RAM - BLOCK, 2 * BLOCK), (0x1_0000_0000, BLOCK), (u64::MAX & !(BLOCK - 1), BLOCK)] {
+    for (addr, size) in [(RAM - BLOCK, 2 * BLOCK), (0x1_0000_0000, BLOCK), (!(BLOCK - 1), BLOCK)] {
         assert_eq!(new(VirtioMemConfig::new(addr, size)), Err(VirtioMemError::NotRam { addr, size }));
     }
     for requested_size in [4096, REGION_SIZE + BLOCK] {

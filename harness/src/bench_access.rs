@@ -36,8 +36,8 @@ use notifier::AddressSpace;
 use plotters::prelude::*;
 
 use crate::bench::median;
-use crate::memory::{GuestRam, MemoryBackend, MemoryConfig, PAGE_SIZE};
-use crate::mmu::{CopyPath, GuestMemoryAccess, GuestMmu};
+use vmm::memory::{GuestRam, MemoryBackend, MemoryConfig, PAGE_SIZE};
+use vmm::mmu::{CopyPath, GuestMemoryAccess, GuestMmu};
 
 const PAGE: usize = PAGE_SIZE as usize;
 /// Access sizes measured.

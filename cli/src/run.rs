@@ -1,91 +1,17 @@
-//! The `zapvm` command.
+//! `zapvm run`: its arguments, the VM configuration they make, and the run's summary.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::ValueEnum;
 use guest_abi::Workload;
 use vmm::boot::test_guest::TestGuestParams;
 use vmm::machine::{self, BootSource, Console, RunReport, VmConfig, VmOutcome};
-use vmm::memory::{parse_size, MemoryBackend, MemoryConfig};
+use vmm::memory::{parse_size, MemoryConfig};
 use vmm::vstate::vcpu::{pass_name, VcpuOutcome};
 
-#[derive(Parser)]
-#[command(
-    name = "zapvm",
-    version,
-    about = "A minimal KVM hypervisor whose memory layer is a secondary MMU done right"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Boot a VM: the built-in test guest by default, or a Linux kernel.
-    Run(RunArgs),
-    /// Measure.
-    #[command(subcommand)]
-    Bench(BenchCommand),
-    /// Stress the memory layer: the Stress guest verifies its pages while host scenarios
-    /// (discards, external chaos, mprotect phases) tear guest RAM down; JSON summary, non-zero
-    /// exit on any broken invariant.
-    Stress(vmm::stress::StressArgs),
-    /// Print the statistics of a running VM: KVM's, the table's, the notifier's, the balloon's.
-    Stats {
-        /// Process id of the `zapvm run` (default: the only one running).
-        #[arg(long)]
-        pid: Option<u32>,
-    },
-    /// The balloon of a running VM (through its control socket).
-    #[command(subcommand)]
-    Balloon(BalloonCommand),
-    /// The virtio-mem device of a running VM (through its control socket).
-    #[command(subcommand)]
-    Mem(MemCommand),
-    /// Stop every vCPU of a running VM.
-    Pause(Target),
-    /// Let a paused VM run again.
-    Resume(Target),
-    /// End a running VM.
-    Quit(Target),
-}
-
-/// Which running VM a control command talks to.
-#[derive(clap::Args)]
-struct Target {
-    /// Process id of the `zapvm run` (default: the only one with a control socket).
-    #[arg(long)]
-    pid: Option<u32>,
-}
-
-#[derive(Subcommand)]
-enum BalloonCommand {
-    /// Set the balloon's target: how much memory to take from the guest (e.g. 128M, 0).
-    Set {
-        /// The target size.
-        size: String,
-        #[command(flatten)]
-        target: Target,
-    },
-    /// The balloon's target, actual size and statistics.
-    Stats(Target),
-}
-
-#[derive(Subcommand)]
-enum MemCommand {
-    /// Set virtio-mem's requested size (e.g. 512M).
-    Set {
-        /// The requested size.
-        size: String,
-        #[command(flatten)]
-        target: Target,
-    },
-    /// virtio-mem's requested and plugged sizes.
-    State(Target),
-}
+use crate::values::{MemoryBackendArg, TeardownPolicyArg};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum WorkloadArg {
@@ -103,7 +29,7 @@ enum WorkloadArg {
 }
 
 #[derive(clap::Args)]
-struct RunArgs {
+pub struct RunArgs {
     /// Linux kernel (bzImage or vmlinux) to boot instead of the test guest.
     #[arg(long, conflicts_with = "guest")]
     kernel: Option<PathBuf>,
@@ -138,8 +64,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// Host backing of guest RAM.
-    #[arg(long, value_enum, default_value_t = MemoryBackend::Anonymous)]
-    mem_backend: MemoryBackend,
+    #[arg(long, value_enum, default_value_t = MemoryBackendArg::Anonymous)]
+    mem_backend: MemoryBackendArg,
     /// Back guest RAM with transparent huge pages (madvise MADV_HUGEPAGE).
     #[arg(long)]
     thp: bool,
@@ -195,8 +121,8 @@ struct RunArgs {
     no_monitor: bool,
     /// What to do when code outside the VMM unmaps or moves guest RAM: re-back it with zeroed
     /// memory and continue, or stop the VM.
-    #[arg(long, value_enum, default_value_t = vmm::teardown::TeardownPolicy::Reback)]
-    on_external_unmap: vmm::teardown::TeardownPolicy,
+    #[arg(long, value_enum, default_value_t = TeardownPolicyArg::Reback)]
+    on_external_unmap: TeardownPolicyArg,
     /// Seal guest RAM with mseal(2): the kernel then refuses every munmap, mremap, mprotect and
     /// mmap(MAP_FIXED) over it by any code in the process, so nothing can tear it down or map
     /// something else into it. Discards (balloon, free page reporting, virtio-mem) still work;
@@ -208,113 +134,9 @@ struct RunArgs {
     json: bool,
 }
 
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Cost of invalidation through the notifier versus the raw syscalls, and of the
-    /// userfaultfd monitor for external operations.
-    Notifier {
-        /// The full sizes (up to 1 GiB) and more rounds; the default is a quick run.
-        #[arg(long)]
-        full: bool,
-        /// Write the results as JSON here.
-        #[arg(long)]
-        json_out: Option<PathBuf>,
-    },
-    /// virtio-balloon inflate and deflate throughput versus raw madvise of the same pages
-    /// (host-side, no VM).
-    Balloon {
-        /// 1 GiB of guest RAM and more rounds; the default is a quick run (128 MiB).
-        #[arg(long)]
-        full: bool,
-        /// Write the results as JSON here.
-        #[arg(long)]
-        json_out: Option<PathBuf>,
-    },
-    /// The guest's memory touch rate while the host discards guest RAM at chosen rates and
-    /// range sizes, against the unpressured rate in the same run (JSON, markdown, SVG plot).
-    Pressure(vmm::bench_pressure::PressureArgs),
-    /// A device-path access to guest RAM through the VMM's table (hit path, fault-tolerant
-    /// copy) versus memcpy and versus process_vm_readv/writev, 16 B to 4 KiB, with system calls
-    /// counted; and two readers with a concurrent invalidator (JSON, markdown, SVG plot).
-    Access {
-        /// More chunks and longer contention phases (about a minute); the default is a quick run.
-        #[arg(long)]
-        full: bool,
-        /// Chunks per variant (overrides --full's and the quick run's).
-        #[arg(long)]
-        rounds: Option<usize>,
-        /// Directory for access.json, access.md and access.svg.
-        #[arg(long, default_value = "target/bench/access")]
-        out: PathBuf,
-    },
-    /// VMM start to first guest instruction, and guest touch cost per page.
-    Boot {
-        /// Fresh VMs per configuration.
-        #[arg(long, default_value_t = 7)]
-        runs: usize,
-        /// Guest RAM per VM.
-        #[arg(long, default_value = "64M", value_parser = parse_size)]
-        mem: u64,
-        /// Write the results as JSON here.
-        #[arg(long)]
-        json_out: Option<PathBuf>,
-        /// The KVM device.
-        #[arg(long, default_value = "/dev/kvm")]
-        kvm_device: PathBuf,
-    },
-}
-
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ZAPVM_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = vmm::stats::install_signal_handler() {
-        eprintln!("zapvm: warning: no SIGUSR1 handler, `zapvm stats` will not work: {e}");
-    }
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Run(args) => run(args),
-        Command::Bench(BenchCommand::Notifier { full, json_out }) => bench_notifier(full, json_out),
-        Command::Bench(BenchCommand::Balloon { full, json_out }) => bench_balloon(full, json_out),
-        Command::Stats { pid } => stats(pid),
-        Command::Balloon(BalloonCommand::Set { size, target }) => {
-            control(target.pid, vmm::api::Op::BalloonSet(vmm::api::SizeArg::size(size)))
-        }
-        Command::Balloon(BalloonCommand::Stats(target)) => control(target.pid, vmm::api::Op::BalloonStats),
-        Command::Mem(MemCommand::Set { size, target }) => {
-            control(target.pid, vmm::api::Op::MemSet(vmm::api::SizeArg::size(size)))
-        }
-        Command::Mem(MemCommand::State(target)) => control(target.pid, vmm::api::Op::MemState),
-        Command::Pause(target) => control(target.pid, vmm::api::Op::Pause),
-        Command::Resume(target) => control(target.pid, vmm::api::Op::Resume),
-        Command::Quit(target) => control(target.pid, vmm::api::Op::Quit),
-        Command::Stress(args) => vmm::stress::cli(args),
-        Command::Bench(BenchCommand::Pressure(args)) => vmm::bench_pressure::cli(args),
-        Command::Bench(BenchCommand::Access { full, rounds, out }) => {
-            use vmm::bench_access::AccessBenchOptions;
-            let base = if full { AccessBenchOptions::full() } else { AccessBenchOptions::quick() };
-            vmm::bench_access::cli(
-                &AccessBenchOptions { rounds: rounds.unwrap_or(base.rounds), ..base },
-                &out,
-            )
-        }
-        Command::Bench(BenchCommand::Boot { runs, mem, json_out, kvm_device }) => {
-            bench_boot(runs, mem, json_out, kvm_device)
-        }
-    };
-    match result {
-        Ok(code) => code,
-        Err(message) => {
-            eprintln!("zapvm: error: {message}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run(args: RunArgs) -> Result<ExitCode, String> {
+/// Runs `zapvm run`: the summary (or the JSON report) on standard output; the exit status is
+/// non-zero when the run did not succeed, and `Err` when the VM could not start.
+pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     if args.kernel.is_none() && !args.linux && (args.cmdline.is_some() || args.append.is_some()) {
         return Err("--cmdline and --append are for a Linux kernel: add --kernel or --linux".into());
     }
@@ -368,16 +190,13 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
     }
     let config = VmConfig {
         kvm_device: args.kvm_device,
-        memory: MemoryConfig { size: args.mem, backend: args.mem_backend, thp: args.thp },
+        memory: MemoryConfig { size: args.mem, backend: args.mem_backend.into(), thp: args.thp },
         vcpus: args.vcpus,
-        boot,
         timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),
         console: Console::Terminal,
         monitor: !args.no_monitor,
-        teardown_policy: args.on_external_unmap,
+        teardown_policy: args.on_external_unmap.into(),
         seal_guest_ram: args.seal_guest_ram,
-        plant_skip_mseal: false,
-        after_start: None,
         balloon: (!args.no_balloon).then(|| vmm::devices::virtio::balloon::BalloonConfig {
             free_page_reporting: !args.no_free_page_reporting,
             ..Default::default()
@@ -395,6 +214,8 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         } else {
             Some(args.api_socket.unwrap_or_else(|| vmm::api::default_socket_path(std::process::id())))
         },
+        // No after-start hook, and the test-only fields at their defaults.
+        ..VmConfig::new(boot)
     };
     let report = machine::run(&config).map_err(|e| e.to_string())?;
     if args.json {
@@ -439,7 +260,7 @@ fn print_summary(config: &VmConfig, report: &RunReport) {
             VcpuOutcome::Done { pages, checksum } => println!(
                 "zapvm: vCPU {}: verified {pages} pages ({} MiB), checksum {checksum:#018x}{}; {}",
                 v.index,
-                pages * 4096 >> 20,
+                (pages * 4096) >> 20,
                 first.unwrap_or_default(),
                 timings.join(", ")
             ),
@@ -472,52 +293,6 @@ fn print_summary(config: &VmConfig, report: &RunReport) {
     }
 }
 
-fn bench_boot(
-    runs: usize,
-    mem: u64,
-    json_out: Option<PathBuf>,
-    kvm_device: PathBuf,
-) -> Result<ExitCode, String> {
-    if runs == 0 {
-        return Err("--runs must be at least 1".into());
-    }
-    let opts = vmm::bench::BootBenchOptions { runs, mem, kvm_device };
-    let rows = vmm::bench::boot(&opts, &mut |line| eprintln!("{line}"))?;
-    print!("{}", vmm::bench::boot_table(&rows));
-    if let Some(path) = json_out {
-        let json = serde_json::to_string_pretty(&rows).expect("rows serialise");
-        std::fs::write(&path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn bench_notifier(full: bool, json_out: Option<PathBuf>) -> Result<ExitCode, String> {
-    let opts =
-        if full { notifier::bench::BenchOptions::full() } else { notifier::bench::BenchOptions::quick() };
-    let report = notifier::bench::run(&opts, &mut |line| eprintln!("{line}"));
-    print!("{}", report.to_markdown_table());
-    if let Some(path) = json_out {
-        let json = serde_json::to_string_pretty(&report).expect("report serialises");
-        std::fs::write(&path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn bench_balloon(full: bool, json_out: Option<PathBuf>) -> Result<ExitCode, String> {
-    use vmm::bench_balloon::{run, BalloonBenchOptions};
-    let opts = if full { BalloonBenchOptions::full() } else { BalloonBenchOptions::quick() };
-    let report = run(&opts, &mut |line| eprintln!("{line}"))?;
-    print!("{}", report.to_markdown_table());
-    if let Some(path) = json_out {
-        let json = serde_json::to_string_pretty(&report).expect("report serialises");
-        std::fs::write(&path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 fn print_memory_layer(layer: &vmm::machine::MemoryLayerReport) {
     let size = |b: u64| if b >= 1 << 20 { format!("{} MiB", b >> 20) } else { format!("{} KiB", b >> 10) };
     for d in &layer.discards {
@@ -548,35 +323,4 @@ fn print_memory_layer(layer: &vmm::machine::MemoryLayerReport) {
         layer.notifier.kinds.iter().map(|k| k.ends).sum::<u64>(),
         if layer.monitor { "on" } else { "off" },
     );
-}
-
-/// Sends `op` to the control socket of VM `pid` (or the only one) and prints the result.
-fn control(pid: Option<u32>, op: vmm::api::Op) -> Result<ExitCode, String> {
-    control_at(&vmm::api::find_socket(pid).map_err(|e| e.to_string())?, op)
-}
-
-fn stats(pid: Option<u32>) -> Result<ExitCode, String> {
-    // The control socket when the VM has one; SIGUSR1 otherwise (`zapvm run --no-api`).
-    if let Ok(socket) = vmm::api::find_socket(pid) {
-        return control_at(&socket, vmm::api::Op::Stats);
-    }
-    let pid = match pid {
-        Some(pid) => pid,
-        None => match vmm::stats::running_vms().as_slice() {
-            [pid] => *pid,
-            [] => return Err("no running `zapvm run` found; name one with --pid".into()),
-            many => return Err(format!("several VMs run ({many:?}); choose one with --pid")),
-        },
-    };
-    let json = vmm::stats::request(pid, Duration::from_secs(5))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&json).map_err(|e| format!("bad statistics file: {e}"))?;
-    println!("{}", serde_json::to_string_pretty(&value).expect("value serialises"));
-    Ok(ExitCode::SUCCESS)
-}
-
-fn control_at(socket: &std::path::Path, op: vmm::api::Op) -> Result<ExitCode, String> {
-    let result = vmm::api::call(socket, op).map_err(|e| e.to_string())?;
-    println!("{}", serde_json::to_string_pretty(&result).expect("value serialises"));
-    Ok(ExitCode::SUCCESS)
 }

@@ -3,7 +3,8 @@
 #[test]
 fn quick_bench_reports_every_key() {
     let mut lines = 0;
-    let rep = notifier::bench::run(&notifier::bench::BenchOptions::quick(), &mut |_| lines += 1);
+    let rep =
+        harness::bench_notifier::run(&harness::bench_notifier::BenchOptions::quick(), &mut |_| lines += 1);
     let v = serde_json::to_value(&rep).unwrap();
     for k in ["ratio_vs_raw", "per_page_vs_range", "uffd_overhead", "uffd_p99_us", "uffd_refault", "discard"]
     {

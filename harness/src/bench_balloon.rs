@@ -72,12 +72,12 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bench::median;
-use crate::devices::virtio::balloon::{Balloon, BalloonConfig, VIRTIO_BALLOON_F_MUST_TELL_HOST};
-use crate::devices::virtio::mmio::{reg, MmioTransport};
-use crate::devices::virtio::{status, VirtioInterrupt};
-use crate::devices::BusDevice;
-use crate::memory::{GuestMemoryMmap, GuestRam, MemoryBackend, MemoryConfig, HUGE_PAGE_SIZE, PAGE_SIZE};
-use crate::mmu::GuestMmu;
+use vmm::devices::virtio::balloon::{Balloon, BalloonConfig, VIRTIO_BALLOON_F_MUST_TELL_HOST};
+use vmm::devices::virtio::mmio::{reg, MmioTransport};
+use vmm::devices::virtio::{status, VirtioInterrupt};
+use vmm::devices::BusDevice;
+use vmm::memory::{GuestMemoryMmap, GuestRam, MemoryBackend, MemoryConfig, HUGE_PAGE_SIZE, PAGE_SIZE};
+use vmm::mmu::GuestMmu;
 
 /// Guest-physical layout of the simulated driver (all inside the first 2 MiB block, which is
 /// never ballooned).
@@ -685,7 +685,7 @@ pub fn run(o: &BalloonBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Ba
             o.buffers_per_notify, o.pfns_per_buffer
         ));
     }
-    if o.rounds == 0 || o.ram <= TARGET_START || o.ram >= crate::memory::MMIO_GAP_START {
+    if o.rounds == 0 || o.ram <= TARGET_START || o.ram >= vmm::memory::MMIO_GAP_START {
         return Err("at least one round, and guest RAM above 2 MiB and below the 3 GiB hole".into());
     }
     let mut rows = Vec::new();

@@ -77,9 +77,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::bench::median;
-use crate::boot::test_guest::TestGuestParams;
-use crate::machine::{self, Console, RunReport, VmConfig, VmControl, VmOutcome};
-use crate::memory::{MemoryBackend, MemoryConfig, HUGE_PAGE_SIZE};
+use vmm::boot::test_guest::TestGuestParams;
+use vmm::machine::{self, Console, RunReport, VmConfig, VmControl, VmOutcome};
+use vmm::memory::{MemoryBackend, MemoryConfig, HUGE_PAGE_SIZE};
 
 /// The key point of the issue: 2 MiB discards at 1 GiB/s.
 pub const KEY_RANGE: u64 = 2 << 20;
@@ -167,7 +167,7 @@ impl Guest {
     fn locate(vm: Arc<VmControl>) -> Result<Guest, String> {
         let words = std::mem::size_of::<guest_abi::BootInfo>() / 8;
         let hva = vm
-            .mmu
+            .guest_mmu()
             .host_range(guest_abi::BOOT_INFO_GPA, 8 * words as u64)
             .ok_or("the boot info is not in guest RAM")?;
         let w = read_words(hva, words).ok_or("cannot read the boot info")?;
@@ -176,13 +176,14 @@ impl Guest {
             .map(|i| GpaRange { start: w[8 + 2 * i], end: w[9 + 2 * i] })
             .collect();
         let first = work.first().filter(|r| r.pages() >= 2).ok_or("the guest has no work area")?;
-        let header_hva = vm.mmu.host_range(first.start, PAGE_SIZE).ok_or("the work area is not in RAM")?;
+        let header_hva =
+            vm.guest_mmu().host_range(first.start, PAGE_SIZE).ok_or("the work area is not in RAM")?;
         let working_set_pages = work.iter().map(GpaRange::pages).sum::<u64>() - 1;
         // The largest host-contiguous piece of the work area past the header's 2 MiB block.
         let skip_to = (first.start + 1).next_multiple_of(HUGE_PAGE_SIZE);
         let mut area = (0usize, 0u64);
         for r in &work {
-            for &(gpa, hva, len) in &vm.regions {
+            for &(gpa, hva, len) in vm.ram_regions() {
                 let s = r.start.max(gpa).max(skip_to).next_multiple_of(HUGE_PAGE_SIZE);
                 let e = r.end.min(gpa + len as u64) / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE;
                 if e > s && e - s > area.1 {
@@ -260,7 +261,7 @@ fn slice(
     match pressure {
         None => std::thread::sleep(length),
         Some(p) => {
-            let space = g.vm.mmu.space();
+            let space = g.vm.guest_mmu().space();
             let slots = (g.area.1 / p.range).max(1);
             let cap = (2.0 * p.range as f64).max(p.bytes_per_s * 0.01);
             let mut tokens = p.range as f64 / 2.0;
@@ -716,55 +717,42 @@ pub fn run(opts: &PressureOptions, progress: &mut dyn FnMut(&str)) -> Result<Pre
     })
 }
 
-/// `zapvm bench pressure` on the command line.
-#[derive(clap::Args, Debug)]
-pub struct PressureArgs {
-    /// Ranges up to 1 GiB with 1280 MiB of guest RAM, 0.6 s slices, 5 reps (several minutes);
-    /// the default is a quick run (256 MiB, ranges up to 2 MiB).
-    #[arg(long)]
+/// What `zapvm bench pressure` was asked for on the command line; [`cli`] fills what is `None`
+/// from [`PressureOptions::quick`] or, with `full`, [`PressureOptions::full`]. The `zapvm`
+/// command's arguments convert to it; each field is the option of the same name.
+#[derive(Clone, Debug)]
+pub struct PressureRequest {
+    /// The full sweep instead of the quick one.
     pub full: bool,
-    /// Guest RAM (e.g. 256M, 1280M; a 1G range needs more than 1 GiB).
-    #[arg(long, value_parser = crate::memory::parse_size)]
+    /// Guest RAM bytes.
     pub mem: Option<u64>,
-    /// Range sizes, comma separated (e.g. 4K,64K,2M,64M,1G).
-    #[arg(long, value_delimiter = ',', value_parser = crate::memory::parse_size)]
+    /// Range sizes, bytes.
     pub ranges: Option<Vec<u64>>,
-    /// Pressure rates in MiB/s, comma separated (e.g. 64,256,1024).
-    #[arg(long, value_delimiter = ',')]
+    /// Pressure rates, MiB/s.
     pub rates: Option<Vec<f64>>,
-    /// Host backings, comma separated (4k, thp).
-    #[arg(long, value_delimiter = ',', value_enum)]
+    /// Host backings.
     pub backings: Option<Vec<PressureBacking>>,
-    /// Length of an unpressured slice and least length of a pressured one (e.g. 400ms, 1s).
-    #[arg(long, value_parser = crate::stress::parse_duration)]
+    /// Length of an unpressured slice and least length of a pressured one.
     pub slice: Option<Duration>,
     /// Unpressured/pressured slice pairs per point.
-    #[arg(long)]
     pub reps: Option<usize>,
     /// Skip the per-page versus range comparison.
-    #[arg(long)]
     pub no_per_page: bool,
-    /// Do not register guest RAM with the userfaultfd monitor (`zapvm run` does).
-    #[arg(long)]
+    /// Do not register guest RAM with the userfaultfd monitor.
     pub no_monitor: bool,
     /// Seed of the range picks.
-    #[arg(long, default_value_t = 0x5eed)]
     pub seed: u64,
-    /// Measure nothing: read a pressure.json this command wrote and write its table and plot
-    /// again (e.g. into another --out).
-    #[arg(long)]
+    /// Measure nothing: rewrite the table and plot of this `pressure.json`.
     pub from_json: Option<PathBuf>,
-    /// Where pressure.json, pressure.md and pressure.svg go.
-    #[arg(long, default_value = "target/bench/pressure")]
+    /// Where `pressure.json`, `pressure.md` and `pressure.svg` go.
     pub out: PathBuf,
     /// The KVM device.
-    #[arg(long, default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
 }
 
 /// Runs `zapvm bench pressure`: progress on stderr, the markdown on stdout, JSON, markdown and
 /// the SVG plot under `--out`.
-pub fn cli(args: PressureArgs) -> Result<std::process::ExitCode, String> {
+pub fn cli(args: PressureRequest) -> Result<std::process::ExitCode, String> {
     if let Some(path) = &args.from_json {
         let text =
             std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use guest_abi::{Pass, Workload};
 
-use crate::boot::test_guest::TestGuestParams;
-use crate::machine::{self, Console, VmConfig};
-use crate::memory::{MemoryBackend, MemoryConfig};
-use crate::vstate::vcpu::{pass_name, VcpuOutcome};
+use vmm::boot::test_guest::TestGuestParams;
+use vmm::machine::{self, Console, VmConfig};
+use vmm::memory::{MemoryBackend, MemoryConfig};
+use vmm::vstate::vcpu::{pass_name, VcpuOutcome};
 
 /// Options of `bench boot`.
 #[derive(Clone, Debug)]

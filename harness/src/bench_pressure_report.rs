@@ -14,12 +14,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// How guest RAM is backed on the host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PressureBacking {
     /// Private anonymous memory in 4 KiB pages (`MADV_NOHUGEPAGE` is not set, THP is just not
     /// requested; the host's THP mode is `madvise`).
-    #[value(name = "4k")]
     #[serde(rename = "4k")]
     Small,
     /// Private anonymous memory with `MADV_HUGEPAGE`.

@@ -1,0 +1,104 @@
+//! The `zapvm` command.
+//!
+//! This crate is the command line only: it parses the arguments (every clap derive of the
+//! project is here) and hands them, converted to the libraries' plain types, to the VMM
+//! (`vmm`) or to the stress test and the benchmarks (`harness`). One module per family of
+//! subcommands:
+//! - [`run`]: `zapvm run`;
+//! - [`stress`]: `zapvm stress`;
+//! - [`bench`]: `zapvm bench ...`;
+//! - [`control`]: `zapvm stats`, `balloon`, `mem`, `pause`, `resume`, `quit` (a running VM);
+//! - [`values`]: the command line's mirrors of the libraries' enums.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod control;
+mod run;
+mod stress;
+mod values;
+
+use bench::BenchCommand;
+use control::{control, BalloonCommand, MemCommand, Target};
+use run::RunArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "zapvm",
+    version,
+    about = "A minimal KVM hypervisor whose memory layer is a secondary MMU done right"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM: the built-in test guest by default, or a Linux kernel.
+    Run(RunArgs),
+    /// Measure.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Stress the memory layer: the Stress guest verifies its pages while host scenarios
+    /// (discards, external chaos, mprotect phases) tear guest RAM down; JSON summary, non-zero
+    /// exit on any broken invariant.
+    Stress(stress::StressArgs),
+    /// Print the statistics of a running VM: KVM's, the table's, the notifier's, the balloon's.
+    Stats {
+        /// Process id of the `zapvm run` (default: the only one running).
+        #[arg(long)]
+        pid: Option<u32>,
+    },
+    /// The balloon of a running VM (through its control socket).
+    #[command(subcommand)]
+    Balloon(BalloonCommand),
+    /// The virtio-mem device of a running VM (through its control socket).
+    #[command(subcommand)]
+    Mem(MemCommand),
+    /// Stop every vCPU of a running VM.
+    Pause(Target),
+    /// Let a paused VM run again.
+    Resume(Target),
+    /// End a running VM.
+    Quit(Target),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZAPVM_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = vmm::stats::install_signal_handler() {
+        eprintln!("zapvm: warning: no SIGUSR1 handler, `zapvm stats` will not work: {e}");
+    }
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Bench(command) => bench::bench(command),
+        Command::Stats { pid } => control::stats(pid),
+        Command::Balloon(BalloonCommand::Set { size, target }) => {
+            control(target.pid, vmm::api::Op::BalloonSet(vmm::api::SizeArg::size(size)))
+        }
+        Command::Balloon(BalloonCommand::Stats(target)) => control(target.pid, vmm::api::Op::BalloonStats),
+        Command::Mem(MemCommand::Set { size, target }) => {
+            control(target.pid, vmm::api::Op::MemSet(vmm::api::SizeArg::size(size)))
+        }
+        Command::Mem(MemCommand::State(target)) => control(target.pid, vmm::api::Op::MemState),
+        Command::Pause(target) => control(target.pid, vmm::api::Op::Pause),
+        Command::Resume(target) => control(target.pid, vmm::api::Op::Resume),
+        Command::Quit(target) => control(target.pid, vmm::api::Op::Quit),
+        Command::Stress(args) => harness::stress::cli(args.into()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("zapvm: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

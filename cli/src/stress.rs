@@ -1,0 +1,112 @@
+//! `zapvm stress`: its arguments; the run and its judge are the harness's.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use harness::stress::StressRequest;
+use vmm::memory::parse_size;
+
+use crate::values::MemoryBackendArg;
+
+/// `zapvm stress` on the command line.
+#[derive(clap::Args, Debug)]
+pub struct StressArgs {
+    /// vCPUs running the stress verifier (--balloon and --virtio-mem each add a vCPU that drives
+    /// the device).
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u32,
+    /// Guest RAM (e.g. 256M, 1G).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub mem: u64,
+    /// Back guest RAM with transparent huge pages.
+    #[arg(long)]
+    pub thp: bool,
+    /// Host backing of guest RAM.
+    #[arg(long, value_enum, default_value_t = MemoryBackendArg::Anonymous)]
+    pub mem_backend: MemoryBackendArg,
+    /// How long the scenarios run (e.g. 10s, 2m, 500ms; plain numbers are seconds). Without it
+    /// and without --passes/--targets/--ops the run does a fixed amount of work (2 passes, 3
+    /// targets, 5 ops). With --passes, --targets or --ops: the deadline for that work (default
+    /// 10m), which only catches a hang.
+    #[arg(long, value_parser = harness::stress::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Run until every verifier vCPU completed this many passes over its slice (and the other
+    /// work asked for is done).
+    #[arg(long)]
+    pub passes: Option<u64>,
+    /// Run until the guest's driver reached this many targets in each device storm (--balloon,
+    /// --virtio-mem).
+    #[arg(long)]
+    pub targets: Option<u64>,
+    /// Run until each host scenario did this many operations (discards, external blows,
+    /// read-only phases, device-path reads).
+    #[arg(long)]
+    pub ops: Option<u64>,
+    /// Seed of the guest's pattern and of every scenario's RNG (a run is reproducible from it).
+    #[arg(long, default_value_t = 0x5eed)]
+    pub seed: u64,
+    /// Discard storm through the notifier.
+    #[arg(long)]
+    pub discard: bool,
+    /// Largest discard range (default 2M; 4K gives the highest invalidation rate).
+    #[arg(long, default_value = "2M", value_parser = parse_size)]
+    pub discard_max: u64,
+    /// madvise/munmap/mremap of guest RAM behind the VMM's back.
+    #[arg(long)]
+    pub external_chaos: bool,
+    /// Read-only / read-write phases through the notifier.
+    #[arg(long)]
+    pub mprotect: bool,
+    /// Balloon storm: random targets up and down, each followed and verified by the guest's
+    /// balloon driver (not on hugetlb RAM).
+    #[arg(long)]
+    pub balloon: bool,
+    /// virtio-mem plug/unplug storm: random requested sizes up and down, each followed and
+    /// verified by the guest's virtio-mem driver.
+    #[arg(long)]
+    pub virtio_mem: bool,
+    /// Size of the virtio-mem device's hot-pluggable region (whole 2 MiB blocks).
+    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    pub virtio_mem_region: u64,
+    /// Every scenario at once.
+    #[arg(long)]
+    pub all: bool,
+    /// Seal guest RAM with mseal(2): the external chaos's munmap, mremap, mprotect and
+    /// mmap(MAP_FIXED) blows must then all be refused (EPERM) while its madvise blows still
+    /// discard; the mprotect phases are not run (the VMM cannot re-protect sealed memory).
+    #[arg(long)]
+    pub seal_guest_ram: bool,
+    /// Write the JSON summary here instead of standard output.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+    /// The KVM device.
+    #[arg(long, default_value = "/dev/kvm")]
+    pub kvm_device: PathBuf,
+}
+
+impl From<StressArgs> for StressRequest {
+    fn from(a: StressArgs) -> Self {
+        StressRequest {
+            vcpus: a.vcpus,
+            mem: a.mem,
+            thp: a.thp,
+            mem_backend: a.mem_backend.into(),
+            duration: a.duration,
+            passes: a.passes,
+            targets: a.targets,
+            ops: a.ops,
+            seed: a.seed,
+            discard: a.discard,
+            discard_max: a.discard_max,
+            external_chaos: a.external_chaos,
+            mprotect: a.mprotect,
+            balloon: a.balloon,
+            virtio_mem: a.virtio_mem,
+            virtio_mem_region: a.virtio_mem_region,
+            all: a.all,
+            seal_guest_ram: a.seal_guest_ram,
+            json_out: a.json_out,
+            kvm_device: a.kvm_device,
+        }
+    }
+}

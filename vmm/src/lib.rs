@@ -7,9 +7,11 @@
 //! - [`vstate`]: the KVM VM ([`vstate::vm`]) and its vCPU threads ([`vstate::vcpu`]);
 //! - [`arch`]: x86_64 descriptor tables, identity page tables, vCPU registers;
 //! - [`boot`]: the test guest and Linux boot paths;
+//! - [`client`]: the client commands' control socket (`--api-socket PATH`);
 //! - [`devices`]: the port/MMIO buses and the emulated devices;
 //! - [`ucall`]: the test guest's channel to the VMM;
 //! - [`stats`]: statistics of a running VM on demand (`zapvm stats`);
+//! - [`metrics`]: the same statistics for Prometheus (`zapvm run --metrics-addr`, `--metrics-file`);
 //! - [`teardown`]: surviving teardowns of guest RAM by code outside the VMM;
 //! - [`pvm`]: the few adjustments PVM hosts need, inert elsewhere;
 //! - [`stress`]: `zapvm stress` (the memory layer under seeded, concurrent teardowns);
@@ -28,6 +30,7 @@ pub mod bench_plot;
 pub mod bench_pressure;
 pub mod bench_pressure_report;
 pub mod boot;
+pub mod client;
 pub mod console_input;
 pub mod devices;
 // KVM binary statistics are a crate of their own; re-exported so `crate::kvm_stats::…` and
@@ -35,6 +38,7 @@ pub mod devices;
 pub use ::kvm_stats;
 pub mod machine;
 pub mod memory;
+pub mod metrics;
 pub mod mmu;
 pub mod pvm;
 pub mod rendezvous;

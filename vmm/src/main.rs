@@ -38,6 +38,9 @@ enum Command {
         /// Process id of the `zapvm run` (default: the only one running).
         #[arg(long)]
         pid: Option<u32>,
+        /// The VM's control socket (`zapvm run --api-socket PATH`), instead of --pid.
+        #[arg(long, conflicts_with = "pid")]
+        api_socket: Option<PathBuf>,
     },
     /// The balloon of a running VM (through its control socket).
     #[command(subcommand)]
@@ -59,6 +62,9 @@ struct Target {
     /// Process id of the `zapvm run` (default: the only one with a control socket).
     #[arg(long)]
     pid: Option<u32>,
+    /// The VM's control socket (`zapvm run --api-socket PATH`), instead of --pid.
+    #[arg(long, conflicts_with = "pid")]
+    api_socket: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -206,6 +212,8 @@ struct RunArgs {
     /// Print the run report as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    metrics: vmm::metrics::cli::MetricsArgs,
 }
 
 #[derive(Subcommand)]
@@ -265,18 +273,21 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Bench(BenchCommand::Notifier { full, json_out }) => bench_notifier(full, json_out),
         Command::Bench(BenchCommand::Balloon { full, json_out }) => bench_balloon(full, json_out),
-        Command::Stats { pid } => stats(pid),
+        Command::Stats { api_socket: Some(socket), .. } => {
+            vmm::client::socket_at(&socket).and_then(|s| control_at(&s, vmm::api::Op::Stats))
+        }
+        Command::Stats { pid, api_socket: None } => stats(pid),
         Command::Balloon(BalloonCommand::Set { size, target }) => {
-            control(target.pid, vmm::api::Op::BalloonSet(vmm::api::SizeArg::size(size)))
+            control(target, vmm::api::Op::BalloonSet(vmm::api::SizeArg::size(size)))
         }
-        Command::Balloon(BalloonCommand::Stats(target)) => control(target.pid, vmm::api::Op::BalloonStats),
+        Command::Balloon(BalloonCommand::Stats(target)) => control(target, vmm::api::Op::BalloonStats),
         Command::Mem(MemCommand::Set { size, target }) => {
-            control(target.pid, vmm::api::Op::MemSet(vmm::api::SizeArg::size(size)))
+            control(target, vmm::api::Op::MemSet(vmm::api::SizeArg::size(size)))
         }
-        Command::Mem(MemCommand::State(target)) => control(target.pid, vmm::api::Op::MemState),
-        Command::Pause(target) => control(target.pid, vmm::api::Op::Pause),
-        Command::Resume(target) => control(target.pid, vmm::api::Op::Resume),
-        Command::Quit(target) => control(target.pid, vmm::api::Op::Quit),
+        Command::Mem(MemCommand::State(target)) => control(target, vmm::api::Op::MemState),
+        Command::Pause(target) => control(target, vmm::api::Op::Pause),
+        Command::Resume(target) => control(target, vmm::api::Op::Resume),
+        Command::Quit(target) => control(target, vmm::api::Op::Quit),
         Command::Stress(args) => vmm::stress::cli(args),
         Command::Bench(BenchCommand::Pressure(args)) => vmm::bench_pressure::cli(args),
         Command::Bench(BenchCommand::Boot { runs, mem, json_out, kvm_device }) => {
@@ -368,6 +379,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             requested_size: args.virtio_mem_requested,
         }),
         ioeventfd: !args.no_ioeventfd,
+        metrics: args.metrics.exporter(&std::process::id().to_string())?,
         api_socket: if args.no_api {
             None
         } else {
@@ -528,9 +540,14 @@ fn print_memory_layer(layer: &vmm::machine::MemoryLayerReport) {
     );
 }
 
-/// Sends `op` to the control socket of VM `pid` (or the only one) and prints the result.
-fn control(pid: Option<u32>, op: vmm::api::Op) -> Result<ExitCode, String> {
-    control_at(&vmm::api::find_socket(pid).map_err(|e| e.to_string())?, op)
+/// Sends `op` to the control socket `--api-socket` names, or that of VM `--pid` (or the only
+/// one), and prints the result.
+fn control(target: Target, op: vmm::api::Op) -> Result<ExitCode, String> {
+    let socket = match target.api_socket {
+        Some(path) => vmm::client::socket_at(&path)?,
+        None => vmm::api::find_socket(target.pid).map_err(|e| e.to_string())?,
+    };
+    control_at(&socket, op)
 }
 
 fn stats(pid: Option<u32>) -> Result<ExitCode, String> {

@@ -945,7 +945,10 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     });
     // Stopped by `finish` below, or by its drop if setup fails before the vCPUs run.
     let metrics = match &config.metrics {
-        Some(exporter) => Some(exporter.start(control.clone()).map_err(|e| Error::Device(e.to_string()))?),
+        Some(exporter) => {
+            let vm = control.clone();
+            Some(exporter.start(Arc::new(move || vm.sample())).map_err(|e| Error::Device(e.to_string()))?)
+        }
         None => None,
     };
     if let Some(path) = &config.api_socket {

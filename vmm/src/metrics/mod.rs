@@ -3,7 +3,7 @@
 //! same text to a file at an interval, for node_exporter's textfile collector.
 //!
 //! - [`sample`]: [`StatsSample`], one reading of every statistic of a VM, taken by
-//!   [`VmControl::sample`]; `zapvm stats` prints it as JSON, the exposition encodes it;
+//!   [`crate::machine::VmControl::sample`]; `zapvm stats` prints it as JSON, the exposition encodes it;
 //! - [`exposition`]: the text, encoded by the `prometheus-client` crate (what is exported, under
 //!   which names, is documented there);
 //! - [`server`]: the HTTP server (`tiny_http`).
@@ -28,7 +28,10 @@ use std::time::Duration;
 
 pub use sample::{KvmSample, StatsSample};
 
-use crate::machine::VmControl;
+/// Takes a fresh [`StatsSample`] of the VM (the VMM passes [`VmControl::sample`]).
+///
+/// [`VmControl::sample`]: crate::machine::VmControl::sample
+pub type Sampler = Arc<dyn Fn() -> StatsSample + Send + Sync>;
 
 /// What to export, and where.
 #[derive(Clone, Debug)]
@@ -126,10 +129,10 @@ impl Exporter {
         &self.0.config
     }
 
-    /// Starts serving and writing the statistics of `vm`: the HTTP server's threads (answering
-    /// every request with a fresh sample) and the file writer's (a first write at once, then one
-    /// every interval). Stops when the returned [`Running`] is finished or dropped.
-    pub fn start(&self, vm: Arc<VmControl>) -> Result<Running, MetricsError> {
+    /// Starts serving and writing the statistics `sample` takes: the HTTP server's threads
+    /// (answering every request with a fresh sample) and the file writer's (a first write at
+    /// once, then one every interval). Stops when the returned [`Running`] is finished or dropped.
+    pub fn start(&self, sample: Sampler) -> Result<Running, MetricsError> {
         let server = match &self.0.config.addr {
             Some(_) => Some(
                 self.0
@@ -143,8 +146,8 @@ impl Exporter {
         };
         let stop = Arc::new(Stop::default());
         let render: Arc<dyn Fn() -> String + Send + Sync> = {
-            let (vm, id) = (vm.clone(), self.0.config.vm_id.clone());
-            Arc::new(move || exposition::encode(&vm.sample(), &id))
+            let id = self.0.config.vm_id.clone();
+            Arc::new(move || exposition::encode(&sample(), &id))
         };
         let mut running = Running { stop, http: None, threads: Vec::new(), file: None, render: render.clone() };
         if let Some(server) = server {

@@ -327,3 +327,64 @@ fn bench_access_writes_its_outputs_and_the_hit_path_makes_no_system_call() {
         assert!(r["syscall_syscalls_per_access"].as_f64().unwrap_or(0.0) >= 1.0, "{r}");
     }
 }
+
+/// A `zapvm run` refused before any VM exists: the error line, and nothing on stdout (a VM that
+/// ran would print its summary there).
+fn assert_refused_before_the_vm(out: &Output, args: &[&str], needle: &str) {
+    assert_output_refused(out, args, needle);
+    assert_eq!(text(out).0, "", "{args:?}: no VM ran");
+}
+
+#[test]
+fn bad_metrics_flags_are_refused_before_the_vm_starts() {
+    let args = ["run", "--metrics-addr", "nonsense"];
+    assert_refused_before_the_vm(&zapvm(&args), &args, "--metrics-addr \"nonsense\"");
+    // A port in use (held by this test's listener).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let args = ["run", "--metrics-addr", &addr];
+    assert_refused_before_the_vm(&zapvm(&args), &args, &format!("cannot serve metrics on {addr}"));
+    drop(taken);
+    let args = ["run", "--metrics-file", "/nonexistent/dir/zapvm.prom"];
+    assert_refused_before_the_vm(&zapvm(&args), &args, "cannot write the metrics file /nonexistent/dir/zapvm.prom");
+    let (_dir, path) = scratch("x.prom");
+    let args = ["run", "--metrics-file", path.to_str().unwrap(), "--metrics-interval", "0"];
+    assert_refused_before_the_vm(&zapvm(&args), &args, "--metrics-interval 0 is not");
+}
+
+#[test]
+fn an_unwritable_metrics_directory_is_refused_before_the_vm_starts() {
+    // A directory its user may not write to (as root: the child runs as `nobody`).
+    let dir = scratch_dir("cli-metrics-ro");
+    let ro = dir.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = ro.join("zapvm.prom");
+    let args = ["run", "--metrics-file", file.to_str().unwrap()];
+    let mut cmd = zapvm_in(dir.path());
+    cmd.args(args);
+    if nix_is_root() {
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().unwrap();
+    assert_refused_before_the_vm(&out, &args, "Permission denied");
+    assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0, "the check leaves nothing behind");
+}
+
+#[test]
+fn client_commands_refuse_an_api_socket_that_is_not_one() {
+    let dir = scratch_dir("cli-api-socket");
+    let missing = dir.path().join("missing.sock");
+    let file = dir.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    for command in [&["pause"][..], &["resume"], &["quit"], &["stats"], &["balloon", "stats"], &["mem", "state"]] {
+        let mut args = command.to_vec();
+        args.extend(["--api-socket", missing.to_str().unwrap()]);
+        assert_refused(&args, "no such socket");
+    }
+    let args = ["balloon", "set", "8M", "--api-socket", file.to_str().unwrap()];
+    assert_refused(&args, "is a regular file, not a VM's control socket");
+    let args = ["mem", "set", "8M", "--api-socket", dir.path().to_str().unwrap()];
+    assert_refused(&args, "is a directory");
+}

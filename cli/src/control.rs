@@ -1,6 +1,7 @@
 //! The commands that talk to a running VM: `zapvm stats`, `balloon`, `mem`, `pause`, `resume`,
 //! `quit` (through its control socket; `stats` falls back to SIGUSR1 without one).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,6 +13,9 @@ pub struct Target {
     /// Process id of the `zapvm run` (default: the only one with a control socket).
     #[arg(long)]
     pub pid: Option<u32>,
+    /// The VM's control socket (`zapvm run --api-socket PATH`), instead of --pid.
+    #[arg(long, conflicts_with = "pid")]
+    pub api_socket: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -40,13 +44,23 @@ pub enum MemCommand {
     State(Target),
 }
 
-/// Sends `op` to the control socket of VM `pid` (or the only one) and prints the result.
-pub fn control(pid: Option<u32>, op: vmm::api::Op) -> Result<ExitCode, String> {
-    control_at(&vmm::api::find_socket(pid).map_err(|e| e.to_string())?, op)
+/// Sends `op` to the control socket `--api-socket` names, or that of VM `--pid` (or the only
+/// one), and prints the result.
+pub fn control(target: Target, op: vmm::api::Op) -> Result<ExitCode, String> {
+    let socket = match target.api_socket {
+        Some(path) => vmm::client::socket_at(&path)?,
+        None => vmm::api::find_socket(target.pid).map_err(|e| e.to_string())?,
+    };
+    control_at(&socket, op)
 }
 
-/// Prints the statistics of a running VM (`zapvm stats`).
-pub fn stats(pid: Option<u32>) -> Result<ExitCode, String> {
+/// Prints the statistics of a running VM (`zapvm stats`): through the socket `--api-socket`
+/// names when given.
+pub fn stats(target: Target) -> Result<ExitCode, String> {
+    if let Some(path) = target.api_socket {
+        return control_at(&vmm::client::socket_at(&path)?, vmm::api::Op::Stats);
+    }
+    let pid = target.pid;
     // The control socket when the VM has one; SIGUSR1 otherwise (`zapvm run --no-api`).
     if let Ok(socket) = vmm::api::find_socket(pid) {
         return control_at(&socket, vmm::api::Op::Stats);

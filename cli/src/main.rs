@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod control;
+mod metrics;
 mod run;
 mod stress;
 mod values;
@@ -47,11 +48,7 @@ enum Command {
     /// exit on any broken invariant.
     Stress(stress::StressArgs),
     /// Print the statistics of a running VM: KVM's, the table's, the notifier's, the balloon's.
-    Stats {
-        /// Process id of the `zapvm run` (default: the only one running).
-        #[arg(long)]
-        pid: Option<u32>,
-    },
+    Stats(Target),
     /// The balloon of a running VM (through its control socket).
     #[command(subcommand)]
     Balloon(BalloonCommand),
@@ -80,18 +77,18 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Bench(command) => bench::bench(command),
-        Command::Stats { pid } => control::stats(pid),
+        Command::Stats(target) => control::stats(target),
         Command::Balloon(BalloonCommand::Set { size, target }) => {
-            control(target.pid, vmm::api::Op::BalloonSet(vmm::api::SizeArg::size(size)))
+            control(target, vmm::api::Op::BalloonSet(vmm::api::SizeArg::size(size)))
         }
-        Command::Balloon(BalloonCommand::Stats(target)) => control(target.pid, vmm::api::Op::BalloonStats),
+        Command::Balloon(BalloonCommand::Stats(target)) => control(target, vmm::api::Op::BalloonStats),
         Command::Mem(MemCommand::Set { size, target }) => {
-            control(target.pid, vmm::api::Op::MemSet(vmm::api::SizeArg::size(size)))
+            control(target, vmm::api::Op::MemSet(vmm::api::SizeArg::size(size)))
         }
-        Command::Mem(MemCommand::State(target)) => control(target.pid, vmm::api::Op::MemState),
-        Command::Pause(target) => control(target.pid, vmm::api::Op::Pause),
-        Command::Resume(target) => control(target.pid, vmm::api::Op::Resume),
-        Command::Quit(target) => control(target.pid, vmm::api::Op::Quit),
+        Command::Mem(MemCommand::State(target)) => control(target, vmm::api::Op::MemState),
+        Command::Pause(target) => control(target, vmm::api::Op::Pause),
+        Command::Resume(target) => control(target, vmm::api::Op::Resume),
+        Command::Quit(target) => control(target, vmm::api::Op::Quit),
         Command::Stress(args) => harness::stress::cli(args.into()),
     };
     match result {

@@ -132,6 +132,8 @@ pub struct RunArgs {
     /// Print the run report as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArgs,
 }
 
 /// Runs `zapvm run`: the summary (or the JSON report) on standard output; the exit status is
@@ -209,6 +211,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
             requested_size: args.virtio_mem_requested,
         }),
         ioeventfd: !args.no_ioeventfd,
+        metrics: args.metrics.exporter(&std::process::id().to_string())?,
         api_socket: if args.no_api {
             None
         } else {

@@ -445,7 +445,7 @@ impl Memory {
                     len: (exact_end - exact_start) as u64,
                     hotplug,
                 };
-                assert!(d.gpa % 4096 == 0 && d.len % 4096 == 0, "discard of partial pages: {d:x?}");
+                assert!(d.gpa.is_multiple_of(4096) && d.len.is_multiple_of(4096), "discard of partial pages: {d:x?}");
                 d
             })
             .collect()
@@ -636,14 +636,14 @@ impl BalloonRig {
                     let addr = fuzz_addr(&mut b, (B_DATA, B_DATA_LEN), BALLOON_RAM, hot);
                     let len = fuzz_len(&mut b);
                     let flags = b.u8() as u16 & 0x7;
-                    let flags = if flags & 4 != 0 && b.u8() % 4 != 0 { flags & 3 } else { flags };
+                    let flags = if flags & 4 != 0 && !b.u8().is_multiple_of(4) { flags & 3 } else { flags };
                     let next = b.u16();
                     self.set_desc(q, i, addr, len, flags, next);
                 }
                 // A head in the avail ring (usually inside the table).
                 2 => {
                     let head = b.u16();
-                    let head = if b.u8() % 8 == 0 { head } else { head % self.sizes[q] };
+                    let head = if b.u8().is_multiple_of(8) { head } else { head % self.sizes[q] };
                     self.push(q, head);
                 }
                 // Raw bytes in the scratch area.
@@ -677,7 +677,7 @@ impl BalloonRig {
                 }
                 // A notify (sometimes of a queue that does not exist).
                 6 => {
-                    let index = if b.u8() % 8 == 0 { b.u32() } else { q as u32 };
+                    let index = if b.u8().is_multiple_of(8) { b.u32() } else { q as u32 };
                     self.notify(index);
                 }
                 // A hostile avail index.
@@ -760,7 +760,7 @@ impl MemRig {
                 self.region
             );
             assert!(
-                (d.gpa - self.region) % MEM_BLOCK == 0 && d.len % MEM_BLOCK == 0,
+                (d.gpa - self.region).is_multiple_of(MEM_BLOCK) && d.len % MEM_BLOCK == 0,
                 "virtio-mem discarded {d:x?}, not whole blocks"
             );
         }
@@ -849,13 +849,13 @@ impl MemRig {
                         _ => fuzz_len(&mut b),
                     };
                     let flags = b.u8() as u16 & 0x7;
-                    let flags = if flags & 4 != 0 && b.u8() % 4 != 0 { flags & 3 } else { flags };
+                    let flags = if flags & 4 != 0 && !b.u8().is_multiple_of(4) { flags & 3 } else { flags };
                     let next = b.u16();
                     self.set_desc(i, addr, len, flags, next);
                 }
                 2 => {
                     let head = b.u16();
-                    let head = if b.u8() % 8 == 0 { head } else { head % self.size };
+                    let head = if b.u8().is_multiple_of(8) { head } else { head % self.size };
                     self.push(head);
                 }
                 // A request: type mostly valid, range mostly block-aligned in the region.
@@ -885,7 +885,7 @@ impl MemRig {
                     self.mem.write(M_DATA + at, &bytes);
                 }
                 6 => {
-                    let index = if b.u8() % 8 == 0 { b.u32() } else { 0 };
+                    let index = if b.u8().is_multiple_of(8) { b.u32() } else { 0 };
                     self.notify(index);
                 }
                 _ => {

@@ -7,9 +7,11 @@
 //! - [`vstate`]: the KVM VM ([`vstate::vm`]) and its vCPU threads ([`vstate::vcpu`]);
 //! - [`arch`]: x86_64 descriptor tables, identity page tables, vCPU registers;
 //! - [`boot`]: the test guest and Linux boot paths;
+//! - [`client`]: the client commands' control socket (`--api-socket PATH`);
 //! - [`devices`]: the port/MMIO buses and the emulated devices;
 //! - [`ucall`]: the test guest's channel to the VMM;
 //! - [`stats`]: statistics of a running VM on demand (`zapvm stats`);
+//! - [`metrics`]: the same statistics for Prometheus (`zapvm run --metrics-addr`, `--metrics-file`);
 //! - [`teardown`]: surviving teardowns of guest RAM by code outside the VMM;
 //! - [`pvm`]: the few adjustments PVM hosts need, inert elsewhere;
 //! - [`machine`]: builds a VM from a [`machine::VmConfig`] and runs it to a [`machine::RunReport`];
@@ -22,6 +24,7 @@
 pub mod api;
 pub mod arch;
 pub mod boot;
+pub mod client;
 pub mod console_input;
 pub mod devices;
 // KVM binary statistics are a crate of their own; re-exported so `crate::kvm_stats::…` and
@@ -29,6 +32,7 @@ pub mod devices;
 pub use ::kvm_stats;
 pub mod machine;
 pub mod memory;
+pub mod metrics;
 pub mod mmu;
 pub mod pvm;
 pub mod rendezvous;

@@ -28,6 +28,7 @@ use crate::devices::virtio::mmio::{MmioTransport, TransportStats, MMIO_WINDOW_SI
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::{Bus, BusError};
 use crate::kvm_stats::KvmStatsReader;
+use crate::metrics::{KvmSample, StatsSample};
 use crate::memory::{GuestRam, MemoryConfig, MemoryError};
 use crate::mmu::{GuestMemoryAccess, GuestMmu, MmuStats};
 use crate::rendezvous::{DiscardRecord, DiscardRendezvous};
@@ -141,6 +142,9 @@ pub struct VmConfig {
     /// (the event loop processes the queue); `false`: every kick exits and is processed on the
     /// vCPU thread (what happens anyway where the host refuses ioeventfd).
     pub ioeventfd: bool,
+    /// Export the VM's statistics for Prometheus (see [`crate::metrics`]): served over HTTP
+    /// and/or written to a file while the VM runs, stopped (after a last file write) when it ends.
+    pub metrics: Option<crate::metrics::Exporter>,
 }
 
 /// A virtio-mem device: a region of `region_size` bytes above all RAM, of which the host asks
@@ -176,6 +180,7 @@ impl VmConfig {
             api_socket: None,
             virtio_mem: None,
             ioeventfd: true,
+            metrics: None,
         }
     }
 
@@ -373,30 +378,56 @@ impl VmControl {
     }
 
     /// A JSON snapshot of the VM's statistics: KVM's, the table's, the notifier's, external
-    /// teardowns, the balloon's.
+    /// teardowns, the balloon's ([`StatsSample::to_json`] of [`VmControl::sample`]).
     pub fn stats(&self) -> serde_json::Value {
+        self.sample().to_json()
+    }
+
+    /// One reading of every statistic of the VM: what [`VmControl::stats`] prints and the
+    /// Prometheus exposition ([`crate::metrics`]) encodes. Each part is read under its own lock;
+    /// safe to call from any thread while the VM runs, and after it ended.
+    pub fn sample(&self) -> StatsSample {
         let progress: Vec<(u64, u64)> = self
             .shared
             .progress
             .iter()
             .map(|(d, t)| (d.load(Ordering::Relaxed), t.load(Ordering::Relaxed)))
             .collect();
-        serde_json::json!({
-            "pid": std::process::id(),
-            "uptime_s": self.started.elapsed().as_secs_f64(),
-            "paused": self.paused(),
-            "vcpu_progress_pages": progress,
-            "kvm": self.kvm_stats.as_ref().and_then(|k| k.read().ok()),
-            "table": self.mmu.stats(),
-            "notifier": self.space.stats(),
-            "external_teardowns": self.teardown.report(),
-            "discards": self.rendezvous.as_ref().map(|r| r.records().len()).unwrap_or(0),
-            "balloon": self.balloon.as_ref().map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).device().stats()),
-            "balloon_transport": self.balloon.as_ref().map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).stats()),
-            "virtio_mem": self.virtio_mem.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).device().stats()),
-            "virtio_mem_transport": self.virtio_mem.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).stats()),
-            "pvm_quirks": self.shared.pvm_quirks.as_ref().map(|q| q.counts()),
-        })
+        let kvm = self.kvm_stats.as_ref().and_then(|k| {
+            Some(KvmSample {
+                vm: k.vm.read().ok()?,
+                vcpus: k.vcpus.iter().map(|v| v.read()).collect::<Result<_, _>>().ok()?,
+            })
+        });
+        let lock = |d: &BalloonDevice| {
+            let d = d.lock().unwrap_or_else(|e| e.into_inner());
+            (d.device().stats(), d.stats())
+        };
+        let (balloon, balloon_transport) = self.balloon.as_ref().map(lock).unzip();
+        let (virtio_mem, virtio_mem_transport) = self
+            .virtio_mem
+            .as_ref()
+            .map(|m| {
+                let m = m.lock().unwrap_or_else(|e| e.into_inner());
+                (m.device().stats(), m.stats())
+            })
+            .unzip();
+        StatsSample {
+            pid: std::process::id(),
+            uptime: self.started.elapsed(),
+            paused: self.paused(),
+            vcpu_progress_pages: progress,
+            kvm,
+            table: self.mmu.stats(),
+            notifier: self.space.stats(),
+            external_teardowns: self.teardown.report(),
+            discards: self.rendezvous.as_ref().map(|r| r.records().len()).unwrap_or(0),
+            balloon,
+            balloon_transport,
+            virtio_mem,
+            virtio_mem_transport,
+            pvm_quirks: self.shared.pvm_quirks.as_ref().map(|q| q.counts()),
+        }
     }
 }
 
@@ -946,6 +977,14 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         threads: Mutex::new(None),
         started,
     });
+    // Stopped by `finish` below, or by its drop if setup fails before the vCPUs run.
+    let metrics = match &config.metrics {
+        Some(exporter) => {
+            let vm = control.clone();
+            Some(exporter.start(Arc::new(move || vm.sample())).map_err(|e| Error::Device(e.to_string()))?)
+        }
+        None => None,
+    };
     if let Some(path) = &config.api_socket {
         let server = crate::api::ApiServer::bind(path, control.clone())
             .map_err(|e| Error::Device(format!("control API socket {}: {e}", path.display())))?;
@@ -1025,6 +1064,10 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
             })
         })
         .collect();
+    // The exporter's last file write sees the vCPUs' final counts; its server stops with the VM.
+    if let Some(metrics) = metrics {
+        metrics.finish();
+    }
 
     let mut outcome = match (teardown.fatal(), outcome) {
         (Some(message), _) => VmOutcome::Failed { message },

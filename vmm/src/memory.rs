@@ -264,13 +264,13 @@ impl GuestRam {
     }
 
     fn create(config: MemoryConfig, hotplug_size: u64, seal: bool) -> Result<Self, MemoryError> {
-        if hotplug_size % HUGE_PAGE_SIZE != 0 {
+        if !hotplug_size.is_multiple_of(HUGE_PAGE_SIZE) {
             return Err(MemoryError::HotplugNotAligned(hotplug_size));
         }
-        if config.size % PAGE_SIZE != 0 {
+        if !config.size.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::NotPageAligned(config.size));
         }
-        if config.backend == MemoryBackend::Hugetlb && config.size % HUGE_PAGE_SIZE != 0 {
+        if config.backend == MemoryBackend::Hugetlb && !config.size.is_multiple_of(HUGE_PAGE_SIZE) {
             return Err(MemoryError::NotHugePageAligned(config.size));
         }
         if config.size < MIN_MEM_SIZE {

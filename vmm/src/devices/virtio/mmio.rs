@@ -521,7 +521,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             }
             return;
         }
-        let value = if data.len() == 4 && offset % 4 == 0 { self.read_register(offset) } else { None };
+        let value = if data.len() == 4 && offset.is_multiple_of(4) { self.read_register(offset) } else { None };
         match value {
             Some(v) => data.copy_from_slice(&v.to_le_bytes()),
             None => {
@@ -542,7 +542,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             return;
         }
         let handled = match <[u8; 4]>::try_from(data) {
-            Ok(bytes) if offset % 4 == 0 => self.write_register(offset, u32::from_le_bytes(bytes)),
+            Ok(bytes) if offset.is_multiple_of(4) => self.write_register(offset, u32::from_le_bytes(bytes)),
             _ => false,
         };
         if !handled {

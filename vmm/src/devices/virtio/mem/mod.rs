@@ -241,7 +241,7 @@ impl VirtioMem {
     /// through `MmioTransport::update_config` so the driver gets a config-change interrupt. On
     /// error nothing changes.
     pub fn set_requested_size(&mut self, bytes: u64) -> Result<(), VirtioMemError> {
-        if bytes % self.block_size != 0 || bytes > self.region_size {
+        if !bytes.is_multiple_of(self.block_size) || bytes > self.region_size {
             return Err(VirtioMemError::RequestedSize {
                 requested: bytes,
                 block_size: self.block_size,
@@ -373,7 +373,7 @@ impl VirtioMem {
         let e = &mut self.stats.errors;
         let (counter, why) = if nb_blocks == 0 {
             (&mut e.zero_blocks, "zero blocks")
-        } else if addr % bs != 0 {
+        } else if !addr.is_multiple_of(bs) {
             (&mut e.misaligned, "address not block-aligned")
         } else {
             match (nb_blocks as u64).checked_mul(bs).and_then(|len| addr.checked_add(len)) {

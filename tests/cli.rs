@@ -346,7 +346,11 @@ fn bad_metrics_flags_are_refused_before_the_vm_starts() {
     assert_refused_before_the_vm(&zapvm(&args), &args, &format!("cannot serve metrics on {addr}"));
     drop(taken);
     let args = ["run", "--metrics-file", "/nonexistent/dir/zapvm.prom"];
-    assert_refused_before_the_vm(&zapvm(&args), &args, "cannot write the metrics file /nonexistent/dir/zapvm.prom");
+    assert_refused_before_the_vm(
+        &zapvm(&args),
+        &args,
+        "cannot write the metrics file /nonexistent/dir/zapvm.prom",
+    );
     let (_dir, path) = scratch("x.prom");
     let args = ["run", "--metrics-file", path.to_str().unwrap(), "--metrics-interval", "0"];
     assert_refused_before_the_vm(&zapvm(&args), &args, "--metrics-interval 0 is not");
@@ -378,7 +382,9 @@ fn client_commands_refuse_an_api_socket_that_is_not_one() {
     let missing = dir.path().join("missing.sock");
     let file = dir.path().join("file");
     std::fs::write(&file, "").unwrap();
-    for command in [&["pause"][..], &["resume"], &["quit"], &["stats"], &["balloon", "stats"], &["mem", "state"]] {
+    for command in
+        [&["pause"][..], &["resume"], &["quit"], &["stats"], &["balloon", "stats"], &["mem", "state"]]
+    {
         let mut args = command.to_vec();
         args.extend(["--api-socket", missing.to_str().unwrap()]);
         assert_refused(&args, "no such socket");

@@ -386,7 +386,11 @@ struct MemModel {
 impl MemModel {
     fn blocks(&self, addr: u64, nb: u16) -> Option<std::ops::Range<usize>> {
         let end = (nb as u64).checked_mul(MEM_BLOCK).and_then(|len| addr.checked_add(len))?;
-        if nb == 0 || !addr.is_multiple_of(MEM_BLOCK) || addr < self.region || end > self.region + MEM_REGION_SIZE {
+        if nb == 0
+            || !addr.is_multiple_of(MEM_BLOCK)
+            || addr < self.region
+            || end > self.region + MEM_REGION_SIZE
+        {
             return None;
         }
         let first = ((addr - self.region) / MEM_BLOCK) as usize;

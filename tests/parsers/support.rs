@@ -445,7 +445,10 @@ impl Memory {
                     len: (exact_end - exact_start) as u64,
                     hotplug,
                 };
-                assert!(d.gpa.is_multiple_of(4096) && d.len.is_multiple_of(4096), "discard of partial pages: {d:x?}");
+                assert!(
+                    d.gpa.is_multiple_of(4096) && d.len.is_multiple_of(4096),
+                    "discard of partial pages: {d:x?}"
+                );
                 d
             })
             .collect()

@@ -12,12 +12,18 @@ pub fn socket_at(path: &Path) -> Result<PathBuf, String> {
     match std::fs::metadata(path) {
         Ok(m) if m.file_type().is_socket() => Ok(path.to_path_buf()),
         Ok(m) => {
-            let what = if m.is_dir() { "a directory" } else if m.is_file() { "a regular file" } else { "not a socket" };
+            let what = if m.is_dir() {
+                "a directory"
+            } else if m.is_file() {
+                "a regular file"
+            } else {
+                "not a socket"
+            };
             Err(format!("--api-socket {shown} is {what}, not a VM's control socket"))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(format!("--api-socket {shown}: no such socket (is the VM running with --api-socket {shown}?)"))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
+            "--api-socket {shown}: no such socket (is the VM running with --api-socket {shown}?)"
+        )),
         Err(e) => Err(format!("--api-socket {shown}: {e}")),
     }
 }

@@ -28,8 +28,8 @@ use crate::devices::virtio::mmio::{MmioTransport, TransportStats, MMIO_WINDOW_SI
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::{Bus, BusError};
 use crate::kvm_stats::KvmStatsReader;
-use crate::metrics::{KvmSample, StatsSample};
 use crate::memory::{GuestRam, MemoryConfig, MemoryError};
+use crate::metrics::{KvmSample, StatsSample};
 use crate::mmu::{GuestMemoryAccess, GuestMmu, MmuStats};
 use crate::rendezvous::{DiscardRecord, DiscardRendezvous};
 use crate::teardown::{GuardedRegion, TeardownGuard, TeardownPolicy, TeardownReport};

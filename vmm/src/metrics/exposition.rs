@@ -62,7 +62,10 @@ enum Value {
     Int(u64),
     Float(f64),
     /// Per-bucket (not cumulative) counts by inclusive upper bound, the last one +Inf.
-    Histogram { buckets: Vec<(f64, u64)>, count: u64 },
+    Histogram {
+        buckets: Vec<(f64, u64)>,
+        count: u64,
+    },
 }
 
 type Labels = Vec<(String, String)>;
@@ -91,7 +94,9 @@ impl Collector for Families {
             for (labels, value) in &f.series {
                 let mut series = metric.encode_family(labels)?;
                 match (f.kind, value) {
-                    (MetricType::Counter, Value::Int(v)) => series.encode_counter::<NoLabelSet, _, u64>(v, None)?,
+                    (MetricType::Counter, Value::Int(v)) => {
+                        series.encode_counter::<NoLabelSet, _, u64>(v, None)?
+                    }
                     (MetricType::Counter, Value::Float(v)) => {
                         series.encode_counter::<NoLabelSet, _, u64>(v, None)?
                     }
@@ -209,7 +214,8 @@ impl Families {
             let (name, scale) = kvm_name(d);
             let name = format!("kvm_{scope}_{name}");
             let help = format!("KVM {scope} statistic {} ({}).", d.name, d.kind);
-            let scaled = |v: u64| if scale.is_one() { Value::Int(v) } else { Value::Float(scale.apply(v as f64)) };
+            let scaled =
+                |v: u64| if scale.is_one() { Value::Int(v) } else { Value::Float(scale.apply(v as f64)) };
             let first = values.first().copied().unwrap_or(0);
             match d.kind {
                 StatKind::Cumulative => self.add(&name, &help, MetricType::Counter, &labels, scaled(first)),
@@ -283,11 +289,21 @@ impl Families {
             self.counter(&format!("table_{name}"), help, &[], Value::Int(v));
         }
         for (size, v) in [("4096", t.installs_4k), ("2097152", t.installs_2m)] {
-            self.counter("table_installs", "Entries installed, by page size in bytes.", &[("page_size", size)], Value::Int(v));
+            self.counter(
+                "table_installs",
+                "Entries installed, by page size in bytes.",
+                &[("page_size", size)],
+                Value::Int(v),
+            );
         }
         self.gauge("table_entries", "Entries currently installed.", &[], Value::Int(t.entries));
         for (kind, v) in &t.torn_down {
-            self.counter("table_torn_down", "Entries torn down, by teardown kind.", &[("kind", kind)], Value::Int(*v));
+            self.counter(
+                "table_torn_down",
+                "Entries torn down, by teardown kind.",
+                &[("kind", kind)],
+                Value::Int(*v),
+            );
         }
     }
 
@@ -304,7 +320,9 @@ impl Families {
         for (key, v) in members {
             let help = format!("{what}: {}.", key.replace('_', " "));
             match (key.as_str(), v) {
-                (_, Json::Bool(b)) => self.gauge(&format!("{prefix}_{key}"), &help, &[], Value::Int((*b).into())),
+                (_, Json::Bool(b)) => {
+                    self.gauge(&format!("{prefix}_{key}"), &help, &[], Value::Int((*b).into()))
+                }
                 (_, Json::Number(n)) => {
                     let v = Value::Int(n.as_u64().unwrap_or_default());
                     if let Some(stem) = key.strip_suffix("_size") {
@@ -324,7 +342,12 @@ impl Families {
                     for (error, n) in errors {
                         if let Some(n) = n.as_u64() {
                             let help = format!("{what}: guest errors, by error.");
-                            self.counter(&format!("{prefix}_errors"), &help, &[("error", error)], Value::Int(n));
+                            self.counter(
+                                &format!("{prefix}_errors"),
+                                &help,
+                                &[("error", error)],
+                                Value::Int(n),
+                            );
                         }
                     }
                 }
@@ -332,7 +355,12 @@ impl Families {
                     for (tag, n) in tags {
                         if let Some(n) = n.as_u64() {
                             let help = format!("{what}: the guest's latest statistics, by tag.");
-                            self.gauge(&format!("{prefix}_guest_stat"), &help, &[("tag", tag)], Value::Int(n));
+                            self.gauge(
+                                &format!("{prefix}_guest_stat"),
+                                &help,
+                                &[("tag", tag)],
+                                Value::Int(n),
+                            );
                         }
                     }
                 }
@@ -357,9 +385,16 @@ impl Families {
 }
 
 /// The balloon's members that are levels, not counters.
-const BALLOON_LEVELS: &[&str] =
-    &["target_pages", "actual_pages", "ballooned_pages", "huge_blocks_full", "huge_blocks_partial", "held_pages"];
-/// virtio-mem's members that are levels (besides its `_size`s); `addr` is a number but no metric.
+const BALLOON_LEVELS: &[&str] = &[
+    "target_pages",
+    "actual_pages",
+    "ballooned_pages",
+    "huge_blocks_full",
+    "huge_blocks_partial",
+    "held_pages",
+];
+/// virtio-mem's members that are levels (besides its `_size`s; `addr`: the region's guest-physical
+/// address).
 const VIRTIO_MEM_LEVELS: &[&str] = &["plugged_blocks", "addr"];
 /// The transports' members that are levels.
 const TRANSPORT_LEVELS: &[&str] = &["ioeventfd_queues", "ioeventfd_refused"];
@@ -447,7 +482,14 @@ fn kvm_histogram(d: &StatDesc, values: &[u64], scale: Scale) -> Value {
 mod tests {
     use super::*;
 
-    fn desc(name: &str, kind: StatKind, unit: StatUnit, exponent: i16, size: usize, bucket_size: u32) -> StatDesc {
+    fn desc(
+        name: &str,
+        kind: StatKind,
+        unit: StatUnit,
+        exponent: i16,
+        size: usize,
+        bucket_size: u32,
+    ) -> StatDesc {
         StatDesc {
             name: name.into(),
             kind,
@@ -478,7 +520,9 @@ mod tests {
     #[test]
     fn kvm_histogram_buckets_are_the_kernels() {
         let d = desc("h", StatKind::LogHist, StatUnit::None, 0, 4, 0);
-        let Value::Histogram { buckets, count } = kvm_histogram(&d, &[1, 2, 3, 4], Scale::ONE) else { panic!() };
+        let Value::Histogram { buckets, count } = kvm_histogram(&d, &[1, 2, 3, 4], Scale::ONE) else {
+            panic!()
+        };
         // [0,1) [1,2) [2,4) [4,inf): inclusive bounds 0, 1, 3, +Inf.
         assert_eq!(buckets, vec![(0.0, 1), (1.0, 2), (3.0, 3), (f64::INFINITY, 4)]);
         assert_eq!(count, 10);
@@ -494,7 +538,13 @@ mod tests {
         f.counter("notifier_bytes", "Bytes.", &[("kind", "unmap"), ("origin", "vmm")], Value::Int(0));
         f.gauge("table_entries", "Entries.", &[], Value::Int(3));
         let d = desc("h", StatKind::LogHist, StatUnit::None, 0, 2, 0);
-        f.add("kvm_vcpu_h", "H.", MetricType::Histogram, &[("vcpu", "0")], kvm_histogram(&d, &[2, 1], Scale::ONE));
+        f.add(
+            "kvm_vcpu_h",
+            "H.",
+            MetricType::Histogram,
+            &[("vcpu", "0")],
+            kvm_histogram(&d, &[2, 1], Scale::ONE),
+        );
         let mut registry = Registry::with_prefix("zapvm");
         registry.register_collector(Box::new(f));
         let mut text = String::new();

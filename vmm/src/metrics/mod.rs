@@ -148,10 +148,12 @@ impl Exporter {
             let id = self.0.config.vm_id.clone();
             Arc::new(move || exposition::encode(&sample(), &id))
         };
-        let mut running = Running { stop, http: None, threads: Vec::new(), file: None, render: render.clone() };
+        let mut running =
+            Running { stop, http: None, threads: Vec::new(), file: None, render: render.clone() };
         if let Some(server) = server {
-            running.http =
-                Some(server::spawn(server, render.clone(), running.stop.clone()).map_err(MetricsError::Thread)?);
+            running.http = Some(
+                server::spawn(server, render.clone(), running.stop.clone()).map_err(MetricsError::Thread)?,
+            );
         }
         if let Some(path) = &self.0.config.file {
             running.file = Some(path.clone());

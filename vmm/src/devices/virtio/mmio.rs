@@ -521,7 +521,8 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             }
             return;
         }
-        let value = if data.len() == 4 && offset.is_multiple_of(4) { self.read_register(offset) } else { None };
+        let value =
+            if data.len() == 4 && offset.is_multiple_of(4) { self.read_register(offset) } else { None };
         match value {
             Some(v) => data.copy_from_slice(&v.to_le_bytes()),
             None => {

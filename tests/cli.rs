@@ -394,3 +394,21 @@ fn client_commands_refuse_an_api_socket_that_is_not_one() {
     let args = ["mem", "set", "8M", "--api-socket", dir.path().to_str().unwrap()];
     assert_refused(&args, "is a directory");
 }
+
+/// `zapvm stress` naming no scenario runs every one of them (here with a small fixed amount of
+/// work) and passes, rather than refusing to start.
+#[test]
+fn stress_without_a_scenario_runs_every_scenario() {
+    let (_dir, json) = scratch("stress.json");
+    let args = ["stress", "--passes", "1", "--targets", "1", "--ops", "1", "--json-out", json.to_str().unwrap()];
+    let out = zapvm(&args);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("the report")).expect("JSON");
+    let scenarios: Vec<&str> =
+        report["scenarios"].as_array().expect("scenarios").iter().filter_map(|s| s.as_str()).collect();
+    for s in ["discard", "external-chaos", "mprotect", "balloon", "virtio-mem"] {
+        assert!(scenarios.contains(&s), "{s} not run: {scenarios:?}");
+    }
+}

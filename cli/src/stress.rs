@@ -68,7 +68,7 @@ pub struct StressArgs {
     /// Size of the virtio-mem device's hot-pluggable region (whole 2 MiB blocks).
     #[arg(long, default_value = "128M", value_parser = parse_size)]
     pub virtio_mem_region: u64,
-    /// Every scenario at once.
+    /// Every scenario at once (also what a run that names no scenario does).
     #[arg(long)]
     pub all: bool,
     /// Seal guest RAM with mseal(2): the external chaos's munmap, mremap, mprotect and

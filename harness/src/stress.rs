@@ -2435,7 +2435,7 @@ pub struct StressRequest {
     pub virtio_mem: bool,
     /// Bytes of the virtio-mem device's hot-pluggable region.
     pub virtio_mem_region: u64,
-    /// Every scenario at once.
+    /// Every scenario at once (also when no scenario is named).
     pub all: bool,
     /// Seal guest RAM with `mseal(2)`.
     pub seal_guest_ram: bool,
@@ -2539,7 +2539,9 @@ pub fn cli(args: StressRequest) -> Result<std::process::ExitCode, String> {
         progress: true,
         ..StressOptions::new()
     };
-    if args.all {
+    // No scenario named: every scenario (what a user who types `zapvm stress` wants to see).
+    let named = args.discard || args.external_chaos || args.mprotect || args.balloon || args.virtio_mem;
+    if args.all || !named {
         opts = opts.all();
     }
     let report = run(&opts)?;

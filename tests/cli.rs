@@ -400,7 +400,8 @@ fn client_commands_refuse_an_api_socket_that_is_not_one() {
 #[test]
 fn stress_without_a_scenario_runs_every_scenario() {
     let (_dir, json) = scratch("stress.json");
-    let args = ["stress", "--passes", "1", "--targets", "1", "--ops", "1", "--json-out", json.to_str().unwrap()];
+    let args =
+        ["stress", "--passes", "1", "--targets", "1", "--ops", "1", "--json-out", json.to_str().unwrap()];
     let out = zapvm(&args);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");

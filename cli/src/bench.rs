@@ -141,7 +141,10 @@ pub fn bench(command: BenchCommand) -> Result<ExitCode, String> {
         BenchCommand::Access { full, rounds, out } => {
             use harness::bench_access::AccessBenchOptions;
             let base = if full { AccessBenchOptions::full() } else { AccessBenchOptions::quick() };
-            harness::bench_access::cli(&AccessBenchOptions { rounds: rounds.unwrap_or(base.rounds), ..base }, &out)
+            harness::bench_access::cli(
+                &AccessBenchOptions { rounds: rounds.unwrap_or(base.rounds), ..base },
+                &out,
+            )
         }
         BenchCommand::Boot { runs, mem, json_out, kvm_device } => bench_boot(runs, mem, json_out, kvm_device),
     }

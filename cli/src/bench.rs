@@ -150,6 +150,16 @@ pub fn bench(command: BenchCommand) -> Result<ExitCode, String> {
     }
 }
 
+/// Writes `report` as pretty JSON to `json_out` when one was given (`--json-out`).
+fn write_json(json_out: Option<PathBuf>, report: &impl serde::Serialize) -> Result<ExitCode, String> {
+    if let Some(path) = json_out {
+        let json = serde_json::to_string_pretty(report).expect("the report serialises");
+        std::fs::write(&path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn bench_boot(
     runs: usize,
     mem: u64,
@@ -162,12 +172,7 @@ fn bench_boot(
     let opts = harness::bench::BootBenchOptions { runs, mem, kvm_device };
     let rows = harness::bench::boot(&opts, &mut |line| eprintln!("{line}"))?;
     print!("{}", harness::bench::boot_table(&rows));
-    if let Some(path) = json_out {
-        let json = serde_json::to_string_pretty(&rows).expect("rows serialise");
-        std::fs::write(&path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(ExitCode::SUCCESS)
+    write_json(json_out, &rows)
 }
 
 fn bench_notifier(full: bool, json_out: Option<PathBuf>) -> Result<ExitCode, String> {
@@ -178,12 +183,7 @@ fn bench_notifier(full: bool, json_out: Option<PathBuf>) -> Result<ExitCode, Str
     };
     let report = harness::bench_notifier::run(&opts, &mut |line| eprintln!("{line}"));
     print!("{}", report.to_markdown_table());
-    if let Some(path) = json_out {
-        let json = serde_json::to_string_pretty(&report).expect("report serialises");
-        std::fs::write(&path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(ExitCode::SUCCESS)
+    write_json(json_out, &report)
 }
 
 fn bench_balloon(full: bool, json_out: Option<PathBuf>) -> Result<ExitCode, String> {
@@ -191,10 +191,5 @@ fn bench_balloon(full: bool, json_out: Option<PathBuf>) -> Result<ExitCode, Stri
     let opts = if full { BalloonBenchOptions::full() } else { BalloonBenchOptions::quick() };
     let report = run(&opts, &mut |line| eprintln!("{line}"))?;
     print!("{}", report.to_markdown_table());
-    if let Some(path) = json_out {
-        let json = serde_json::to_string_pretty(&report).expect("report serialises");
-        std::fs::write(&path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(ExitCode::SUCCESS)
+    write_json(json_out, &report)
 }

@@ -229,7 +229,7 @@ impl Drop for RunningVm {
 }
 
 #[test]
-fn stats_of_a_running_vm_show_kvm_table_and_notifier_counters() {
+fn stats_of_a_running_vm_show_when_and_kvm_table_and_notifier_counters() {
     let dir = scratch_dir("cli-stats");
     let vm = RunningVm::start(dir.path());
     let out = zapvm_in(dir.path()).args(["stats", "--pid", &vm.pid().to_string()]).output().unwrap();
@@ -241,6 +241,13 @@ fn stats_of_a_running_vm_show_kvm_table_and_notifier_counters() {
     assert!(stats["kvm"]["vcpus"]["exits"].as_u64().unwrap() > 0, "{stats}");
     assert!(stats["table"]["installs_4k"].is_u64(), "{stats}");
     assert!(stats["notifier"]["kinds"].is_array(), "{stats}");
+    // When it was taken: RFC 3339 UTC, and the same instant as Unix seconds, within this test's
+    // own clock readings around the call.
+    let time = stats["time"].as_str().unwrap_or_default();
+    assert!(time.len() == 20 && time.ends_with('Z') && time.as_bytes()[10] == b'T', "{time}");
+    let unix = stats["unix_time_s"].as_f64().unwrap_or(0.0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(unix > now - 120.0 && unix <= now, "{unix} vs now {now}");
 }
 
 #[test]

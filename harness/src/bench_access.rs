@@ -350,7 +350,7 @@ pub fn run(opts: &AccessBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
             .chain(std::env::args().skip(1))
             .collect::<Vec<_>>()
             .join(" "),
-        date: crate::bench_pressure::utc_now(),
+        date: vmm::timestamp::utc_now(),
         rounds: opts.rounds,
         chunk: opts.chunk,
         rows,

@@ -557,29 +557,6 @@ fn one_vm(
     }
 }
 
-/// The current UTC time as RFC 3339.
-pub(crate) fn utc_now() -> String {
-    let secs =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    rfc3339(secs as i64)
-}
-
-/// `secs` since the Unix epoch as an RFC 3339 UTC timestamp (days to a civil date by Howard
-/// Hinnant's `civil_from_days`: a date crate for one timestamp is not worth the dependency).
-fn rfc3339(secs: i64) -> String {
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
-}
-
 /// Checks `opts` before any VM starts.
 fn validate(opts: &PressureOptions) -> Result<(), String> {
     if opts.ranges.is_empty() || opts.rates_mib_s.is_empty() || opts.backings.is_empty() {
@@ -606,7 +583,7 @@ fn validate(opts: &PressureOptions) -> Result<(), String> {
 /// Runs `zapvm bench pressure`; `progress` hears about every point.
 pub fn run(opts: &PressureOptions, progress: &mut dyn FnMut(&str)) -> Result<PressureReport, String> {
     validate(opts)?;
-    let date = utc_now();
+    let date = vmm::timestamp::utc_now();
     let mut notes = Vec::new();
     let (mut points, mut vms) = (Vec::new(), Vec::new());
     // The per-page comparison: at the key point when it is measured, else at the largest range
@@ -815,14 +792,6 @@ pub fn write_outputs(report: &PressureReport, dir: &Path) -> Result<(), String> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timestamps_are_rfc3339_utc() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
-        assert_eq!(rfc3339(4_107_542_399), "2100-02-28T23:59:59Z");
-    }
 
     #[test]
     fn medians() {

@@ -13,6 +13,7 @@
 //! - [`stats`]: statistics of a running VM on demand (`zapvm stats`);
 //! - [`metrics`]: the same statistics for Prometheus (`zapvm run --metrics-addr`, `--metrics-file`);
 //! - [`teardown`]: surviving teardowns of guest RAM by code outside the VMM;
+//! - [`timestamp`]: RFC 3339 UTC timestamps for reports (`zapvm stats`, the benchmarks);
 //! - [`pvm`]: the few adjustments PVM hosts need, inert elsewhere;
 //! - [`machine`]: builds a VM from a [`machine::VmConfig`] and runs it to a [`machine::RunReport`];
 //!   a running VM is seen through its [`machine::VmControl`] handle.
@@ -38,5 +39,6 @@ pub mod pvm;
 pub mod rendezvous;
 pub mod stats;
 pub mod teardown;
+pub mod timestamp;
 pub mod ucall;
 pub mod vstate;

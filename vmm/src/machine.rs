@@ -414,6 +414,7 @@ impl VmControl {
             .unzip();
         StatsSample {
             pid: std::process::id(),
+            taken_at: std::time::SystemTime::now(),
             uptime: self.started.elapsed(),
             paused: self.paused(),
             vcpu_progress_pages: progress,

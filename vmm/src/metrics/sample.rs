@@ -35,6 +35,8 @@ impl KvmSample {
 pub struct StatsSample {
     /// The VMM's process id.
     pub pid: u32,
+    /// When the sample was taken (wall clock).
+    pub taken_at: std::time::SystemTime,
     /// Time since the VM was built.
     pub uptime: Duration,
     /// Whether the vCPUs are paused.
@@ -69,6 +71,8 @@ impl StatsSample {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "pid": self.pid,
+            "time": crate::timestamp::rfc3339(self.taken_at),
+            "unix_time_s": self.taken_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
             "uptime_s": self.uptime.as_secs_f64(),
             "paused": self.paused,
             "vcpu_progress_pages": self.vcpu_progress_pages,

@@ -58,6 +58,7 @@ pub struct AccessBenchOptions {
     /// Accesses per chunk.
     pub chunk: usize,
     /// Length of one contention phase.
+    #[serde(with = "crate::seconds")]
     pub phase: Duration,
     /// Alternated contention rounds (each: readers alone, then with the invalidator).
     pub contention_rounds: usize,

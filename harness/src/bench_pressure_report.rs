@@ -60,6 +60,7 @@ pub struct PressureOptions {
     /// Host backings.
     pub backings: Vec<PressureBacking>,
     /// Length of an unpressured slice, and the least length of a pressured one.
+    #[serde(with = "crate::seconds")]
     pub slice: Duration,
     /// Unpressured/pressured slice pairs per point.
     pub reps: usize,
@@ -70,6 +71,7 @@ pub struct PressureOptions {
     /// Seed of the range picks.
     pub seed: u64,
     /// Points whose token period (range / rate) is longer than this are skipped.
+    #[serde(with = "crate::seconds")]
     pub max_period: Duration,
 }
 

@@ -17,7 +17,8 @@
 //!   madvise);
 //! - [`bench_pressure`]: `zapvm bench pressure` (the guest's touch rate under host discards);
 //! - [`bench_pressure_report`]: the report of `zapvm bench pressure`, which the plot draws;
-//! - [`bench_plot`]: SVG plots of benchmark reports.
+//! - [`bench_plot`]: SVG plots of benchmark reports;
+//! - [`seconds`]: durations in reports as seconds.
 //!
 //! The feature `fault-injection` (tests only) turns on the planted faults of the stress test, and
 //! with them those of `vmm` and the notifier.
@@ -29,4 +30,5 @@ pub mod bench_notifier;
 pub mod bench_plot;
 pub mod bench_pressure;
 pub mod bench_pressure_report;
+pub mod seconds;
 pub mod stress;

@@ -420,3 +420,23 @@ fn stress_without_a_scenario_runs_every_scenario() {
         assert!(scenarios.contains(&s), "{s} not run: {scenarios:?}");
     }
 }
+
+/// `--log-level` sets what is logged (here: trace and debug lines appear, which the default
+/// `warn` hides), and a filter that does not parse is refused naming the flag.
+#[test]
+fn log_level_sets_the_filter_and_a_bad_one_is_refused() {
+    let quiet = zapvm(&["run", "--timeout", "60"]);
+    let loud = zapvm(&["--log-level", "trace", "run", "--timeout", "60"]);
+    assert!(quiet.status.success() && loud.status.success());
+    let (_, quiet_err) = text(&quiet);
+    let (_, loud_err) = text(&loud);
+    assert!(
+        loud_err.lines().count() > quiet_err.lines().count(),
+        "trace logs more than the default:\n{loud_err}"
+    );
+    assert!(loud_err.contains("TRACE") || loud_err.contains("DEBUG"), "{loud_err}");
+    assert_refused(
+        &["--log-level", "notifier=nonsense", "run"],
+        "--log-level \"notifier=nonsense\" is not a log filter",
+    );
+}

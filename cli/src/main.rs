@@ -32,8 +32,27 @@ use run::RunArgs;
     about = "A minimal KVM hypervisor whose memory layer is a secondary MMU done right"
 )]
 struct Cli {
+    /// What to log on standard error: a level (error, warn, info, debug, trace) or a tracing
+    /// filter (e.g. `notifier=debug,vmm=info`). Default: $ZAPVM_LOG, else $RUST_LOG, else warn.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The log filter: `--log-level`, else `$ZAPVM_LOG`, else `$RUST_LOG`, else `warn`; a filter
+/// that does not parse is an error naming where it came from.
+fn log_filter(flag: Option<&str>) -> Result<tracing_subscriber::EnvFilter, String> {
+    let (text, from) = match flag {
+        Some(f) => (f.to_string(), "--log-level"),
+        None => match (std::env::var("ZAPVM_LOG"), std::env::var("RUST_LOG")) {
+            (Ok(v), _) => (v, "ZAPVM_LOG"),
+            (_, Ok(v)) => (v, "RUST_LOG"),
+            _ => ("warn".to_string(), "the default"),
+        },
+    };
+    tracing_subscriber::EnvFilter::try_new(&text)
+        .map_err(|e| format!("{from} {text:?} is not a log filter: {e}"))
 }
 
 #[derive(Subcommand)]
@@ -64,16 +83,18 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ZAPVM_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let cli = Cli::parse();
+    let filter = match log_filter(cli.log_level.as_deref()) {
+        Ok(f) => f,
+        Err(message) => {
+            eprintln!("zapvm: error: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if let Err(e) = vmm::stats::install_signal_handler() {
         eprintln!("zapvm: warning: no SIGUSR1 handler, `zapvm stats` will not work: {e}");
     }
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Bench(command) => bench::bench(command),

@@ -144,11 +144,13 @@ pub struct AccessReport {
 }
 
 /// Guest RAM, the address space and the two tables.
+/// Fields drop in declaration order: the tables, then the address space, then guest RAM last
+/// (the `SAFETY` of [`Setup::new`] relies on it).
 struct Setup {
-    ram: GuestRam,
-    space: Arc<AddressSpace>,
     direct: GuestMmu,
     syscall: GuestMmu,
+    space: Arc<AddressSpace>,
+    ram: GuestRam,
 }
 
 impl Setup {
@@ -156,15 +158,17 @@ impl Setup {
         let ram = GuestRam::new(MemoryConfig { size: RAM, backend: MemoryBackend::Anonymous, thp: false })
             .map_err(|e| format!("guest RAM: {e}"))?;
         // SAFETY: the regions are `ram`'s own mappings, mapped until `ram` is dropped, which
-        // `Setup`'s field order makes happen after the tables and the space are dropped; the
-        // benchmark never unmaps or remaps them (it only discards through the space), and touches
-        // guest RAM only through raw pointers and the tables' copies, never a Rust reference.
+        // happens after the tables and the space are dropped: by `Setup`'s field order, and, when
+        // a `?` below returns before a `Setup` exists, because locals drop in reverse order and
+        // `ram` is declared first. The benchmark never unmaps or remaps them (it only discards
+        // through the space), and touches guest RAM only through raw pointers and the tables'
+        // copies, never a Rust reference.
         let space = unsafe { AddressSpace::new(&ram.notifier_regions()) }.map_err(|e| e.to_string())?;
         let direct =
             GuestMmu::with_copy_path(&ram, space.clone(), CopyPath::Direct).map_err(|e| e.to_string())?;
         let syscall =
             GuestMmu::with_copy_path(&ram, space.clone(), CopyPath::Syscall).map_err(|e| e.to_string())?;
-        let s = Setup { ram, space, direct, syscall };
+        let s = Setup { direct, syscall, space, ram };
         // A pattern in every page, so reads copy data the kernel really holds.
         let buf: Vec<u8> = (0..PAGE).map(|i| (i * 7 + 3) as u8).collect();
         for p in 0..(RAM as usize / PAGE) {

@@ -409,3 +409,57 @@ fn the_server_stops_with_the_vm_and_serves_one_vm_only() {
     let again = run(&config).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(again.contains("already serves a VM"), "a second VM on one exporter: {again:?}");
 }
+
+/// A client that sends many requests and never reads the answers (the socket buffers fill and
+/// the workers block writing) does not hold the VM's stop: the run ends within the server's
+/// grace period after `quit`.
+#[test]
+fn a_client_that_does_not_read_cannot_hold_the_vm_stop() {
+    use std::io::Write;
+    let exporter = Exporter::new(MetricsConfig {
+        addr: Some("127.0.0.1:0".parse().unwrap()),
+        file: None,
+        interval: Duration::from_secs(10),
+        vm_id: "stuck-client".into(),
+    })
+    .unwrap();
+    let addr = exporter.local_addr().expect("it listens");
+    let quit_at: Arc<Mutex<Option<std::time::Instant>>> = Arc::default();
+    let mark = quit_at.clone();
+    let hook = Arc::new(move |vm: &Arc<VmControl>| {
+        let (vm, mark) = (vm.clone(), mark.clone());
+        std::thread::spawn(move || {
+            // Pipelined requests, never read: each answer is several KiB, so a few hundred
+            // fill both sockets' buffers and the workers block in their writes.
+            let mut stuck = Vec::new();
+            for _ in 0..2 {
+                let mut c = TcpStream::connect(addr).unwrap();
+                let burst = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(400);
+                let _ = c.write_all(burst.as_bytes());
+                stuck.push(c);
+            }
+            std::thread::sleep(Duration::from_secs(1)); // let the workers block (not a measurement)
+            *mark.lock().unwrap() = Some(std::time::Instant::now());
+            vm.quit();
+            std::thread::sleep(Duration::from_secs(30)); // keep the clients open past the stop
+            drop(stuck);
+        });
+    });
+    let config = VmConfig {
+        memory: MemoryConfig {
+            size: 64 << 20,
+            ..VmConfig::test_guest(TestGuestParams::new(Workload::Balloon)).memory
+        },
+        timeout: Some(Duration::from_secs(90)),
+        console: Console::Null,
+        after_start: Some(hook),
+        metrics: Some(exporter.clone()),
+        ..VmConfig::test_guest(TestGuestParams::new(Workload::Balloon))
+    };
+    let report = run(&config).expect("the VM starts");
+    let took = quit_at.lock().unwrap().expect("quit was asked").elapsed();
+    assert_eq!(report.outcome, VmOutcome::Quit, "{report:#?}");
+    // Generous: the grace period plus the VM's own stop; a stop held by the client would last
+    // the client's 30 s.
+    assert!(took < Duration::from_secs(20), "the stop took {took:?}");
+}

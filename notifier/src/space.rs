@@ -349,6 +349,9 @@ pub struct AddressSpace {
     /// Host ranges the caller sealed with `mseal(2)` ([`AddressSpace::mark_sealed`]): the own
     /// unmap, remap and protect operations refuse any range overlapping one of them.
     sealed: RwLock<Vec<(usize, usize)>>,
+    /// The first and one-past-last byte of each region given to [`AddressSpace::new`]: regions
+    /// never merge across them (see `coalesce_around`).
+    seams: Vec<usize>,
 }
 
 fn check_range(start: usize, len: usize) -> Result<(usize, usize), Error> {
@@ -403,6 +406,7 @@ impl AddressSpace {
             uffd: Mutex::new(None),
             released: AtomicBool::new(false),
             sealed: RwLock::new(Vec::new()),
+            seams: regions.iter().flat_map(|r| [r.host_addr, r.host_addr.wrapping_add(r.len)]).collect(),
         };
         for r in regions {
             // SAFETY: forwarded from this function's contract.
@@ -455,7 +459,7 @@ impl AddressSpace {
         g.push(region);
         g.sort_by_key(|x| x.start);
         let i = g.iter().position(|x| x.start == start).expect("the region just added");
-        coalesce_around(&mut g, i);
+        coalesce_around(&mut g, i, &self.seams);
         Ok(())
     }
 
@@ -1034,17 +1038,24 @@ fn reserve(dst: usize, len: usize) -> Result<(), Error> {
     Ok(())
 }
 
-/// Removes `[s, e)` (inside `g[i]`) from the regions, splitting `g[i]` if needed.
-/// Merges the region at `i` of the sorted `g` with its neighbours where they touch and are one
-/// kind of memory: private anonymous, with equal THP widening (nothing else records where a
-/// region came from, so two such pieces are indistinguishable from one). Without this, guest
-/// RAM given back piece by piece (an unmap, then `add_region` of the same range) leaves the
-/// list longer at every round, and every later event walks it while holding the lock that
-/// device accesses and the VMM's own operations wait on. File-backed and hugetlb pieces keep
-/// their own entries: their offsets and descriptors belong to each piece.
-fn coalesce_around(g: &mut Vec<Region>, mut i: usize) {
+/// Merges the region at `i` of the sorted `g` with its neighbours where they touch, are one
+/// kind of memory (private anonymous, with equal THP widening) and the place where they touch
+/// is not in `seams` (the bounds of the regions given to [`AddressSpace::new`]). So a piece of
+/// guest RAM given back (an unmap, then `add_region` of the same range) merges again with the
+/// rest of the region it came from, and two regions the caller gave separately stay separate
+/// even where the kernel placed them back to back: the caller (the VMM's teardown guard) keeps
+/// one record per region it gave, and an external event's pieces must not span two of them.
+/// Without the merge, the list grows at every give-back round, and every later event walks it
+/// while holding the lock that device accesses and the VMM's own operations wait on.
+/// File-backed and hugetlb pieces keep their own entries: their offsets and descriptors belong
+/// to each piece.
+fn coalesce_around(g: &mut Vec<Region>, mut i: usize, seams: &[usize]) {
     let mergeable = |a: &Region, b: &Region| {
-        a.end == b.start && a.kind == Kind::Anon && b.kind == Kind::Anon && a.thp == b.thp
+        a.end == b.start
+            && a.kind == Kind::Anon
+            && b.kind == Kind::Anon
+            && a.thp == b.thp
+            && !seams.contains(&a.end)
     };
     if i > 0 && mergeable(&g[i - 1], &g[i]) {
         let r = g.remove(i);
@@ -1057,6 +1068,7 @@ fn coalesce_around(g: &mut Vec<Region>, mut i: usize) {
     }
 }
 
+/// Removes `[s, e)` (inside `g[i]`) from the regions, splitting `g[i]` if needed.
 fn split_out(g: &mut Vec<Region>, i: usize, s: usize, e: usize) {
     let r = g.remove(i);
     if r.start < s {

@@ -323,6 +323,51 @@ fn regions_given_back_piece_by_piece_merge_again() {
     assert_eq!(s.regions().len(), 3);
 }
 
+/// Two regions given to the address space separately stay two even where they touch, also after
+/// a piece at their seam was given back: the caller keeps a record per region it gave, and an
+/// external event must not arrive as one piece spanning two of them.
+#[test]
+fn regions_given_separately_never_merge_across_their_seam() {
+    let m = Map::anon(32 * P, P, false);
+    let a = m.addr();
+    let half = |at: usize| notifier::RegionSpec {
+        host_addr: at,
+        len: 16 * P,
+        backing: notifier::Backing::PrivateAnon,
+        thp: false,
+    };
+    let s = space(&[half(a), half(a + 16 * P)]);
+    let regs = |s: &notifier::AddressSpace| -> Vec<(usize, usize)> {
+        s.regions().iter().map(|r| (r.start, r.end)).collect()
+    };
+    assert_eq!(regs(&s), vec![(a, a + 16 * P), (a + 16 * P, a + 32 * P)]);
+    // The last piece of the first region, next to the seam, given back.
+    s.unmap(a + 12 * P, 4 * P).unwrap();
+    // SAFETY: the range was just unmapped through the address space and is ours.
+    let p = unsafe {
+        libc::mmap(
+            (a + 12 * P) as *mut libc::c_void,
+            4 * P,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(p as usize, a + 12 * P);
+    let spec = notifier::RegionSpec {
+        host_addr: a + 12 * P,
+        len: 4 * P,
+        backing: notifier::Backing::PrivateAnon,
+        thp: false,
+    };
+    // SAFETY: mapped above, accessed through raw pointers only.
+    unsafe { s.add_region(&spec) }.unwrap();
+    assert_eq!(regs(&s), vec![(a, a + 16 * P), (a + 16 * P, a + 32 * P)]);
+    // A discard across the seam is refused as before (one operation stays inside one region).
+    assert!(matches!(s.discard(a + 15 * P, 2 * P), Err(Error::NotMapped { .. })));
+}
+
 #[test]
 fn memfd_discard_methods() {
     let len = 16 * P;

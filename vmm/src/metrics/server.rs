@@ -14,6 +14,9 @@ use super::Stop;
 /// Threads answering requests.
 pub const WORKERS: usize = 2;
 
+/// How long [`Handle::stop`] waits for a worker still answering a request.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The serving threads of one VM's exporter; [`Handle::stop`] ends them.
 pub(crate) struct Handle {
     server: Arc<Server>,
@@ -23,12 +26,28 @@ pub(crate) struct Handle {
 impl Handle {
     /// Ends the workers (each leaves its wait at once) and drops the server, which closes the
     /// listening socket (tiny_http's accept thread closes it right after this returns).
+    ///
+    /// Bounded: a worker still writing an answer to a client that does not read (tiny_http has
+    /// no write timeout; a few pipelined requests fill the socket buffers) is waited for at most
+    /// [`STOP_GRACE`], then left behind, so no client can hold the VM's stop. Such a worker keeps
+    /// its reference to the server, and with it the listening socket, until its client goes
+    /// away or the process ends; that is logged.
     pub(crate) fn stop(mut self, stop: &Stop) {
         debug_assert!(stop.is_set(), "the workers only leave once the flag is set");
         for _ in &self.workers {
             self.server.unblock(); // one waiter per call; a worker not waiting yet finds it queued
         }
+        let deadline = std::time::Instant::now() + STOP_GRACE;
+        while self.workers.iter().any(|w| !w.is_finished()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         for w in self.workers.drain(..) {
+            if !w.is_finished() {
+                tracing::warn!(
+                    "a metrics server thread is stuck answering a client that does not read: left behind"
+                );
+                continue;
+            }
             if w.join().is_err() {
                 tracing::warn!("a metrics server thread panicked");
             }

@@ -260,6 +260,32 @@ fn unmap_remap_protect_update_regions_and_notify() {
     s.unmap(d, 4 * P).unwrap();
 }
 
+/// Unmaps `[at, at + len)` through `s`, maps fresh private memory at exactly that place and
+/// gives it back with `add_region` (as the VMM's teardown guard does), with `thp` widening.
+fn give_back(s: &notifier::AddressSpace, at: usize, len: usize, thp: bool) {
+    s.unmap(at, len).unwrap();
+    // SAFETY: the range was just unmapped through the address space and is the test's own;
+    // MAP_FIXED_NOREPLACE maps nothing over anyone else's memory.
+    let p = unsafe {
+        libc::mmap(
+            at as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(p as usize, at, "the hole at {at:#x} is free");
+    let spec = notifier::RegionSpec { host_addr: at, len, backing: notifier::Backing::PrivateAnon, thp };
+    // SAFETY: mapped above, accessed through raw pointers only.
+    unsafe { s.add_region(&spec) }.unwrap();
+}
+
+fn spans(s: &notifier::AddressSpace) -> Vec<(usize, usize)> {
+    s.regions().iter().map(|r| (r.start, r.end)).collect()
+}
+
 /// Guest RAM given back piece by piece (unmapped, mapped again at the same place, added back)
 /// is one region again, not a list that grows at every round: a discard across the old seams
 /// works, and the list every event walks stays as short as the memory is.
@@ -270,56 +296,14 @@ fn regions_given_back_piece_by_piece_merge_again() {
     let a = m.addr();
     for round in 0..3 {
         for piece in [8, 0, 24, 16] {
-            let at = a + piece * P;
-            s.unmap(at, 8 * P).unwrap();
-            // SAFETY: the range was just unmapped through the address space and is ours.
-            let p = unsafe {
-                libc::mmap(
-                    at as *mut libc::c_void,
-                    8 * P,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                    -1,
-                    0,
-                )
-            };
-            assert_eq!(p as usize, at, "round {round}: the hole at piece {piece} is free");
-            let spec = notifier::RegionSpec {
-                host_addr: at,
-                len: 8 * P,
-                backing: notifier::Backing::PrivateAnon,
-                thp: false,
-            };
-            // SAFETY: mapped above, accessed through raw pointers only.
-            unsafe { s.add_region(&spec) }.unwrap();
+            give_back(&s, a + piece * P, 8 * P, false);
         }
-        let regs: Vec<(usize, usize)> = s.regions().iter().map(|r| (r.start, r.end)).collect();
-        assert_eq!(regs, vec![(a, a + 32 * P)], "round {round}");
+        assert_eq!(spans(&s), vec![(a, a + 32 * P)], "round {round}");
     }
     // Across the seams of the pieces: one region, one discard.
     s.discard(a + 4 * P, 24 * P).unwrap();
     // A piece with other THP widening stays its own region.
-    s.unmap(a + 8 * P, 8 * P).unwrap();
-    // SAFETY: as above.
-    let p = unsafe {
-        libc::mmap(
-            (a + 8 * P) as *mut libc::c_void,
-            8 * P,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        )
-    };
-    assert_eq!(p as usize, a + 8 * P);
-    let spec = notifier::RegionSpec {
-        host_addr: a + 8 * P,
-        len: 8 * P,
-        backing: notifier::Backing::PrivateAnon,
-        thp: true,
-    };
-    // SAFETY: as above.
-    unsafe { s.add_region(&spec) }.unwrap();
+    give_back(&s, a + 8 * P, 8 * P, true);
     assert_eq!(s.regions().len(), 3);
 }
 
@@ -337,33 +321,11 @@ fn regions_given_separately_never_merge_across_their_seam() {
         thp: false,
     };
     let s = space(&[half(a), half(a + 16 * P)]);
-    let regs = |s: &notifier::AddressSpace| -> Vec<(usize, usize)> {
-        s.regions().iter().map(|r| (r.start, r.end)).collect()
-    };
-    assert_eq!(regs(&s), vec![(a, a + 16 * P), (a + 16 * P, a + 32 * P)]);
+    let separate = vec![(a, a + 16 * P), (a + 16 * P, a + 32 * P)];
+    assert_eq!(spans(&s), separate);
     // The last piece of the first region, next to the seam, given back.
-    s.unmap(a + 12 * P, 4 * P).unwrap();
-    // SAFETY: the range was just unmapped through the address space and is ours.
-    let p = unsafe {
-        libc::mmap(
-            (a + 12 * P) as *mut libc::c_void,
-            4 * P,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        )
-    };
-    assert_eq!(p as usize, a + 12 * P);
-    let spec = notifier::RegionSpec {
-        host_addr: a + 12 * P,
-        len: 4 * P,
-        backing: notifier::Backing::PrivateAnon,
-        thp: false,
-    };
-    // SAFETY: mapped above, accessed through raw pointers only.
-    unsafe { s.add_region(&spec) }.unwrap();
-    assert_eq!(regs(&s), vec![(a, a + 16 * P), (a + 16 * P, a + 32 * P)]);
+    give_back(&s, a + 12 * P, 4 * P, false);
+    assert_eq!(spans(&s), separate);
     // A discard across the seam is refused as before (one operation stays inside one region).
     assert!(matches!(s.discard(a + 15 * P, 2 * P), Err(Error::NotMapped { .. })));
 }

@@ -366,6 +366,22 @@ fn the_metrics_file_is_replaced_whole_at_its_interval() {
     assert_eq!(names, [file], "no temporary file and no socket are left");
 }
 
+/// A small test-guest VM (its Balloon workload runs until told to quit) exporting through
+/// `exporter`, with `hook` run once it started.
+fn balloon_vm(exporter: &Exporter, hook: vmm::machine::AfterStart) -> VmConfig {
+    VmConfig {
+        memory: MemoryConfig {
+            size: 64 << 20,
+            ..VmConfig::test_guest(TestGuestParams::new(Workload::Balloon)).memory
+        },
+        timeout: Some(Duration::from_secs(90)),
+        console: Console::Null,
+        after_start: Some(hook),
+        metrics: Some(exporter.clone()),
+        ..VmConfig::test_guest(TestGuestParams::new(Workload::Balloon))
+    }
+}
+
 #[test]
 fn the_server_stops_with_the_vm_and_serves_one_vm_only() {
     let exporter = Exporter::new(MetricsConfig {
@@ -388,17 +404,7 @@ fn the_server_stops_with_the_vm_and_serves_one_vm_only() {
             vm.quit();
         });
     });
-    let config = VmConfig {
-        memory: MemoryConfig {
-            size: 64 << 20,
-            ..VmConfig::test_guest(TestGuestParams::new(Workload::Balloon)).memory
-        },
-        timeout: Some(Duration::from_secs(90)),
-        console: Console::Null,
-        after_start: Some(hook),
-        metrics: Some(exporter.clone()),
-        ..VmConfig::test_guest(TestGuestParams::new(Workload::Balloon))
-    };
+    let config = balloon_vm(&exporter, hook);
     let report = run(&config).expect("the VM starts");
     assert_eq!(report.outcome, VmOutcome::Quit, "{report:#?}");
     let seen = seen.lock().unwrap();
@@ -445,17 +451,7 @@ fn a_client_that_does_not_read_cannot_hold_the_vm_stop() {
             drop(stuck);
         });
     });
-    let config = VmConfig {
-        memory: MemoryConfig {
-            size: 64 << 20,
-            ..VmConfig::test_guest(TestGuestParams::new(Workload::Balloon)).memory
-        },
-        timeout: Some(Duration::from_secs(90)),
-        console: Console::Null,
-        after_start: Some(hook),
-        metrics: Some(exporter.clone()),
-        ..VmConfig::test_guest(TestGuestParams::new(Workload::Balloon))
-    };
+    let config = balloon_vm(&exporter, hook);
     let report = run(&config).expect("the VM starts");
     let took = quit_at.lock().unwrap().expect("quit was asked").elapsed();
     assert_eq!(report.outcome, VmOutcome::Quit, "{report:#?}");

@@ -1883,7 +1883,9 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
     if opts.vcpus == 0 {
         return Err("--vcpus must be at least 1 (the stress verifiers)".into());
     }
-    if opts.virtio_mem && (opts.virtio_mem_region == 0 || opts.virtio_mem_region % HUGE_PAGE_SIZE != 0) {
+    if opts.virtio_mem
+        && (opts.virtio_mem_region == 0 || !opts.virtio_mem_region.is_multiple_of(HUGE_PAGE_SIZE))
+    {
         return Err(format!(
             "--virtio-mem-region {} must be a positive multiple of 2 MiB (the device's block size)",
             opts.virtio_mem_region

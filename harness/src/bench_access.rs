@@ -51,14 +51,13 @@ const WINDOW_GPA: u64 = 8 << 20;
 const WINDOW_PAGES: usize = 512;
 
 /// Options of `bench access`.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug)]
 pub struct AccessBenchOptions {
     /// Chunks per variant (the medians are over these).
     pub rounds: usize,
     /// Accesses per chunk.
     pub chunk: usize,
     /// Length of one contention phase.
-    #[serde(with = "crate::seconds")]
     pub phase: Duration,
     /// Alternated contention rounds (each: readers alone, then with the invalidator).
     pub contention_rounds: usize,

@@ -156,7 +156,7 @@ fn inspect(buf: &[u8], page: usize) -> Verdict {
 /// it read: `v != 0 && v <= d` is STALE (its data was torn down before the read began);
 /// `v > begun` is a phantom; several generations in one read, or `v == w > d` (complete and not
 /// yet discarded when the read began) mixed with zeros, is TORN (the copy straddled a teardown,
-/// which the table lock held across the copy rules out, mmu.rs M1).
+/// which the read section held across the copy rules out, mmu.rs M1).
 ///
 /// The writer goes round the pages; at each step it rewrites one page and discards the page it
 /// rewrote half a round ago (so each generation stays readable for a while). Before rewriting

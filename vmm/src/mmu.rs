@@ -7,31 +7,63 @@
 //! ([`fault_tolerant_copy`]). Per region the table is two bitmaps, one bit per 4 KiB page and one
 //! per 2 MiB block of the region's host range (M3: the translation is linear, so a set bit is the
 //! whole entry), looked up in O(1). It is
-//! - **read on the hit path** under the region's access lock, read side (an `RwLock`: readers do
-//!   not wait for each other), then the copy runs under that same read lock;
+//! - **read on the hit path** inside a *read section* of the calling thread's reader slot (the
+//!   [`readers`] module: one slot per thread, written only by its thread, so readers share no
+//!   cache line and make no read-modify-write), then the copy runs inside that same section;
 //! - **filled on demand** (the miss path) through the notifier's sequence-retry read:
 //!   `read_begin_range` over the whole block the install may create (waits while an invalidation
 //!   of it runs) -> translate (check that the host range is still mapped, pick the entry size) ->
 //!   take the table lock -> `read_retry` (start over if an overlapping invalidation began or ended
-//!   meanwhile) -> set the bit;
-//! - **torn down only** by the notifier's `invalidate_range_start` callback, under the table lock
-//!   and the access lock's write side, for every range that overlaps an entry — a 4 KiB discard
-//!   inside a 2 MiB entry drops the whole 2 MiB entry (the notifier also widens ranges that cut a
-//!   THP to whole huge pages).
+//!   meanwhile) -> set the bit -> open the read section (still under the table lock);
+//! - **torn down only** by the notifier's `invalidate_range_start` callback, under the table lock,
+//!   for every range that overlaps an entry — a 4 KiB discard inside a 2 MiB entry drops the whole
+//!   2 MiB entry (the notifier also widens ranges that cut a THP to whole huge pages) — which then
+//!   waits for the read sections of the region that may have seen the dropped bits.
 //!
-//! Lock order: table lock (the notifier interval's mutex) -> access lock. The hit path takes only
-//! the access lock's read side and never waits on the notifier while holding it; the miss path
-//! takes the read side while it holds the table lock (no writer can hold or wait for the write
-//! side then: writers hold the table lock) and keeps it for the copy.
+//! # The read-side protocol (a "brlock" / percpu-rwsem with asymmetric fences)
+//!
+//! A reader (the hit path, [`readers::Slot::enter`]): **announce** (store the region into its
+//! slot, then make the slot's section count odd) -> *light barrier* -> **look** at the bits ->
+//! copy -> **leave** (make the count even, a release store). A writer
+//! ([`Entries::drop_overlapping`], under the table lock): **clear** the bits -> *heavy barrier* ->
+//! **wait**: for every slot whose count is odd with this region announced, spin until that count
+//! changes. The light barrier is only a compiler fence and the heavy one is
+//! `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which runs a full memory barrier on every CPU
+//! that runs a thread of this process (the pairing of Linux's `rcu_sync`/percpu-rwsem, of
+//! liburcu's membarrier flavour and of folly's asymmetric fences); where the kernel refuses
+//! membarrier both are a full fence (`fence(SeqCst)`: one serialising instruction per access).
+//!
+//! - S1. A slot's section count and announced region are written only by the thread that owns
+//!   the slot ([`readers::SlotList::claim`] gives a slot to one live thread at a time); the count
+//!   is odd exactly while that thread is inside a section. Sections do not nest and never block:
+//!   no lock is taken and nothing waits inside one (the miss path leaves its section before it
+//!   waits on the notifier and opens a new one under the table lock), so a writer that waits for
+//!   a section always sees it end, and a thread never invalidates inside its own section.
+//! - S2. Announce -> barrier -> look against clear -> barrier -> wait is Dekker's pattern: of a
+//!   reader's look and a writer's wait, at least one sees the other's store. So a reader that saw
+//!   a bit the writer clears is a reader whose open section the writer sees and waits for, and a
+//!   reader the writer does not see looks after the clear and misses. The barriers are the only
+//!   ordering between the two sides (every other access is relaxed, acquire or release).
+//! - S3. The writer waits for the section it saw to end (the count to change), not for the slot to
+//!   be idle, so a thread that reads in a loop cannot starve it.
+//! - S4. Only a writer that dropped at least one set bit waits. Writers are serialised by the
+//!   table lock and every one that drops a bit waits, so a reader that saw a bit which is already
+//!   clear when a later writer looks was waited for by the writer that cleared it.
+//!
+//! `tests/loom.rs` (in this package, built with `--cfg loom`) model-checks this protocol on this
+//! module's own code, with planted faults (the writer not waiting; the barriers left out) that it
+//! must catch.
 //!
 //! # Invariants
-//! - M1. An access copies guest memory only while it holds the read side of its region's access
-//!   lock and every 4 KiB piece it copies is covered by a set bit it saw under that lock.
-//!   `invalidate_range_start` clears the bits of the range while it holds the write side, so when
-//!   start returns no copy through a dropped entry is in flight (the write side waited for every
-//!   reader), and none starts until a new entry is installed, which `read_begin_range` delays until
-//!   the invalidation's end. For the VMM's own operations (start -> syscall -> end) no device access
+//! - M1. An access copies guest memory only inside a read section of its thread's slot and every
+//!   4 KiB piece it copies is covered by a set bit it saw inside that section.
+//!   `invalidate_range_start` clears the bits of the range and waits for every section that may
+//!   have seen them (S2, S4), so when start returns no copy through a dropped entry is in flight,
+//!   and none starts until a new entry is installed, which `read_begin_range` delays until the
+//!   invalidation's end. For the VMM's own operations (start -> syscall -> end) no device access
 //!   ever sees a half-done teardown: it completes before the syscall or begins after the end.
+//!   Reads and writes are kept alike: a write through a dropped entry into a reused hole is
+//!   impossible because the writer's wait covers it as it covers a read.
 //! - M2. External teardowns (the userfaultfd monitor) reach the table after the kernel acted (see
 //!   `notifier::Monitor`), so a copy may race an external munmap or a truncation of a memfd.
 //!   Copies therefore use [`fault_tolerant_copy::Copier`]: a fault of the copy routine ends the copy
@@ -42,10 +74,17 @@
 //! - M3. The translation is linear per region (guest RAM regions are contiguous in both spaces),
 //!   so an entry needs no payload: its presence says "this host range was mapped when the entry
 //!   was installed, and no teardown has touched it since".
+//!
+//! Lock order: table lock (the notifier interval's mutex) -> waiting for read sections. The hit
+//! path takes no lock; the miss path opens its section under the table lock (no writer runs then:
+//! writers hold the table lock) and keeps it for the copy.
+//!
+//! Hit counters are per thread (one cache-line-sized shard per slot, written only by the slot's
+//! owner; [`GuestMmu::stats`] sums them), so the hit path writes no shared cache line.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::Arc;
 
 use fault_tolerant_copy::Copier;
 
@@ -104,7 +143,7 @@ pub fn write_obj<T: ByteValued>(mem: &dyn GuestMemoryAccess, value: T, gpa: u64)
 /// Counters of the table (all monotonic).
 #[derive(Debug, Default)]
 struct Counters {
-    hits: AtomicU64,
+    hits: HitCounter,
     misses: AtomicU64,
     installs_4k: AtomicU64,
     installs_2m: AtomicU64,
@@ -112,6 +151,52 @@ struct Counters {
     faults: AtomicU64,
     /// Entries dropped, per notifier event kind (discard, unmap, remap, protect, release).
     torn_down: [AtomicU64; 5],
+}
+
+/// Hit-counter shards: the threads whose reader slot has an index below this count alone in a
+/// shard of their own; the others share one atomic counter.
+const HIT_SHARDS: usize = 64;
+
+/// One shard, alone on its cache lines (see [`readers::Slot`]).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct HitShard(AtomicU64);
+
+/// The hit counter, per thread: the hit path writes only its own thread's shard, and without a
+/// read-modify-write (S1: shard `i` has one writer, the owner of reader slot `i`).
+#[derive(Debug)]
+struct HitCounter {
+    shards: Box<[HitShard]>,
+    /// Threads whose slot index is `HIT_SHARDS` or more (shared: a read-modify-write).
+    overflow: AtomicU64,
+}
+
+impl Default for HitCounter {
+    fn default() -> Self {
+        HitCounter {
+            shards: (0..HIT_SHARDS).map(|_| HitShard::default()).collect(),
+            overflow: AtomicU64::new(0),
+        }
+    }
+}
+
+impl HitCounter {
+    /// Counts `n` hits of the thread owning reader slot `slot`.
+    #[inline]
+    fn add(&self, slot: usize, n: u64) {
+        match self.shards.get(slot) {
+            // Only this thread writes this shard (S1); `stats` only reads it.
+            Some(shard) => shard.0.store(shard.0.load(Ordering::Relaxed) + n, Ordering::Relaxed),
+            None => {
+                self.overflow.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn sum(&self) -> u64 {
+        self.shards.iter().map(|s| s.0.load(Ordering::Relaxed)).sum::<u64>()
+            + self.overflow.load(Ordering::Relaxed)
+    }
 }
 
 fn kind_index(event: &Event) -> usize {
@@ -152,15 +237,429 @@ const HUGE: usize = HUGE_PAGE_SIZE as usize;
 const PAGE_SHIFT: u32 = PAGE.trailing_zeros();
 const HUGE_SHIFT: u32 = HUGE.trailing_zeros();
 
-/// A bitmap of atomics (one bit per entry slot).
-struct Bits(Box<[AtomicU64]>);
+/// The read side of M1: per-thread reader slots, asymmetric barriers, the writer's wait (the
+/// protocol and S1-S4 are in the module documentation).
+pub(crate) mod readers {
+    #[cfg(loom)]
+    use loom::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+    #[cfg(not(loom))]
+    use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+    /// One thread's reader slot, alone on its cache lines (128 bytes: a line and the one the
+    /// adjacent-line prefetcher pairs with it), so readers of different threads share no line.
+    #[repr(align(128))]
+    pub struct Slot {
+        /// Sections entered plus sections left: odd while the owner is inside one (S1).
+        count: AtomicU64,
+        /// The region (its `Entries` address) of the section in progress, or of the last one.
+        region: AtomicUsize,
+        /// Held by a live thread (S1).
+        owned: AtomicBool,
+        /// The next slot of the list (set before the slot is published, never changed after).
+        next: AtomicPtr<Slot>,
+        /// Position in the list, from 0: the hit-counter shard of the owner.
+        index: usize,
+        /// Planted fault, loom models only: this reader has no barrier (see [`PlantedFault`]).
+        #[cfg(loom)]
+        no_barrier: bool,
+    }
+
+    /// An open read section of a slot; leaving it (drop) ends the section.
+    #[must_use = "the section ends when this is dropped"]
+    pub struct Section<'s> {
+        slot: &'s Slot,
+        left: u64,
+    }
+
+    impl Slot {
+        /// Opens a read section over `region` (S1: by the slot's owner, not inside another
+        /// section). The caller looks at the region's bits only after this returns (S2).
+        #[inline]
+        pub fn enter(&self, region: usize) -> Section<'_> {
+            let count = self.count.load(Ordering::Relaxed);
+            debug_assert!(count.is_multiple_of(2), "read sections do not nest (S1)");
+            self.region.store(region, Ordering::Relaxed);
+            // Release: a writer that reads this odd count (acquire) also sees `region` above.
+            self.count.store(count + 1, Ordering::Release);
+            // S2: the announcement above is ordered before the caller's look at the bits.
+            #[cfg(loom)]
+            if self.no_barrier {
+                return Section { slot: self, left: count + 2 };
+            }
+            light_barrier();
+            Section { slot: self, left: count + 2 }
+        }
+
+        /// The slot's position in its list (unique among the list's slots).
+        #[inline]
+        pub fn index(&self) -> usize {
+            self.index
+        }
+    }
+
+    impl Drop for Section<'_> {
+        /// Leaves the section: release, so the section's copy is complete before a writer that
+        /// reads this count (acquire) returns from its wait (M1). (The copy routine's loads and
+        /// stores, `rep movsb` included, are ordered before a later store on x86.)
+        #[inline]
+        fn drop(&mut self) {
+            self.slot.count.store(self.left, Ordering::Release);
+        }
+    }
+
+    /// Planted faults, loom models only (`tests/loom.rs` proves its models catch them).
+    #[cfg(loom)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum PlantedFault {
+        /// None.
+        None,
+        /// The writer returns without waiting for the sections it saw (breaks M1).
+        WriterDoesNotWait,
+        /// Neither side has its barrier (breaks S2).
+        NoBarriers,
+    }
+
+    /// The slots: a list that only grows (slots are recycled when their thread exits, never
+    /// freed while the list lives), so a writer walks it without a lock.
+    pub struct SlotList {
+        head: AtomicPtr<Slot>,
+        len: AtomicUsize,
+        #[cfg(loom)]
+        planted: PlantedFault,
+    }
+
+    // SAFETY: the list owns its slots (allocated by `claim`, freed only by `drop`); every field of
+    // a slot is an atomic or immutable after publication, so sharing the list shares atomics.
+    unsafe impl Send for SlotList {}
+    // SAFETY: as above.
+    unsafe impl Sync for SlotList {}
+
+    impl SlotList {
+        /// An empty list.
+        #[cfg(not(loom))]
+        pub const fn new() -> Self {
+            SlotList { head: AtomicPtr::new(std::ptr::null_mut()), len: AtomicUsize::new(0) }
+        }
+
+        /// An empty list.
+        #[cfg(loom)]
+        pub fn new() -> Self {
+            Self::with_planted_fault(PlantedFault::None)
+        }
+
+        /// **Planted fault, loom models only**: an empty list whose writers have `fault`.
+        #[cfg(loom)]
+        pub fn with_planted_fault(planted: PlantedFault) -> Self {
+            SlotList { head: AtomicPtr::new(std::ptr::null_mut()), len: AtomicUsize::new(0), planted }
+        }
+
+        fn slots(&self) -> impl Iterator<Item = &Slot> {
+            // Acquire: a slot reached is fully initialised (published with release in `claim`).
+            let mut at = self.head.load(Ordering::Acquire);
+            std::iter::from_fn(move || {
+                // SAFETY: a non-null pointer of the list is a slot allocated by `claim` and
+                // freed only when the list is dropped, which `&self` rules out.
+                let slot = unsafe { at.as_ref() }?;
+                at = slot.next.load(Ordering::Acquire);
+                Some(slot)
+            })
+        }
+
+        /// A slot for the calling thread, held until [`SlotList::release`]: a free one of the
+        /// list, or a new one appended.
+        pub fn claim(&self) -> &Slot {
+            barrier_mode();
+            for slot in self.slots() {
+                // Acquire: the previous owner's last writes (its counts) happen before ours.
+                if slot.owned.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                    return slot;
+                }
+            }
+            let index = self.len.fetch_add(1, Ordering::Relaxed);
+            let slot = Box::into_raw(Box::new(Slot {
+                count: AtomicU64::new(0),
+                region: AtomicUsize::new(0),
+                owned: AtomicBool::new(true),
+                next: AtomicPtr::new(std::ptr::null_mut()),
+                index,
+                #[cfg(loom)]
+                no_barrier: self.planted == PlantedFault::NoBarriers,
+            }));
+            let mut head = self.head.load(Ordering::Relaxed);
+            loop {
+                // SAFETY: `slot` is ours alone until the exchange below publishes it.
+                unsafe { (*slot).next.store(head, Ordering::Relaxed) };
+                match self.head.compare_exchange_weak(head, slot, Ordering::Release, Ordering::Relaxed) {
+                    Ok(_) => break,
+                    Err(now) => head = now,
+                }
+            }
+            // SAFETY: published in the list, which frees it only when dropped (after `&self`).
+            unsafe { &*slot }
+        }
+
+        /// Gives `slot` (claimed from this list, outside any section) back for another thread.
+        pub fn release(&self, slot: &Slot) {
+            debug_assert!(slot.count.load(Ordering::Relaxed).is_multiple_of(2), "released inside a section");
+            slot.owned.store(false, Ordering::Release);
+        }
+
+        /// The writer's half of S2 and its wait (M1): called after the bits of `region` were
+        /// cleared (and only if a set one was, S4), returns when every read section of `region`
+        /// that may have seen them has ended. Never call it inside a section of the caller (S1).
+        pub fn wait_for_readers(&self, region: usize) {
+            #[cfg(loom)]
+            let planted = self.planted;
+            #[cfg(loom)]
+            if planted != PlantedFault::NoBarriers {
+                heavy_barrier();
+            }
+            #[cfg(not(loom))]
+            heavy_barrier();
+            for slot in self.slots() {
+                let seen = slot.count.load(Ordering::Acquire);
+                if seen.is_multiple_of(2) || slot.region.load(Ordering::Relaxed) != region {
+                    // Idle, or inside a section of another region (a newer section than `seen`
+                    // may have overwritten the region: then the one `seen` has ended).
+                    continue;
+                }
+                #[cfg(loom)]
+                if planted == PlantedFault::WriterDoesNotWait {
+                    continue;
+                }
+                // S3: until this section ends, whatever the slot does next. Acquire: the
+                // section's copy happens before the caller's teardown.
+                let mut spins = 0u32;
+                while slot.count.load(Ordering::Acquire) == seen {
+                    backoff(&mut spins);
+                }
+            }
+        }
+
+        /// Ends every section in progress (a forked child: the threads that had them are gone).
+        #[cfg(not(loom))]
+        fn forget_sections(&self) {
+            for slot in self.slots() {
+                let count = slot.count.load(Ordering::Relaxed);
+                slot.count.store(count + count % 2, Ordering::Release);
+            }
+        }
+    }
+
+    impl Drop for SlotList {
+        fn drop(&mut self) {
+            let mut at = self.head.load(Ordering::Acquire);
+            while !at.is_null() {
+                // SAFETY: every slot of the list came from `Box::into_raw` in `claim` and is
+                // freed once, here; `&mut self` means no one holds a slot any more.
+                let slot = unsafe { Box::from_raw(at) };
+                at = slot.next.load(Ordering::Relaxed);
+            }
+        }
+    }
+
+    impl Default for SlotList {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    /// Spins a little, then yields: the section waited for may belong to a thread that is not
+    /// running (two cores shared by many threads).
+    #[inline]
+    fn backoff(spins: &mut u32) {
+        *spins += 1;
+        #[cfg(loom)]
+        loom::thread::yield_now();
+        #[cfg(not(loom))]
+        if *spins < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+
+    /// How the two barriers are made.
+    #[cfg(not(loom))]
+    mod mode {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Once;
+
+        /// `MEMBARRIER_CMD_PRIVATE_EXPEDITED` and its registration (`include/uapi/linux/membarrier.h`).
+        const PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+        const REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
+
+        static CHOSE: Once = Once::new();
+        /// The kernel registered this process for private expedited membarrier: the light
+        /// barrier is a compiler fence. Written once, before any slot exists (every slot is
+        /// claimed after [`chosen`] returned), never changed after.
+        static ASYMMETRIC: AtomicBool = AtomicBool::new(false);
+
+        /// Chooses the mode once per process.
+        pub(super) fn chosen() {
+            CHOSE.call_once(|| {
+                // SAFETY: membarrier takes no pointer; registering has no effect but allowing
+                // the expedited command for this process.
+                let registered =
+                    unsafe { libc::syscall(libc::SYS_membarrier, REGISTER_PRIVATE_EXPEDITED, 0, 0) } == 0;
+                ASYMMETRIC.store(registered, Ordering::Relaxed);
+                // SAFETY: registers a child handler that walks the slot list with atomic loads
+                // and stores only (async-signal-safe), a plain function valid for the process.
+                unsafe { libc::pthread_atfork(None, None, Some(forget_in_child)) };
+            });
+        }
+
+        extern "C" fn forget_in_child() {
+            super::super::reader_slots().forget_sections();
+        }
+
+        #[inline]
+        pub(super) fn asymmetric() -> bool {
+            ASYMMETRIC.load(Ordering::Relaxed)
+        }
+
+        /// The heavy barrier: a full barrier on every CPU running a thread of this process.
+        pub(super) fn membarrier() {
+            // SAFETY: membarrier takes no pointer; the process registered for the command.
+            let r = unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED, 0, 0) };
+            // Registered, so the kernel cannot refuse it; if it ever did, no reader's compiler
+            // fence would pair with anything and M1 could not be kept.
+            assert_eq!(
+                r,
+                0,
+                "membarrier(PRIVATE_EXPEDITED) failed after registration: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    #[inline]
+    fn barrier_mode() {
+        #[cfg(not(loom))]
+        mode::chosen();
+    }
+
+    /// The reader's barrier of S2.
+    #[inline]
+    fn light_barrier() {
+        #[cfg(loom)]
+        fence(Ordering::SeqCst);
+        #[cfg(not(loom))]
+        if mode::asymmetric() {
+            // The heavy barrier orders this thread's accesses as a full fence here would; the
+            // compiler must keep program order across this point.
+            std::sync::atomic::compiler_fence(Ordering::SeqCst);
+        } else {
+            fence(Ordering::SeqCst);
+        }
+    }
+
+    /// The writer's barrier of S2 (in loom models a full fence, which is what membarrier gives
+    /// both sides).
+    fn heavy_barrier() {
+        fence(Ordering::SeqCst);
+        #[cfg(not(loom))]
+        {
+            mode::chosen();
+            if mode::asymmetric() {
+                mode::membarrier();
+            }
+        }
+    }
+
+    /// The calling thread's slot of the process's list, kept for the thread's life.
+    #[cfg(not(loom))]
+    mod own {
+        use std::cell::Cell;
+
+        use super::Slot;
+
+        /// Gives the slot back when the thread exits.
+        struct ReleaseAtExit(Cell<Option<&'static Slot>>);
+
+        impl Drop for ReleaseAtExit {
+            fn drop(&mut self) {
+                if let Some(slot) = self.0.take() {
+                    let _ = OWN.try_with(|own| own.set(None));
+                    super::super::reader_slots().release(slot);
+                }
+            }
+        }
+
+        thread_local! {
+            /// No destructor: readable for the whole life of the thread, cheap to read.
+            static OWN: Cell<Option<&'static Slot>> = const { Cell::new(None) };
+            static RELEASE: ReleaseAtExit = const { ReleaseAtExit(Cell::new(None)) };
+        }
+
+        /// Runs `f` with the calling thread's slot (claimed on first use; a thread whose
+        /// thread-locals are being destroyed gets a slot for this call only).
+        #[inline]
+        pub(in super::super) fn with_slot<R>(f: impl FnOnce(&Slot) -> R) -> R {
+            if let Some(slot) = OWN.with(Cell::get) {
+                return f(slot);
+            }
+            let list = super::super::reader_slots();
+            let slot = list.claim();
+            if RELEASE.try_with(|r| r.0.set(Some(slot))).is_ok() {
+                OWN.with(|own| own.set(Some(slot)));
+                f(slot)
+            } else {
+                let r = f(slot);
+                list.release(slot);
+                r
+            }
+        }
+    }
+    #[cfg(not(loom))]
+    pub(super) use own::with_slot;
+}
+
+/// The process's reader slots (every `GuestMmu`'s regions share them).
+#[cfg(not(loom))]
+fn reader_slots() -> &'static readers::SlotList {
+    static SLOTS: readers::SlotList = readers::SlotList::new();
+    &SLOTS
+}
+
+/// The process's reader slots (loom builds: `GuestMmu` is not run under loom; the models make
+/// their own lists).
+#[cfg(loom)]
+fn reader_slots() -> &'static readers::SlotList {
+    unreachable!("GuestMmu is not run under loom: the models make their own slot lists")
+}
+
+/// Runs `f` with the calling thread's reader slot.
+#[cfg(not(loom))]
+#[inline]
+fn with_reader_slot<R>(f: impl FnOnce(&readers::Slot) -> R) -> R {
+    readers::with_slot(f)
+}
+
+/// Runs `f` with a reader slot (loom builds: claimed for the call).
+#[cfg(loom)]
+fn with_reader_slot<R>(f: impl FnOnce(&readers::Slot) -> R) -> R {
+    let slot = reader_slots().claim();
+    let r = f(slot);
+    reader_slots().release(slot);
+    r
+}
+
+/// A bitmap of atomics (one bit per entry slot; loom's atomics in loom builds).
+struct Bits(Box<[BitWord]>);
+
+#[cfg(loom)]
+use loom::sync::atomic::AtomicU64 as BitWord;
+#[cfg(not(loom))]
+use std::sync::atomic::AtomicU64 as BitWord;
 
 impl Bits {
     fn new(slots: usize) -> Self {
-        Bits((0..slots.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+        Bits((0..slots.div_ceil(64)).map(|_| BitWord::new(0)).collect())
     }
 
-    /// Relaxed: the ordering that matters comes from the access lock (M1); see `Entries`.
+    /// Relaxed: the ordering that matters comes from the read sections' barriers (M1, S2); see
+    /// `Entries`.
     #[inline]
     fn get(&self, i: usize) -> bool {
         self.0[i / 64].load(Ordering::Relaxed) & (1 << (i % 64)) != 0
@@ -194,16 +693,13 @@ impl Bits {
 /// entry of the page at `hva + i * 4 KiB`; bit `j` of `blocks` is the 2 MiB entry of the block at
 /// `(hva >> 21 << 21) + j * 2 MiB` (installed only for blocks inside the region).
 ///
-/// Bits are set under the table lock (the notifier interval's mutex) and cleared under the table
-/// lock plus `access`'s write side; they are read under `access`'s read side. Relaxed atomics
-/// suffice: a reader that sees a bit set under the read lock knows no start cleared it before the
-/// lock was taken (the clear happened-before the write unlock, which happened-before this read
-/// lock), and no start can clear it until the read lock is released (M1).
+/// Bits are set and cleared under the table lock (the notifier interval's mutex); they are read
+/// inside read sections ([`readers`]). Relaxed atomics suffice: a reader that sees a bit set inside
+/// its section is seen by the writer that clears it, which waits for the section to end (S2, M1);
+/// a bit set by an install is set before that install opens its section, under the table lock.
 struct Entries {
     hva: usize,
     len: usize,
-    /// M1: held (read) by every copy; held (write) by `invalidate_range_start` while it clears.
-    access: RwLock<()>,
     pages: Bits,
     blocks: Bits,
     #[cfg(feature = "fault-injection")]
@@ -217,12 +713,18 @@ impl Entries {
         Entries {
             hva,
             len,
-            access: RwLock::new(()),
             pages: Bits::new(len.div_ceil(PAGE)),
             blocks: Bits::new(last_block - first_block + 1),
             #[cfg(feature = "fault-injection")]
             planted: planted::StaleTranslations::default(),
         }
+    }
+
+    /// The region's name in the reader slots: its address (stable: entries live in an `Arc`, and
+    /// are not dropped while a section of theirs is open, which borrows them).
+    #[inline]
+    fn id(&self) -> usize {
+        self as *const Entries as usize
     }
 
     #[inline]
@@ -236,7 +738,8 @@ impl Entries {
     }
 
     /// How many bytes from `hva` (at most `len`, inside the region) are covered by installed
-    /// entries without a gap. Call with `access` held (read or write) for the answer to stay true.
+    /// entries without a gap. Call inside a read section of the region (or under the table lock)
+    /// for the answer to stay true while the section is open.
     #[inline]
     fn covered(&self, hva: usize, len: usize) -> usize {
         let end = hva + len;
@@ -253,27 +756,60 @@ impl Entries {
         at.min(end) - hva
     }
 
+    /// The hit path's look (M1): opens a read section of `slot` over this region, then returns
+    /// it with how many bytes from `hva` (at most `len`) are covered by entries seen inside it.
+    /// Those entries stay installed until the section is dropped.
+    #[inline]
+    fn open<'s>(&self, slot: &'s readers::Slot, hva: usize, len: usize) -> (readers::Section<'s>, usize) {
+        // S2: announce (and the light barrier) before the look.
+        let section = slot.enter(self.id());
+        let run = self.covered(hva, len);
+        (section, run)
+    }
+
+    /// The miss path's install, under the table lock after `read_retry` said yes: sets the entry
+    /// of `[entry, entry + size)` (4 KiB or 2 MiB) and opens a read section of `slot`, still under
+    /// the lock, so the entry stays installed until the caller drops the section (M1: the next
+    /// writer, which takes the lock after this, sees the section and waits for it).
+    fn install_locked<'s>(&self, slot: &'s readers::Slot, entry: usize, size: usize) -> readers::Section<'s> {
+        if size == PAGE {
+            self.pages.set(self.page_index(entry));
+        } else {
+            self.blocks.set(self.block_index(entry));
+        }
+        slot.enter(self.id())
+    }
+
     /// Drops every entry overlapping `[start, end)` (clipped to the region); returns how many.
-    /// Called at `invalidate_range_start`, under the table lock; takes the write side of `access`
-    /// (M1: waits for every copy in flight, and no copy starts until the bits are clear).
-    fn drop_overlapping(&self, start: usize, end: usize) -> u64 {
+    /// Called at `invalidate_range_start`, under the table lock; when it dropped any, waits for
+    /// every read section of the region that may have seen them (M1: when this returns no copy
+    /// through a dropped entry is in flight, and no later section sees them).
+    fn drop_overlapping(&self, slots: &readers::SlotList, start: usize, end: usize) -> u64 {
         let start = start.max(self.hva);
         let end = end.min(self.hva + self.len);
         if start >= end {
             return 0;
         }
-        let _writer = self.access.write().unwrap_or_else(|p| p.into_inner());
         #[cfg(feature = "fault-injection")]
         self.planted.keep_alive(self, start, end);
         let pages = self.pages.clear_range(self.page_index(start), self.page_index(end - 1) + 1);
         let blocks = self.blocks.clear_range(self.block_index(start), self.block_index(end - 1) + 1);
-        pages + blocks
+        let dropped = pages + blocks;
+        if dropped > 0 {
+            // M1 (S2, S4): the sections that saw a dropped bit end before this returns.
+            slots.wait_for_readers(self.id());
+        }
+        dropped
     }
 
-    fn clear(&self) {
-        let _writer = self.access.write().unwrap_or_else(|p| p.into_inner());
-        self.pages.clear_range(0, self.len.div_ceil(PAGE));
-        self.blocks.clear_range(0, self.block_index(self.hva + self.len - 1) + 1);
+    /// Drops every entry (under the table lock), as [`Entries::drop_overlapping`] does.
+    fn clear(&self, slots: &readers::SlotList) {
+        let pages = self.pages.clear_range(0, self.len.div_ceil(PAGE));
+        let blocks = self.blocks.clear_range(0, self.block_index(self.hva + self.len - 1) + 1);
+        if pages + blocks > 0 {
+            // M1, as in drop_overlapping.
+            slots.wait_for_readers(self.id());
+        }
     }
 
     fn count(&self) -> u64 {
@@ -366,9 +902,9 @@ impl GuestMmu {
                 len as usize,
                 entries.clone(),
                 move |entries: &mut Arc<Entries>, range: &Range| {
-                    // M1: runs under the table lock, at invalidate_range_start; takes the access
-                    // lock's write side.
-                    let dropped = entries.drop_overlapping(range.start, range.end);
+                    // M1: runs under the table lock, at invalidate_range_start; waits for the read
+                    // sections that may have seen the dropped entries.
+                    let dropped = entries.drop_overlapping(reader_slots(), range.start, range.end);
                     c.torn_down[kind_index(&range.event)].fetch_add(dropped, Ordering::Relaxed);
                 },
             )?;
@@ -411,7 +947,7 @@ impl GuestMmu {
     pub fn stats(&self) -> MmuStats {
         let c = &self.counters;
         MmuStats {
-            hits: c.hits.load(Ordering::Relaxed),
+            hits: c.hits.sum(),
             misses: c.misses.load(Ordering::Relaxed),
             installs_4k: c.installs_4k.load(Ordering::Relaxed),
             installs_2m: c.installs_2m.load(Ordering::Relaxed),
@@ -446,14 +982,15 @@ impl GuestMmu {
     }
 
     /// The miss path: installs the entry covering `hva` with the sequence-retry protocol and
-    /// returns the access lock's read side, taken before the table lock was released, so the
-    /// entry is still installed when the caller copies through it (M1).
-    fn install<'r>(
+    /// returns a read section of `slot`, opened before the table lock was released, so the entry
+    /// is still installed when the caller copies through it (M1).
+    fn install<'s>(
         &self,
-        region: &'r MmuRegion,
+        slot: &'s readers::Slot,
+        region: &MmuRegion,
         hva: usize,
         gpa: u64,
-    ) -> Result<RwLockReadGuard<'r, ()>, AccessError> {
+    ) -> Result<readers::Section<'s>, AccessError> {
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
         // read_begin_range's precondition: the reader installs only inside the range it waits on.
         // An install here may create the 2 MiB entry of hva's block, so wait on the whole block
@@ -463,6 +1000,8 @@ impl GuestMmu {
             None => (hva & !(PAGE - 1), PAGE),
         };
         loop {
+            // S1: no section is open here (the caller left its own before calling), so waiting
+            // for an invalidation cannot hold up that invalidation's wait for readers.
             let seq = region.table.read_begin_range(wait_start, wait_start + wait_len);
             let Some((entry, size)) = self.translate(region, hva) else {
                 self.counters.faults.fetch_add(1, Ordering::Relaxed);
@@ -474,20 +1013,13 @@ impl GuestMmu {
                 self.counters.retries.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let installs = if size == PAGE {
-                region.entries.pages.set(region.entries.page_index(entry));
-                &self.counters.installs_4k
-            } else {
-                region.entries.blocks.set(region.entries.block_index(entry));
-                &self.counters.installs_2m
-            };
-            installs.fetch_add(1, Ordering::Relaxed);
-            // Under the table lock no writer holds or waits for the write side (writers take the
-            // table lock first), so this does not wait; held from here, it keeps the entry
-            // installed until the copy is done (M1).
-            let reader = region.entries.access.read().unwrap_or_else(|p| p.into_inner());
+            // M1: the section opens under the table lock and keeps the entry installed until the
+            // copy is done.
+            let section = region.entries.install_locked(slot, entry, size);
             drop(table);
-            return Ok(reader);
+            let installs = if size == PAGE { &self.counters.installs_4k } else { &self.counters.installs_2m };
+            installs.fetch_add(1, Ordering::Relaxed);
+            return Ok(section);
         }
     }
 
@@ -500,6 +1032,19 @@ impl GuestMmu {
         }
         let region =
             self.region_of(gpa, len as u64).ok_or(AccessError::OutsideRam { gpa, len: len as u64 })?;
+        with_reader_slot(|slot| self.access_with(slot, region, gpa, len, dir))
+    }
+
+    /// [`GuestMmu::access`] with the calling thread's reader slot.
+    #[inline]
+    fn access_with(
+        &self,
+        slot: &readers::Slot,
+        region: &MmuRegion,
+        gpa: u64,
+        len: usize,
+        dir: Direction,
+    ) -> Result<(), AccessError> {
         let entries = &*region.entries;
         let base = region.hva + (gpa - region.gpa) as usize;
         let mut done = 0;
@@ -508,27 +1053,27 @@ impl GuestMmu {
             let piece_gpa = gpa + done as u64;
             #[cfg(feature = "fault-injection")]
             if let Some(n) = entries.planted.access(self.copier, hva, len - done, dir, done) {
-                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                self.counters.hits.add(slot.index(), 1);
                 done += n;
                 continue;
             }
-            // M1: the hit path's read side; the copy below runs under it.
-            let mut reader = entries.access.read().unwrap_or_else(|p| p.into_inner());
-            let mut run = entries.covered(hva, len - done);
+            // M1: the hit path's read section; the copy below runs inside it.
+            let (mut section, mut run) = entries.open(slot, hva, len - done);
             let mut hit_pieces = pieces(hva, run);
             if run == 0 {
-                drop(reader);
-                reader = self.install(region, hva, piece_gpa)?;
+                // S1: leave before the miss path waits on the notifier.
+                drop(section);
+                section = self.install(slot, region, hva, piece_gpa)?;
                 run = entries.covered(hva, len - done);
-                debug_assert!(run > 0, "the entry just installed is held by the read side");
+                debug_assert!(run > 0, "the entry just installed is kept by the open section");
                 hit_pieces = pieces(hva, run) - 1;
             }
             if hit_pieces > 0 {
-                self.counters.hits.fetch_add(hit_pieces, Ordering::Relaxed);
+                self.counters.hits.add(slot.index(), hit_pieces);
             }
             let copied = match self.path {
                 // SAFETY: [hva, hva + run) is guest RAM of this region, covered by entries
-                // installed while it was mapped and not torn down since (M1, M3; `reader` keeps
+                // installed while it was mapped and not torn down since (M1, M3; `section` keeps
                 // them installed); guest RAM is never the target of a Rust reference (the guest and
                 // the VMM access it only with volatile or raw accesses), so the routine's loads and
                 // stores alias nothing Rust assumes unchanged, and any byte is a valid u8. If the
@@ -545,7 +1090,8 @@ impl GuestMmu {
                 .map_err(|fault| (fault.not_copied, None)),
                 CopyPath::Syscall => syscall_copy(hva, run, dir, done),
             };
-            drop(reader);
+            // M1: the copy is over; a writer waiting for this section may go on.
+            drop(section);
             if let Err((not_copied, errno)) = copied {
                 self.counters.faults.fetch_add(1, Ordering::Relaxed);
                 let at = gpa + (done + (run - not_copied)) as u64;
@@ -568,7 +1114,7 @@ impl GuestMmu {
     pub fn clear(&self) {
         for r in &self.regions {
             let _table = r.table.lock();
-            r.entries.clear();
+            r.entries.clear(reader_slots());
         }
     }
 }
@@ -707,9 +1253,9 @@ mod planted {
                     || entries.blocks.get(entries.block_index(page));
                 if live && !frames.contains_key(&page) {
                     let mut frame = vec![0u8; PAGE].into_boxed_slice();
-                    // SAFETY: `page` is guest RAM with an installed entry, read under the write
-                    // side of the access lock before the teardown's syscall; guest RAM is never
-                    // the target of a Rust reference; a fault is returned, not raised.
+                    // SAFETY: `page` is guest RAM with an installed entry, read under the table
+                    // lock at invalidate_range_start, before the teardown's syscall; guest RAM is
+                    // never the target of a Rust reference; a fault is returned, not raised.
                     if unsafe { copier.read(&mut frame, page as *const u8) }.is_ok() {
                         frames.insert(page, frame);
                         self.left.fetch_sub(1, Ordering::SeqCst);
@@ -768,6 +1314,51 @@ impl GuestMmu {
     /// How many stale translations the planted fault has kept alive so far.
     pub fn planted_stale_translations(&self) -> u64 {
         self.regions.iter().map(|r| r.entries.planted.fired()).sum()
+    }
+}
+
+/// The read-side protocol on its own, for the loom models of `tests/loom.rs` (built only with
+/// `--cfg loom`, where the slots' and the bitmaps' atomics are loom's): the very functions the
+/// hit path, the install and `invalidate_range_start` call.
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod model {
+    pub use super::readers::{PlantedFault, Section, Slot, SlotList};
+
+    /// The entries of one region.
+    pub struct Table(super::Entries);
+
+    impl Table {
+        /// No entries over host `[hva, hva + len)`.
+        pub fn new(hva: usize, len: usize) -> Self {
+            Table(super::Entries::new(hva, len))
+        }
+
+        /// The hit path's look: a section of `slot` and the bytes from `hva` covered inside it.
+        pub fn open<'s>(&self, slot: &'s Slot, hva: usize, len: usize) -> (Section<'s>, usize) {
+            self.0.open(slot, hva, len)
+        }
+
+        /// The install's last step (call under the table lock): sets the 4 KiB entry of `page`
+        /// and opens a section of `slot`.
+        pub fn install_page<'s>(&self, slot: &'s Slot, page: usize) -> Section<'s> {
+            self.0.install_locked(slot, page, super::PAGE)
+        }
+
+        /// Sets the 4 KiB entry of `page` without a section (the state before a model starts).
+        pub fn preinstall_page(&self, page: usize) {
+            self.0.pages.set(self.0.page_index(page));
+        }
+
+        /// `invalidate_range_start`'s work (call under the table lock).
+        pub fn drop_overlapping(&self, slots: &SlotList, start: usize, end: usize) -> u64 {
+            self.0.drop_overlapping(slots, start, end)
+        }
+
+        /// Bytes from `hva` covered, looked at outside any section (for the end-of-model checks).
+        pub fn covered(&self, hva: usize, len: usize) -> usize {
+            self.0.covered(hva, len)
+        }
     }
 }
 
@@ -848,12 +1439,15 @@ mod tests {
         assert_eq!(e.covered(0x4000_0000, 3 * PAGE), 2 * PAGE, "pages 0 and 1, then a gap");
         assert_eq!(e.covered(0x4000_0000 + HUGE + 17, 3 * HUGE), HUGE - 17, "the 2 MiB entry");
         // [page 63, page 128): pages 63, 64, 65, 127 (block 0 has no entry).
-        assert_eq!(e.drop_overlapping(0x4000_0000 + 63 * PAGE, 0x4000_0000 + 128 * PAGE), 4);
+        assert_eq!(e.drop_overlapping(reader_slots(), 0x4000_0000 + 63 * PAGE, 0x4000_0000 + 128 * PAGE), 4);
         assert_eq!(e.count(), 5);
         assert!(e.pages.get(128) && e.pages.get(1) && !e.pages.get(64));
         // A range that cuts block 1 drops the block entry; outside the region nothing.
-        assert_eq!(e.drop_overlapping(0x4000_0000 + HUGE + PAGE, 0x4000_0000 + HUGE + 2 * PAGE), 1);
-        assert_eq!(e.drop_overlapping(0, 0x4000_0000), 0);
+        assert_eq!(
+            e.drop_overlapping(reader_slots(), 0x4000_0000 + HUGE + PAGE, 0x4000_0000 + HUGE + 2 * PAGE),
+            1
+        );
+        assert_eq!(e.drop_overlapping(reader_slots(), 0, 0x4000_0000), 0);
         assert_eq!(e.count(), 4);
     }
 }

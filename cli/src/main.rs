@@ -7,12 +7,14 @@
 //! - [`run`]: `zapvm run`;
 //! - [`stress`]: `zapvm stress`;
 //! - [`bench`]: `zapvm bench ...`;
-//! - [`control`]: `zapvm stats`, `balloon`, `mem`, `pause`, `resume`, `quit` (a running VM);
+//! - [`control`]: `zapvm stats`, `balloon`, `mem`, `pause`, `resume`, `quit`, `qmp`, `events`
+//!   (a running VM, through its QMP socket);
 //! - [`values`]: the command line's mirrors of the libraries' enums.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use serde_json::Value;
 
 mod bench;
 mod control;
@@ -22,7 +24,7 @@ mod stress;
 mod values;
 
 use bench::BenchCommand;
-use control::{control, BalloonCommand, MemCommand, Target};
+use control::{control, Action, BalloonCommand, MemCommand, Target};
 use run::RunArgs;
 
 #[derive(Parser)]
@@ -80,6 +82,28 @@ enum Command {
     Resume(Target),
     /// End a running VM.
     Quit(Target),
+    /// Run any QMP command on a running VM and print what it returns (e.g. `zapvm qmp
+    /// query-status`, `zapvm qmp balloon '{"value": 536870912}'`).
+    Qmp {
+        /// The command (`zapvm qmp query-commands` lists them).
+        command: String,
+        /// Its arguments, a JSON object.
+        arguments: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print a running VM's QMP events (BALLOON_CHANGE, MEMORY_DEVICE_SIZE_CHANGE, STOP,
+    /// RESUME, SHUTDOWN, ...) as JSON lines as they happen.
+    Events {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds without an event.
+        #[arg(long)]
+        timeout: Option<f64>,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 fn main() -> ExitCode {
@@ -99,17 +123,19 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Bench(command) => bench::bench(command),
         Command::Stats(target) => control::stats(target),
-        Command::Balloon(BalloonCommand::Set { size, target }) => {
-            control(target, vmm::api::Op::BalloonSet(vmm::api::SizeArg::size(size)))
+        Command::Balloon(BalloonCommand::Set { size, target }) => control(target, Action::BalloonSize(size)),
+        Command::Balloon(BalloonCommand::Stats(target)) => {
+            control(target, Action::Execute("__org.zapvm_query-balloon", Value::Null))
         }
-        Command::Balloon(BalloonCommand::Stats(target)) => control(target, vmm::api::Op::BalloonStats),
-        Command::Mem(MemCommand::Set { size, target }) => {
-            control(target, vmm::api::Op::MemSet(vmm::api::SizeArg::size(size)))
+        Command::Mem(MemCommand::Set { size, target }) => control(target, Action::RequestedSize(size)),
+        Command::Mem(MemCommand::State(target)) => {
+            control(target, Action::Execute("__org.zapvm_query-virtio-mem", Value::Null))
         }
-        Command::Mem(MemCommand::State(target)) => control(target, vmm::api::Op::MemState),
-        Command::Pause(target) => control(target, vmm::api::Op::Pause),
-        Command::Resume(target) => control(target, vmm::api::Op::Resume),
-        Command::Quit(target) => control(target, vmm::api::Op::Quit),
+        Command::Pause(target) => control(target, Action::Execute("stop", Value::Null)),
+        Command::Resume(target) => control(target, Action::Execute("cont", Value::Null)),
+        Command::Quit(target) => control(target, Action::Execute("quit", Value::Null)),
+        Command::Qmp { command, arguments, target } => control::qmp(target, command, arguments),
+        Command::Events { count, timeout, target } => control::events(target, count, timeout),
         Command::Stress(args) => harness::stress::cli(args.into()),
     };
     match result {

@@ -26,6 +26,11 @@ enum WorkloadArg {
     AssertFail,
     /// Raise a CPU exception on purpose.
     Exception,
+    /// Run until told to quit: the stress verifier keeps checking its pages on --vcpus vCPUs,
+    /// and one more vCPU each runs the test guest's balloon driver and (with --virtio-mem) its
+    /// virtio-mem driver, following the targets set through the control socket (`zapvm balloon
+    /// set`, `zapvm mem set`, QMP). With --hostile the drivers also send malformed requests.
+    Serve,
 }
 
 #[derive(clap::Args)]
@@ -81,7 +86,8 @@ pub struct RunArgs {
     /// Run the test guest's workload at CPL 0 (for VMX/SVM hosts; very slow on PVM).
     #[arg(long)]
     cpl0: bool,
-    /// The test guest's drivers misbehave on purpose (malformed and out-of-range requests).
+    /// The test guest's drivers misbehave on purpose (malformed and out-of-range requests):
+    /// only with --workload serve, the workload that runs them.
     #[arg(long)]
     hostile: bool,
     /// No virtio-balloon device.
@@ -105,8 +111,13 @@ pub struct RunArgs {
     /// How much of the virtio-mem region the guest should plug at boot.
     #[arg(long, value_parser = parse_size, default_value = "0", requires = "virtio_mem")]
     virtio_mem_requested: u64,
-    /// Serve the control API on this Unix socket (default: zapvm-<pid>.sock in
-    /// $XDG_RUNTIME_DIR or the temporary directory).
+    /// Name the VM: its default control socket is zapvm-<NAME>.sock (clients reach it with
+    /// `--id NAME`), its metrics are labelled vm="NAME", its log lines carry it. Letters,
+    /// digits, '-', '.', '_', starting with a letter.
+    #[arg(long, value_parser = parse_vm_id)]
+    id: Option<String>,
+    /// Serve the control socket (QMP) on this Unix socket (default: zapvm-<pid>.sock, or
+    /// zapvm-<id>.sock with --id, in $XDG_RUNTIME_DIR or the temporary directory).
     #[arg(long, conflicts_with = "no_api")]
     api_socket: Option<PathBuf>,
     /// No control socket.
@@ -158,6 +169,16 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         }
         line
     };
+    let serve = matches!(args.workload, WorkloadArg::Serve) && args.kernel.is_none() && !args.linux;
+    if args.hostile && !serve {
+        return Err("--hostile makes the test guest's device drivers misbehave: only --workload serve runs them".into());
+    }
+    if serve && args.no_balloon && args.virtio_mem.is_none() {
+        return Err("--workload serve drives the balloon and virtio-mem: with --no-balloon, give --virtio-mem".into());
+    }
+    let drivers = if serve { u32::from(!args.no_balloon) + u32::from(args.virtio_mem.is_some()) } else { 0 };
+    let vm_name = args.id.clone().unwrap_or_else(|| std::process::id().to_string());
+    let _span = tracing::info_span!("vm", id = %vm_name).entered();
     let boot = match (args.kernel.clone(), args.linux) {
         (Some(kernel), _) => {
             BootSource::Linux { kernel, initrd: args.initrd.clone(), cmdline: cmdline(false) }
@@ -179,11 +200,17 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
                     WorkloadArg::Touch => Workload::Touch,
                     WorkloadArg::AssertFail => Workload::AssertFail,
                     WorkloadArg::Exception => Workload::Exception,
+                    WorkloadArg::Serve => Workload::Stress,
                 },
                 seed: args.seed,
                 cpl0: args.cpl0,
                 hostile: args.hostile,
-                extra_flags: 0,
+                extra_flags: if serve {
+                    (if args.no_balloon { 0 } else { guest_abi::FLAG_STRESS_BALLOON })
+                        | (if args.virtio_mem.is_some() { guest_abi::FLAG_STRESS_VIRTIO_MEM } else { 0 })
+                } else {
+                    0
+                },
             },
         },
     };
@@ -193,7 +220,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     let config = VmConfig {
         kvm_device: args.kvm_device,
         memory: MemoryConfig { size: args.mem, backend: args.mem_backend.into(), thp: args.thp },
-        vcpus: args.vcpus,
+        vcpus: args.vcpus + drivers,
         timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),
         console: Console::Terminal,
         monitor: !args.no_monitor,
@@ -211,11 +238,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
             requested_size: args.virtio_mem_requested,
         }),
         ioeventfd: !args.no_ioeventfd,
-        metrics: args.metrics.exporter(&std::process::id().to_string())?,
+        metrics: args.metrics.exporter(&vm_name)?,
         api_socket: if args.no_api {
             None
         } else {
-            Some(args.api_socket.unwrap_or_else(|| vmm::api::default_socket_path(std::process::id())))
+            Some(args.api_socket.clone().unwrap_or_else(|| match &args.id {
+                Some(id) => vmm::api::client::named_socket_path(id),
+                None => vmm::api::client::default_socket_path(std::process::id()),
+            }))
         },
         // No after-start hook, and the test-only fields at their defaults.
         ..VmConfig::new(boot)
@@ -326,4 +356,9 @@ fn print_memory_layer(layer: &vmm::machine::MemoryLayerReport) {
         layer.notifier.kinds.iter().map(|k| k.ends).sum::<u64>(),
         if layer.monitor { "on" } else { "off" },
     );
+}
+
+/// `--id`: a VM name clients can use (see [`vmm::api::client::check_vm_id`]).
+fn parse_vm_id(text: &str) -> Result<String, String> {
+    vmm::api::client::check_vm_id(text).map(|()| text.to_string())
 }

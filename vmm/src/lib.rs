@@ -7,9 +7,9 @@
 //! - [`vstate`]: the KVM VM ([`vstate::vm`]) and its vCPU threads ([`vstate::vcpu`]);
 //! - [`arch`]: x86_64 descriptor tables, identity page tables, vCPU registers;
 //! - [`boot`]: the test guest and Linux boot paths;
-//! - [`client`]: the client commands' control socket (`--api-socket PATH`);
 //! - [`devices`]: the port/MMIO buses and the emulated devices;
 //! - [`ucall`]: the test guest's channel to the VMM;
+//! - [`api`]: the control socket, QMP (`zapvm run --api-socket`, the `zapvm` client commands);
 //! - [`stats`]: statistics of a running VM on demand (`zapvm stats`);
 //! - [`metrics`]: the same statistics for Prometheus (`zapvm run --metrics-addr`, `--metrics-file`);
 //! - [`teardown`]: surviving teardowns of guest RAM by code outside the VMM;
@@ -25,7 +25,6 @@
 pub mod api;
 pub mod arch;
 pub mod boot;
-pub mod client;
 pub mod console_input;
 pub mod devices;
 // KVM binary statistics are a crate of their own; re-exported so `crate::kvm_stats::…` and

@@ -6,7 +6,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +18,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
+use crate::api::events::name as event_name;
+use crate::api::{EventQueue, QmpError};
 use crate::arch::{cpu, gdt};
 use crate::boot::{self, test_guest, BootError};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
@@ -190,73 +192,122 @@ impl VmConfig {
     }
 }
 
-/// The control API's view of a running VM.
+/// The control socket's view of a running VM (QMP's commands; see [`crate::api::commands`]).
 impl crate::api::VmHandle for VmControl {
-    fn balloon_set(&self, bytes: u64) -> Result<serde_json::Value, crate::api::ApiError> {
-        let b = self
-            .balloon
-            .as_ref()
-            .ok_or_else(|| crate::api::ApiError::unavailable("this VM has no balloon"))?;
-        let pages = bytes / crate::memory::PAGE_SIZE;
-        let ram = self.ram_bytes;
-        if bytes > ram {
-            return Err(crate::api::ApiError::bad_argument(format!(
-                "a balloon of {bytes} bytes is larger than guest RAM ({ram} bytes)"
-            )));
+    fn status(&self) -> crate::api::RunStatus {
+        if self.paused() {
+            crate::api::RunStatus::Paused
+        } else {
+            crate::api::RunStatus::Running
         }
-        let pages = u32::try_from(pages)
-            .map_err(|_| crate::api::ApiError::bad_argument("balloon target too large"))?;
-        b.lock().unwrap_or_else(|e| e.into_inner()).update_config(|d| d.set_target_pages(pages));
-        Ok(
-            serde_json::json!({ "target_pages": pages, "target_bytes": u64::from(pages) * crate::memory::PAGE_SIZE }),
-        )
     }
 
-    fn balloon_stats(&self) -> Result<serde_json::Value, crate::api::ApiError> {
-        let b = self
-            .balloon
-            .as_ref()
-            .ok_or_else(|| crate::api::ApiError::unavailable("this VM has no balloon"))?;
-        Ok(self.balloon_json(b))
+    fn stop(&self) -> Result<(), QmpError> {
+        VmControl::pause(self).map_err(QmpError::generic)
     }
 
-    fn mem_set(&self, bytes: u64) -> Result<serde_json::Value, crate::api::ApiError> {
-        let m = self
-            .virtio_mem
-            .as_ref()
-            .ok_or_else(|| crate::api::ApiError::unavailable("this VM has no virtio-mem device"))?;
-        let mut m = m.lock().unwrap_or_else(|e| e.into_inner());
-        m.update_config(|d| d.set_requested_size(bytes))
-            .map_err(|e| crate::api::ApiError::bad_argument(e.to_string()))?;
-        Ok(serde_json::json!({ "requested_size": bytes }))
-    }
-
-    fn mem_state(&self) -> Result<serde_json::Value, crate::api::ApiError> {
-        let m = self
-            .virtio_mem
-            .as_ref()
-            .ok_or_else(|| crate::api::ApiError::unavailable("this VM has no virtio-mem device"))?;
-        Ok(serde_json::to_value(m.lock().unwrap_or_else(|e| e.into_inner()).device().stats())
-            .unwrap_or_default())
-    }
-
-    fn stats(&self) -> Result<serde_json::Value, crate::api::ApiError> {
-        Ok(VmControl::stats(self))
-    }
-
-    fn pause(&self) -> Result<(), crate::api::ApiError> {
-        VmControl::pause(self).map_err(crate::api::ApiError::failed)
-    }
-
-    fn resume(&self) -> Result<(), crate::api::ApiError> {
+    fn cont(&self) -> Result<(), QmpError> {
         VmControl::resume(self);
         Ok(())
     }
 
-    fn quit(&self) -> Result<(), crate::api::ApiError> {
+    fn quit(&self) -> Result<(), QmpError> {
         VmControl::quit(self);
         Ok(())
     }
+
+    fn base_memory(&self) -> u64 {
+        self.ram_bytes
+    }
+
+    fn set_balloon_target(&self, pages: u32) -> Result<(), QmpError> {
+        let b = self.balloon.as_ref().ok_or_else(no_balloon)?;
+        b.lock().unwrap_or_else(|e| e.into_inner()).update_config(|d| d.set_target_pages(pages));
+        Ok(())
+    }
+
+    fn balloon_actual(&self) -> Result<u32, QmpError> {
+        let b = self.balloon.as_ref().ok_or_else(no_balloon)?;
+        Ok(b.lock().unwrap_or_else(|e| e.into_inner()).device().stats().actual_pages)
+    }
+
+    fn balloon_guest_stats(&self) -> Result<(Vec<(String, u64)>, u64), QmpError> {
+        let b = self.balloon.as_ref().ok_or_else(no_balloon)?;
+        let b = b.lock().unwrap_or_else(|e| e.into_inner());
+        let at = b
+            .device()
+            .guest_stats_updated_at()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        Ok((b.device().stats().guest_stats.into_iter().collect(), at))
+    }
+
+    fn balloon_details(&self) -> Result<serde_json::Value, QmpError> {
+        let b = self.balloon.as_ref().ok_or_else(no_balloon)?;
+        Ok(self.balloon_json(b))
+    }
+
+    fn memory_devices(&self) -> Vec<crate::api::VirtioMemInfo> {
+        let Some(m) = &self.virtio_mem else { return Vec::new() };
+        let m = m.lock().unwrap_or_else(|e| e.into_inner());
+        let d = m.device();
+        let (addr, size) = d.region();
+        vec![crate::api::VirtioMemInfo {
+            id: crate::api::commands::VIRTIO_MEM_ID.into(),
+            memaddr: addr,
+            requested_size: d.requested_size(),
+            size: d.plugged_size(),
+            max_size: size,
+            block_size: d.block_size(),
+            node: 0,
+        }]
+    }
+
+    fn set_requested_size(&self, id: &str, bytes: u64) -> Result<(), QmpError> {
+        let m = match &self.virtio_mem {
+            Some(m) if id == crate::api::commands::VIRTIO_MEM_ID => m,
+            _ => return Err(QmpError::device_not_found(format!("Device '{id}' not found"))),
+        };
+        let mut m = m.lock().unwrap_or_else(|e| e.into_inner());
+        m.update_config(|d| d.set_requested_size(bytes))
+            .map_err(|e| QmpError::generic(format!("Property 'virtio-mem.requested-size': {e}")))
+    }
+
+    fn virtio_mem_details(&self) -> Result<serde_json::Value, QmpError> {
+        let m = self
+            .virtio_mem
+            .as_ref()
+            .ok_or_else(|| QmpError::device_not_found("Device 'vmem0' not found (run the VM with --virtio-mem)"))?;
+        Ok(serde_json::to_value(m.lock().unwrap_or_else(|e| e.into_inner()).device().stats())
+            .unwrap_or_default())
+    }
+
+    fn kvm_stats(&self) -> Result<Vec<crate::api::StatsGroup>, QmpError> {
+        let reader = self
+            .kvm_stats
+            .as_ref()
+            .ok_or_else(|| QmpError::generic("this host's KVM has no binary statistics (KVM_GET_STATS_FD)"))?;
+        let group = |vcpu: Option<usize>, fd: &crate::kvm_stats::StatsFd| {
+            let snapshot = fd.read().map_err(|e| QmpError::generic(format!("reading KVM's statistics: {e}")))?;
+            Ok(crate::api::StatsGroup {
+                vcpu,
+                stats: snapshot.iter().map(|(desc, values)| (desc.clone(), values.to_vec())).collect(),
+            })
+        };
+        let mut groups = vec![group(None, &reader.vm)?];
+        for (index, fd) in reader.vcpus.iter().enumerate() {
+            groups.push(group(Some(index), fd)?);
+        }
+        Ok(groups)
+    }
+
+    fn memory_layer(&self) -> Result<serde_json::Value, QmpError> {
+        Ok(VmControl::stats(self))
+    }
+}
+
+fn no_balloon() -> QmpError {
+    QmpError::device_not_active("No balloon device has been activated")
 }
 
 /// Where the virtio-mmio windows go (the guest-physical map is [`crate::arch::layout`]).
@@ -290,6 +341,10 @@ pub struct VmControl {
     teardown: Arc<TeardownGuard>,
     rendezvous: Option<Arc<DiscardRendezvous>>,
     quit: EventFd,
+    /// The VM's QMP events on their way to the control socket.
+    events: Arc<EventQueue>,
+    /// Whether `SHUTDOWN` was emitted (once per VM).
+    shutdown_emitted: AtomicBool,
     /// The vCPU threads, while they may be signalled (`None` once the VMM joins them).
     threads: Mutex<Option<Vec<libc::pthread_t>>>,
     started: Instant,
@@ -325,7 +380,20 @@ impl VmControl {
 
     /// Asks the VMM to stop the VM; the run ends with [`VmOutcome::Quit`].
     pub fn quit(&self) {
+        self.emit_shutdown(false, "host-qmp-quit");
         let _ = self.quit.write(1);
+    }
+
+    /// The VM's QMP events (what the control socket sends its clients).
+    pub fn events(&self) -> &Arc<EventQueue> {
+        &self.events
+    }
+
+    /// Emits `SHUTDOWN` unless it was already.
+    fn emit_shutdown(&self, guest: bool, reason: &str) {
+        if !self.shutdown_emitted.swap(true, Ordering::SeqCst) {
+            self.events.emit(event_name::SHUTDOWN, Some(crate::api::events::shutdown_data(guest, reason)));
+        }
     }
 
     fn kick_all(&self) {
@@ -340,6 +408,9 @@ impl VmControl {
     /// Stops every vCPU at its next exit (kicking them out of `KVM_RUN`) and waits until all
     /// that still run are parked.
     pub fn pause(&self) -> Result<(), String> {
+        if !self.shared.pause.is_closed() {
+            self.events.emit(event_name::STOP, None);
+        }
         self.shared.pause.close();
         self.kick_all();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -363,6 +434,9 @@ impl VmControl {
 
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
+        if self.shared.pause.is_closed() {
+            self.events.emit(event_name::RESUME, None);
+        }
         self.shared.pause.open();
     }
 
@@ -836,6 +910,31 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     let kick_handlers = std::mem::take(&mut virtio.kick_handlers);
     let virtio = virtio.devices;
 
+    // The devices' state changes, as QMP events for the control socket's clients.
+    let events = Arc::new(EventQueue::new().map_err(host("eventfd"))?);
+    if let Some(b) = &balloon {
+        let (events, ram_bytes) = (events.clone(), ram.size());
+        b.lock().unwrap_or_else(|e| e.into_inner()).device_mut().on_actual_change(Box::new(move |pages| {
+            // QMP's BALLOON_CHANGE says what the guest keeps, not what the balloon holds.
+            let actual = ram_bytes.saturating_sub(u64::from(pages) * crate::memory::PAGE_SIZE);
+            events.emit_state(event_name::BALLOON_CHANGE, "balloon0", serde_json::json!({ "actual": actual }));
+        }));
+    }
+    if let Some(m) = &virtio_mem {
+        let events = events.clone();
+        m.lock().unwrap_or_else(|e| e.into_inner()).device_mut().on_plugged_change(Box::new(move |size| {
+            events.emit_state(
+                event_name::MEMORY_DEVICE_SIZE_CHANGE,
+                crate::api::commands::VIRTIO_MEM_ID,
+                serde_json::json!({
+                    "id": crate::api::commands::VIRTIO_MEM_ID,
+                    "size": size,
+                    "qom-path": crate::api::commands::VIRTIO_MEM_QOM_PATH,
+                }),
+            );
+        }));
+    }
+
     // Boot: fill RAM, decide entries.
     let (plan, boot_info) = match &config.boot {
         BootSource::TestGuest { elf, params } => {
@@ -975,6 +1074,8 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         teardown: teardown.clone(),
         rendezvous: rendezvous.clone(),
         quit,
+        events: events.clone(),
+        shutdown_emitted: AtomicBool::new(false),
         threads: Mutex::new(None),
         started,
     });
@@ -987,7 +1088,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         None => None,
     };
     if let Some(path) = &config.api_socket {
-        let server = crate::api::ApiServer::bind(path, control.clone())
+        let server = crate::api::ApiServer::bind(path, control.clone(), events.clone())
             .map_err(|e| Error::Device(format!("control API socket {}: {e}", path.display())))?;
         manager.add_subscriber(Arc::new(Mutex::new(server)));
     }
@@ -1075,6 +1176,15 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         (None, Some(outcome)) => outcome,
         (None, None) => first_failure(&reports).unwrap_or(VmOutcome::Success),
     };
+    // QMP's SHUTDOWN for every way the VM ends (`quit` emitted its own); the control socket's
+    // server, dropped with the event manager when this function returns, writes it out.
+    match &outcome {
+        VmOutcome::Success => control.emit_shutdown(true, "guest-shutdown"),
+        VmOutcome::Reset => control.emit_shutdown(true, "guest-reset"),
+        VmOutcome::Quit => control.emit_shutdown(false, "host-qmp-quit"),
+        VmOutcome::TimedOut { .. } => control.emit_shutdown(false, "host-error"),
+        VmOutcome::Failed { .. } => control.emit_shutdown(true, "guest-panic"),
+    }
     let mut host_check = None;
     if let (Some(info), VmOutcome::Success) = (&boot_info, &outcome) {
         let discarded = |vcpu: usize| rendezvous.as_ref().map(|r| r.discarded(vcpu)).unwrap_or_default();

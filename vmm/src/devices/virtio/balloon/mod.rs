@@ -124,6 +124,10 @@ pub struct Balloon {
     interrupt: Option<Arc<VirtioInterrupt>>,
     stats_head: Option<u16>,
     stats: BalloonStats,
+    /// When the guest's statistics last arrived.
+    guest_stats_at: Option<std::time::SystemTime>,
+    /// Told the new `actual` (pages) whenever the driver changes it.
+    on_actual: Option<Box<dyn Fn(u32) + Send>>,
 }
 
 impl Balloon {
@@ -171,6 +175,8 @@ impl Balloon {
             interrupt: None,
             stats_head: None,
             stats: BalloonStats { thp, ..Default::default() },
+            guest_stats_at: None,
+            on_actual: None,
         }
     }
 
@@ -178,6 +184,17 @@ impl Balloon {
     /// `MmioTransport::update_config` so the driver gets a config-change interrupt.
     pub fn set_target_pages(&mut self, pages: u32) {
         self.target_pages = pages;
+    }
+
+    /// Calls `observer` with the new `actual` (in 4 KiB pages) each time the driver changes it,
+    /// on the thread that handles the driver's config write (a vCPU's): it must not block.
+    pub fn on_actual_change(&mut self, observer: Box<dyn Fn(u32) + Send>) {
+        self.on_actual = Some(observer);
+    }
+
+    /// When the guest's latest statistics arrived (`None`: never).
+    pub fn guest_stats_updated_at(&self) -> Option<std::time::SystemTime> {
+        self.guest_stats_at
     }
 
     /// The counters, state and latest guest statistics.
@@ -505,6 +522,7 @@ impl Balloon {
             }
         };
         self.stats.guest_stats_updates += 1;
+        self.guest_stats_at = Some(std::time::SystemTime::now());
         for entry in bytes.chunks_exact(10) {
             let tag = u16::from_le_bytes([entry[0], entry[1]]);
             let value = u64::from_le_bytes(entry[2..10].try_into().expect("8 bytes"));
@@ -553,7 +571,13 @@ impl VirtioDevice for Balloon {
         }
         let mut actual = self.actual_pages.to_le_bytes();
         actual[(offset - 4) as usize..(offset - 4) as usize + data.len()].copy_from_slice(data);
+        let before = self.actual_pages;
         self.actual_pages = u32::from_le_bytes(actual);
+        if self.actual_pages != before {
+            if let Some(observer) = &self.on_actual {
+                observer(self.actual_pages);
+            }
+        }
     }
 
     fn activate(

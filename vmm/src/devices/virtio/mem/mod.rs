@@ -190,6 +190,8 @@ pub struct VirtioMem {
     mem: Option<Arc<dyn GuestMemoryAccess>>,
     interrupt: Option<Arc<VirtioInterrupt>>,
     stats: VirtioMemStats,
+    /// Told the new plugged size (bytes) whenever a request changed it.
+    on_plugged: Option<Box<dyn Fn(u64) + Send>>,
 }
 
 impl VirtioMem {
@@ -232,6 +234,7 @@ impl VirtioMem {
             mem: None,
             interrupt: None,
             stats: VirtioMemStats::default(),
+            on_plugged: None,
         };
         device.set_requested_size(config.requested_size)?;
         Ok(device)
@@ -250,6 +253,12 @@ impl VirtioMem {
         }
         self.requested_size = bytes;
         Ok(())
+    }
+
+    /// Calls `observer` with the new plugged size (bytes) each time the guest's requests change
+    /// it, on the thread that processes the queue: it must not block.
+    pub fn on_plugged_change(&mut self, observer: Box<dyn Fn(u64) + Send>) {
+        self.on_plugged = Some(observer);
     }
 
     /// The host's request.
@@ -617,6 +626,7 @@ impl VirtioDevice for VirtioMem {
             log_guest_error(e.unknown_queue, format_args!("virtio-mem: notify of undefined queue {index}"));
             return Ok(());
         }
+        let plugged_before = self.plugged_size();
         let mut used_any = false;
         loop {
             // One notify's requests, read in bulk, handled in ring order; their heads go back
@@ -643,6 +653,12 @@ impl VirtioDevice for VirtioMem {
         }
         if used_any {
             irq.signal_used_queue();
+        }
+        let plugged = self.plugged_size();
+        if plugged != plugged_before {
+            if let Some(observer) = &self.on_plugged {
+                observer(plugged);
+            }
         }
         Ok(())
     }

@@ -121,7 +121,9 @@ pub fn qmp(target: Target, command: String, arguments: Option<String>) -> Result
         Some(text) => {
             let value: Value = serde_json::from_str(&text).map_err(|e| format!("arguments {text:?}: {e}"))?;
             if !value.is_object() {
-                return Err(format!("arguments {text:?}: give a JSON object, e.g. '{{\"value\": 536870912}}'"));
+                return Err(format!(
+                    "arguments {text:?}: give a JSON object, e.g. '{{\"value\": 536870912}}'"
+                ));
             }
             value
         }

@@ -171,10 +171,15 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     };
     let serve = matches!(args.workload, WorkloadArg::Serve) && args.kernel.is_none() && !args.linux;
     if args.hostile && !serve {
-        return Err("--hostile makes the test guest's device drivers misbehave: only --workload serve runs them".into());
+        return Err(
+            "--hostile makes the test guest's device drivers misbehave: only --workload serve runs them"
+                .into(),
+        );
     }
     if serve && args.no_balloon && args.virtio_mem.is_none() {
-        return Err("--workload serve drives the balloon and virtio-mem: with --no-balloon, give --virtio-mem".into());
+        return Err(
+            "--workload serve drives the balloon and virtio-mem: with --no-balloon, give --virtio-mem".into(),
+        );
     }
     let drivers = if serve { u32::from(!args.no_balloon) + u32::from(args.virtio_mem.is_some()) } else { 0 };
     let vm_name = args.id.clone().unwrap_or_else(|| std::process::id().to_string());

@@ -1,6 +1,6 @@
 //! Shared by `tests/parsers.rs` (proptest, stable `cargo test`) and the cargo-fuzz targets in
 //! `vmm/fuzz/` (which include this file with `#[path]`): rigs that drive the request parsers —
-//! the control API's [`handle_bytes`], the balloon's PFN arrays and free page reports, the
+//! the control socket's [`handle_line`] (QMP), the balloon's PFN arrays and free page reports, the
 //! virtio-mem request queue, a bare split virtqueue — from arbitrary bytes, and check their
 //! invariants. A violated invariant panics (that is what both proptest and libFuzzer catch).
 //!
@@ -22,7 +22,9 @@ use std::sync::{Arc, Mutex};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use vmm::api::{handle_bytes, ApiError, ErrorKind, Reply, VmHandle, MAX_LINE};
+use vmm::api::{
+    handle_line, ErrorClass, QmpError, RunStatus, Session, StatsGroup, VirtioMemInfo, VmHandle, MAX_LINE,
+};
 use vmm::devices::virtio::balloon::{
     Balloon, BalloonConfig, VIRTIO_BALLOON_F_DEFLATE_ON_OOM, VIRTIO_BALLOON_F_MUST_TELL_HOST,
     VIRTIO_BALLOON_F_PAGE_REPORTING, VIRTIO_BALLOON_F_STATS_VQ,
@@ -123,32 +125,32 @@ fn driver_ok(dev: &mut dyn BusDevice) {
     assert_eq!(r32(dev, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
 }
 
-// ---------------------------------------------------------------------------------------------
-// The control API
-
-/// A call the fake VM received.
+/// What the fake VM was asked to do (queries that change nothing are not recorded).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
-    /// `balloon_set(bytes)`.
-    BalloonSet(u64),
-    /// `balloon_stats()`.
-    BalloonStats,
-    /// `mem_set(bytes)`.
-    MemSet(u64),
-    /// `mem_state()`.
-    MemState,
-    /// `stats()`.
-    Stats,
-    /// `pause()`.
-    Pause,
-    /// `resume()`.
-    Resume,
+    /// `stop()`.
+    Stop,
+    /// `cont()`.
+    Cont,
     /// `quit()`.
     Quit,
+    /// `set_balloon_target(pages)`.
+    BalloonTarget(u32),
+    /// `set_requested_size("vmem0", bytes)`.
+    RequestedSize(u64),
+    /// `memory_layer()`.
+    MemoryLayer,
+    /// `balloon_details()`.
+    BalloonDetails,
+    /// `virtio_mem_details()`.
+    VirtioMemDetails,
 }
 
+/// The fake VM's base memory.
+pub const FAKE_BASE_MEMORY: u64 = 1 << 30;
+
 /// A VM that records its calls and always succeeds. (It does not assert anything itself:
-/// `handle_line` turns a panic of the handle into a `failed` reply, so checks are made on the
+/// `handle_line` turns a panic of the handle into an error reply, so checks are made on the
 /// record afterwards.)
 #[derive(Default)]
 pub struct FakeVm {
@@ -156,9 +158,8 @@ pub struct FakeVm {
 }
 
 impl FakeVm {
-    fn record(&self, call: Call) -> Result<Value, ApiError> {
+    fn record(&self, call: Call) {
         self.calls.lock().unwrap().push(call);
-        Ok(json!({}))
     }
     /// The calls so far, emptied.
     pub fn take(&self) -> Vec<Call> {
@@ -167,181 +168,286 @@ impl FakeVm {
 }
 
 impl VmHandle for FakeVm {
-    fn balloon_set(&self, bytes: u64) -> Result<Value, ApiError> {
-        self.record(Call::BalloonSet(bytes))
+    fn status(&self) -> RunStatus {
+        RunStatus::Running
     }
-    fn balloon_stats(&self) -> Result<Value, ApiError> {
-        self.record(Call::BalloonStats)
+    fn stop(&self) -> Result<(), QmpError> {
+        self.record(Call::Stop);
+        Ok(())
     }
-    fn mem_set(&self, bytes: u64) -> Result<Value, ApiError> {
-        self.record(Call::MemSet(bytes))
+    fn cont(&self) -> Result<(), QmpError> {
+        self.record(Call::Cont);
+        Ok(())
     }
-    fn mem_state(&self) -> Result<Value, ApiError> {
-        self.record(Call::MemState)
+    fn quit(&self) -> Result<(), QmpError> {
+        self.record(Call::Quit);
+        Ok(())
     }
-    fn stats(&self) -> Result<Value, ApiError> {
-        self.record(Call::Stats)
+    fn base_memory(&self) -> u64 {
+        FAKE_BASE_MEMORY
     }
-    fn pause(&self) -> Result<(), ApiError> {
-        self.record(Call::Pause).map(drop)
+    fn set_balloon_target(&self, pages: u32) -> Result<(), QmpError> {
+        self.record(Call::BalloonTarget(pages));
+        Ok(())
     }
-    fn resume(&self) -> Result<(), ApiError> {
-        self.record(Call::Resume).map(drop)
+    fn balloon_actual(&self) -> Result<u32, QmpError> {
+        Ok(0)
     }
-    fn quit(&self) -> Result<(), ApiError> {
-        self.record(Call::Quit).map(drop)
+    fn balloon_guest_stats(&self) -> Result<(Vec<(String, u64)>, u64), QmpError> {
+        Ok((Vec::new(), 0))
+    }
+    fn balloon_details(&self) -> Result<Value, QmpError> {
+        self.record(Call::BalloonDetails);
+        Ok(json!({}))
+    }
+    fn memory_devices(&self) -> Vec<VirtioMemInfo> {
+        vec![VirtioMemInfo {
+            id: "vmem0".into(),
+            memaddr: 1 << 32,
+            requested_size: 0,
+            size: 0,
+            max_size: 1 << 30,
+            block_size: 2 << 20,
+            node: 0,
+        }]
+    }
+    fn set_requested_size(&self, _id: &str, bytes: u64) -> Result<(), QmpError> {
+        self.record(Call::RequestedSize(bytes));
+        Ok(())
+    }
+    fn virtio_mem_details(&self) -> Result<Value, QmpError> {
+        self.record(Call::VirtioMemDetails);
+        Ok(json!({}))
+    }
+    fn kvm_stats(&self) -> Result<Vec<StatsGroup>, QmpError> {
+        Ok(Vec::new())
+    }
+    fn memory_layer(&self) -> Result<Value, QmpError> {
+        self.record(Call::MemoryLayer);
+        Ok(json!({}))
     }
 }
 
-/// A JSON object's members in order, duplicates kept (the oracle's own view of a request).
-struct Members(Vec<(String, Value)>);
+/// A JSON value with every object's members in order, duplicates kept (the oracle's own view
+/// of a request).
+#[derive(Debug, Clone)]
+enum Raw {
+    Object(Vec<(String, Raw)>),
+    Array(Vec<Raw>),
+    Leaf(Value),
+}
 
-impl<'de> Deserialize<'de> for Members {
+impl Raw {
+    fn has_duplicates(&self) -> bool {
+        match self {
+            Raw::Object(members) => {
+                let names: BTreeSet<&str> = members.iter().map(|(k, _)| k.as_str()).collect();
+                names.len() != members.len() || members.iter().any(|(_, v)| v.has_duplicates())
+            }
+            Raw::Array(items) => items.iter().any(Raw::has_duplicates),
+            Raw::Leaf(_) => false,
+        }
+    }
+    fn to_value(&self) -> Value {
+        match self {
+            Raw::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), v.to_value())).collect()),
+            Raw::Array(items) => Value::Array(items.iter().map(Raw::to_value).collect()),
+            Raw::Leaf(v) => v.clone(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Raw {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = Members;
+            type Value = Raw;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an object")
+                f.write_str("JSON")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Members, A::Error> {
+            fn visit_bool<E>(self, v: bool) -> Result<Raw, E> {
+                Ok(Raw::Leaf(v.into()))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Raw, E> {
+                Ok(Raw::Leaf(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Raw, E> {
+                Ok(Raw::Leaf(v.into()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Raw, E> {
+                Ok(Raw::Leaf(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Raw, E> {
+                Ok(Raw::Leaf(v.into()))
+            }
+            fn visit_unit<E>(self) -> Result<Raw, E> {
+                Ok(Raw::Leaf(Value::Null))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Raw, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = a.next_element::<Raw>()? {
+                    items.push(item);
+                }
+                Ok(Raw::Array(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Raw, A::Error> {
                 let mut members = Vec::new();
-                while let Some((k, v)) = a.next_entry::<String, Value>()? {
+                while let Some((k, v)) = a.next_entry::<String, Raw>()? {
                     members.push((k, v));
                 }
-                Ok(Members(members))
+                Ok(Raw::Object(members))
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_any(V)
     }
 }
 
-/// What the protocol (api.rs, "Protocol") says a line must get, worked out independently of
-/// `Request::parse`: the id to echo and either the VM call (`None` for ping/help) or the error
-/// kind.
-fn oracle(line: &[u8]) -> (Value, Result<Option<Call>, ErrorKind>) {
-    let bad = |id: Value, kind| (id, Err(kind));
+/// What a request must get, by the oracle.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expected {
+    /// A `return`, after exactly these VM calls.
+    Return(Vec<Call>),
+    /// An error of this class, and no VM call.
+    Error(ErrorClass),
+    /// A read-only query whose details the oracle does not model: a reply either way, and no
+    /// VM call.
+    Query,
+}
+
+/// What the QMP specification and zapvm's command contract (vmm/src/api) say a request in a
+/// negotiated session must get, worked out independently of the parser: the id to echo (if
+/// any) and the outcome.
+fn oracle(line: &[u8]) -> (Option<Value>, Expected) {
+    let generic = |id: Option<Value>| (id, Expected::Error(ErrorClass::GenericError));
     if line.len() > MAX_LINE {
-        return bad(Value::Null, ErrorKind::BadRequest);
+        return generic(None);
     }
-    let Ok(text) = std::str::from_utf8(line) else { return bad(Value::Null, ErrorKind::BadRequest) };
-    let Ok(Members(members)) = serde_json::from_str::<Members>(text) else {
-        return bad(Value::Null, ErrorKind::BadRequest);
-    };
-    let names: BTreeSet<&str> = members.iter().map(|(k, _)| k.as_str()).collect();
-    if names.len() != members.len() {
-        return bad(Value::Null, ErrorKind::BadRequest);
+    let Ok(text) = std::str::from_utf8(line) else { return generic(None) };
+    let Ok(raw) = serde_json::from_str::<Raw>(text) else { return generic(None) };
+    if raw.has_duplicates() {
+        return generic(None);
     }
-    let get = |name: &str| members.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-    let id = get("id").cloned().unwrap_or(Value::Null);
-    let op = match get("op") {
-        Some(Value::String(op)) => op.as_str(),
-        _ => return bad(id, ErrorKind::BadRequest),
+    let Raw::Object(members) = raw else { return generic(None) };
+    let get = |name: &str| members.iter().find(|(k, _)| k == name).map(|(_, v)| v.to_value());
+    let id = get("id");
+    if get("exec-oob").is_some() {
+        return generic(id);
+    }
+    let Some(Value::String(execute)) = get("execute") else { return generic(id) };
+    let arguments = match get("arguments") {
+        None => serde_json::Map::new(),
+        Some(Value::Object(a)) => a,
+        Some(_) => return generic(id),
     };
-    let (sized, args): (bool, &[&str]) = match op {
-        "balloon-set" | "mem-set" => (true, &["bytes", "size"]),
-        "balloon-stats" | "mem-state" | "stats" | "pause" | "resume" | "quit" | "ping" | "help" => {
-            (false, &[])
+    if members.iter().any(|(k, _)| !["execute", "arguments", "id", "control"].contains(&k.as_str())) {
+        return generic(id);
+    }
+    let plain = [
+        ("stop", Some(Call::Stop)),
+        ("cont", Some(Call::Cont)),
+        ("quit", Some(Call::Quit)),
+        ("query-status", None),
+        ("query-balloon", None),
+        ("query-version", None),
+        ("query-commands", None),
+        ("query-memory-devices", None),
+        ("query-memory-size-summary", None),
+        ("__org.zapvm_query-memory-layer", Some(Call::MemoryLayer)),
+        ("__org.zapvm_query-balloon", Some(Call::BalloonDetails)),
+        ("__org.zapvm_query-virtio-mem", Some(Call::VirtioMemDetails)),
+    ];
+    if let Some((_, call)) = plain.iter().find(|(n, _)| *n == execute) {
+        if !arguments.is_empty() {
+            return generic(id);
         }
-        _ => return bad(id, ErrorKind::UnknownOp),
-    };
-    if names.iter().any(|n| !["op", "id"].contains(n) && !args.contains(n)) {
-        return bad(id, ErrorKind::BadRequest);
+        return (id, Expected::Return(call.iter().cloned().collect()));
     }
-    let size = if sized {
-        let bytes = match get("bytes") {
-            None | Some(Value::Null) => None,
-            Some(v) => match v.as_u64() {
-                Some(n) => Some(n),
-                None => return bad(id, ErrorKind::BadArgument),
-            },
-        };
-        let size = match get("size") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.as_str()),
-            Some(_) => return bad(id, ErrorKind::BadArgument),
-        };
-        match (bytes, size) {
-            (Some(n), None) => n,
-            (None, Some(s)) => match size_oracle(s) {
-                Some(n) => n,
-                None => return bad(id, ErrorKind::BadArgument),
-            },
-            _ => return bad(id, ErrorKind::BadArgument),
+    let int = |v: &Value| v.as_i64().map(i128::from).or_else(|| v.as_u64().map(i128::from));
+    match execute.as_str() {
+        "qmp_capabilities" => (id, Expected::Error(ErrorClass::CommandNotFound)),
+        "balloon" => {
+            if arguments.keys().any(|k| k != "value") {
+                return generic(id);
+            }
+            let Some(value) = arguments.get("value").and_then(int) else { return generic(id) };
+            if value <= 0 {
+                return generic(id);
+            }
+            let keep = (value as u128).min(u128::from(FAKE_BASE_MEMORY)) as u64;
+            let pages = (FAKE_BASE_MEMORY - keep).div_ceil(4096) as u32;
+            (id, Expected::Return(vec![Call::BalloonTarget(pages)]))
         }
-    } else {
-        0
-    };
-    let call = match op {
-        "balloon-set" => Some(Call::BalloonSet(size)),
-        "mem-set" => Some(Call::MemSet(size)),
-        "balloon-stats" => Some(Call::BalloonStats),
-        "mem-state" => Some(Call::MemState),
-        "stats" => Some(Call::Stats),
-        "pause" => Some(Call::Pause),
-        "resume" => Some(Call::Resume),
-        "quit" => Some(Call::Quit),
-        _ => None,
-    };
-    (id, Ok(call))
+        "qom-set" => {
+            if arguments.keys().any(|k| !["path", "property", "value"].contains(&k.as_str())) {
+                return generic(id);
+            }
+            let (Some(Value::String(path)), Some(Value::String(property)), Some(value)) =
+                (arguments.get("path"), arguments.get("property"), arguments.get("value"))
+            else {
+                return generic(id);
+            };
+            match path.as_str() {
+                "vmem0" | "/machine/peripheral/vmem0" => match (property.as_str(), value.as_u64()) {
+                    ("requested-size", Some(bytes)) => {
+                        (id, Expected::Return(vec![Call::RequestedSize(bytes)]))
+                    }
+                    _ => generic(id),
+                },
+                "balloon0" | "/machine/peripheral/balloon0" => generic(id),
+                _ => (id, Expected::Error(ErrorClass::DeviceNotFound)),
+            }
+        }
+        "qom-get" | "query-stats" | "query-stats-schemas" => (id, Expected::Query),
+        _ => (id, Expected::Error(ErrorClass::CommandNotFound)),
+    }
 }
 
-/// What a `"size"` argument means, written from the control API's contract rather than from the
-/// VMM's parser: optional whitespace around a decimal number (ASCII digits, an optional leading
-/// `+`), then at most one binary unit letter `K`, `M`, `G` or `T` (either case) right after the
-/// digits; the value in bytes, `None` for anything else or a value above `u64::MAX`.
-pub fn size_oracle(text: &str) -> Option<u64> {
-    let text = text.trim_matches(char::is_whitespace);
-    let (number, unit) = match text.as_bytes().last()? {
-        b'k' | b'K' => (&text[..text.len() - 1], 1u128 << 10),
-        b'm' | b'M' => (&text[..text.len() - 1], 1 << 20),
-        b'g' | b'G' => (&text[..text.len() - 1], 1 << 30),
-        b't' | b'T' => (&text[..text.len() - 1], 1 << 40),
-        _ => (text, 1),
-    };
-    let digits = number.strip_prefix('+').unwrap_or(number);
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    // Digit by digit in 128 bits; anything past u64 is too large either way.
-    let mut value: u128 = 0;
-    for b in digits.bytes() {
-        value = value * 10 + u128::from(b - b'0');
-        if value > u128::from(u64::MAX) {
-            return None;
-        }
-    }
-    u64::try_from(value * unit).ok()
-}
-
-/// Runs `line` through [`handle_bytes`] against a fake VM and checks the reply: one line of
-/// JSON, a well-formed [`Reply`] (`ok` with a `result`, or an `error`), the id echoed, and the
-/// VM called at most once, exactly for a well-formed request, with the arguments it names.
-pub fn check_api_line(line: &[u8]) -> Reply {
+/// Runs `line` through [`handle_line`] in a negotiated session against a fake VM and checks
+/// the reply: one line of JSON, a well-formed QMP reply (`return`, or `error` with a class and
+/// a description), the id echoed exactly when the request had one, and the VM called exactly
+/// as the oracle says (never for a malformed request). Returns the reply and the calls.
+pub fn check_api_line(line: &[u8]) -> (Value, Vec<Call>) {
     let vm = FakeVm::default();
-    let text = handle_bytes(line, &vm);
+    let mut session = Session::new();
+    let negotiated = handle_line(&mut session, br#"{"execute":"qmp_capabilities"}"#, &vm);
+    assert_eq!(negotiated, r#"{"return":{}}"#);
+    let text = handle_line(&mut session, line, &vm);
     let calls = vm.take();
     let shown = || String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
     assert!(!text.contains('\n'), "{:?}: reply is not one line: {text:?}", shown());
-    let reply: Reply = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("{:?}: reply {text:?} is not a Reply: {e}", shown()));
-    assert_eq!(reply.ok, reply.result.is_some(), "{:?} -> {text}", shown());
-    assert_eq!(!reply.ok, reply.error.is_some(), "{:?} -> {text}", shown());
-    assert!(calls.len() <= 1, "{:?} called the VM {} times: {calls:?}", shown(), calls.len());
-    let (id, expected) = oracle(line);
-    assert_eq!(reply.id, id, "{:?} -> {text}: id not echoed", shown());
-    match expected {
-        Ok(call) => {
-            assert!(reply.ok, "{:?} is well-formed but got {text}", shown());
-            assert_eq!(calls, call.into_iter().collect::<Vec<_>>(), "{:?}: wrong VM call", shown());
-        }
-        Err(kind) => {
-            assert!(calls.is_empty(), "{:?} is malformed ({kind}) but reached the VM: {calls:?}", shown());
-            let got = reply.error.as_ref().map(|e| e.kind);
-            assert_eq!(got, Some(kind), "{:?} -> {text}", shown());
-        }
+    let reply: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{:?}: reply {text:?} is not JSON: {e}", shown()));
+    let object = reply.as_object().unwrap_or_else(|| panic!("{:?}: reply {text} is not an object", shown()));
+    assert_eq!(
+        object.contains_key("return"),
+        !object.contains_key("error"),
+        "{:?} -> {text}: exactly one of return and error",
+        shown()
+    );
+    assert!(
+        object.keys().all(|k| ["return", "error", "id"].contains(&k.as_str())),
+        "{:?} -> {text}",
+        shown()
+    );
+    if let Some(error) = object.get("error") {
+        assert!(error["class"].is_string() && error["desc"].is_string(), "{:?} -> {text}", shown());
     }
-    reply
+    let (id, expected) = oracle(line);
+    assert_eq!(object.get("id").cloned(), id, "{:?} -> {text}: id not echoed as sent", shown());
+    match expected {
+        Expected::Return(expected_calls) => {
+            assert!(object.contains_key("return"), "{:?} is well-formed but got {text}", shown());
+            assert_eq!(calls, expected_calls, "{:?}: wrong VM calls", shown());
+        }
+        Expected::Error(class) => {
+            assert!(calls.is_empty(), "{:?} is refused ({class}) but reached the VM: {calls:?}", shown());
+            let got: ErrorClass = serde_json::from_value(object["error"]["class"].clone())
+                .unwrap_or_else(|e| panic!("{:?} -> {text}: {e}", shown()));
+            assert_eq!(got, class, "{:?} -> {text}", shown());
+        }
+        Expected::Query => assert!(calls.is_empty(), "{:?}: a query called the VM: {calls:?}", shown()),
+    }
+    (reply, calls)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -274,21 +274,20 @@ impl crate::api::VmHandle for VmControl {
     }
 
     fn virtio_mem_details(&self) -> Result<serde_json::Value, QmpError> {
-        let m = self
-            .virtio_mem
-            .as_ref()
-            .ok_or_else(|| QmpError::device_not_found("Device 'vmem0' not found (run the VM with --virtio-mem)"))?;
+        let m = self.virtio_mem.as_ref().ok_or_else(|| {
+            QmpError::device_not_found("Device 'vmem0' not found (run the VM with --virtio-mem)")
+        })?;
         Ok(serde_json::to_value(m.lock().unwrap_or_else(|e| e.into_inner()).device().stats())
             .unwrap_or_default())
     }
 
     fn kvm_stats(&self) -> Result<Vec<crate::api::StatsGroup>, QmpError> {
-        let reader = self
-            .kvm_stats
-            .as_ref()
-            .ok_or_else(|| QmpError::generic("this host's KVM has no binary statistics (KVM_GET_STATS_FD)"))?;
+        let reader = self.kvm_stats.as_ref().ok_or_else(|| {
+            QmpError::generic("this host's KVM has no binary statistics (KVM_GET_STATS_FD)")
+        })?;
         let group = |vcpu: Option<usize>, fd: &crate::kvm_stats::StatsFd| {
-            let snapshot = fd.read().map_err(|e| QmpError::generic(format!("reading KVM's statistics: {e}")))?;
+            let snapshot =
+                fd.read().map_err(|e| QmpError::generic(format!("reading KVM's statistics: {e}")))?;
             Ok(crate::api::StatsGroup {
                 vcpu,
                 stats: snapshot.iter().map(|(desc, values)| (desc.clone(), values.to_vec())).collect(),
@@ -917,7 +916,11 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         b.lock().unwrap_or_else(|e| e.into_inner()).device_mut().on_actual_change(Box::new(move |pages| {
             // QMP's BALLOON_CHANGE says what the guest keeps, not what the balloon holds.
             let actual = ram_bytes.saturating_sub(u64::from(pages) * crate::memory::PAGE_SIZE);
-            events.emit_state(event_name::BALLOON_CHANGE, "balloon0", serde_json::json!({ "actual": actual }));
+            events.emit_state(
+                event_name::BALLOON_CHANGE,
+                "balloon0",
+                serde_json::json!({ "actual": actual }),
+            );
         }));
     }
     if let Some(m) = &virtio_mem {

@@ -43,9 +43,7 @@ pub fn check_vm_id(id: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "VM id {id:?}: give 1 to 64 letters, digits, '-', '.' or '_', starting with a letter"
-        ))
+        Err(format!("VM id {id:?}: give 1 to 64 letters, digits, '-', '.' or '_', starting with a letter"))
     }
 }
 
@@ -85,7 +83,10 @@ fn sockets_in(dirs: &[PathBuf]) -> Vec<(String, PathBuf)> {
                 continue;
             };
             let valid = name.parse::<u32>().is_ok() || check_vm_id(name).is_ok();
-            if valid && entry.file_type().is_ok_and(|t| t.is_socket()) && !found.iter().any(|(n, _)| n == name) {
+            if valid
+                && entry.file_type().is_ok_and(|t| t.is_socket())
+                && !found.iter().any(|(n, _)| n == name)
+            {
                 found.push((name.to_string(), entry.path()));
             }
         }
@@ -361,7 +362,9 @@ impl QmpClient {
         let id = format!("zapvm-{}-{}", std::process::id(), self.next_id);
         self.next_id += 1;
         let request = Request::new(command).with_arguments(arguments).with_id(id.clone());
-        self.stream.set_write_timeout(Some(self.timeout.max(Duration::from_millis(1)))).map_err(|e| self.io(e))?;
+        self.stream
+            .set_write_timeout(Some(self.timeout.max(Duration::from_millis(1))))
+            .map_err(|e| self.io(e))?;
         self.stream.write_all(request.to_line().as_bytes()).map_err(|e| self.io(e))?;
         let deadline = Instant::now() + self.timeout;
         loop {
@@ -386,14 +389,11 @@ impl QmpClient {
         if let Some(event) = self.events.pop_front() {
             return Ok(Some(event));
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.read_message(deadline) {
-                Ok(message) if message.get("event").is_some() => return Ok(Some(message)),
-                Ok(message) => return Err(self.bad(format!("a reply nobody asked for: {message}"))),
-                Err(ClientError::Timeout { .. }) => return Ok(None),
-                Err(e) => return Err(e),
-            }
+        match self.read_message(Instant::now() + timeout) {
+            Ok(message) if message.get("event").is_some() => Ok(Some(message)),
+            Ok(message) => Err(self.bad(format!("a reply nobody asked for: {message}"))),
+            Err(ClientError::Timeout { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 }
@@ -403,4 +403,3 @@ impl QmpClient {
 pub fn call(path: &Path, command: &str, arguments: Value) -> Result<Value, ClientError> {
     QmpClient::connect(path, DEFAULT_TIMEOUT)?.execute(command, arguments)
 }
-

@@ -203,7 +203,11 @@ pub const COMMANDS: &[CommandSpec] = &[
         args: &[arg("value", ArgType::Int)],
         description: "set the guest's memory size through the balloon (bytes; the balloon takes the rest)",
     },
-    CommandSpec { name: "query-balloon", args: &[], description: "the guest's memory size as the balloon leaves it" },
+    CommandSpec {
+        name: "query-balloon",
+        args: &[],
+        description: "the guest's memory size as the balloon leaves it",
+    },
     CommandSpec {
         name: "query-memory-size-summary",
         args: &[],
@@ -213,7 +217,8 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "qom-get",
         args: &[arg("path", ArgType::Str), arg("property", ArgType::Str)],
-        description: "a device property: balloon0 guest-stats; vmem0 requested-size, size, max-size, block-size",
+        description:
+            "a device property: balloon0 guest-stats; vmem0 requested-size, size, max-size, block-size",
     },
     CommandSpec {
         name: "qom-set",
@@ -297,10 +302,14 @@ fn answer(session: &mut Session, request: &Request, vm: &dyn VmHandle) -> Result
     match (session.negotiated, name) {
         (false, "qmp_capabilities") => {}
         (false, _) => {
-            return Err(QmpError::command_not_found("Expecting capabilities negotiation with 'qmp_capabilities'"))
+            return Err(QmpError::command_not_found(
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            ))
         }
         (true, "qmp_capabilities") => {
-            return Err(QmpError::command_not_found("Capabilities negotiation is already complete, command ignored"))
+            return Err(QmpError::command_not_found(
+                "Capabilities negotiation is already complete, command ignored",
+            ))
         }
         (true, _) => {}
     }
@@ -350,7 +359,9 @@ fn check_arguments<'a>(spec: &CommandSpec, arguments: &'a Map<String, Value>) ->
     }
     for a in spec.args {
         match arguments.get(a.name) {
-            None if a.required => return Err(QmpError::generic(format!("Parameter '{}' is missing", a.name))),
+            None if a.required => {
+                return Err(QmpError::generic(format!("Parameter '{}' is missing", a.name)))
+            }
             None => {}
             Some(value) if !a.ty.accepts(value) => {
                 return Err(QmpError::generic(format!(
@@ -393,11 +404,9 @@ fn dispatch(name: &str, args: &Args, vm: &dyn VmHandle) -> Result<Value, QmpErro
             let plugged: u64 = vm.memory_devices().iter().map(|d| d.size).sum();
             Ok(json!({ "base-memory": vm.base_memory(), "plugged-memory": plugged }))
         }
-        "query-memory-devices" => Ok(vm
-            .memory_devices()
-            .into_iter()
-            .map(|d| json!({ "type": "virtio-mem", "data": d }))
-            .collect()),
+        "query-memory-devices" => {
+            Ok(vm.memory_devices().into_iter().map(|d| json!({ "type": "virtio-mem", "data": d })).collect())
+        }
         "qom-get" => qom_get(args.str("path"), args.str("property"), vm),
         "qom-set" => qom_set(args.str("path"), args.str("property"), args.value("value"), vm).map(done),
         "query-stats" => query_stats(args, vm),
@@ -420,7 +429,8 @@ fn balloon(args: &Args, vm: &dyn VmHandle) -> Result<(), QmpError> {
     let base = vm.base_memory();
     let keep = u64::try_from(value).unwrap_or(u64::MAX).min(base);
     let pages = (base - keep).div_ceil(BALLOON_PAGE);
-    let pages = u32::try_from(pages).map_err(|_| QmpError::generic("Parameter 'value' is too small for the balloon"))?;
+    let pages = u32::try_from(pages)
+        .map_err(|_| QmpError::generic("Parameter 'value' is too small for the balloon"))?;
     vm.set_balloon_target(pages)
 }
 
@@ -496,7 +506,9 @@ fn qom_set(path: &str, property: &str, value: Option<&Value>, vm: &dyn VmHandle)
     match qom_device(path) {
         Some(VIRTIO_MEM_ID) if property == "requested-size" => {
             let bytes = value.and_then(Value::as_u64).ok_or_else(|| {
-                QmpError::generic("Invalid parameter type for 'value', expected: size (a non-negative integer)")
+                QmpError::generic(
+                    "Invalid parameter type for 'value', expected: size (a non-negative integer)",
+                )
             })?;
             virtio_mem(vm, path)?;
             vm.set_requested_size(VIRTIO_MEM_ID, bytes)
@@ -527,7 +539,12 @@ fn query_stats(args: &Args, vm: &dyn VmHandle) -> Result<Value, QmpError> {
         "vm" => false,
         "vcpu" => true,
         "cryptodev" => return Ok(json!([])),
-        other => return Err(QmpError::generic(format!("Parameter 'target' does not accept value '{}'", clip(other)))),
+        other => {
+            return Err(QmpError::generic(format!(
+                "Parameter 'target' does not accept value '{}'",
+                clip(other)
+            )))
+        }
     };
     if !want_vcpus && args.value("vcpus").is_some() {
         return Err(QmpError::generic("Parameter 'vcpus' is only allowed with target 'vcpu'"));
@@ -541,7 +558,8 @@ fn query_stats(args: &Args, vm: &dyn VmHandle) -> Result<Value, QmpError> {
             let Some(provider) = p.get("provider").and_then(Value::as_str) else {
                 return Err(QmpError::generic("Parameter 'providers[].provider' is missing"));
             };
-            if let Some(k) = p.as_object().and_then(|o| o.keys().find(|k| *k != "provider" && *k != "names")) {
+            if let Some(k) = p.as_object().and_then(|o| o.keys().find(|k| *k != "provider" && *k != "names"))
+            {
                 return Err(QmpError::generic(format!("Parameter 'providers[].{}' is unexpected", clip(k))));
             }
             if !["kvm", "cryptodev"].contains(&provider) {
@@ -556,7 +574,9 @@ fn query_stats(args: &Args, vm: &dyn VmHandle) -> Result<Value, QmpError> {
                     Some(a.iter().filter_map(Value::as_str).map(str::to_string).collect::<Vec<_>>())
                 }
                 Some(_) => {
-                    return Err(QmpError::generic("Invalid parameter type for 'names', expected: array of strings"))
+                    return Err(QmpError::generic(
+                        "Invalid parameter type for 'names', expected: array of strings",
+                    ))
                 }
             };
             if provider == "kvm" {
@@ -590,7 +610,7 @@ fn query_stats(args: &Args, vm: &dyn VmHandle) -> Result<Value, QmpError> {
         let stats: Vec<Value> = group
             .stats
             .iter()
-            .filter(|(desc, _)| names.as_ref().is_none_or(|n| n.iter().any(|n| *n == desc.name)))
+            .filter(|(desc, _)| names.as_ref().is_none_or(|n| n.contains(&desc.name)))
             .map(|(desc, values)| {
                 let value = if desc.kind.is_histogram() {
                     json!(values)
@@ -621,12 +641,17 @@ fn query_stats_schemas(args: &Args, vm: &dyn VmHandle) -> Result<Value, QmpError
         None | Some("kvm") => {}
         Some("cryptodev") => return Ok(json!([])),
         Some(other) => {
-            return Err(QmpError::generic(format!("Parameter 'provider' does not accept value '{}'", clip(other))))
+            return Err(QmpError::generic(format!(
+                "Parameter 'provider' does not accept value '{}'",
+                clip(other)
+            )))
         }
     }
     let groups = vm.kvm_stats()?;
     let mut out = Vec::new();
-    for (target, group) in [("vm", groups.iter().find(|g| g.vcpu.is_none())), ("vcpu", groups.iter().find(|g| g.vcpu.is_some()))] {
+    for (target, group) in
+        [("vm", groups.iter().find(|g| g.vcpu.is_none())), ("vcpu", groups.iter().find(|g| g.vcpu.is_some()))]
+    {
         let Some(group) = group else { continue };
         let stats: Vec<Value> = group
             .stats

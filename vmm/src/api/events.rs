@@ -62,7 +62,10 @@ pub struct EventQueue {
 
 impl std::fmt::Debug for EventQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventQueue").field("emitted", &self.emitted()).field("dropped", &self.dropped()).finish()
+        f.debug_struct("EventQueue")
+            .field("emitted", &self.emitted())
+            .field("dropped", &self.dropped())
+            .finish()
     }
 }
 
@@ -94,8 +97,9 @@ impl EventQueue {
         self.emitted.fetch_add(1, Ordering::Relaxed);
         {
             let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(same) =
-                key.as_ref().and_then(|k| queue.iter_mut().find(|p| p.name == name && p.key.as_ref() == Some(k)))
+            if let Some(same) = key
+                .as_ref()
+                .and_then(|k| queue.iter_mut().find(|p| p.name == name && p.key.as_ref() == Some(k)))
             {
                 same.data = data;
                 same.at = at;

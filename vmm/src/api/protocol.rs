@@ -217,8 +217,8 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (Option<Value>, QmpError)> 
     if text.trim().is_empty() {
         return Err((None, QmpError::generic("JSON parse error, empty input (expected a JSON object)")));
     }
-    let value: StrictValue =
-        serde_json::from_str(text).map_err(|e| (None, QmpError::generic(format!("JSON parse error, {e}"))))?;
+    let value: StrictValue = serde_json::from_str(text)
+        .map_err(|e| (None, QmpError::generic(format!("JSON parse error, {e}"))))?;
     let StrictValue::Object(mut members) = value else {
         return Err((None, QmpError::generic("QMP input must be a JSON object")));
     };
@@ -463,7 +463,11 @@ mod framer_tests {
     #[test]
     fn objects_end_at_their_closing_brace_whatever_the_newlines() {
         assert_eq!(
-            frames(&[br#"{"execute":"a"}{"execute":"b","arguments":{"x":"}{\"]"}}  "#, b"\n{\n\"execute\"", b":\"c\"}"]),
+            frames(&[
+                br#"{"execute":"a"}{"execute":"b","arguments":{"x":"}{\"]"}}  "#,
+                b"\n{\n\"execute\"",
+                b":\"c\"}"
+            ]),
             [
                 req(r#"{"execute":"a"}"#),
                 req(r#"{"execute":"b","arguments":{"x":"}{\"]"}}"#),
@@ -475,7 +479,10 @@ mod framer_tests {
 
     #[test]
     fn anything_else_ends_at_a_newline_or_the_end() {
-        assert_eq!(frames(&[b"hello world\n42\n\n  \"x\"\n}\nlast"]), [req("hello world"), req("42"), req("\"x\""), req("}"), req("last")]);
+        assert_eq!(
+            frames(&[b"hello world\n42\n\n  \"x\"\n}\nlast"]),
+            [req("hello world"), req("42"), req("\"x\""), req("}"), req("last")]
+        );
         assert_eq!(frames(&[b"   \n\n"]), []);
         assert_eq!(frames(&[br#"{"execute":"unfinished""#]), [req(r#"{"execute":"unfinished""#)]);
     }
@@ -495,6 +502,9 @@ mod framer_tests {
         assert_eq!(out, [Frame::TooLong, req(r#"{"execute":"next"}"#)]);
         let exactly = vec![b'x'; MAX_LINE];
         let got = frames(&[&exactly, b"\n"]);
-        assert!(matches!(&got[..], [Frame::Request(r)] if *r == exactly), "a request of exactly MAX_LINE bytes is kept");
+        assert!(
+            matches!(&got[..], [Frame::Request(r)] if *r == exactly),
+            "a request of exactly MAX_LINE bytes is kept"
+        );
     }
 }

@@ -294,7 +294,11 @@ impl ApiServer {
     ///
     /// A socket file nobody listens on is replaced; a live socket or any other file at `path`
     /// is an error.
-    pub fn bind(path: impl AsRef<Path>, handle: Arc<dyn VmHandle>, events: Arc<EventQueue>) -> io::Result<ApiServer> {
+    pub fn bind(
+        path: impl AsRef<Path>,
+        handle: Arc<dyn VmHandle>,
+        events: Arc<EventQueue>,
+    ) -> io::Result<ApiServer> {
         let path = path.as_ref().to_path_buf();
         let shown = path.display().to_string();
         let file_name = path
@@ -366,7 +370,8 @@ impl ApiServer {
                 continue;
             }
             if self.clients.len() >= MAX_CLIENTS {
-                let error = QmpError::generic(format!("too many clients (at most {MAX_CLIENTS}); try again later"));
+                let error =
+                    QmpError::generic(format!("too many clients (at most {MAX_CLIENTS}); try again later"));
                 let _ = send(&stream, format!("{}\n", reply_line(None, Err(error))).as_bytes());
                 continue; // dropping `stream` disconnects it
             }

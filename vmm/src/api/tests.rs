@@ -104,7 +104,7 @@ impl VmHandle for Fake {
         }]
     }
     fn set_requested_size(&self, id: &str, bytes: u64) -> Result<(), QmpError> {
-        if bytes % (2 << 20) != 0 {
+        if !bytes.is_multiple_of(2 << 20) {
             return Err(QmpError::generic("not whole blocks"));
         }
         self.record(format!("requested-size {id} {bytes}"));
@@ -145,7 +145,10 @@ fn reply(line: &str) -> Reply {
 /// A negotiated session.
 fn session(fake: &Fake) -> Session {
     let mut s = Session::new();
-    assert_eq!(reply(&handle_line(&mut s, br#"{"execute":"qmp_capabilities"}"#, fake)).into_result(), Ok(json!({})));
+    assert_eq!(
+        reply(&handle_line(&mut s, br#"{"execute":"qmp_capabilities"}"#, fake)).into_result(),
+        Ok(json!({}))
+    );
     s
 }
 
@@ -170,16 +173,25 @@ fn commands_before_negotiation_are_refused_and_negotiation_happens_once() {
     assert_eq!(e.class, ErrorClass::CommandNotFound);
     assert!(e.desc.contains("qmp_capabilities"), "{e}");
     assert!(fake.calls().is_empty(), "nothing ran before negotiation");
-    let e = reply(&handle_line(&mut s, br#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#, &fake))
-        .into_result()
-        .unwrap_err();
+    let e = reply(&handle_line(
+        &mut s,
+        br#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#,
+        &fake,
+    ))
+    .into_result()
+    .unwrap_err();
     assert_eq!((e.class, e.desc.contains("oob")), (ErrorClass::GenericError, true), "{e}");
     assert!(!s.negotiated(), "a refused capability leaves negotiation open");
-    assert!(reply(&handle_line(&mut s, br#"{"execute":"qmp_capabilities","arguments":{"enable":[]}}"#, &fake))
-        .into_result()
-        .is_ok());
+    assert!(reply(&handle_line(
+        &mut s,
+        br#"{"execute":"qmp_capabilities","arguments":{"enable":[]}}"#,
+        &fake
+    ))
+    .into_result()
+    .is_ok());
     assert!(s.negotiated());
-    let e = reply(&handle_line(&mut s, br#"{"execute":"qmp_capabilities"}"#, &fake)).into_result().unwrap_err();
+    let e =
+        reply(&handle_line(&mut s, br#"{"execute":"qmp_capabilities"}"#, &fake)).into_result().unwrap_err();
     assert_eq!(e.class, ErrorClass::CommandNotFound);
     assert!(reply(&handle_line(&mut s, br#"{"execute":"quit"}"#, &fake)).into_result().is_ok());
     assert_eq!(fake.calls(), ["quit"]);
@@ -205,10 +217,19 @@ fn every_command_reaches_the_vm_with_qemus_shapes() {
     assert_eq!(devices[0]["type"], "virtio-mem");
     assert_eq!(devices[0]["data"]["max-size"], json!(128u64 << 20));
     assert_eq!(devices[0]["data"]["block-size"], json!(2u64 << 20));
-    ok(&fake, r#"{"execute":"qom-set","arguments":{"path":"/machine/peripheral/vmem0","property":"requested-size","value":4194304}}"#);
+    ok(
+        &fake,
+        r#"{"execute":"qom-set","arguments":{"path":"/machine/peripheral/vmem0","property":"requested-size","value":4194304}}"#,
+    );
     ok(&fake, r#"{"execute":"qom-set","arguments":{"path":"vmem0","property":"requested-size","value":0}}"#);
-    assert_eq!(ok(&fake, r#"{"execute":"qom-get","arguments":{"path":"vmem0","property":"size"}}"#), json!(2u64 << 20));
-    let stats = ok(&fake, r#"{"execute":"qom-get","arguments":{"path":"/machine/peripheral/balloon0","property":"guest-stats"}}"#);
+    assert_eq!(
+        ok(&fake, r#"{"execute":"qom-get","arguments":{"path":"vmem0","property":"size"}}"#),
+        json!(2u64 << 20)
+    );
+    let stats = ok(
+        &fake,
+        r#"{"execute":"qom-get","arguments":{"path":"/machine/peripheral/balloon0","property":"guest-stats"}}"#,
+    );
     assert_eq!(stats["stats"]["stat-free-memory"], 4096);
     assert_eq!(stats["stats"]["stat-swap-in"], -1, "a stat the guest did not report reads -1, as in QEMU");
     assert_eq!(stats["last-update"], 1_800_000_000u64);
@@ -266,7 +287,10 @@ fn every_listed_command_is_dispatched() {
 fn kvm_statistics_come_in_qemus_query_stats_shapes() {
     let fake = Fake::default();
     let vm = ok(&fake, r#"{"execute":"query-stats","arguments":{"target":"vm"}}"#);
-    assert_eq!(vm, json!([{ "provider": "kvm", "stats": [{ "name": "pages_4k", "value": 7 }, { "name": "remote_tlb_flush", "value": 3 }] }]));
+    assert_eq!(
+        vm,
+        json!([{ "provider": "kvm", "stats": [{ "name": "pages_4k", "value": 7 }, { "name": "remote_tlb_flush", "value": 3 }] }])
+    );
     let vcpus = ok(&fake, r#"{"execute":"query-stats","arguments":{"target":"vcpu"}}"#);
     assert_eq!(vcpus.as_array().unwrap().len(), 2);
     assert_eq!(vcpus[1]["qom-path"], "/machine/unattached/device[1]");
@@ -277,17 +301,29 @@ fn kvm_statistics_come_in_qemus_query_stats_shapes() {
         &fake,
         r#"{"execute":"query-stats","arguments":{"target":"vcpu","vcpus":["/machine/unattached/device[0]"],"providers":[{"provider":"kvm","names":["exits"]}]}}"#,
     );
-    assert_eq!(one, json!([{ "provider": "kvm", "qom-path": "/machine/unattached/device[0]", "stats": [{ "name": "exits", "value": 100 }] }]));
     assert_eq!(
-        ok(&fake, r#"{"execute":"query-stats","arguments":{"target":"vm","providers":[{"provider":"cryptodev"}]}}"#),
+        one,
+        json!([{ "provider": "kvm", "qom-path": "/machine/unattached/device[0]", "stats": [{ "name": "exits", "value": 100 }] }])
+    );
+    assert_eq!(
+        ok(
+            &fake,
+            r#"{"execute":"query-stats","arguments":{"target":"vm","providers":[{"provider":"cryptodev"}]}}"#
+        ),
         json!([])
     );
     let schemas = ok(&fake, r#"{"execute":"query-stats-schemas"}"#);
     assert_eq!(schemas[0]["target"], "vm");
-    assert_eq!(schemas[0]["stats"][0], json!({ "name": "pages_4k", "type": "instant", "base": 10, "exponent": 0 }));
+    assert_eq!(
+        schemas[0]["stats"][0],
+        json!({ "name": "pages_4k", "type": "instant", "base": 10, "exponent": 0 })
+    );
     let vcpu = &schemas[1]["stats"];
     assert_eq!(schemas[1]["target"], "vcpu");
-    assert_eq!(vcpu[1], json!({ "name": "halt_wait_hist", "type": "log2-histogram", "unit": "seconds", "base": 10, "exponent": -9 }));
+    assert_eq!(
+        vcpu[1],
+        json!({ "name": "halt_wait_hist", "type": "log2-histogram", "unit": "seconds", "base": 10, "exponent": -9 })
+    );
     assert_eq!(vcpu[3]["type"], "linear-histogram");
     assert_eq!(vcpu[3]["bucket-size"], 8);
     for bad in [
@@ -341,11 +377,17 @@ fn malformed_requests_get_errors_and_change_nothing() {
         assert_eq!(e.class, ErrorClass::GenericError, "{}: {e}", String::from_utf8_lossy(line));
     }
     assert_eq!(err(&fake, br#"{"execute":"frobnicate"}"#).class, ErrorClass::CommandNotFound);
-    assert_eq!(err(&fake, br#"{"execute":"qom-get","arguments":{"path":"/machine/x","property":"size"}}"#).class, ErrorClass::DeviceNotFound);
+    assert_eq!(
+        err(&fake, br#"{"execute":"qom-get","arguments":{"path":"/machine/x","property":"size"}}"#).class,
+        ErrorClass::DeviceNotFound
+    );
     let long = format!("{{\"execute\":\"quit\",\"id\":\"{}\"}}", "x".repeat(MAX_LINE));
     assert_eq!(err(&fake, long.as_bytes()).class, ErrorClass::GenericError);
     let no_balloon = Fake { no_balloon: true, ..Fake::default() };
-    assert_eq!(err(&no_balloon, br#"{"execute":"balloon","arguments":{"value":4096}}"#).class, ErrorClass::DeviceNotActive);
+    assert_eq!(
+        err(&no_balloon, br#"{"execute":"balloon","arguments":{"value":4096}}"#).class,
+        ErrorClass::DeviceNotActive
+    );
     // Only the well-formed set of a bad size reached the VM, and was refused there.
     assert!(fake.calls().is_empty(), "{:?}", fake.calls());
 }
@@ -395,7 +437,8 @@ impl Loop {
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             // The same subscriber type as the VMM's event loop.
-            let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> = EventManager::new().unwrap();
+            let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+                EventManager::new().unwrap();
             manager.add_subscriber(Arc::new(Mutex::new(server)));
             while !flag.load(Ordering::SeqCst) {
                 manager.run_with_timeout(20).unwrap();
@@ -726,8 +769,13 @@ fn sockets_are_found_by_pid_by_id_or_alone_and_stale_ones_removed() {
     drop(UnixListener::bind(dir.join("zapvm-_bad.sock")).unwrap()); // not a pid nor an id
     std::fs::write(dir.join(format!("zapvm-{}.sock", u32::MAX - 1)), b"not a socket").unwrap();
     assert_eq!(find_socket_in(&dirs, &Target::Only).unwrap(), path);
-    assert!(!dead_socket.exists() && !reused_socket.exists() && !gone_named.exists(), "stale sockets are removed");
-    assert!(dir.join("zapvm-_bad.sock").exists() && dir.join(format!("zapvm-{}.sock", u32::MAX - 1)).exists());
+    assert!(
+        !dead_socket.exists() && !reused_socket.exists() && !gone_named.exists(),
+        "stale sockets are removed"
+    );
+    assert!(
+        dir.join("zapvm-_bad.sock").exists() && dir.join(format!("zapvm-{}.sock", u32::MAX - 1)).exists()
+    );
     assert_eq!(find_socket_in(&dirs, &Target::Pid(me)).unwrap(), path);
     drop(UnixListener::bind(&dead_socket).unwrap());
     let e = find_socket_in(&dirs, &Target::Pid(dead)).unwrap_err().to_string();
@@ -765,5 +813,8 @@ fn the_client_times_out_and_says_why() {
     // which the runner's timeout reports).
     let e = QmpClient::connect(&path, Duration::from_millis(100)).err().unwrap();
     assert!(matches!(e, ClientError::Timeout { .. }), "{e}");
-    assert!(matches!(QmpClient::connect(&dir.join("absent.sock"), Duration::from_secs(1)), Err(ClientError::Connect { .. })));
+    assert!(matches!(
+        QmpClient::connect(&dir.join("absent.sock"), Duration::from_secs(1)),
+        Err(ClientError::Connect { .. })
+    ));
 }

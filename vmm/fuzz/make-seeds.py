@@ -31,26 +31,22 @@ def u64(v):
     return struct.pack("<Q", v & 0xFFFFFFFFFFFFFFFF)
 
 
-# --- fuzz_api_line: one control-API request line ----------------------------------------------
+# --- fuzz_api_line: one QMP request of the control socket ----------------------------------------------
 
 API_LINES = {
-    "ping": b'{"op":"ping"}',
-    "help-with-id": b'{"id":7,"op":"help"}',
-    "balloon-set-size": b'{"id":"a","op":"balloon-set","size":"128M"}',
-    "balloon-set-bytes": b'{"id":[1,{"x":null}],"op":"balloon-set","bytes":134217728}',
-    "mem-set": b'{"id":1.5,"op":"mem-set","size":"4M"}',
-    "stats": b'{"op":"stats"}',
-    "pause": b'{"op":"pause","id":null}',
-    "mem-state": b'{"op":"mem-state"}',
-    "not-json": b"hello",
-    "not-an-object": b'["op","ping"]',
-    "unknown-op": b'{"id":2,"op":"reboot"}',
-    "duplicate-member": b'{"op":"ping","op":"quit"}',
-    "unknown-member": b'{"op":"ping","force":true}',
-    "both-sizes": b'{"op":"mem-set","size":"2M","bytes":2097152}',
-    "bad-size": b'{"op":"balloon-set","size":"12Q"}',
-    "negative-bytes": b'{"op":"balloon-set","bytes":-1}',
-    "not-utf8": b'{"op":"\xff\xfe"}',
+    "negotiate": b'{"execute":"qmp_capabilities"}',
+    "balloon": b'{"execute":"balloon","arguments":{"value":536870912},"id":1}\n',
+    "qom-set": b'{"execute":"qom-set","arguments":{"path":"vmem0","property":"requested-size","value":4194304}}',
+    "query-stats": b'{"execute":"query-stats","arguments":{"target":"vcpu","providers":[{"provider":"kvm","names":["exits"]}]}}',
+    "id-object": b'{"execute":"stop","id":{"a":[1,2.5,null]},"control":{}}',
+    "duplicate": b'{"execute":"quit","execute":"stop"}',
+    "oob": b'{"exec-oob":"quit"}',
+    "negative": b'{"execute":"balloon","arguments":{"value":-1}}',
+    "not-json": b"hello\n",
+    "not-an-object": b'["execute","quit"]',
+    "unknown-command": b'{"execute":"system_reset","id":2}',
+    "unknown-argument": b'{"execute":"stop","arguments":{"now":true}}',
+    "not-utf8": b'{"execute":"\xff\xfe"}',
 }
 
 # --- fuzz_balloon_queue: header, then operations ----------------------------------------------

@@ -1137,6 +1137,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
     let outcome =
         event_loop(config, &mut manager, &watcher, &events_rx, threads.len(), started, &snapshot, &tick);
     crate::stats::set_wake_fd(-1);
+    crate::stats::remove_snapshots();
 
     // Stop every vCPU still running: flag first, then kick (see the protocol in vstate::vcpu).
     // The control handle may no longer signal the threads once they can be joined.

@@ -5,6 +5,14 @@
 //! teardowns — to [`stats_path`]`(pid)`; `zapvm stats --pid PID` sends the signal and prints the
 //! file once it is rewritten. The signal handler only writes to an eventfd (async-signal-safe);
 //! the VMM's event loop does the work.
+//!
+//! The file lives in a directory private to the VM's user, [`stats_dir`]`(pid)` in the runtime
+//! directory (`$XDG_RUNTIME_DIR`, else the temporary directory): created mode 0700, or taken
+//! over only if it is a real directory (not a symlink) owned by this user that nobody else may
+//! enter; the snapshot is written to a new file there (`O_CREAT | O_EXCL | O_NOFOLLOW`, mode 0600)
+//! and renamed into place, so neither another user nor a planted symlink can redirect the VMM's
+//! write (a VMM that runs as root would otherwise write wherever a link in /tmp points). The
+//! directory goes when the VM ends ([`remove_snapshots`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -45,17 +53,64 @@ pub fn set_wake_fd(fd: i32) {
     WAKE_FD.store(fd, Ordering::Relaxed);
 }
 
-/// Where the VM with process id `pid` writes its statistics.
-pub fn stats_path(pid: u32) -> PathBuf {
-    std::env::temp_dir().join(format!("zapvm-{pid}.stats.json"))
+/// The private directory of the VM with process id `pid` (see the module docs).
+pub fn stats_dir(pid: u32) -> PathBuf {
+    crate::api::client::runtime_dir().join(format!("zapvm-{pid}.d"))
 }
 
-/// Writes `json` to [`stats_path`] of this process, atomically (write, then rename).
+/// Where the VM with process id `pid` writes its statistics.
+pub fn stats_path(pid: u32) -> PathBuf {
+    stats_dir(pid).join("stats.json")
+}
+
+/// This process's private directory: created mode 0700, or an existing one accepted only if it
+/// is a directory (not a symlink) owned by this user with no access for group or others.
+fn private_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = stats_dir(std::process::id());
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => return Ok(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(&dir)?;
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.file_type().is_dir() || meta.uid() != me || meta.mode() & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{} exists and is not a directory private to this user (not touching it)", dir.display()),
+        ));
+    }
+    Ok(dir)
+}
+
+/// Writes `json` to [`stats_path`] of this process, atomically (a new file, then rename).
 pub fn write_snapshot(json: &str) -> std::io::Result<()> {
-    let path = stats_path(std::process::id());
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, json)?;
-    std::fs::rename(tmp, path)
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = private_dir()?;
+    let tmp = dir.join("stats.json.tmp");
+    // A leftover of an interrupted write; in a directory only this user can enter.
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    file.write_all(json.as_bytes())?;
+    drop(file);
+    std::fs::rename(tmp, dir.join("stats.json"))
+}
+
+/// Removes this process's private directory and what it holds (the VM ended).
+pub fn remove_snapshots() {
+    let dir = stats_dir(std::process::id());
+    for name in ["stats.json", "stats.json.tmp"] {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    let _ = std::fs::remove_dir(&dir);
 }
 
 /// The running `zapvm run` processes (by `/proc/*/cmdline`).
@@ -126,5 +181,49 @@ pub fn request(pid: u32, timeout: Duration) -> Result<String, String> {
             });
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    #[test]
+    fn snapshots_go_only_to_a_directory_private_to_this_user() {
+        let scratch = tempfile::tempdir().unwrap();
+        // This test's process is alone with its environment under nextest (one process per
+        // test); under `cargo test` no other test of this crate reads XDG_RUNTIME_DIR for a
+        // file it writes.
+        std::env::set_var("XDG_RUNTIME_DIR", scratch.path());
+        let dir = stats_dir(std::process::id());
+        assert!(dir.starts_with(scratch.path()));
+
+        // A planted symlink to somewhere else: refused, nothing written there.
+        let elsewhere = scratch.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
+        let e = write_snapshot("{}").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+        std::fs::remove_file(&dir).unwrap();
+
+        // A directory others may enter: refused.
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(write_snapshot("{}").is_err());
+        std::fs::remove_dir(&dir).unwrap();
+
+        // Fresh: a 0700 directory, a 0600 file, replaced whole on the next write.
+        write_snapshot(r#"{"n": 1}"#).unwrap();
+        write_snapshot(r#"{"n": 2}"#).unwrap();
+        assert_eq!(std::fs::symlink_metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        let file = stats_path(std::process::id());
+        assert_eq!(std::fs::symlink_metadata(&file).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), r#"{"n": 2}"#);
+        remove_snapshots();
+        assert!(!dir.exists(), "the directory goes with the VM");
+        std::env::remove_var("XDG_RUNTIME_DIR");
     }
 }

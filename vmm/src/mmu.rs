@@ -1032,11 +1032,87 @@ impl GuestMmu {
         }
         let region =
             self.region_of(gpa, len as u64).ok_or(AccessError::OutsideRam { gpa, len: len as u64 })?;
-        with_reader_slot(|slot| self.access_with(slot, region, gpa, len, dir))
+        with_reader_slot(|slot| {
+            let entries = &*region.entries;
+            #[cfg(feature = "fault-injection")]
+            if entries.planted.armed() {
+                return self.access_with(slot, region, gpa, len, dir);
+            }
+            // The common case first: the whole range covered by entries seen in one section.
+            let hva = region.hva + (gpa - region.gpa) as usize;
+            // M1: the hit path's read section; the copy below runs inside it.
+            let (section, run) = entries.open(slot, hva, len);
+            if run < len {
+                drop(section);
+                return self.access_with(slot, region, gpa, len, dir);
+            }
+            self.counters.hits.add(slot.index(), pieces(hva, len));
+            // M1, M3: `section` keeps the entries covering [hva, hva + len) installed.
+            let copied = self.copy_run(hva, len, dir, 0);
+            // M1: the copy is over.
+            drop(section);
+            copied.map_err(|(not_copied, errno)| self.copy_error(gpa, 0, len, not_copied, errno))
+        })
     }
 
-    /// [`GuestMmu::access`] with the calling thread's reader slot.
+    /// Copies `[hva, hva + run)` (guest RAM of one region, covered by entries an open read section
+    /// of the caller saw: M1) with the buffer of `dir` at offset `done`; on failure, the bytes
+    /// not copied and the errno when the host refused the copy for another reason than a fault.
     #[inline]
+    fn copy_run(
+        &self,
+        hva: usize,
+        run: usize,
+        dir: Direction,
+        done: usize,
+    ) -> Result<(), (usize, Option<i32>)> {
+        match self.path {
+            // SAFETY: [hva, hva + run) is guest RAM of this region, covered by entries installed
+            // while it was mapped and not torn down since (M1, M3: the caller's open section keeps
+            // them installed); guest RAM is never the target of a Rust reference (the guest and
+            // the VMM access it only with volatile or raw accesses), so the routine's loads and
+            // stores alias nothing Rust assumes unchanged, and any byte is a valid u8. If the
+            // mapping went away externally since (M2), the routine faults and returns an error
+            // instead. The buffer side, `run` bytes at offset `done`, lies inside the caller's
+            // buffer (done + run <= its length, the caller's contract): exclusively borrowed for a
+            // read, only read for a write.
+            CopyPath::Direct => unsafe {
+                match dir {
+                    Direction::Read(buf) => self.copier.copy(buf.add(done), hva as *const u8, run),
+                    Direction::Write(buf) => self.copier.copy(hva as *mut u8, buf.add(done), run),
+                }
+            }
+            .map_err(|fault| (fault.not_copied, None)),
+            CopyPath::Syscall => syscall_copy(hva, run, dir, done),
+        }
+    }
+
+    /// The error of a copy of `run` bytes at offset `done` of an access at `gpa` that failed with
+    /// `not_copied` bytes left (and `errno` when the host refused it); counted in `faults`.
+    #[cold]
+    fn copy_error(
+        &self,
+        gpa: u64,
+        done: usize,
+        run: usize,
+        not_copied: usize,
+        errno: Option<i32>,
+    ) -> AccessError {
+        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        let at = gpa + (done + (run - not_copied)) as u64;
+        match errno {
+            // Not "unmapped": the host refused the copy for another reason (a seccomp filter's
+            // EPERM or ENOSYS, ...).
+            Some(e) => {
+                AccessError::Fault { gpa: at, errno: std::io::Error::from_raw_os_error(e).to_string() }
+            }
+            None => AccessError::Unmapped { gpa: at },
+        }
+    }
+
+    /// [`GuestMmu::access`] with the calling thread's reader slot, piece by piece: any range,
+    /// installing the missing entries.
+    #[inline(never)]
     fn access_with(
         &self,
         slot: &readers::Slot,
@@ -1071,39 +1147,12 @@ impl GuestMmu {
             if hit_pieces > 0 {
                 self.counters.hits.add(slot.index(), hit_pieces);
             }
-            let copied = match self.path {
-                // SAFETY: [hva, hva + run) is guest RAM of this region, covered by entries
-                // installed while it was mapped and not torn down since (M1, M3; `section` keeps
-                // them installed); guest RAM is never the target of a Rust reference (the guest and
-                // the VMM access it only with volatile or raw accesses), so the routine's loads and
-                // stores alias nothing Rust assumes unchanged, and any byte is a valid u8. If the
-                // mapping went away externally since (M2), the routine faults and returns an error
-                // instead. The buffer side, `run` bytes at offset `done`, lies inside the caller's
-                // buffer (done + run <= len = its length): exclusively borrowed for a read, only
-                // read for a write.
-                CopyPath::Direct => unsafe {
-                    match dir {
-                        Direction::Read(buf) => self.copier.copy(buf.add(done), hva as *const u8, run),
-                        Direction::Write(buf) => self.copier.copy(hva as *mut u8, buf.add(done), run),
-                    }
-                }
-                .map_err(|fault| (fault.not_copied, None)),
-                CopyPath::Syscall => syscall_copy(hva, run, dir, done),
-            };
+            // M1, M3: `section` keeps the entries covering [hva, hva + run) installed.
+            let copied = self.copy_run(hva, run, dir, done);
             // M1: the copy is over; a writer waiting for this section may go on.
             drop(section);
             if let Err((not_copied, errno)) = copied {
-                self.counters.faults.fetch_add(1, Ordering::Relaxed);
-                let at = gpa + (done + (run - not_copied)) as u64;
-                return Err(match errno {
-                    // Not "unmapped": the host refused the copy for another reason (a seccomp
-                    // filter's EPERM or ENOSYS, ...).
-                    Some(e) => AccessError::Fault {
-                        gpa: at,
-                        errno: std::io::Error::from_raw_os_error(e).to_string(),
-                    },
-                    None => AccessError::Unmapped { gpa: at },
-                });
+                return Err(self.copy_error(gpa, done, run, not_copied, errno));
             }
             done += run;
         }
@@ -1233,6 +1282,12 @@ mod planted {
         pub(super) fn arm(&self, pages: usize) {
             self.left.store(pages, Ordering::SeqCst);
             self.armed.store(true, Ordering::SeqCst);
+        }
+
+        /// Whether the fault is armed (accesses must then look for stale frames first).
+        #[inline]
+        pub(super) fn armed(&self) -> bool {
+            self.armed.load(Ordering::Relaxed)
         }
 
         pub(super) fn fired(&self) -> u64 {

@@ -7,23 +7,33 @@
 //! lands on all of them (the report gives medians over the chunks):
 //! - `memcpy`: `ptr::copy_nonoverlapping` between a buffer and the host mapping of guest RAM;
 //! - `direct`: [`CopyPath::Direct`], the hit path (the translation is installed before timing):
-//!   the access lock's read side, an O(1) entry lookup and the fault-tolerant copy routine;
+//!   a read section of the thread's reader slot (no lock, no read-modify-write), an O(1) entry
+//!   lookup, the fault-tolerant copy routine and the thread's own hit-counter shard;
 //! - `syscall`: [`CopyPath::Syscall`], one `process_vm_readv`/`process_vm_writev` per access;
+//! - `copy_routine`: the fault-tolerant copy routine alone on the host mapping (no table): the
+//!   floor of the direct path, which must copy with it (M2);
 //! - `locked_memcpy`: the memcpy under an uncontended `RwLock`'s read side plus one relaxed
-//!   counter increment — the synchronisation the hit path does (M1's read side, the hit counter)
-//!   without its lookups: the floor of any copy that must hold off an invalidation.
+//!   shared-counter increment — the synchronisation the hit path did before its reader slots (an
+//!   `RwLock` per region and shared hit counters), kept as the reference the design is judged by.
 //!
-//! `access_vs_memcpy` = direct / memcpy and `access_vs_syscall` = direct / syscall. The system
+//! `access_vs_memcpy` = direct / memcpy, `copy_routine_vs_memcpy` = copy_routine / memcpy and
+//! `access_vs_syscall` = direct / syscall. The system
 //! calls each variant makes per access are counted with a perf counter on the kernel's
 //! `raw_syscalls:sys_enter` tracepoint for the measuring thread (needs tracefs mounted and root);
 //! where it cannot be opened the report says why and leaves the counts out. The counter proves
 //! itself on every run: the syscall path must count at least one call per access, or the bench
 //! fails rather than report a zero it did not see.
 //!
-//! Then contention: two reader threads read 256 B through the direct path at random pages of a
-//! 2 MiB window, alone and with an invalidator thread discarding single pages of that window
-//! through the notifier (each discard drops the entry under the access lock's write side, the
-//! next read of the page misses and installs it again). Alternated rounds, medians.
+//! Then contention: for each size, two reader threads read at random pages of a 2 MiB window, by
+//! plain memcpy and through the direct path, alone and with an invalidator thread discarding
+//! single pages of that window through the notifier (each discard of a page with an entry clears
+//! its bit, crosses the heavy barrier and waits for the read sections it sees; the next read of the
+//! page misses and installs it again; the memcpy readers fault the discarded page in again),
+//! paced at [`PACED_INVALIDATIONS_PER_S`] so that both variants face the same teardowns.
+//! `access_vs_memcpy` under contention is direct / memcpy of the same phase kind. At 256 B the
+//! report also gives one reader alone (`one_reader_ns`) and two readers against an invalidator
+//! running flat out (`with_invalidator_ns`, `invalidations_per_s`: each discard of a page with an
+//! entry pays the heavy barrier). Alternated rounds, medians.
 
 use std::hint::black_box;
 use std::io::IsTerminal;
@@ -70,7 +80,7 @@ impl AccessBenchOptions {
             rounds: 31,
             chunk: 2_000,
             phase: Duration::from_millis(200),
-            contention_rounds: 5,
+            contention_rounds: 3,
         }
     }
 
@@ -92,14 +102,44 @@ pub struct AccessRow {
     pub direct_ns: f64,
     pub syscall_ns: f64,
     pub locked_memcpy_ns: f64,
+    /// The fault-tolerant copy routine alone (absent from reports made before it was measured).
+    #[serde(default)]
+    pub copy_routine_ns: f64,
     /// direct / memcpy.
     pub access_vs_memcpy: f64,
+    /// copy_routine / memcpy: how much of `access_vs_memcpy` the copy routine alone costs.
+    #[serde(default)]
+    pub copy_routine_vs_memcpy: f64,
     /// direct / syscall.
     pub access_vs_syscall: f64,
     /// System calls per access on the direct path and on the syscall path (`None`: not countable
     /// here, see [`AccessReport::syscall_counter`]).
     pub direct_syscalls_per_access: Option<f64>,
     pub syscall_syscalls_per_access: Option<f64>,
+}
+
+/// Contention at one size: [`CONTENTION_READERS`] reader threads at random pages of the window.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ContentionRow {
+    /// Bytes per read.
+    pub bytes: usize,
+    /// Median ns per read of one reader thread, by memcpy and through the direct path, with
+    /// the readers alone.
+    pub memcpy_alone_ns: f64,
+    pub direct_alone_ns: f64,
+    /// The same with the paced invalidator running.
+    pub memcpy_with_invalidator_ns: f64,
+    pub direct_with_invalidator_ns: f64,
+    /// direct / memcpy, readers alone.
+    pub access_vs_memcpy_alone: f64,
+    /// direct / memcpy, with the invalidator.
+    pub access_vs_memcpy_with_invalidator: f64,
+    /// Median discards per second the paced invalidator made during the direct phases and during
+    /// the memcpy phases.
+    pub invalidations_per_s: f64,
+    pub memcpy_invalidations_per_s: f64,
+    /// Share of the direct readers' accesses that missed with the invalidator running.
+    pub miss_share: f64,
 }
 
 /// The contention figures.
@@ -114,7 +154,7 @@ pub struct ContentionReport {
     /// The same per reader with [`Self::readers`] readers and nothing else: above
     /// `one_reader_ns`, the readers contend (on the read side's cache line, or for the cores).
     pub alone_ns: f64,
-    /// The same with the invalidator running.
+    /// The same with the invalidator running flat out.
     pub with_invalidator_ns: f64,
     /// with_invalidator / alone.
     pub invalidator_slowdown: f64,
@@ -124,6 +164,13 @@ pub struct ContentionReport {
     pub miss_share: f64,
     /// Reads that failed (must be 0: a discard keeps the range mapped).
     pub failed_reads: u64,
+    /// The target rate of the paced invalidator of [`Self::by_size`].
+    #[serde(default)]
+    pub paced_invalidations_per_s: f64,
+    /// Every size, memcpy against the direct path, alone and with the paced invalidator (absent
+    /// from reports made before).
+    #[serde(default)]
+    pub by_size: Vec<ContentionRow>,
 }
 
 /// The report of `bench access`.
@@ -150,6 +197,8 @@ struct Setup {
     syscall: GuestMmu,
     space: Arc<AddressSpace>,
     ram: GuestRam,
+    /// The fault-tolerant copy routine (its handler installed by the tables).
+    copier: fault_tolerant_copy::Copier,
 }
 
 impl Setup {
@@ -167,7 +216,8 @@ impl Setup {
             GuestMmu::with_copy_path(&ram, space.clone(), CopyPath::Direct).map_err(|e| e.to_string())?;
         let syscall =
             GuestMmu::with_copy_path(&ram, space.clone(), CopyPath::Syscall).map_err(|e| e.to_string())?;
-        let s = Setup { direct, syscall, space, ram };
+        let copier = fault_tolerant_copy::install().map_err(|e| format!("the fault-tolerant copy: {e}"))?;
+        let s = Setup { direct, syscall, space, ram, copier };
         // A pattern in every page, so reads copy data the kernel really holds.
         let buf: Vec<u8> = (0..PAGE).map(|i| (i * 7 + 3) as u8).collect();
         for p in 0..(RAM as usize / PAGE) {
@@ -190,6 +240,7 @@ enum Variant {
     Direct,
     Syscall,
     LockedMemcpy,
+    CopyRoutine,
 }
 
 /// Counts the calling thread's system calls while it is enabled.
@@ -262,6 +313,20 @@ fn chunk(
                 }
                 drop(black_box(guard));
             }
+            Variant::CopyRoutine => {
+                let host = black_box(s.hva(gpa));
+                let b = black_box(buf.as_mut_ptr());
+                // SAFETY: as for the memcpy above: `bytes` inside guest RAM, mapped for the life
+                // of `s`, and `buf`; the routine returns a fault instead of raising it.
+                let r = unsafe {
+                    if write {
+                        s.copier.copy(host, b, bytes)
+                    } else {
+                        s.copier.copy(b, host, bytes)
+                    }
+                };
+                r.map_err(|e| format!("copy routine at {gpa:#x}: {e:?}"))?;
+            }
             Variant::Direct | Variant::Syscall => {
                 let mmu = if variant == Variant::Direct { &s.direct } else { &s.syscall };
                 let r = if write { mmu.write(gpa, &buf[..bytes]) } else { mmu.read(gpa, &mut buf[..bytes]) };
@@ -297,9 +362,15 @@ pub fn run(opts: &AccessBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
                 "bench access: {op} {bytes} B ({} chunks of {} per variant)",
                 opts.rounds, opts.chunk
             ));
-            let mut ns = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+            let mut ns = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
             for _ in 0..opts.rounds {
-                let variants = [Variant::Memcpy, Variant::Direct, Variant::Syscall, Variant::LockedMemcpy];
+                let variants = [
+                    Variant::Memcpy,
+                    Variant::Direct,
+                    Variant::Syscall,
+                    Variant::LockedMemcpy,
+                    Variant::CopyRoutine,
+                ];
                 for (i, v) in variants.into_iter().enumerate() {
                     ns[i].push(chunk(&s, v, write, bytes, opts.chunk, &mut buf)?);
                 }
@@ -327,7 +398,7 @@ pub fn run(opts: &AccessBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
                 }
                 Err(_) => (None, None),
             };
-            let [m, d, k, l] = ns.map(median);
+            let [m, d, k, l, c] = ns.map(median);
             rows.push(AccessRow {
                 op: op.into(),
                 bytes,
@@ -335,7 +406,9 @@ pub fn run(opts: &AccessBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
                 direct_ns: d,
                 syscall_ns: k,
                 locked_memcpy_ns: l,
+                copy_routine_ns: c,
                 access_vs_memcpy: d / m,
+                copy_routine_vs_memcpy: c / m,
                 access_vs_syscall: d / k,
                 direct_syscalls_per_access: direct_calls,
                 syscall_syscalls_per_access: syscall_calls,
@@ -343,7 +416,8 @@ pub fn run(opts: &AccessBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
         }
     }
     progress(&format!(
-        "bench access: 2 readers alone and with an invalidator, {} rounds of {:?}",
+        "bench access: {CONTENTION_READERS} readers (memcpy, direct) alone and with an invalidator, \
+         16 B to 4 KiB, {} rounds of {:?}",
         opts.contention_rounds, opts.phase
     ));
     let contention = contention(&s, opts)?;
@@ -372,19 +446,42 @@ struct Phase {
     failed: u64,
 }
 
-/// Bytes per read of the contention phases.
+/// Bytes per read of the contention figures kept at the top of the report (and the size of the
+/// single-reader phases).
 const CONTENTION_BYTES: usize = 256;
 /// Reader threads of the contention phases.
-const READERS: usize = 2;
+pub const CONTENTION_READERS: usize = 2;
 
-/// One phase: `readers` threads read 256 B at random pages of the window for `len`; with
-/// `invalidate`, one more thread discards random single pages of the window meanwhile.
-fn phase(s: &Setup, len: Duration, readers: usize, invalidate: bool, seed: u64) -> Result<Phase, String> {
-    const BYTES: usize = CONTENTION_BYTES;
+/// The invalidator of the paced phases: discards per second (below what it reaches flat out on
+/// either variant, so that memcpy and the direct path face the same teardowns).
+pub const PACED_INVALIDATIONS_PER_S: f64 = 10_000.0;
+
+/// Whether and how a phase runs its invalidator thread.
+#[derive(Clone, Copy, PartialEq)]
+enum Invalidator {
+    None,
+    /// Discards as fast as it can.
+    FlatOut,
+    /// Discards at [`PACED_INVALIDATIONS_PER_S`] (sleeping between discards; never ahead).
+    Paced,
+}
+
+/// One phase: `readers` threads read `bytes` at random pages of the window for `len`, by
+/// `variant` ([`Variant::Memcpy`] or [`Variant::Direct`]); with an invalidator, one more thread
+/// discards random single pages of the window meanwhile.
+fn phase(
+    s: &Setup,
+    len: Duration,
+    readers: usize,
+    variant: Variant,
+    bytes: usize,
+    invalidate: Invalidator,
+    seed: u64,
+) -> Result<Phase, String> {
     let stop = AtomicBool::new(false);
     let failed = AtomicU64::new(0);
     let discards = AtomicU64::new(0);
-    let start = Barrier::new(readers + 1 + usize::from(invalidate));
+    let start = Barrier::new(readers + 1 + usize::from(invalidate != Invalidator::None));
     let misses_before = s.direct.stats().misses;
     let window_hva = s.hva(WINDOW_GPA) as usize;
     let mut invalidator_error = None;
@@ -394,7 +491,7 @@ fn phase(s: &Setup, len: Duration, readers: usize, invalidate: bool, seed: u64) 
                 let (stop, failed, start) = (&stop, &failed, &start);
                 sc.spawn(move || {
                     let mut x = seed ^ (r as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                    let mut buf = [0u8; BYTES];
+                    let mut buf = [0u8; PAGE];
                     let mut n = 0u64;
                     start.wait();
                     while !stop.load(Ordering::Relaxed) {
@@ -403,7 +500,14 @@ fn phase(s: &Setup, len: Duration, readers: usize, invalidate: bool, seed: u64) 
                         x ^= x >> 7;
                         x ^= x << 17;
                         let gpa = WINDOW_GPA + (x % WINDOW_PAGES as u64) * PAGE as u64;
-                        if s.direct.read(gpa, &mut buf).is_err() {
+                        if variant == Variant::Memcpy {
+                            let host = black_box(s.hva(gpa));
+                            // SAFETY: `bytes` (<= one page) inside guest RAM, mapped for the life
+                            // of `s` (a discard keeps the mapping: the page reads zeros or the
+                            // pattern); `buf` is this thread's; raw copies, no reference into
+                            // guest RAM.
+                            unsafe { std::ptr::copy_nonoverlapping(host, buf.as_mut_ptr(), bytes) };
+                        } else if s.direct.read(gpa, &mut buf[..bytes]).is_err() {
                             failed.fetch_add(1, Ordering::Relaxed);
                         }
                         black_box(&buf);
@@ -413,12 +517,24 @@ fn phase(s: &Setup, len: Duration, readers: usize, invalidate: bool, seed: u64) 
                 })
             })
             .collect();
-        let invalidator = invalidate.then(|| {
+        let invalidator = (invalidate != Invalidator::None).then(|| {
             let (stop, discards, start) = (&stop, &discards, &start);
             sc.spawn(move || -> Result<(), String> {
                 let mut x = seed.rotate_left(17) | 1;
+                let interval = Duration::from_secs_f64(1.0 / PACED_INVALIDATIONS_PER_S);
                 start.wait();
+                let began = Instant::now();
+                let mut n = 0u32;
                 while !stop.load(Ordering::Relaxed) {
+                    if invalidate == Invalidator::Paced {
+                        let due = began + interval * n;
+                        let now = Instant::now();
+                        if now < due {
+                            std::thread::sleep(due - now);
+                            continue;
+                        }
+                        n += 1;
+                    }
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
@@ -454,34 +570,86 @@ fn phase(s: &Setup, len: Duration, readers: usize, invalidate: bool, seed: u64) 
     })
 }
 
+/// The samples of one size's contention phases.
+#[derive(Default)]
+struct SizeSamples {
+    memcpy_alone: Vec<f64>,
+    direct_alone: Vec<f64>,
+    memcpy_with: Vec<f64>,
+    direct_with: Vec<f64>,
+    memcpy_rates: Vec<f64>,
+    rates: Vec<f64>,
+    misses: u64,
+    reads: u64,
+}
+
 fn contention(s: &Setup, opts: &AccessBenchOptions) -> Result<ContentionReport, String> {
-    let (mut one, mut alone, mut with) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut rates, mut misses, mut reads, mut failed) = (Vec::new(), 0u64, 0u64, 0u64);
+    let (mut one, mut flat_out, mut flat_out_rates) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut flat_out_misses, mut flat_out_reads, mut failed) = (0u64, 0u64, 0u64);
+    let mut samples: Vec<SizeSamples> = SIZES.iter().map(|_| SizeSamples::default()).collect();
+    let per_s = |p: &Phase| p.discards as f64 / opts.phase.as_secs_f64();
+    let r = CONTENTION_READERS;
     for round in 0..opts.contention_rounds {
-        let o = phase(s, opts.phase, 1, false, round as u64 + 1)?;
+        let seed = round as u64 + 1;
+        let o = phase(s, opts.phase, 1, Variant::Direct, CONTENTION_BYTES, Invalidator::None, seed)?;
         one.extend(o.ns_per_read);
         failed += o.failed;
-        let a = phase(s, opts.phase, READERS, false, round as u64 + 1)?;
-        alone.extend(a.ns_per_read);
-        failed += a.failed;
-        let w = phase(s, opts.phase, READERS, true, round as u64 + 1)?;
-        with.extend(w.ns_per_read);
-        rates.push(w.discards as f64 / opts.phase.as_secs_f64());
-        misses += w.misses;
-        reads += w.reads;
-        failed += w.failed;
+        let f = phase(s, opts.phase, r, Variant::Direct, CONTENTION_BYTES, Invalidator::FlatOut, seed)?;
+        flat_out.extend(f.ns_per_read.iter().copied());
+        flat_out_rates.push(per_s(&f));
+        (flat_out_misses, flat_out_reads) = (flat_out_misses + f.misses, flat_out_reads + f.reads);
+        failed += f.failed;
+        for (&bytes, t) in SIZES.iter().zip(&mut samples) {
+            let m = phase(s, opts.phase, r, Variant::Memcpy, bytes, Invalidator::None, seed)?;
+            t.memcpy_alone.extend(m.ns_per_read);
+            let a = phase(s, opts.phase, r, Variant::Direct, bytes, Invalidator::None, seed)?;
+            t.direct_alone.extend(a.ns_per_read);
+            failed += a.failed;
+            let mw = phase(s, opts.phase, r, Variant::Memcpy, bytes, Invalidator::Paced, seed)?;
+            t.memcpy_with.extend(mw.ns_per_read.iter().copied());
+            t.memcpy_rates.push(per_s(&mw));
+            let w = phase(s, opts.phase, r, Variant::Direct, bytes, Invalidator::Paced, seed)?;
+            t.direct_with.extend(w.ns_per_read.iter().copied());
+            t.rates.push(per_s(&w));
+            t.misses += w.misses;
+            t.reads += w.reads;
+            failed += w.failed;
+        }
     }
-    let (alone, with) = (median(alone), median(with));
+    let by_size: Vec<ContentionRow> = SIZES
+        .iter()
+        .zip(samples)
+        .map(|(&bytes, t)| {
+            let (ma, da) = (median(t.memcpy_alone), median(t.direct_alone));
+            let (mw, dw) = (median(t.memcpy_with), median(t.direct_with));
+            ContentionRow {
+                bytes,
+                memcpy_alone_ns: ma,
+                direct_alone_ns: da,
+                memcpy_with_invalidator_ns: mw,
+                direct_with_invalidator_ns: dw,
+                access_vs_memcpy_alone: da / ma,
+                access_vs_memcpy_with_invalidator: dw / mw,
+                invalidations_per_s: median(t.rates),
+                memcpy_invalidations_per_s: median(t.memcpy_rates),
+                miss_share: if t.reads == 0 { 0.0 } else { t.misses as f64 / t.reads as f64 },
+            }
+        })
+        .collect();
+    let main = by_size.iter().find(|r| r.bytes == CONTENTION_BYTES).expect("SIZES has 256 B");
+    let with = median(flat_out);
     Ok(ContentionReport {
-        readers: READERS,
+        readers: CONTENTION_READERS,
         bytes: CONTENTION_BYTES,
         one_reader_ns: median(one),
-        alone_ns: alone,
+        alone_ns: main.direct_alone_ns,
         with_invalidator_ns: with,
-        invalidator_slowdown: with / alone,
-        invalidations_per_s: median(rates),
-        miss_share: if reads == 0 { 0.0 } else { misses as f64 / reads as f64 },
+        invalidator_slowdown: with / main.direct_alone_ns,
+        invalidations_per_s: median(flat_out_rates),
+        miss_share: if flat_out_reads == 0 { 0.0 } else { flat_out_misses as f64 / flat_out_reads as f64 },
         failed_reads: failed,
+        paced_invalidations_per_s: PACED_INVALIDATIONS_PER_S,
+        by_size,
     })
 }
 
@@ -490,18 +658,20 @@ impl AccessReport {
     pub fn to_markdown(&self) -> String {
         let calls = |c: Option<f64>| c.map(|c| format!("{c:.3}")).unwrap_or_else(|| "-".into());
         let mut out = String::from(
-            "| op | bytes | memcpy ns | locked memcpy ns | direct ns | syscall ns | access_vs_memcpy | access_vs_syscall | syscalls/access direct | syscalls/access syscall |\n|---|---|---|---|---|---|---|---|---|---|\n",
+            "| op | bytes | memcpy ns | copy routine ns | locked memcpy ns | direct ns | syscall ns | access_vs_memcpy | copy_routine_vs_memcpy | access_vs_syscall | syscalls/access direct | syscalls/access syscall |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for r in &self.rows {
             out.push_str(&format!(
-                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.3} | {} | {} |\n",
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.3} | {} | {} |\n",
                 r.op,
                 r.bytes,
                 r.memcpy_ns,
+                r.copy_routine_ns,
                 r.locked_memcpy_ns,
                 r.direct_ns,
                 r.syscall_ns,
                 r.access_vs_memcpy,
+                r.copy_routine_vs_memcpy,
                 r.access_vs_syscall,
                 calls(r.direct_syscalls_per_access),
                 calls(r.syscall_syscalls_per_access)
@@ -521,16 +691,38 @@ impl AccessReport {
             c.miss_share,
             c.failed_reads
         ));
+        if !c.by_size.is_empty() {
+            out.push_str(&format!(
+                "\n{} readers at random pages of a 2 MiB window, ns per read of one reader; invalidator paced at {:.0} discards/s:\n\n| bytes | memcpy alone | direct alone | access_vs_memcpy alone | memcpy + invalidator | direct + invalidator | access_vs_memcpy + invalidator | discards/s memcpy / direct | miss share |\n|---|---|---|---|---|---|---|---|---|\n",
+                c.readers, c.paced_invalidations_per_s
+            ));
+            for r in &c.by_size {
+                out.push_str(&format!(
+                    "| {} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.2} | {:.0} / {:.0} | {:.4} |\n",
+                    r.bytes,
+                    r.memcpy_alone_ns,
+                    r.direct_alone_ns,
+                    r.access_vs_memcpy_alone,
+                    r.memcpy_with_invalidator_ns,
+                    r.direct_with_invalidator_ns,
+                    r.access_vs_memcpy_with_invalidator,
+                    r.memcpy_invalidations_per_s,
+                    r.invalidations_per_s,
+                    r.miss_share
+                ));
+            }
+        }
         out
     }
 }
 
-/// Line colours of the three variants.
-const VARIANT_COLORS: [RGBColor; 4] = [
+/// Line colours of the variants.
+const VARIANT_COLORS: [RGBColor; 5] = [
     RGBColor(0x2c, 0xa0, 0x2c),
     RGBColor(0x1f, 0x77, 0xb4),
     RGBColor(0xd6, 0x27, 0x28),
     RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0xff, 0x7f, 0x0e),
 ];
 
 /// The plot: one panel per direction; x = bytes per access (log), y = ns per access (log), one
@@ -545,7 +737,7 @@ pub fn access_svg(report: &AccessReport, path: &Path) -> Result<(), String> {
     let all: Vec<f64> = report
         .rows
         .iter()
-        .flat_map(|r| [r.memcpy_ns, r.direct_ns, r.syscall_ns, r.locked_memcpy_ns])
+        .flat_map(|r| [r.memcpy_ns, r.direct_ns, r.syscall_ns, r.locked_memcpy_ns, r.copy_routine_ns])
         .filter(|v| v.is_finite())
         .collect();
     let y_lo = all.iter().copied().fold(f64::MAX, f64::min).max(0.1) / 2.0;
@@ -567,13 +759,20 @@ pub fn access_svg(report: &AccessReport, path: &Path) -> Result<(), String> {
             .draw()
             .map_err(|e| err(&e))?;
         let rows: Vec<&AccessRow> = report.rows.iter().filter(|r| r.op == op).collect();
-        let names = ["memcpy", "direct (table hit)", "syscall (process_vm_*)", "memcpy under a read lock"];
+        let names = [
+            "memcpy",
+            "direct (table hit)",
+            "syscall (process_vm_*)",
+            "memcpy under a read lock (the old hit path's synchronisation)",
+            "fault-tolerant copy routine alone",
+        ];
         for (i, name) in names.into_iter().enumerate() {
             let color = VARIANT_COLORS[i];
             let pts: Vec<(f64, f64)> = rows
                 .iter()
                 .map(|r| {
-                    let ns = [r.memcpy_ns, r.direct_ns, r.syscall_ns, r.locked_memcpy_ns][i];
+                    let ns =
+                        [r.memcpy_ns, r.direct_ns, r.syscall_ns, r.locked_memcpy_ns, r.copy_routine_ns][i];
                     (r.bytes as f64, ns.clamp(y_lo, y_hi))
                 })
                 .collect();

@@ -440,3 +440,26 @@ fn log_level_sets_the_filter_and_a_bad_one_is_refused() {
         "--log-level \"notifier=nonsense\" is not a log filter",
     );
 }
+
+#[test]
+fn serial_goes_to_the_file_it_names_and_a_bad_one_is_refused_before_the_vm_starts() {
+    let dir = scratch_dir("serial");
+    let file = dir.path().join("console.txt");
+    std::fs::write(&file, "an older run's output").unwrap();
+    let arg = format!("file={}", file.display());
+    let out = zapvm(&["run", "--mem", "32M", "--serial", &arg, "--timeout", "60"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    // The test guest says nothing on its UART: the file is the console's, truncated at start.
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "", "the file was not the console's");
+    let missing = dir.path().join("no/such/dir/console.txt");
+    let out = zapvm(&["run", "--mem", "32M", "--serial", &format!("file={}", missing.display())]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("serial console") && stderr.contains("no/such/dir"), "{stderr}");
+    for bad in ["file=", "tty", "FILE=x"] {
+        let out = zapvm(&["run", "--serial", bad]);
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success() && stderr.contains("stdio, file=PATH or null"), "{bad}: {stderr}");
+    }
+}

@@ -21,8 +21,7 @@
 #[path = "support/lines.rs"]
 mod lines;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -221,10 +220,8 @@ impl LinuxVm {
 
     fn api(&self) -> Api {
         let path = self.socket.as_ref().expect("started with an API socket");
-        Api {
-            stream: BufReader::new(UnixStream::connect(path).expect("connect to the control socket")),
-            id: 0,
-        }
+        Api(vmm::api::QmpClient::connect(path, Duration::from_secs(30))
+            .expect("connect to the control socket"))
     }
 
     /// The VMM's resident memory (VmRSS) in bytes.
@@ -240,29 +237,28 @@ impl LinuxVm {
     }
 }
 
-/// A control API connection (one JSON request line, one reply line).
-struct Api {
-    stream: BufReader<UnixStream>,
-    id: u64,
-}
+/// A QMP connection to the VM's control socket.
+struct Api(vmm::api::QmpClient);
 
 impl Api {
-    fn call(&mut self, op: &str, extra: Value) -> Value {
-        self.id += 1;
-        let mut request = json!({ "id": self.id, "op": op });
-        if let (Value::Object(r), Value::Object(e)) = (&mut request, extra) {
-            r.extend(e);
-        }
-        self.stream.get_mut().write_all(format!("{request}\n").as_bytes()).expect("send a request");
-        let mut line = String::new();
-        self.stream.read_line(&mut line).expect("read a reply");
-        let reply: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"));
-        assert_eq!(reply["ok"], json!(true), "{op} failed: {reply}");
-        reply["result"].clone()
+    fn call(&mut self, command: &str, arguments: Value) -> Value {
+        self.0
+            .execute(command, arguments.clone())
+            .unwrap_or_else(|e| panic!("{command} {arguments} failed: {e}"))
     }
 
     fn balloon(&mut self) -> Value {
-        self.call("balloon-stats", json!({}))
+        self.call("__org.zapvm_query-balloon", Value::Null)
+    }
+
+    /// Sets the balloon's size (what it takes from the guest), as `zapvm balloon set` does.
+    fn set_balloon(&mut self, bytes: u64) {
+        let base = field(&self.call("query-memory-size-summary", Value::Null), "base-memory");
+        self.call("balloon", json!({ "value": base - bytes }));
+    }
+
+    fn set_virtio_mem(&mut self, bytes: u64) {
+        self.call("qom-set", json!({ "path": "vmem0", "property": "requested-size", "value": bytes }));
     }
 }
 
@@ -364,7 +360,7 @@ fn linux_drivers_work_the_balloon_and_virtio_mem() {
         let target = target_mib * MIB / PAGE;
         let rss_before = vm.rss();
         let set_at = Instant::now();
-        api.call("balloon-set", json!({ "size": format!("{target_mib}M") }));
+        api.set_balloon(target_mib * MIB);
         let deadline = set_at + STEP_BUDGET;
         // The device: the driver's `actual` and the pages in the device's bitmap.
         let after = loop {
@@ -418,10 +414,10 @@ fn linux_drivers_work_the_balloon_and_virtio_mem() {
     let mut mem_figures = Vec::new();
     for plugged_mib in [VIRTIO_MEM_PLUG_MIB, 0] {
         let set_at = Instant::now();
-        api.call("mem-set", json!({ "size": format!("{plugged_mib}M") }));
+        api.set_virtio_mem(plugged_mib * MIB);
         let deadline = set_at + STEP_BUDGET;
         let state = loop {
-            let m = api.call("mem-state", json!({}));
+            let m = api.call("__org.zapvm_query-virtio-mem", Value::Null);
             if field(&m, "plugged_size") == plugged_mib * MIB {
                 break m;
             }
@@ -446,10 +442,10 @@ fn linux_drivers_work_the_balloon_and_virtio_mem() {
         ));
     }
 
-    let transport = api.call("stats", json!({}))["balloon_transport"].clone();
+    let transport = api.call("__org.zapvm_query-memory-layer", Value::Null)["balloon_transport"].clone();
     assert_eq!(field(&transport, "notify_errors"), 0, "Linux's driver broke a transport rule: {transport}");
     assert!(field(&transport, "early_notifies") >= 1, "the stats queue's kick at probe: {transport}");
-    api.call("quit", json!({}));
+    api.call("quit", Value::Null);
     let (status, _) = vm.wait_exit();
     assert!(status.success(), "zapvm exited with {status}\n{}", vm.dump());
     eprintln!(

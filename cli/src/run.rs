@@ -111,6 +111,10 @@ pub struct RunArgs {
     /// How much of the virtio-mem region the guest should plug at boot.
     #[arg(long, value_parser = parse_size, default_value = "0", requires = "virtio_mem")]
     virtio_mem_requested: u64,
+    /// Where the guest's serial console goes: `stdio` (this terminal, keys typed into the
+    /// guest too), `file=PATH` (created or truncated), or `null`.
+    #[arg(long, default_value = "stdio", value_parser = parse_serial)]
+    serial: Console,
     /// Name the VM: its default control socket is zapvm-<NAME>.sock (clients reach it with
     /// `--id NAME`), its metrics are labelled vm="NAME", its log lines carry it. Letters,
     /// digits, '-', '.', '_', starting with a letter.
@@ -227,7 +231,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         memory: MemoryConfig { size: args.mem, backend: args.mem_backend.into(), thp: args.thp },
         vcpus: args.vcpus + drivers,
         timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),
-        console: Console::Terminal,
+        console: args.serial.clone(),
         monitor: !args.no_monitor,
         teardown_policy: args.on_external_unmap.into(),
         seal_guest_ram: args.seal_guest_ram,
@@ -366,4 +370,16 @@ fn print_memory_layer(layer: &vmm::machine::MemoryLayerReport) {
 /// `--id`: a VM name clients can use (see [`vmm::api::client::check_vm_id`]).
 fn parse_vm_id(text: &str) -> Result<String, String> {
     vmm::api::client::check_vm_id(text).map(|()| text.to_string())
+}
+
+/// `--serial`: `stdio`, `file=PATH` or `null`.
+fn parse_serial(text: &str) -> Result<Console, String> {
+    match text {
+        "stdio" => Ok(Console::Terminal),
+        "null" => Ok(Console::Null),
+        _ => match text.strip_prefix("file=") {
+            Some(path) if !path.is_empty() => Ok(Console::File(PathBuf::from(path))),
+            _ => Err(format!("{text:?}: give stdio, file=PATH or null")),
+        },
+    }
 }

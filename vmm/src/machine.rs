@@ -51,6 +51,9 @@ pub enum Console {
     Terminal,
     /// Nowhere.
     Null,
+    /// A file, created or truncated when the VM starts (the guest's output only; nothing is
+    /// typed into the guest).
+    File(PathBuf),
     /// A buffer (tests).
     Buffer(Arc<Mutex<Vec<u8>>>),
 }
@@ -67,12 +70,15 @@ impl Write for BufferWriter {
 }
 
 impl Console {
-    fn writer(&self) -> Box<dyn Write + Send> {
-        match self {
+    fn writer(&self) -> std::io::Result<Box<dyn Write + Send>> {
+        Ok(match self {
             Console::Stdout | Console::Terminal => Box::new(std::io::stdout()),
             Console::Null => Box::new(std::io::sink()),
+            Console::File(path) => Box::new(std::fs::File::create(path).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("the serial console file {}: {e}", path.display()))
+            })?),
             Console::Buffer(buf) => Box::new(BufferWriter(buf.clone())),
-        }
+        })
     }
 }
 
@@ -973,7 +979,10 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(|e| Error::Device(format!("KVM_IRQFD for the serial port: {e}")))?;
     let mut pio = Bus::default();
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, config.console.writer())));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        serial_irq,
+        config.console.writer().map_err(host("opening the serial console"))?,
+    )));
     pio.insert(COM1_PORT, 8, serial.clone())?;
     pio.insert(
         I8042_PORT,

@@ -31,6 +31,8 @@ struct DeviceView {
     unmapped_errors: u64,
     /// A read of the hole after the teardown that returned only zeros (the re-backed memory).
     zeros_after: bool,
+    /// The VM's `__org.zapvm_EXTERNAL_TEARDOWN` QMP events (their data).
+    events: Vec<serde_json::Value>,
 }
 
 fn config(
@@ -45,6 +47,7 @@ fn config(
         let (gpa, hva, _) = vm.ram_regions()[0];
         let hole = hva + (HOLE_GPA - gpa) as usize;
         let mmu = vm.guest_mmu().clone();
+        let queue = vm.events().clone();
         let thread = std::thread::spawn(move || {
             let mut view = DeviceView::default();
             let mut buf = vec![0u8; 4096];
@@ -95,6 +98,18 @@ fn config(
                 }
                 std::thread::yield_now();
             }
+            // The guard reports the teardown once it handled it (no control socket drains the
+            // VM's event queue in this test, so the events wait there).
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while view.events.is_empty() && std::time::Instant::now() < deadline {
+                for line in queue.drain() {
+                    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+                    if event["event"] == "__org.zapvm_EXTERNAL_TEARDOWN" {
+                        view.events.push(event["data"].clone());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
             view
         });
         *slot.lock().unwrap() = Some(thread);
@@ -131,6 +146,11 @@ fn external_munmap_is_rebacked_and_the_guest_finishes() {
     let t = &report.memory_layer.external_teardowns;
     assert_eq!((t.events, t.rebacked_bytes), (1, HOLE_LEN as u64), "{t:?}");
     assert!(view.zeros_after, "the device path reads the re-backed zeros: {view:?}");
+    assert_eq!(
+        view.events,
+        [serde_json::json!({ "kind": "unmap", "gpa": HOLE_GPA, "length": HOLE_LEN, "action": "rebacked" })],
+        "one QMP event for the teardown, naming the guest range"
+    );
     assert!(report
         .memory_layer
         .notifier
@@ -154,6 +174,8 @@ fn external_mremap_is_rebacked_and_the_guest_finishes() {
     let t = &report.memory_layer.external_teardowns;
     assert_eq!((t.events, t.rebacked_bytes), (1, HOLE_LEN as u64), "{t:?}");
     assert!(view.zeros_after, "{view:?}");
+    assert_eq!(view.events.len(), 1, "{view:?}");
+    assert_eq!((&view.events[0]["kind"], &view.events[0]["action"]), (&"remap".into(), &"rebacked".into()));
 }
 
 #[test]
@@ -166,6 +188,8 @@ fn external_munmap_with_policy_stop_ends_the_vm_naming_the_range() {
     );
     assert!(!view.zeros_after, "nothing re-backs the range under policy stop");
     assert!(view.unmapped_errors > 0, "the device path got errors, not a crash: {view:?}");
+    assert_eq!(view.events.len(), 1, "{view:?}");
+    assert_eq!(view.events[0]["action"], "stop", "{view:?}");
 }
 
 #[test]

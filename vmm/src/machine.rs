@@ -929,6 +929,12 @@ pub fn run(config: &VmConfig) -> Result<RunReport, Error> {
             );
         }));
     }
+    {
+        let events = events.clone();
+        teardown.on_external_teardown(Box::new(move |t| {
+            events.emit(event_name::EXTERNAL_TEARDOWN, serde_json::to_value(t).ok());
+        }));
+    }
     if let Some(m) = &virtio_mem {
         let events = events.clone();
         m.lock().unwrap_or_else(|e| e.into_inner()).device_mut().on_plugged_change(Box::new(move |size| {

@@ -169,6 +169,23 @@ pub struct TeardownReport {
     pub outside_guest_ram: u64,
 }
 
+/// An external teardown of guest RAM as the guard handled it (what
+/// [`TeardownGuard::on_external_teardown`] is told).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ExternalTeardown {
+    /// `unmap` or `remap`.
+    pub kind: &'static str,
+    /// Guest-physical start of the range.
+    pub gpa: u64,
+    /// Bytes.
+    pub length: u64,
+    /// `rebacked` (fresh zeroed memory at the same place) or `stop` (the VM stops).
+    pub action: &'static str,
+}
+
+/// Told each [`ExternalTeardown`] once the guard handled it.
+pub type TeardownObserver = Box<dyn Fn(&ExternalTeardown) + Send + Sync>;
+
 /// How often a vCPU waiting in [`TeardownGuard::wait_backed`] looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
 
@@ -183,6 +200,8 @@ pub struct TeardownGuard {
     generation: AtomicU64,
     /// Wakes the VMM's event loop when the VM must stop.
     stop: vmm_sys_util::eventfd::EventFd,
+    /// Told of each external teardown handled (set once, before the VM runs).
+    observer: std::sync::OnceLock<TeardownObserver>,
 }
 
 impl TeardownGuard {
@@ -201,7 +220,23 @@ impl TeardownGuard {
             changed: Condvar::new(),
             generation: AtomicU64::new(0),
             stop,
+            observer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Calls `observer` with each external teardown of guest RAM once the guard handled it
+    /// (re-backed it, or decided the VM stops), on the thread that delivered the teardown (the
+    /// userfaultfd monitor's): it must not block. Only the first observer set is kept.
+    pub fn on_external_teardown(&self, observer: TeardownObserver) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// The guest-physical start of host address `start` inside guest RAM.
+    fn gpa_of(&self, start: usize) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| r.spec.host_addr <= start && start < r.spec.host_addr + r.spec.len)
+            .map(|r| r.gpa + (start - r.spec.host_addr) as u64)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -608,6 +643,12 @@ impl Subscriber for TeardownGuard {
                 format!("{what} was {verb} by code outside the VMM and cannot be re-backed: {e}")
             }),
         };
+        let handled = ExternalTeardown {
+            kind: if matches!(range.event, Event::Remap { .. }) { "remap" } else { "unmap" },
+            gpa: self.gpa_of(start).unwrap_or_default(),
+            length: (end - start) as u64,
+            action: if result.is_ok() { "rebacked" } else { "stop" },
+        };
         let mut s = self.lock();
         // The oldest hole at exactly this place: events of one range come and end in order.
         if let Some(i) = s.holes.iter().position(|h| (h.start, h.end) == (start, end)) {
@@ -622,6 +663,10 @@ impl Subscriber for TeardownGuard {
                 self.changed.notify_all();
             }
             Err(why) => self.stop_vm(&mut s, why),
+        }
+        drop(s);
+        if let Some(observer) = self.observer.get() {
+            observer(&handled);
         }
     }
 }

@@ -353,7 +353,7 @@ pub(crate) mod readers {
             SlotList { head: AtomicPtr::new(std::ptr::null_mut()), len: AtomicUsize::new(0), planted }
         }
 
-        fn slots(&self) -> impl Iterator<Item = &Slot> {
+        pub(super) fn slots(&self) -> impl Iterator<Item = &Slot> {
             // Acquire: a slot reached is fully initialised (published with release in `claim`).
             let mut at = self.head.load(Ordering::Acquire);
             std::iter::from_fn(move || {
@@ -1488,6 +1488,37 @@ mod tests {
         });
         let st = mmu.stats();
         assert_eq!((st.installs_2m, st.entries), (1, 1), "{st:?}");
+    }
+
+    /// Hits are counted per thread (a shard per reader slot, one shared counter beyond
+    /// `HIT_SHARDS` threads) and summed by `stats`: 70 threads alive at once (so that some have a
+    /// slot index past the shards) each make 1000 hits, and every one is counted.
+    #[test]
+    fn hits_of_many_threads_are_all_counted() {
+        const THREADS: usize = HIT_SHARDS + 6;
+        const READS: u64 = 1000;
+        let (_ram, _space, mmu) = thp_table();
+        let mut b = [0u8; 16];
+        mmu.read(0x1000, &mut b).unwrap();
+        let before = mmu.stats();
+        assert_eq!((before.misses, before.hits), (1, 0), "{before:?}");
+        let all_alive = std::sync::Barrier::new(THREADS);
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                s.spawn(|| {
+                    let mut b = [0u8; 16];
+                    mmu.read(0x2000, &mut b).unwrap();
+                    // Every thread holds its slot until all have one.
+                    all_alive.wait();
+                    for _ in 1..READS {
+                        mmu.read(0x3000, &mut b).unwrap();
+                    }
+                });
+            }
+        });
+        let st = mmu.stats();
+        assert_eq!((st.misses, st.hits), (1, THREADS as u64 * READS), "{st:?}");
+        assert!(reader_slots().slots().count() >= THREADS, "each live thread had a slot of its own");
     }
 
     #[test]

@@ -215,7 +215,7 @@ fn interval_model(fault: PlantedFault, preemptions: usize) {
 
 #[test]
 fn hit_and_install_paths_against_a_whole_invalidation() {
-    interval_model(PlantedFault::None, 2);
+    interval_model(PlantedFault::None, 4);
 }
 
 /// PLANTED FAULT: the same with a writer that does not wait.

@@ -8,6 +8,7 @@ use guest_abi::Workload;
 use vmm::boot::test_guest::TestGuestParams;
 use vmm::machine::{run, Console, RunReport, VmConfig, VmOutcome};
 use vmm::memory::{MemoryBackend, MemoryConfig};
+use vmm::mmu::GuestMemoryAccess;
 use vmm::vstate::vcpu::VcpuOutcome;
 
 fn config(mem_mib: u64, vcpus: u32, backend: MemoryBackend, thp: bool, workload: Workload) -> VmConfig {
@@ -147,4 +148,33 @@ fn a_paused_vm_makes_no_progress_and_quit_ends_the_run() {
     assert_eq!(report.outcome, VmOutcome::Quit, "{report:#?} {:?}", seen.lock().unwrap());
     assert!(report.success());
     assert_eq!(seen.lock().unwrap().len(), 1, "the controller thread ran to its end");
+}
+
+#[test]
+fn a_vm_is_built_whole_before_it_runs_and_a_built_vm_that_never_runs_leaves_nothing() {
+    // Built: guest RAM, the table, the devices and the boot image are there, nothing runs.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vm.sock");
+    let config = VmConfig {
+        api_socket: Some(socket.clone()),
+        ..config(64, 2, MemoryBackend::Anonymous, false, Workload::Verify)
+    };
+    let built = vmm::machine::build(&config).expect("the VM builds");
+    let control = built.control().clone();
+    assert_eq!(control.ram_regions().iter().map(|r| r.2 as u64).sum::<u64>(), 64 << 20);
+    assert!(built.boot_summary().contains("workload Verify"), "{}", built.boot_summary());
+    assert_eq!(control.vcpus_running(), 0, "no vCPU thread runs before `run`");
+    assert!(control.balloon().is_some());
+    assert!(!socket.exists(), "the control socket is served by the running VM only");
+    // The device path works on the built VM's RAM (the boot image is in it).
+    let mut word = [0u8; 8];
+    control.guest_mmu().read(0x20_0000, &mut word).expect("the image's first page is readable");
+    assert_ne!(word, [0; 8], "the test guest's image was loaded");
+    drop(built);
+    assert!(!socket.exists());
+
+    // The same config, built again, runs to its end.
+    let report = vmm::machine::build(&config).unwrap().run().expect("the VM runs");
+    assert_verified(&report, 2);
+    assert!(!socket.exists(), "the running VM removed its socket");
 }

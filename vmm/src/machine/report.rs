@@ -1,0 +1,229 @@
+//! What a run ends with: [`RunReport`] and its parts, the errors that keep a VM from starting,
+//! and the host's check of what the guest wrote.
+
+use guest_abi::{page_checksum, pattern, slice_pages, BootInfo, Workload};
+
+use crate::arch::cpu;
+use crate::boot::BootError;
+use crate::devices::virtio::balloon::BalloonStats;
+use crate::devices::virtio::mem::VirtioMemStats;
+use crate::devices::virtio::mmio::TransportStats;
+use crate::devices::BusError;
+use crate::memory::MemoryError;
+use crate::mmu::{GuestMemoryAccess, MmuStats};
+use crate::rendezvous::DiscardRecord;
+use crate::teardown::TeardownReport;
+use crate::vstate::vcpu::{VcpuOutcome, VcpuReport};
+use crate::vstate::vm::VmError;
+
+/// Errors that keep a VM from starting (bad input or a host problem), each a one-line message.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Zero vCPUs.
+    #[error("a VM needs at least one vCPU")]
+    NoVcpus,
+    /// More vCPUs than the VMM's descriptor layout holds.
+    #[error("{wanted} vCPUs requested; zapvm supports at most {max}")]
+    TooManyVcpus {
+        /// Asked for.
+        wanted: u32,
+        /// Most supported.
+        max: u32,
+    },
+    /// KVM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading the guest.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A vCPU could not be set up.
+    #[error("vCPU {index}: {source}")]
+    Cpu {
+        /// Which vCPU.
+        index: usize,
+        /// What failed.
+        #[source]
+        source: cpu::CpuSetupError,
+    },
+    /// Device setup.
+    #[error("device setup: {0}")]
+    Device(String),
+    /// The memory layer could not be set up.
+    #[error("memory layer: {0}")]
+    Notifier(String),
+    /// Threads, eventfds, epoll.
+    #[error("{what}: {source}")]
+    Host {
+        /// What failed.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<BusError> for Error {
+    fn from(e: BusError) -> Self {
+        Error::Device(e.to_string())
+    }
+}
+
+pub(super) fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Host { what, source }
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum VmOutcome {
+    /// Every vCPU finished its workload and the host saw what the guest wrote.
+    Success,
+    /// The guest reset the machine (how a Linux guest ends).
+    Reset,
+    /// A vCPU failed; the message says which and why.
+    Failed {
+        /// What went wrong.
+        message: String,
+    },
+    /// The VMM was asked to stop the VM (control API, `VmControl::quit`).
+    Quit,
+    /// The timeout expired.
+    TimedOut {
+        /// After how many seconds.
+        seconds: f64,
+    },
+}
+
+/// What the host found when it checked guest RAM after the guest finished.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HostCheck {
+    /// Pages the host read back.
+    pub pages: u64,
+    /// Pages whose contents differ from the pattern.
+    pub bad_pages: u64,
+    /// The first difference.
+    pub first_bad: Option<String>,
+}
+
+/// What the memory layer did during a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemoryLayerReport {
+    /// Whether the userfaultfd monitor watched guest RAM.
+    pub monitor: bool,
+    /// Whether guest RAM was sealed with `mseal(2)` (`--seal-guest-ram`).
+    pub sealed: bool,
+    /// The VMM's table.
+    pub table: MmuStats,
+    /// The notifier's counters.
+    pub notifier: notifier::Stats,
+    /// Discards the host performed for the guest, with what KVM's stats did meanwhile.
+    pub discards: Vec<DiscardRecord>,
+    /// Teardowns of guest RAM by code outside the VMM, and what the policy did.
+    pub external_teardowns: TeardownReport,
+    /// The balloon's counters, if the VM had one.
+    pub balloon: Option<BalloonStats>,
+    /// The virtio-mem device's counters, if the VM had one.
+    pub virtio_mem: Option<VirtioMemStats>,
+    /// The balloon's transport counters (kicks by exit / by ioeventfd, ioeventfd fallback).
+    pub balloon_transport: Option<TransportStats>,
+    /// The virtio-mem device's transport counters.
+    pub virtio_mem_transport: Option<TransportStats>,
+}
+
+/// The result of running a VM.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunReport {
+    /// How it ended.
+    pub outcome: VmOutcome,
+    /// What was booted.
+    pub boot: String,
+    /// Each vCPU.
+    pub vcpus: Vec<VcpuReport>,
+    /// The host's check of the workload's pages.
+    pub host_check: Option<HostCheck>,
+    /// Bytes of RAM.
+    pub mem_bytes: u64,
+    /// Whether RAM is mapped so that THP can back it with whole 2 MiB pages.
+    pub thp_aligned: bool,
+    /// Microseconds the run took, from the start of the VM build.
+    pub wall_us: u64,
+    /// The memory layer's view of the run.
+    pub memory_layer: MemoryLayerReport,
+    /// On PVM hosts: the instructions the VMM completed for the host's emulator.
+    pub pvm_quirks: Option<crate::pvm::QuirkCounts>,
+}
+
+impl RunReport {
+    /// Whether the run succeeded.
+    pub fn success(&self) -> bool {
+        matches!(self.outcome, VmOutcome::Success | VmOutcome::Reset | VmOutcome::Quit)
+    }
+}
+
+pub(super) fn first_failure(reports: &[VcpuReport]) -> Option<VmOutcome> {
+    reports.iter().find_map(|r| {
+        let what = match &r.outcome {
+            VcpuOutcome::GuestFailure { message } => format!("guest failure: {message}"),
+            VcpuOutcome::GuestException { message } => format!("guest exception: {message}"),
+            VcpuOutcome::Error { message } => message.clone(),
+            VcpuOutcome::Stopped | VcpuOutcome::Done { .. } => return None,
+        };
+        Some(VmOutcome::Failed { message: format!("vCPU {}: {what}", r.index) })
+    })
+}
+
+/// Checks from the host's side what the guest says it wrote: every page of each vCPU's slice
+/// holds the pattern (Verify), and the guest's checksum is the one the pattern gives.
+pub(super) fn check_workload(
+    mem: &dyn GuestMemoryAccess,
+    info: &BootInfo,
+    reports: &[VcpuReport],
+    discarded: &dyn Fn(usize) -> Vec<guest_abi::GpaRange>,
+) -> (Option<HostCheck>, Option<String>) {
+    if !matches!(Workload::from_raw(info.workload), Some(Workload::Verify | Workload::DiscardVerify)) {
+        return (None, None);
+    }
+    let work = &info.work[..info.nr_work as usize];
+    let mut check = HostCheck::default();
+    let mut failure = None;
+    let mut page = vec![0u8; guest_abi::PAGE_SIZE as usize];
+    for report in reports {
+        let VcpuOutcome::Done { pages, checksum } = report.outcome else {
+            continue;
+        };
+        let (mut expected_pages, mut expected_sum) = (0u64, 0u64);
+        let holes = discarded(report.index);
+        slice_pages(work, info.nr_vcpus, report.index as u64, |gpa| {
+            expected_pages += 1;
+            let zeroed = holes.iter().any(|h| (h.start..h.end).contains(&gpa));
+            if !zeroed {
+                expected_sum = expected_sum.wrapping_add(page_checksum(info.seed, gpa));
+            }
+            check.pages += 1;
+            let ok = mem.read(gpa, &mut page).is_ok()
+                && page.chunks_exact(8).enumerate().all(|(i, w)| {
+                    let want = if zeroed { 0 } else { pattern(info.seed, gpa + 8 * i as u64) };
+                    u64::from_le_bytes(w.try_into().unwrap()) == want
+                });
+            if !ok {
+                check.bad_pages += 1;
+                check.first_bad.get_or_insert_with(|| {
+                    format!("page {gpa:#x} does not hold {}", if zeroed { "zeros" } else { "the pattern" })
+                });
+            }
+        });
+        if pages != expected_pages || checksum != expected_sum {
+            failure.get_or_insert(format!(
+                "vCPU {}: guest reported {pages} pages / checksum {checksum:#x}, the host expects {expected_pages} / {expected_sum:#x}",
+                report.index
+            ));
+        }
+    }
+    if let Some(bad) = &check.first_bad {
+        failure.get_or_insert(format!("host check: {} bad pages; {bad}", check.bad_pages));
+    }
+    (Some(check), failure)
+}

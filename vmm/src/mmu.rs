@@ -126,6 +126,18 @@ pub trait GuestMemoryAccess: Send + Sync {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError>;
     /// Writes `buf` to guest-physical `gpa`.
     fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), AccessError>;
+    /// Fills every buffer of `reads` from its guest-physical address, as [`read`] of each in
+    /// turn would: on the first failure that error is returned (the buffers before it are
+    /// filled, the others unspecified). An implementation may copy them with fewer operations
+    /// ([`GuestMmu`]: one system call on its syscall path when they are all installed).
+    ///
+    /// [`read`]: GuestMemoryAccess::read
+    fn read_scattered(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), AccessError> {
+        for (gpa, buf) in reads.iter_mut() {
+            self.read(*gpa, buf)?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads a plain-data `T` at `gpa`.
@@ -1257,6 +1269,100 @@ impl GuestMemoryAccess for GuestMmu {
     fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), AccessError> {
         self.access(gpa, buf.len(), Direction::Write(buf.as_ptr()))
     }
+
+    /// All the reads in one read section and, on [`CopyPath::Syscall`], one
+    /// `process_vm_readv`, when they lie in one region and are all installed; else (or if that
+    /// copy comes up short) one [`GuestMemoryAccess::read`] each, which installs what is
+    /// missing and reports errors as a single read does.
+    fn read_scattered(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), AccessError> {
+        if !self.read_installed_at_once(reads) {
+            for (gpa, buf) in reads.iter_mut() {
+                self.read(*gpa, buf)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// At most this many buffers are read at once by [`GuestMmu::read_scattered`] (Linux's
+/// `IOV_MAX`, the most `process_vm_readv` takes).
+const MAX_SCATTERED: usize = 1024;
+
+impl GuestMmu {
+    /// [`GuestMemoryAccess::read_scattered`]'s one-operation case: whether it copied every
+    /// buffer (all inside one region, all covered by entries seen in one read section). Counts
+    /// the hits only when it did; any failure leaves the work (and its counting) to single reads.
+    fn read_installed_at_once(&self, reads: &mut [(u64, &mut [u8])]) -> bool {
+        let Some((gpa0, buf0)) = reads.first() else { return true };
+        if reads.len() > MAX_SCATTERED {
+            return false;
+        }
+        let Some(region) = self.region_of(*gpa0, buf0.len() as u64) else { return false };
+        let entries = &*region.entries;
+        #[cfg(feature = "fault-injection")]
+        if entries.planted.armed() {
+            return false;
+        }
+        let mut hvas = Vec::with_capacity(reads.len());
+        for (gpa, buf) in reads.iter() {
+            match self.region_of(*gpa, buf.len() as u64) {
+                Some(r) if std::ptr::eq(r, region) => hvas.push(region.hva + (gpa - region.gpa) as usize),
+                _ => return false,
+            }
+        }
+        with_reader_slot(|slot| {
+            // M1 (S2): announce, then look; every buffer is copied inside this one section.
+            let section = slot.enter(entries.id());
+            if !reads.iter().zip(&hvas).all(|((_, buf), &hva)| entries.covered(hva, buf.len()) == buf.len()) {
+                return false;
+            }
+            let copied = match self.path {
+                CopyPath::Direct => reads.iter_mut().zip(&hvas).all(|((_, buf), &hva)| {
+                    // SAFETY: as in `copy_run`: [hva, hva + buf.len()) is guest RAM of this
+                    // region covered by entries `section` keeps installed (M1, M3), never the
+                    // target of a Rust reference; a fault is returned (M2); `buf` is ours.
+                    unsafe { self.copier.read(buf, hva as *const u8) }.is_ok()
+                }),
+                CopyPath::Syscall => {
+                    let total: usize = reads.iter().map(|(_, b)| b.len()).sum();
+                    let local: Vec<libc::iovec> = reads
+                        .iter_mut()
+                        .map(|(_, b)| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() })
+                        .collect();
+                    let remote: Vec<libc::iovec> = reads
+                        .iter()
+                        .zip(&hvas)
+                        .map(|((_, b), &hva)| libc::iovec {
+                            iov_base: hva as *mut libc::c_void,
+                            iov_len: b.len(),
+                        })
+                        .collect();
+                    // SAFETY: every local iovec is one of the caller's exclusively borrowed
+                    // buffers; the remote side is this process's own guest RAM, covered by
+                    // entries `section` keeps installed (M1), which the kernel checks (EFAULT or
+                    // a short count if not mapped); no Rust reference to guest memory is made.
+                    let n = unsafe {
+                        libc::process_vm_readv(
+                            own_pid(),
+                            local.as_ptr(),
+                            local.len() as libc::c_ulong,
+                            remote.as_ptr(),
+                            remote.len() as libc::c_ulong,
+                            0,
+                        )
+                    };
+                    n == total as isize
+                }
+            };
+            // M1: the copies are over.
+            drop(section);
+            if copied {
+                let hits = reads.iter().zip(&hvas).map(|((_, b), &hva)| pieces(hva, b.len())).sum();
+                self.counters.hits.add(slot.index(), hits);
+            }
+            copied
+        })
+    }
 }
 
 /// **Planted fault, for tests only** (cargo feature `fault-injection`): stale translations.
@@ -1519,6 +1625,45 @@ mod tests {
         let st = mmu.stats();
         assert_eq!((st.misses, st.hits), (1, THREADS as u64 * READS), "{st:?}");
         assert!(reader_slots().slots().count() >= THREADS, "each live thread had a slot of its own");
+    }
+
+    /// `read_scattered` reads what single reads read, on both copy paths: the first time through
+    /// single reads (nothing installed: they install), then all at once (counted as hits); a
+    /// buffer outside guest RAM is the error a single read gives.
+    #[test]
+    fn scattered_reads_read_what_single_reads_read() {
+        use vm_memory::{Bytes, GuestAddress};
+        let (ram, space, syscall) = thp_table();
+        let direct = GuestMmu::with_copy_path(&ram, space.clone(), CopyPath::Direct).unwrap();
+        let data: Vec<u8> = (0..3 * PAGE).map(|i| (i * 7 + 1) as u8).collect();
+        ram.memory().write_slice(&data, GuestAddress(0x10000)).unwrap();
+        for mmu in [&syscall, &direct] {
+            for round in 0..2 {
+                let (mut a, mut b, mut empty) = ([0u8; 100], [0u8; 4096], [0u8; 0]);
+                let hits = mmu.stats().hits;
+                mmu.read_scattered(&mut [
+                    (0x10000, &mut a[..]),
+                    (0x10032, &mut b[..]),
+                    (0x12000, &mut empty[..]),
+                ])
+                .unwrap();
+                assert_eq!(a[..], data[..100], "{:?} round {round}", mmu.copy_path());
+                assert_eq!(b[..], data[50..50 + 4096], "{:?} round {round}", mmu.copy_path());
+                let st = mmu.stats();
+                assert_eq!((st.misses, st.installs_2m), (1, 1), "{st:?}");
+                if round == 1 {
+                    // At once: a's page, b's two pages.
+                    assert_eq!(st.hits - hits, 3, "{st:?}");
+                }
+            }
+            let mut a = [0u8; 8];
+            let mut b = [0u8; 8];
+            let beyond = 8 << 20;
+            assert_eq!(
+                mmu.read_scattered(&mut [(0x10000, &mut a[..]), (beyond, &mut b[..])]),
+                Err(AccessError::OutsideRam { gpa: beyond, len: 8 })
+            );
+        }
     }
 
     #[test]

@@ -401,6 +401,42 @@ pub fn read_readable(
     Ok(out)
 }
 
+/// The device-readable parts of several chains, each into one buffer, with **one**
+/// [`GuestMemoryAccess::read_scattered`] over all their buffers: `Some(bytes)` for each chain
+/// `wanted` accepts and whose readable part is at most `limit` bytes, `None` for the others and
+/// for every chain when that read failed (the caller then reads them one by one with
+/// [`read_readable`], which names the failure).
+pub fn read_readable_all(
+    mem: &dyn GuestMemoryAccess,
+    chains: &[DescriptorChain],
+    wanted: impl Fn(&DescriptorChain) -> bool,
+    limit: usize,
+) -> Vec<Option<Vec<u8>>> {
+    let mut out: Vec<Option<Vec<u8>>> = chains
+        .iter()
+        .map(|c| {
+            let total: u64 = c.readable().map(|d| d.len as u64).sum();
+            (wanted(c) && total <= limit as u64).then(|| vec![0u8; total as usize])
+        })
+        .collect();
+    let mut reads: Vec<(u64, &mut [u8])> = Vec::new();
+    for (chain, bytes) in chains.iter().zip(out.iter_mut()) {
+        let Some(bytes) = bytes else { continue };
+        let mut rest = bytes.as_mut_slice();
+        for d in chain.readable() {
+            let (piece, tail) = rest.split_at_mut(d.len as usize);
+            reads.push((d.addr, piece));
+            rest = tail;
+        }
+    }
+    let ok = mem.read_scattered(&mut reads).is_ok();
+    drop(reads);
+    if !ok {
+        out.iter_mut().for_each(|b| *b = None);
+    }
+    out
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -543,6 +579,11 @@ pub(crate) mod tests {
         fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), AccessError> {
             self.writes.fetch_add(1, Ordering::Relaxed);
             self.inner.write(gpa, buf)
+        }
+        /// One access, as the inner memory may make it one operation.
+        fn read_scattered(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), AccessError> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            self.inner.read_scattered(reads)
         }
     }
 

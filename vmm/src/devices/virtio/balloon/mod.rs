@@ -8,8 +8,11 @@
 //!   before anything is done: every descriptor device-readable with a length that is a multiple
 //!   of 4, every PFN inside one of the balloon's regions (guest RAM the guest was told of), no
 //!   PFN twice. A request that fails any check is refused entirely — each bad PFN or buffer is
-//!   counted by kind and logged, and **nothing reaches a syscall**. The PFNs of all the valid
-//!   requests of one notify are sorted and coalesced **as one set** into ranges (split where
+//!   counted by kind and logged, and **nothing reaches a syscall**. The PFN arrays of all the
+//!   requests of one notify are read together (`queue::read_readable_all`: one
+//!   `GuestMemoryAccess::read_scattered`, one system call on the table's syscall path). The
+//!   PFNs of all the valid requests of one notify are sorted and coalesced **as one set** into
+//!   ranges (split where
 //!   guest RAM regions end), the pages are marked in a bitmap, and each range is discarded with
 //!   **one** notifier operation through `GuestMmu::discard` (translated once; start -> madvise
 //!   or fallocate -> invalidate_range -> end), so the VMM's table and every other subscriber
@@ -49,7 +52,7 @@
 
 use std::sync::Arc;
 
-use super::queue::{read_readable, DescriptorChain, Popped, Queue, QueueError};
+use super::queue::{read_readable, read_readable_all, DescriptorChain, Popped, Queue, QueueError};
 use super::{
     device_type, features, log_guest_error, read_config_bytes, DeviceFault, VirtioDevice, VirtioInterrupt,
 };
@@ -249,18 +252,33 @@ impl Balloon {
         self.regions.iter().position(|r| r.contains(pfn))
     }
 
+    /// Whether a PFN request has the shape the spec gives it: device-readable buffers only, each
+    /// a whole number of 32-bit PFNs.
+    fn pfn_request_shape_ok(chain: &DescriptorChain) -> bool {
+        chain.writable().next().is_none() && chain.readable().all(|d| d.len % 4 == 0)
+    }
+
     /// Whether `[gpa, gpa + len)` lies inside one of the balloon's regions.
     fn in_balloon_regions(&self, gpa: u64, len: u64) -> bool {
         gpa.checked_add(len).is_some_and(|end| self.regions.iter().any(|r| gpa >= r.gpa && end <= r.end()))
     }
 
-    /// Reads and validates a PFN request (its buffers with one copy each); `None` (counted,
-    /// logged) when it is refused. A PFN is valid when it lies in one of the balloon's regions,
+    /// Reads and validates a PFN request (its buffers with one copy each, unless prefetched);
+    /// `None` (counted, logged) when it is refused. A PFN is valid when it lies in one of the
+    /// balloon's regions,
     /// which are guest RAM regions of the table: no further translation is needed until the
     /// discard, which translates each run once (`GuestMmu::discard`).
-    fn read_pfns(&mut self, mem: &dyn GuestMemoryAccess, chain: &DescriptorChain) -> Option<Vec<u64>> {
+    ///
+    /// `prefetched`: the readable bytes already read (by [`read_readable_all`] for the whole
+    /// notify), else they are read here.
+    fn read_pfns(
+        &mut self,
+        mem: &dyn GuestMemoryAccess,
+        chain: &DescriptorChain,
+        prefetched: Option<Vec<u8>>,
+    ) -> Option<Vec<u64>> {
         let e = &mut self.stats.errors;
-        if chain.writable().next().is_some() || chain.readable().any(|d| d.len % 4 != 0) {
+        if !Self::pfn_request_shape_ok(chain) {
             e.bad_buffer += 1;
             log_guest_error(
                 e.bad_buffer,
@@ -271,7 +289,11 @@ impl Balloon {
             );
             return None;
         }
-        let bytes = match read_readable(mem, chain, MAX_PFN_BYTES) {
+        let read = match prefetched {
+            Some(bytes) => Ok(bytes),
+            None => read_readable(mem, chain, MAX_PFN_BYTES),
+        };
+        let bytes = match read {
             Ok(b) => b,
             Err(why) => {
                 e.unreadable += 1;
@@ -368,9 +390,11 @@ impl Balloon {
     /// sorted and coalesced **as one set** and discarded (B1), before any head goes back to the
     /// driver (the caller writes the used ring afterwards: VIRTIO_BALLOON_F_MUST_TELL_HOST).
     fn inflate_all(&mut self, mem: &dyn GuestMemoryAccess, chains: &[DescriptorChain]) {
+        // Every well-formed request's PFN array with one read for the whole notify.
+        let prefetched = read_readable_all(mem, chains, Self::pfn_request_shape_ok, MAX_PFN_BYTES);
         let mut pfns = Vec::new();
-        for chain in chains {
-            match self.read_pfns(mem, chain) {
+        for (chain, bytes) in chains.iter().zip(prefetched) {
+            match self.read_pfns(mem, chain, bytes) {
                 Some(p) => {
                     self.stats.inflate_requests += 1;
                     pfns.extend(p);
@@ -431,9 +455,10 @@ impl Balloon {
     /// or memfd memory refaults as zero pages); on THP memory, pages still held (B1) are
     /// discarded first so that they, too, come back as zeros.
     fn deflate_all(&mut self, mem: &dyn GuestMemoryAccess, chains: &[DescriptorChain]) {
+        let prefetched = read_readable_all(mem, chains, Self::pfn_request_shape_ok, MAX_PFN_BYTES);
         let mut flush = Vec::new();
-        for chain in chains {
-            let Some(pfns) = self.read_pfns(mem, chain) else {
+        for (chain, bytes) in chains.iter().zip(prefetched) {
+            let Some(pfns) = self.read_pfns(mem, chain, bytes) else {
                 self.stats.deflate_refused += 1;
                 continue;
             };

@@ -405,8 +405,9 @@ fn one_notify_is_one_set_of_runs_discarded_before_any_head_is_used() {
     assert_eq!((f.stats().inflated_pages, f.stats().reinflated_pages), (8, 1));
 }
 
-/// Each request is one read of its PFN array and the queue's rings are read once per
-/// notify; nothing is translated per PFN.
+/// The PFN arrays of all the requests of one notify are one read (`read_scattered`: one
+/// system call on the table's syscall path) and the queue's rings are read once per notify;
+/// nothing is translated per PFN or per request.
 #[test]
 fn a_notify_reads_each_pfn_array_once() {
     use crate::devices::virtio::queue::tests::Counting;
@@ -428,8 +429,9 @@ fn a_notify_reads_each_pfn_array_once() {
         f.queue_pfns(0, d, &pfns[64 * d as usize..64 * (d as usize + 1)]);
     }
     w32(&mut t, reg::QUEUE_NOTIFY, 0);
-    // Index, ring entries, descriptor table, four arrays; then the index again (empty).
-    assert_eq!(counting.take(), (1 + 1 + 1 + 4 + 1, 2), "used elements and used index");
+    // Index, ring entries, descriptor table, the four arrays at once; then the index again
+    // (empty).
+    assert_eq!(counting.take(), (1 + 1 + 1 + 1 + 1, 2), "used elements and used index");
     assert_eq!(f.recorder.take(), [(0x300000, 0x400000)]);
     assert_eq!(t.device().stats().inflated_pages, 256);
 }

@@ -16,7 +16,7 @@ use guest_abi::{slice_pages, BootInfo, GpaRange, Rendezvous};
 use crate::kvm_stats::{KvmStatsDelta, KvmStatsReader};
 use crate::memory::{HUGE_PAGE_SIZE, PAGE_SIZE};
 use crate::mmu::{GuestMemoryAccess, GuestMmu};
-use crate::vstate::vcpu::RendezvousHandler;
+use crate::ucall::RendezvousHandler;
 
 /// One discard the host performed for a guest.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -8,7 +8,12 @@
 use guest_abi::{Pass, Rendezvous, Ucall, UcallKind, MAX_MESSAGE_LEN};
 use vm_memory::ByteValued;
 
-use crate::mmu::{read_obj, GuestMemoryAccess};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::mmu::{read_obj, GuestMemoryAccess, GuestMmu};
+use crate::vstate::vcpu::{GuestCalls, PassTiming, VcpuOutcome, VcpuReport};
 
 /// A wrapper that lets vm-memory read a [`Ucall`] as plain bytes.
 #[derive(Clone, Copy, Default)]
@@ -161,6 +166,154 @@ pub fn decode(mem: &dyn GuestMemoryAccess, data: &[u8]) -> Result<(u64, UcallEve
         }
     };
     Ok((vcpu, event))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The host side of the test guest's calls
+
+/// The host side of a guest's [`guest_abi::UcallKind::Rendezvous`]: acts while the vCPU waits
+/// and returns the reply arguments written back into the guest's record.
+pub trait RendezvousHandler: Send + Sync {
+    /// Handles `kind` for vCPU `vcpu` with the record's `args`; `Err` fails the vCPU.
+    fn handle(&self, vcpu: usize, kind: guest_abi::Rendezvous, args: [u64; 6]) -> Result<[u64; 6], String>;
+}
+
+/// What the VMM does with the test guest's ucalls ([`crate::vstate::vcpu::GuestCalls`]): checks
+/// the ABI version at the hello, keeps each vCPU's progress and pass timings, ends the vCPU at
+/// its `Done`, `Failure` or `Exception`, sleeps for an idle rendezvous and hands every other
+/// rendezvous to the VM's [`RendezvousHandler`].
+pub struct TestGuestCalls {
+    mmu: Arc<GuestMmu>,
+    rendezvous: Option<Arc<dyn RendezvousHandler>>,
+    /// Per vCPU: pages done in the current pass, and the pass's total (for progress display).
+    progress: Vec<(AtomicU64, AtomicU64)>,
+    /// When the VMM started building the VM.
+    started: Instant,
+}
+
+impl TestGuestCalls {
+    /// The calls of `nr_vcpus` vCPUs reading guest RAM through `mmu`, rendezvous going to
+    /// `rendezvous`; first-exit times count from `started`.
+    pub fn new(
+        mmu: Arc<GuestMmu>,
+        rendezvous: Option<Arc<dyn RendezvousHandler>>,
+        nr_vcpus: usize,
+        started: Instant,
+    ) -> Self {
+        TestGuestCalls {
+            mmu,
+            rendezvous,
+            progress: (0..nr_vcpus).map(|_| (AtomicU64::new(0), AtomicU64::new(0))).collect(),
+            started,
+        }
+    }
+
+    /// Per vCPU: (pages done in the current pass, the pass's total).
+    pub fn progress(&self) -> Vec<(u64, u64)> {
+        self.progress.iter().map(|(d, t)| (d.load(Ordering::Relaxed), t.load(Ordering::Relaxed))).collect()
+    }
+}
+
+impl GuestCalls for TestGuestCalls {
+    fn call(&self, index: usize, data: &[u8], report: &mut VcpuReport) -> Option<VcpuOutcome> {
+        let (vcpu, event) = match decode(self.mmu.as_ref(), data) {
+            Ok(decoded) => decoded,
+            Err(e) => return Some(VcpuOutcome::GuestFailure { message: format!("bad ucall: {e}") }),
+        };
+        if vcpu != index as u64 {
+            return Some(VcpuOutcome::GuestFailure {
+                message: format!("vCPU {} made a ucall claiming to be vCPU {vcpu}", index),
+            });
+        }
+        let (done, total) = &self.progress[index];
+        match event {
+            UcallEvent::Hello { abi_version, .. } => {
+                report.first_exit_us = Some(self.started.elapsed().as_micros() as u64);
+                if abi_version != guest_abi::ABI_VERSION {
+                    return Some(VcpuOutcome::GuestFailure {
+                        message: format!(
+                            "guest speaks ABI version {abi_version}, this VMM {}",
+                            guest_abi::ABI_VERSION
+                        ),
+                    });
+                }
+                tracing::debug!(vcpu = index, "guest said hello");
+            }
+            UcallEvent::Print(line) => println!("[guest vCPU {}] {line}", index),
+            UcallEvent::Stage(stage) => {
+                tracing::debug!(vcpu = index, stage, "guest stage");
+                done.store(0, Ordering::Relaxed);
+            }
+            UcallEvent::Progress { done: d, total: t } => {
+                done.store(d, Ordering::Relaxed);
+                total.store(t, Ordering::Relaxed);
+            }
+            UcallEvent::Timing { pass, pages, cycles } => {
+                report.timings.push(PassTiming { pass, pages, cycles })
+            }
+            UcallEvent::Failure(message) => return Some(VcpuOutcome::GuestFailure { message }),
+            UcallEvent::Done { pages, checksum } => {
+                done.store(pages, Ordering::Relaxed);
+                return Some(VcpuOutcome::Done { pages, checksum });
+            }
+            UcallEvent::Rendezvous { kind: guest_abi::Rendezvous::Idle, args } => {
+                // The guest has nothing to do for a moment: this thread sleeps instead of the
+                // vCPU spinning (a CPL 3 guest cannot halt).
+                std::thread::sleep(std::time::Duration::from_micros(args[1].min(guest_abi::MAX_IDLE_US)));
+            }
+            UcallEvent::Rendezvous { kind, args } => {
+                let Some(handler) = &self.rendezvous else {
+                    return Some(VcpuOutcome::GuestFailure {
+                        message: format!("rendezvous {kind:?}, but this VM has no host side for it"),
+                    });
+                };
+                let reply = match handler.handle(index, kind, args) {
+                    Ok(reply) => reply,
+                    Err(message) => return Some(VcpuOutcome::Error { message }),
+                };
+                let bytes: Vec<u8> = reply.iter().flat_map(|a| a.to_le_bytes()).collect();
+                let record = record_gpa(data).expect("decoded above");
+                if let Err(e) = self.mmu.write(record + ARGS_OFFSET, &bytes) {
+                    return Some(VcpuOutcome::Error {
+                        message: format!("cannot reply to the rendezvous: {e}"),
+                    });
+                }
+            }
+            UcallEvent::Exception { vector, error_code, rip, cr2 } => {
+                return Some(VcpuOutcome::GuestException {
+                    message: format!(
+                        "{} (vector {vector}) at rip={rip:#x}, error code {error_code:#x}, cr2={cr2:#x}",
+                        exception_name(vector)
+                    ),
+                })
+            }
+        }
+        None
+    }
+}
+
+fn exception_name(vector: u64) -> &'static str {
+    match vector {
+        0 => "#DE divide error",
+        1 => "#DB debug",
+        2 => "NMI",
+        3 => "#BP breakpoint",
+        4 => "#OF overflow",
+        5 => "#BR bound range",
+        6 => "#UD invalid opcode",
+        7 => "#NM device not available",
+        8 => "#DF double fault",
+        10 => "#TS invalid TSS",
+        11 => "#NP segment not present",
+        12 => "#SS stack fault",
+        13 => "#GP general protection",
+        14 => "#PF page fault",
+        16 => "#MF x87 error",
+        17 => "#AC alignment check",
+        18 => "#MC machine check",
+        19 => "#XM SIMD error",
+        _ => "exception",
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! From a config to a built VM ([`build`]): everything is made and checked, nothing runs yet.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -414,11 +414,20 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
         _ => None,
     };
 
+    // The test guest's calls on the ucall port (a Linux guest makes none).
+    let guest_calls = boot_info.is_some().then(|| {
+        Arc::new(crate::ucall::TestGuestCalls::new(
+            mmu.clone(),
+            rendezvous.clone().map(|r| r as Arc<dyn crate::ucall::RendezvousHandler>),
+            nr_vcpus as usize,
+            started,
+        ))
+    });
     let (events_tx, events_rx) = channel();
     let shared = Arc::new(VcpuShared {
         mmu: mmu.clone(),
         teardown: teardown.clone(),
-        rendezvous: rendezvous.clone().map(|r| r as Arc<dyn crate::vstate::vcpu::RendezvousHandler>),
+        guest_calls: guest_calls.clone().map(|c| c as Arc<dyn crate::vstate::vcpu::GuestCalls>),
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
         stop: Default::default(),
@@ -428,8 +437,6 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
         events: events_tx,
         wake: EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?,
         nr_vcpus: u64::from(nr_vcpus),
-        progress: (0..nr_vcpus).map(|_| (AtomicU64::new(0), AtomicU64::new(0))).collect(),
-        started,
         pvm_quirks: crate::pvm::EmulationQuirks::for_host(),
     });
 
@@ -463,6 +470,7 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
         kvm_stats: kvm_stats.clone(),
         teardown: teardown.clone(),
         rendezvous: rendezvous.clone(),
+        guest_calls,
         quit,
         events: events.clone(),
         shutdown_emitted: AtomicBool::new(false),

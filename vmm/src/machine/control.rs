@@ -166,6 +166,8 @@ pub struct VmControl {
     pub(super) kvm_stats: Option<Arc<KvmStatsReader>>,
     pub(super) teardown: Arc<TeardownGuard>,
     pub(super) rendezvous: Option<Arc<DiscardRendezvous>>,
+    /// The test guest's calls (its vCPUs' progress), if the guest is the test guest.
+    pub(super) guest_calls: Option<Arc<crate::ucall::TestGuestCalls>>,
     pub(super) quit: EventFd,
     /// The VM's QMP events on their way to the control socket.
     pub(super) events: Arc<EventQueue>,
@@ -287,12 +289,7 @@ impl VmControl {
     /// Prometheus exposition ([`crate::metrics`]) encodes. Each part is read under its own lock;
     /// safe to call from any thread while the VM runs, and after it ended.
     pub fn sample(&self) -> StatsSample {
-        let progress: Vec<(u64, u64)> = self
-            .shared
-            .progress
-            .iter()
-            .map(|(d, t)| (d.load(Ordering::Relaxed), t.load(Ordering::Relaxed)))
-            .collect();
+        let progress = self.guest_calls.as_ref().map(|c| c.progress()).unwrap_or_default();
         let kvm = self.kvm_stats.as_ref().and_then(|k| {
             Some(KvmSample {
                 vm: k.vm.read().ok()?,

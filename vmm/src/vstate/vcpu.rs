@@ -1,14 +1,16 @@
 //! A vCPU thread: `KVM_RUN`, and what each exit means.
 //!
-//! Each vCPU runs on its own thread until its guest code reports an end (a ucall `Done`,
-//! `Failure` or `Exception`), a fatal exit happens, or the VMM stops it. Stopping uses the
+//! Each vCPU runs on its own thread until the guest's own protocol ends it (its calls on the
+//! ucall port go to the VM's [`GuestCalls`]: the test guest's `Done`, `Failure` or
+//! `Exception`), a fatal exit happens, or the VMM stops it. The loop knows no guest: what a
+//! call means lives with the guest's protocol ([`crate::ucall`]). Stopping uses the
 //! `immediate_exit` protocol of `kvm_run`: the VMM sets the shared stop flag and signals the
 //! thread; the signal handler sets `kvm_run.immediate_exit`, so a `KVM_RUN` that was about to
 //! start returns `EINTR` at once and one that was running is interrupted. The thread then sees
 //! the flag. No wake-up is lost whichever order the flag, the signal and `KVM_RUN` come in.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Once};
 use std::time::Instant;
@@ -19,8 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::Bus;
-use crate::mmu::{GuestMemoryAccess, GuestMmu};
-use crate::ucall::{self, UcallEvent};
+use crate::mmu::GuestMmu;
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
@@ -50,11 +51,14 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     result
 }
 
-/// The host side of a guest's [`guest_abi::UcallKind::Rendezvous`]: acts while the vCPU waits
-/// and returns the reply arguments written back into the guest's record.
-pub trait RendezvousHandler: Send + Sync {
-    /// Handles `kind` for vCPU `vcpu` with the record's `args`; `Err` fails the vCPU.
-    fn handle(&self, vcpu: usize, kind: guest_abi::Rendezvous, args: [u64; 6]) -> Result<[u64; 6], String>;
+/// A guest's calls to the VMM on the ucall port ([`guest_abi::UCALL_PORT`]), handled outside
+/// the vCPU loop: the loop knows only that a port write there is a call in the guest's own
+/// protocol (the test guest's is [`crate::ucall::TestGuestCalls`]).
+pub trait GuestCalls: Send + Sync {
+    /// Acts on vCPU `vcpu`'s call `data` (the port write's bytes, copied out of `kvm_run`) while
+    /// the vCPU waits; may record in the vCPU's `report`; returns the outcome when the call ends
+    /// the vCPU.
+    fn call(&self, vcpu: usize, data: &[u8], report: &mut VcpuReport) -> Option<VcpuOutcome>;
 }
 
 /// How long a vCPU waits for guest RAM to be re-backed after `EFAULT`.
@@ -67,8 +71,8 @@ pub struct VcpuShared {
     /// Applies the policy for teardowns of guest RAM outside the VMM; vCPUs wait on it after
     /// `EFAULT`.
     pub teardown: Arc<crate::teardown::TeardownGuard>,
-    /// The host side of rendezvous ucalls, if the guest may make them.
-    pub rendezvous: Option<Arc<dyn RendezvousHandler>>,
+    /// The guest's calls on the ucall port, if its protocol has them (the test guest's).
+    pub guest_calls: Option<Arc<dyn GuestCalls>>,
     /// Port I/O devices.
     pub pio: Arc<Bus>,
     /// MMIO devices.
@@ -87,10 +91,6 @@ pub struct VcpuShared {
     pub wake: EventFd,
     /// Number of vCPUs (to validate the index a guest puts in its ucalls).
     pub nr_vcpus: u64,
-    /// Per vCPU: pages done in the current pass, and the pass's total (for progress display).
-    pub progress: Vec<(AtomicU64, AtomicU64)>,
-    /// When the VMM started building the VM.
-    pub started: Instant,
     /// On PVM hosts: completes the instructions the host's emulator stops on (see
     /// [`crate::pvm`]); `None` elsewhere.
     pub pvm_quirks: Option<crate::pvm::EmulationQuirks>,
@@ -326,10 +326,10 @@ impl Vcpu {
             }
             report.exits += 1;
             let end = match exit {
-                Ok(VcpuExit::IoOut(port, data)) if port == UCALL_PORT => {
+                Ok(VcpuExit::IoOut(port, data)) if port == UCALL_PORT && shared.guest_calls.is_some() => {
                     // Copy out: `data` borrows the vCPU's kvm_run.
                     let data = data.to_vec();
-                    self.handle_ucall(shared, report, &data)
+                    shared.guest_calls.as_ref().and_then(|calls| calls.call(self.index, &data, report))
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
                     shared.pio.write(u64::from(port), data);
@@ -403,106 +403,5 @@ impl Vcpu {
             Ok(regs) => format!(" at rip={:#x} rsp={:#x}", regs.rip, regs.rsp),
             Err(_) => String::new(),
         }
-    }
-
-    /// Acts on a ucall; returns the outcome when it ends this vCPU.
-    fn handle_ucall(&self, shared: &VcpuShared, report: &mut VcpuReport, data: &[u8]) -> Option<VcpuOutcome> {
-        let (vcpu, event) = match ucall::decode(shared.mmu.as_ref(), data) {
-            Ok(decoded) => decoded,
-            Err(e) => return Some(VcpuOutcome::GuestFailure { message: format!("bad ucall: {e}") }),
-        };
-        if vcpu != self.index as u64 {
-            return Some(VcpuOutcome::GuestFailure {
-                message: format!("vCPU {} made a ucall claiming to be vCPU {vcpu}", self.index),
-            });
-        }
-        let (done, total) = &shared.progress[self.index];
-        match event {
-            UcallEvent::Hello { abi_version, .. } => {
-                report.first_exit_us = Some(shared.started.elapsed().as_micros() as u64);
-                if abi_version != guest_abi::ABI_VERSION {
-                    return Some(VcpuOutcome::GuestFailure {
-                        message: format!(
-                            "guest speaks ABI version {abi_version}, this VMM {}",
-                            guest_abi::ABI_VERSION
-                        ),
-                    });
-                }
-                tracing::debug!(vcpu = self.index, "guest said hello");
-            }
-            UcallEvent::Print(line) => println!("[guest vCPU {}] {line}", self.index),
-            UcallEvent::Stage(stage) => {
-                tracing::debug!(vcpu = self.index, stage, "guest stage");
-                done.store(0, Ordering::Relaxed);
-            }
-            UcallEvent::Progress { done: d, total: t } => {
-                done.store(d, Ordering::Relaxed);
-                total.store(t, Ordering::Relaxed);
-            }
-            UcallEvent::Timing { pass, pages, cycles } => {
-                report.timings.push(PassTiming { pass, pages, cycles })
-            }
-            UcallEvent::Failure(message) => return Some(VcpuOutcome::GuestFailure { message }),
-            UcallEvent::Done { pages, checksum } => {
-                done.store(pages, Ordering::Relaxed);
-                return Some(VcpuOutcome::Done { pages, checksum });
-            }
-            UcallEvent::Rendezvous { kind: guest_abi::Rendezvous::Idle, args } => {
-                // The guest has nothing to do for a moment: this thread sleeps instead of the
-                // vCPU spinning (a CPL 3 guest cannot halt).
-                std::thread::sleep(std::time::Duration::from_micros(args[1].min(guest_abi::MAX_IDLE_US)));
-            }
-            UcallEvent::Rendezvous { kind, args } => {
-                let Some(handler) = &shared.rendezvous else {
-                    return Some(VcpuOutcome::GuestFailure {
-                        message: format!("rendezvous {kind:?}, but this VM has no host side for it"),
-                    });
-                };
-                let reply = match handler.handle(self.index, kind, args) {
-                    Ok(reply) => reply,
-                    Err(message) => return Some(VcpuOutcome::Error { message }),
-                };
-                let bytes: Vec<u8> = reply.iter().flat_map(|a| a.to_le_bytes()).collect();
-                let record = ucall::record_gpa(data).expect("decoded above");
-                if let Err(e) = shared.mmu.write(record + ucall::ARGS_OFFSET, &bytes) {
-                    return Some(VcpuOutcome::Error {
-                        message: format!("cannot reply to the rendezvous: {e}"),
-                    });
-                }
-            }
-            UcallEvent::Exception { vector, error_code, rip, cr2 } => {
-                return Some(VcpuOutcome::GuestException {
-                    message: format!(
-                        "{} (vector {vector}) at rip={rip:#x}, error code {error_code:#x}, cr2={cr2:#x}",
-                        exception_name(vector)
-                    ),
-                })
-            }
-        }
-        None
-    }
-}
-
-fn exception_name(vector: u64) -> &'static str {
-    match vector {
-        0 => "#DE divide error",
-        1 => "#DB debug",
-        2 => "NMI",
-        3 => "#BP breakpoint",
-        4 => "#OF overflow",
-        5 => "#BR bound range",
-        6 => "#UD invalid opcode",
-        7 => "#NM device not available",
-        8 => "#DF double fault",
-        10 => "#TS invalid TSS",
-        11 => "#NP segment not present",
-        12 => "#SS stack fault",
-        13 => "#GP general protection",
-        14 => "#PF page fault",
-        16 => "#MF x87 error",
-        17 => "#AC alignment check",
-        18 => "#MC machine check",
-        19 => "#XM SIMD error",
-        _ => "exception",
     }
 }

@@ -463,3 +463,65 @@ fn serial_goes_to_the_file_it_names_and_a_bad_one_is_refused_before_the_vm_start
         assert!(!out.status.success() && stderr.contains("stdio, file=PATH or null"), "{bad}: {stderr}");
     }
 }
+
+/// `zapvm run --config FILE` (TOML or JSON, by extension) boots the VM the file describes, and an
+/// option typed on the command line overrides the file's.
+#[test]
+fn config_file_describes_the_vm_and_the_command_line_overrides_it() {
+    let dir = scratch_dir("cli-config");
+    let toml = dir.path().join("vm.toml");
+    std::fs::write(&toml, "mem = \"32M\"\nvcpus = 2\nworkload = \"verify\"\ntimeout = 60\nid = \"web\"\n")
+        .unwrap();
+    let json = dir.path().join("vm.json");
+    std::fs::write(&json, r#"{"mem": "48M", "vcpus": 2, "workload": "verify", "timeout": 60, "json": true}"#)
+        .unwrap();
+
+    let out = zapvm(&["run", "--config", toml.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.starts_with("zapvm: 32 MiB ") && stdout.contains("2 vCPU(s)"), "{stdout}");
+    assert!(stdout.contains("workload Verify"), "{stdout}");
+    assert!(stdout.contains("vCPU 0: verified") && stdout.contains("vCPU 1: verified"), "{stdout}");
+
+    let out = zapvm(&["run", "--config", json.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("json = true: the report is JSON");
+    assert_eq!(report["vcpus"].as_array().map(Vec::len), Some(2), "{report}");
+
+    // Typed options win: one vCPU and 64 MiB, the rest (the workload) from the file.
+    let out = zapvm(&["run", "--config", toml.to_str().unwrap(), "--vcpus", "1", "--mem", "64M"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.starts_with("zapvm: 64 MiB ") && stdout.contains("1 vCPU(s)"), "{stdout}");
+    assert!(stdout.contains("workload Verify") && !stdout.contains("vCPU 1:"), "{stdout}");
+}
+
+/// A config file's problems are one error line naming the file, exit status 1, before any VM.
+#[test]
+fn config_file_problems_are_refused_before_the_vm_starts() {
+    let dir = scratch_dir("cli-config-bad");
+    let cases: &[(&str, &str, &str)] = &[
+        ("unknown.toml", "mem = \"32M\"\ncpus = 2\n", "unknown key \"cpus\""),
+        ("snake.toml", "virtio_mem = \"256M\"\n", "did you mean \"virtio-mem\""),
+        ("flag.toml", "thp = \"yes\"\n", "thp = \"yes\": a flag, give true or false"),
+        ("value.json", r#"{"mem": true}"#, "mem = true: give a string or a number"),
+        ("number.toml", "vcpus = \"two\"\n", "invalid value 'two' for '--vcpus"),
+        ("enum.toml", "workload = \"nap\"\n", "invalid value 'nap' for '--workload"),
+        ("syntax.toml", "vcpus = 2\nmem = \n", "not TOML: line 2"),
+        ("syntax.json", "{\"vcpus\": 2,}", "not JSON"),
+        ("list.json", "[]", "not a JSON object"),
+        ("vm.yaml", "vcpus: 2\n", "give a .json or .toml file"),
+    ];
+    for (name, contents, needle) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        let args = ["run", "--config", path.to_str().unwrap()];
+        let out = zapvm(&args);
+        assert_refused_before_the_vm(&out, &args, needle);
+        assert!(text(&out).1.contains(&format!("--config {}", path.display())), "{name}: names the file");
+    }
+    let missing = dir.path().join("missing.toml");
+    let args = ["run", "--config", missing.to_str().unwrap()];
+    assert_refused_before_the_vm(&zapvm(&args), &args, "cannot read it");
+}

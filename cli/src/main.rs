@@ -4,7 +4,7 @@
 //! project is here) and hands them, converted to the libraries' plain types, to the VMM
 //! (`vmm`) or to the stress test and the benchmarks (`harness`). One module per family of
 //! subcommands:
-//! - [`run`]: `zapvm run`;
+//! - [`run`]: `zapvm run`, and [`config`] its `--config FILE`;
 //! - [`stress`]: `zapvm stress`;
 //! - [`bench`]: `zapvm bench ...`;
 //! - [`control`]: `zapvm stats`, `balloon`, `mem`, `pause`, `resume`, `quit`, `qmp`, `events`
@@ -13,10 +13,11 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::Value;
 
 mod bench;
+mod config;
 mod control;
 mod metrics;
 mod run;
@@ -106,8 +107,42 @@ enum Command {
     },
 }
 
+/// The command line, with `zapvm run --config FILE`'s settings added where it sets nothing (see
+/// [`config`]). A usage error on the command line as typed is clap's (its message and help, exit
+/// status 2); a problem with the file is one line for `Err`.
+fn parse_command_line() -> Result<Cli, String> {
+    let command = Cli::command();
+    let typed = command.clone().get_matches();
+    let file = match typed.subcommand() {
+        Some(("run", run)) => {
+            run.get_one::<std::path::PathBuf>(config::CONFIG_OPTION).map(|path| (run, path))
+        }
+        _ => None,
+    };
+    let matches = match file {
+        None => typed.clone(),
+        Some((run_matches, path)) => {
+            let run = command.find_subcommand("run").expect("zapvm run exists");
+            let from_file = config::options_from_file(run, run_matches, path)?;
+            // `zapvm run` has no positional argument: options appended at the end are its own.
+            let argv = std::env::args_os().chain(from_file);
+            command
+                .clone()
+                .try_get_matches_from(argv)
+                .map_err(|e| format!("--config {}: {}", path.display(), config::first_line(&e)))?
+        }
+    };
+    Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_command_line() {
+        Ok(cli) => cli,
+        Err(message) => {
+            eprintln!("zapvm: error: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
     let filter = match log_filter(cli.log_level.as_deref()) {
         Ok(f) => f,
         Err(message) => {

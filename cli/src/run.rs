@@ -35,6 +35,11 @@ enum WorkloadArg {
 
 #[derive(clap::Args)]
 pub struct RunArgs {
+    /// Take the VM's settings from this JSON or TOML file (by its extension): its keys are these
+    /// options' names (`mem = "1G"`, `vcpus = 2`, `virtio-mem = "256M"`, `thp = true`); an
+    /// option typed on the command line overrides the file's.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Linux kernel (bzImage or vmlinux) to boot instead of the test guest.
     #[arg(long, conflicts_with = "guest")]
     kernel: Option<PathBuf>,
@@ -188,6 +193,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     let drivers = if serve { u32::from(!args.no_balloon) + u32::from(args.virtio_mem.is_some()) } else { 0 };
     let vm_name = args.id.clone().unwrap_or_else(|| std::process::id().to_string());
     let _span = tracing::info_span!("vm", id = %vm_name).entered();
+    if let Some(path) = &args.config {
+        tracing::info!(config = %path.display(), "settings from the config file, under the command line's");
+    }
     let boot = match (args.kernel.clone(), args.linux) {
         (Some(kernel), _) => {
             BootSource::Linux { kernel, initrd: args.initrd.clone(), cmdline: cmdline(false) }

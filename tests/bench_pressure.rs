@@ -1,9 +1,11 @@
 //! `zapvm bench pressure` end to end with a tiny configuration (a few seconds): the command
-//! writes its JSON, markdown table and SVG plot, and they say what the run did. Nothing here
+//! writes its JSON (and its flat export), markdown table and SVG plot (and its CSV), and they say what the run did. Nothing here
 //! judges speed (the machine is shared); the checks are about what happened: ranges were
 //! discarded in the delivery asked for, the guest kept touching pages, and KVM saw the
 //! refaults.
 
+#[path = "support/bench_files.rs"]
+mod bench_files;
 #[path = "support/scratch.rs"]
 mod scratch;
 
@@ -107,6 +109,20 @@ fn tiny_run_writes_json_table_and_plot() {
     // A marker per sweep point (colours of the first two range sizes) and the per-page cross.
     assert!(svg.contains("<circle") && svg.contains("#1F77B4") && svg.contains("#D62728"), "points drawn");
     assert!(svg.contains("one discard per 4K page"), "the per-page legend");
+
+    // The files for other tools: the flat export of the report, the CSV of the plotted points.
+    let flat = bench_files::read_flat(&dir.join("pressure.flat.json"), "pressure");
+    let ratio = json["pressured_vs_unpressured"]["4k"].as_f64().unwrap();
+    assert!(
+        flat.contains(&("pressure: pressured_vs_unpressured/4k".into(), "ratio".into(), ratio)),
+        "{flat:?}"
+    );
+    let csv = bench_files::read_csv(&dir.join("pressure.csv"), points.len());
+    let csv_ratios: Vec<f64> =
+        bench_files::column(&csv, "pressured_vs_unpressured").iter().map(|c| c.parse().unwrap()).collect();
+    let json_ratios: Vec<f64> =
+        points.iter().map(|p| p["pressured_vs_unpressured"].as_f64().unwrap()).collect();
+    assert_eq!(csv_ratios, json_ratios);
 }
 
 #[test]

@@ -5,6 +5,8 @@
 //! Every `zapvm` here runs with a scratch directory of its test as its temporary and runtime
 //! directory, removed when the test ends: sockets, snapshots and files go with it.
 
+#[path = "support/bench_files.rs"]
+mod bench_files;
 #[path = "support/scratch.rs"]
 mod scratch;
 #[path = "support/skip.rs"]
@@ -321,6 +323,22 @@ fn bench_access_writes_its_outputs_and_the_hit_path_makes_no_system_call() {
     assert_eq!(report["contention"]["failed_reads"], 0, "{json}");
     assert!(std::fs::read_to_string(out.join("access.svg")).expect("access.svg").starts_with("<svg"));
     assert!(std::fs::read_to_string(out.join("access.md")).expect("access.md").contains("| read | 256 |"));
+    // The flat export holds the report's figures under stable names; the CSV the plotted rows.
+    let flat = bench_files::read_flat(&out.join("access.flat.json"), "access");
+    let direct = rows[2]["direct_ns"].as_f64().unwrap();
+    let (op, bytes) = (rows[2]["op"].as_str().unwrap(), rows[2]["bytes"].as_u64().unwrap());
+    let name = format!("access: rows[bytes={bytes},op={op}]/direct_ns");
+    assert!(flat.contains(&(name.clone(), "ns".into(), direct)), "{name} = {direct} ns not in {flat:?}");
+    assert!(flat.iter().any(|f| f.0 == "access: contention/miss_share" && f.1 == "ratio"), "{flat:?}");
+    let csv = bench_files::read_csv(&out.join("access.csv"), rows.len());
+    let csv_direct: Vec<f64> =
+        bench_files::column(&csv, "direct_ns").iter().map(|c| c.parse().unwrap()).collect();
+    let json_direct: Vec<f64> = rows.iter().map(|r| r["direct_ns"].as_f64().unwrap()).collect();
+    assert_eq!(csv_direct, json_direct);
+    assert_eq!(
+        bench_files::column(&csv, "op"),
+        rows.iter().map(|r| r["op"].as_str().unwrap()).collect::<Vec<_>>()
+    );
     let counter = report["syscall_counter"].as_str().unwrap_or_default();
     if counter.starts_with("not counted") {
         return skip::skip("bench_access_writes_its_outputs_and_the_hit_path_makes_no_system_call", counter);

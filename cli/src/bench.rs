@@ -18,7 +18,7 @@ pub enum BenchCommand {
         /// The full sizes (up to 1 GiB) and more rounds; the default is a quick run.
         #[arg(long)]
         full: bool,
-        /// Write the results as JSON here.
+        /// Write the results as JSON here (and their flat export beside it, NAME.flat.json).
         #[arg(long)]
         json_out: Option<PathBuf>,
     },
@@ -28,7 +28,7 @@ pub enum BenchCommand {
         /// 1 GiB of guest RAM and more rounds; the default is a quick run (128 MiB).
         #[arg(long)]
         full: bool,
-        /// Write the results as JSON here.
+        /// Write the results as JSON here (and their flat export beside it, NAME.flat.json).
         #[arg(long)]
         json_out: Option<PathBuf>,
     },
@@ -45,7 +45,7 @@ pub enum BenchCommand {
         /// Chunks per variant (overrides --full's and the quick run's).
         #[arg(long)]
         rounds: Option<usize>,
-        /// Directory for access.json, access.md and access.svg.
+        /// Directory for access.json (and access.flat.json), access.md, access.svg and access.csv.
         #[arg(long, default_value = "target/bench/access")]
         out: PathBuf,
     },
@@ -57,7 +57,7 @@ pub enum BenchCommand {
         /// Guest RAM per VM.
         #[arg(long, default_value = "64M", value_parser = parse_size)]
         mem: u64,
-        /// Write the results as JSON here.
+        /// Write the results as JSON here (and their flat export beside it, NAME.flat.json).
         #[arg(long)]
         json_out: Option<PathBuf>,
         /// The KVM device.
@@ -104,7 +104,7 @@ pub struct PressureArgs {
     /// again (e.g. into another --out).
     #[arg(long)]
     pub from_json: Option<PathBuf>,
-    /// Where pressure.json, pressure.md and pressure.svg go.
+    /// Where pressure.json (and pressure.flat.json), pressure.md, pressure.svg and pressure.csv go.
     #[arg(long, default_value = "target/bench/pressure")]
     pub out: PathBuf,
     /// The KVM device.
@@ -150,12 +150,17 @@ pub fn bench(command: BenchCommand) -> Result<ExitCode, String> {
     }
 }
 
-/// Writes `report` as pretty JSON to `json_out` when one was given (`--json-out`).
-fn write_json(json_out: Option<PathBuf>, report: &impl serde::Serialize) -> Result<ExitCode, String> {
+/// Writes `report` as pretty JSON to `json_out` when one was given (`--json-out`), and its flat
+/// export beside it (`NAME.flat.json`, see [`harness::bench_export`]), figures named after `bench`.
+fn write_json(
+    bench: &str,
+    json_out: Option<PathBuf>,
+    report: &impl serde::Serialize,
+) -> Result<ExitCode, String> {
     if let Some(path) = json_out {
-        let json = serde_json::to_string_pretty(report).expect("the report serialises");
-        std::fs::write(&path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        eprintln!("wrote {}", path.display());
+        for written in harness::bench_export::write_json_report(bench, &path, report)? {
+            eprintln!("wrote {}", written.display());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -172,7 +177,7 @@ fn bench_boot(
     let opts = harness::bench::BootBenchOptions { runs, mem, kvm_device };
     let rows = harness::bench::boot(&opts, &mut |line| eprintln!("{line}"))?;
     print!("{}", harness::bench::boot_table(&rows));
-    write_json(json_out, &rows)
+    write_json("boot", json_out, &rows)
 }
 
 fn bench_notifier(full: bool, json_out: Option<PathBuf>) -> Result<ExitCode, String> {
@@ -183,7 +188,7 @@ fn bench_notifier(full: bool, json_out: Option<PathBuf>) -> Result<ExitCode, Str
     };
     let report = harness::bench_notifier::run(&opts, &mut |line| eprintln!("{line}"));
     print!("{}", report.to_markdown_table());
-    write_json(json_out, &report)
+    write_json("notifier", json_out, &report)
 }
 
 fn bench_balloon(full: bool, json_out: Option<PathBuf>) -> Result<ExitCode, String> {
@@ -191,5 +196,5 @@ fn bench_balloon(full: bool, json_out: Option<PathBuf>) -> Result<ExitCode, Stri
     let opts = if full { BalloonBenchOptions::full() } else { BalloonBenchOptions::quick() };
     let report = run(&opts, &mut |line| eprintln!("{line}"))?;
     print!("{}", report.to_markdown_table());
-    write_json(json_out, &report)
+    write_json("balloon", json_out, &report)
 }

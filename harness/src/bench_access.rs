@@ -797,21 +797,18 @@ pub fn access_svg(report: &AccessReport, path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Writes `access.json`, `access.md` and `access.svg` into `dir`.
+/// Writes `access.json` (and its flat export `access.flat.json`), `access.md`, `access.svg` and
+/// the plotted rows as `access.csv` into `dir`.
 pub fn write_outputs(report: &AccessReport, dir: &Path) -> Result<Vec<PathBuf>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let write = |name: &str, text: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        Ok::<_, String>(path)
-    };
-    let json =
-        write("access.json", serde_json::to_string_pretty(report).expect("the report serialises") + "\n")?;
-    let md =
-        write("access.md", format!("`{}` on {}\n\n{}", report.command, report.date, report.to_markdown()))?;
+    let [json, flat] = crate::bench_export::write_json_report("access", &dir.join("access.json"), report)?;
+    let md = dir.join("access.md");
+    std::fs::write(&md, format!("`{}` on {}\n\n{}", report.command, report.date, report.to_markdown()))
+        .map_err(|e| format!("cannot write {}: {e}", md.display()))?;
     let svg = dir.join("access.svg");
     access_svg(report, &svg)?;
-    Ok(vec![json, md, svg])
+    let csv = crate::bench_export::write_plot_csv(&svg, &report.rows)?;
+    Ok(vec![json, flat, md, svg, csv])
 }
 
 /// The command: runs, prints the tables, writes the outputs into `out`.

@@ -772,20 +772,22 @@ pub fn cli(args: PressureRequest) -> Result<std::process::ExitCode, String> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// Writes `pressure.json`, `pressure.md` and `pressure.svg` into `dir` (created if missing).
+/// Writes `pressure.json` (and its flat export `pressure.flat.json`), `pressure.md`,
+/// `pressure.svg` and the plotted points as `pressure.csv` into `dir` (created if missing).
 pub fn write_outputs(report: &PressureReport, dir: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let write = |name: &str, text: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-        Ok::<_, String>(())
-    };
-    write("pressure.json", serde_json::to_string_pretty(report).expect("the report serialises") + "\n")?;
-    write("pressure.md", format!("`{}` on {}\n\n{}", report.command, report.date, report.to_markdown()))?;
+    let wrote = |path: &Path| eprintln!("wrote {}", path.display());
+    crate::bench_export::write_json_report("pressure", &dir.join("pressure.json"), report)?
+        .iter()
+        .for_each(|p| wrote(p));
+    let md = dir.join("pressure.md");
+    std::fs::write(&md, format!("`{}` on {}\n\n{}", report.command, report.date, report.to_markdown()))
+        .map_err(|e| format!("cannot write {}: {e}", md.display()))?;
+    wrote(&md);
     let svg = dir.join("pressure.svg");
     crate::bench_plot::pressure_svg(report, &svg)?;
-    eprintln!("wrote {}", svg.display());
+    wrote(&svg);
+    wrote(&crate::bench_export::write_plot_csv(&svg, &report.points)?);
     Ok(())
 }
 

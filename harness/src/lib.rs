@@ -18,6 +18,8 @@
 //! - [`bench_pressure`]: `zapvm bench pressure` (the guest's touch rate under host discards);
 //! - [`bench_pressure_report`]: the report of `zapvm bench pressure`, which the plot draws;
 //! - [`bench_plot`]: SVG plots of benchmark reports;
+//! - [`bench_export`]: every bench's files for other tools (a flat `[{name, unit, value}]` list
+//!   beside each JSON report, a CSV beside each plot);
 //! - [`seconds`]: durations in reports as seconds.
 //!
 //! The feature `fault-injection` (tests only) turns on the planted faults of the stress test, and
@@ -26,6 +28,7 @@
 pub mod bench;
 pub mod bench_access;
 pub mod bench_balloon;
+pub mod bench_export;
 pub mod bench_notifier;
 pub mod bench_plot;
 pub mod bench_pressure;

@@ -543,3 +543,14 @@ fn config_file_problems_are_refused_before_the_vm_starts() {
     let args = ["run", "--config", missing.to_str().unwrap()];
     assert_refused_before_the_vm(&zapvm(&args), &args, "cannot read it");
 }
+
+#[test]
+fn a_control_socket_that_cannot_be_made_is_one_error_naming_it() {
+    let dir = scratch_dir("bad-socket");
+    let path = dir.path().join("no/such/dir/vm.sock");
+    let out = zapvm(&["run", "--mem", "32M", "--api-socket", path.to_str().unwrap()]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    let line = stderr.lines().find(|l| l.starts_with("zapvm: error:")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(line.contains("control socket") && line.contains("no/such/dir/vm.sock"), "{line}");
+}

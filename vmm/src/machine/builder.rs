@@ -103,8 +103,10 @@ impl VirtioSlots<'_> {
         let n = self.devices.len();
         let (base, gsi) = (VIRTIO_MMIO_BASE + VIRTIO_MMIO_STRIDE * n as u64, VIRTIO_FIRST_GSI + n as u32);
         let irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
-        self.vm.fd().register_irqfd(&irq, gsi).map_err(|e| {
-            Error::Device(format!("KVM_IRQFD for virtio device {device_id} on GSI {gsi}: {e}"))
+        self.vm.fd().register_irqfd(&irq, gsi).map_err(|source| Error::Irqfd {
+            what: format!("virtio device {device_id}"),
+            gsi,
+            source,
         })?;
         let mut transport = MmioTransport::new(
             device,
@@ -219,17 +221,16 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
 
     // The memory layer: the notifier over guest RAM, the VMM's table subscribed to it, and the
     // monitor that turns teardowns by code outside the VMM into the same notifications.
-    let notifier_err = |e: notifier::Error| Error::Notifier(e.to_string());
     // SAFETY: guest RAM stays mapped at these addresses for as long as the VM's own use of
     // `space` lasts (`BuiltVm` drops `ram` after every other part of the VM: see its docs), and
     // the VMM touches it only through raw pointers (vm-memory's volatile accesses, KVM, the
     // fault-tolerant copy routine) — no Rust reference to guest RAM is held across an operation
     // of the address space.
-    let space = unsafe { notifier::AddressSpace::new(&ram.notifier_regions()) }.map_err(notifier_err)?;
+    let space = unsafe { notifier::AddressSpace::new(&ram.notifier_regions()) }?;
     if config.seal_guest_ram {
         // The VMM's own unmap/remap/protect of sealed RAM are refused before any syscall.
         for r in ram.notifier_regions() {
-            space.mark_sealed(r.host_addr, r.len).map_err(notifier_err)?;
+            space.mark_sealed(r.host_addr, r.len)?;
         }
     }
     let monitor = if config.monitor {
@@ -243,7 +244,7 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
     } else {
         None
     };
-    let mmu = Arc::new(GuestMmu::new(&ram, space.clone()).map_err(notifier_err)?);
+    let mmu = Arc::new(GuestMmu::new(&ram, space.clone())?);
     let teardown_stop = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
     let guarded = ram
         .regions()
@@ -256,7 +257,7 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
         guarded,
         teardown_stop.try_clone().map_err(host("eventfd"))?,
     ));
-    space.subscribe(teardown.clone()).map_err(notifier_err)?;
+    space.subscribe(teardown.clone())?;
     // KVM_CAP_MEMORY_FAULT_INFO needs no enabling: where the host reports it, a KVM_RUN that
     // finds no host memory exits with KVM_EXIT_MEMORY_FAULT naming the guest range.
 
@@ -280,7 +281,7 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
             let config =
                 VirtioMemConfig { requested_size: spec.requested_size, ..VirtioMemConfig::new(gpa, size) };
             let device =
-                VirtioMem::new(mmu.clone(), config).map_err(|e| Error::Device(format!("virtio-mem: {e}")))?;
+                VirtioMem::new(mmu.clone(), config)?;
             Some(virtio.add(device)?)
         }
         _ => None,
@@ -356,7 +357,7 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
     vm.fd()
         .register_irqfd(&serial_irq, COM1_IRQ)
-        .map_err(|e| Error::Device(format!("KVM_IRQFD for the serial port: {e}")))?;
+        .map_err(|source| Error::Irqfd { what: "the serial port".into(), gsi: COM1_IRQ, source })?;
     let mut pio = Bus::default();
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         serial_irq,
@@ -442,7 +443,7 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
 
     let quit = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
     let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().map_err(|e| Error::Device(format!("epoll: {e:?}")))?;
+        EventManager::new().map_err(Error::EventLoop)?;
     let watcher = Arc::new(Mutex::new(Watcher {
         vcpu_wake: shared.wake.try_clone().map_err(host("eventfd"))?,
         reset,

@@ -48,12 +48,41 @@ pub enum Error {
         #[source]
         source: cpu::CpuSetupError,
     },
-    /// Device setup.
+    /// A device could not be placed on its bus.
     #[error("device setup: {0}")]
-    Device(String),
+    Bus(#[from] BusError),
+    /// An interrupt line (irqfd) could not be registered with KVM.
+    #[error("KVM_IRQFD for {what} on GSI {gsi}: {source}")]
+    Irqfd {
+        /// Whose interrupt.
+        what: String,
+        /// Its line.
+        gsi: u32,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The virtio-mem device refused its configuration.
+    #[error("virtio-mem: {0}")]
+    VirtioMem(#[from] crate::devices::virtio::mem::VirtioMemError),
     /// The memory layer could not be set up.
     #[error("memory layer: {0}")]
-    Notifier(String),
+    Notifier(#[from] notifier::Error),
+    /// The event loop could not be made.
+    #[error("the event loop (epoll): {0:?}")]
+    EventLoop(event_manager::Error),
+    /// The metrics exporter could not start.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    /// The control socket could not be created.
+    #[error("control socket {path}: {source}")]
+    ApiSocket {
+        /// Where.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Threads, eventfds, epoll.
     #[error("{what}: {source}")]
     Host {
@@ -63,12 +92,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-}
-
-impl From<BusError> for Error {
-    fn from(e: BusError) -> Self {
-        Error::Device(e.to_string())
-    }
 }
 
 pub(super) fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {

@@ -52,15 +52,14 @@ impl BuiltVm {
                 let vm = control.clone();
                 Some(
                     exporter
-                        .start(Arc::new(move || vm.sample()))
-                        .map_err(|e| Error::Device(e.to_string()))?,
+                        .start(Arc::new(move || vm.sample()))?,
                 )
             }
             None => None,
         };
         if let Some(path) = &config.api_socket {
             let server = crate::api::ApiServer::bind(path, control.clone(), events.clone())
-                .map_err(|e| Error::Device(format!("control API socket {}: {e}", path.display())))?;
+                .map_err(|source| Error::ApiSocket { path: path.clone(), source })?;
             manager.add_subscriber(Arc::new(Mutex::new(server)));
         }
         install_kick_handler()

@@ -2,7 +2,7 @@
 //! balloon's PFN arrays and free page reports, virtio-mem's requests and the split virtqueue,
 //! each fed arbitrary input for a few hundred cases (a short fuzz run inside `cargo test`; the
 //! long runs are the cargo-fuzz targets in `vmm/fuzz/`, which share the rigs in
-//! `tests/parsers/support.rs`).
+//! `tests/parsers/support/mod.rs`).
 //!
 //! Besides "never panics", the structured properties compare each device with a small model:
 //! which discards a request must cause (exactly), which requests must be refused, which answer
@@ -15,7 +15,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
-#[path = "parsers/support.rs"]
+#[path = "parsers/support/mod.rs"]
 mod support;
 
 use support::{

@@ -2,7 +2,7 @@
 """Writes the seed corpus of zapvm's fuzz targets: vmm/fuzz/corpus/<target>/<seed>.
 
 A few valid and a few invalid inputs per target, laid out in the byte formats the targets
-decode (tests/parsers/support.rs: `check_api_line`, `BalloonRig::run_fuzz`, `MemRig::run_fuzz`,
+decode (tests/parsers/support/mod.rs: `check_api_line`, `BalloonRig::run_fuzz`, `MemRig::run_fuzz`,
 `run_virtqueue_fuzz`). They give libFuzzer a start inside each format; .ci/run fuzzes every
 target from them. The files are checked in; run this again (from anywhere) after a format
 changes:  python3 vmm/fuzz/make-seeds.py

@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../../tests/parsers/support.rs"]
+#[path = "../../../tests/parsers/support/mod.rs"]
 mod support;
 
 fuzz_target!(|data: &[u8]| {

@@ -8,7 +8,7 @@ use std::sync::{Mutex, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../../tests/parsers/support.rs"]
+#[path = "../../../tests/parsers/support/mod.rs"]
 mod support;
 
 static RIG: OnceLock<Mutex<support::MemRig>> = OnceLock::new();

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../../tests/parsers/support.rs"]
+#[path = "../../../tests/parsers/support/mod.rs"]
 mod support;
 
 static MEM: OnceLock<vmm::memory::GuestMemoryMmap> = OnceLock::new();

@@ -280,8 +280,7 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
         (Some(spec), Some((gpa, size))) => {
             let config =
                 VirtioMemConfig { requested_size: spec.requested_size, ..VirtioMemConfig::new(gpa, size) };
-            let device =
-                VirtioMem::new(mmu.clone(), config)?;
+            let device = VirtioMem::new(mmu.clone(), config)?;
             Some(virtio.add(device)?)
         }
         _ => None,
@@ -355,9 +354,11 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
     // Devices.
     let reset = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
-    vm.fd()
-        .register_irqfd(&serial_irq, COM1_IRQ)
-        .map_err(|source| Error::Irqfd { what: "the serial port".into(), gsi: COM1_IRQ, source })?;
+    vm.fd().register_irqfd(&serial_irq, COM1_IRQ).map_err(|source| Error::Irqfd {
+        what: "the serial port".into(),
+        gsi: COM1_IRQ,
+        source,
+    })?;
     let mut pio = Bus::default();
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         serial_irq,

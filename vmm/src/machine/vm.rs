@@ -50,10 +50,7 @@ impl BuiltVm {
         let metrics = match &config.metrics {
             Some(exporter) => {
                 let vm = control.clone();
-                Some(
-                    exporter
-                        .start(Arc::new(move || vm.sample()))?,
-                )
+                Some(exporter.start(Arc::new(move || vm.sample()))?)
             }
             None => None,
         };

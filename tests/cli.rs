@@ -437,6 +437,11 @@ fn stress_without_a_scenario_runs_every_scenario() {
     for s in ["discard", "external-chaos", "mprotect", "balloon", "virtio-mem"] {
         assert!(scenarios.contains(&s), "{s} not run: {scenarios:?}");
     }
+    // The generator the seed drove, so that the seed can reproduce the run.
+    assert!(
+        report["rng"].as_str().is_some_and(|r| r.starts_with("rand 0.") && r.ends_with(" ChaCha8Rng")),
+        "{report}"
+    );
 }
 
 /// `--log-level` sets what is logged (here: trace and debug lines appear, which the default

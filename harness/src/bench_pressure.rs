@@ -73,8 +73,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use guest_abi::{GpaRange, TouchRateHeader, Workload, PAGE_SIZE, TOUCH_RATE_MAGIC};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::rngs::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
 
 use crate::bench::median;
 use vmm::boot::test_guest::TestGuestParams;
@@ -279,7 +279,7 @@ fn slice(
                     continue;
                 }
                 tokens -= p.range as f64;
-                let start = g.area.0 + (rng.gen_range(0..slots) * p.range) as usize;
+                let start = g.area.0 + (rng.random_range(0..slots) * p.range) as usize;
                 let piece = match p.delivery {
                     Delivery::Range => p.range as usize,
                     Delivery::PerPage => PAGE_SIZE as usize,

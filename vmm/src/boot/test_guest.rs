@@ -8,6 +8,9 @@
 use std::io::Cursor;
 
 use guest_abi::{BootInfo, GpaRange, Workload, BOOT_INFO_MAGIC, FLAG_CPL0, MAX_RANGES};
+use linux_loader::elf::{
+    Elf64_Ehdr, Elf64_Phdr, EI_CLASS, ELFCLASS64, ELFMAG0, ELFMAG1, ELFMAG2, ELFMAG3, EM_X86_64, PT_LOAD,
+};
 use linux_loader::loader::{Elf, KernelLoader};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
@@ -67,52 +70,54 @@ pub struct LoadedTestGuest {
 struct BootInfoBytes(BootInfo);
 unsafe impl ByteValued for BootInfoBytes {}
 
+/// The header of type `T` at `offset` of `elf`, copied out (the file's bytes need not be aligned
+/// for `T`); `None` where the file ends first.
+fn header_at<T: ByteValued + Default>(elf: &[u8], offset: usize) -> Option<T> {
+    let bytes = elf.get(offset..offset.checked_add(std::mem::size_of::<T>())?)?;
+    let mut header = T::default();
+    header.as_mut_slice().copy_from_slice(bytes);
+    Some(header)
+}
+
 /// The extent `[lowest, highest)` of an ELF's loadable segments, with a check that the file is
 /// a complete x86_64 ELF64 executable (linux-loader trusts the headers more than a user's file
-/// deserves).
+/// deserves). The headers are linux-loader's ELF64 types, read with [`header_at`].
 fn elf_extent(elf: &[u8]) -> Result<(u64, u64), String> {
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
-    if elf.get(..4) != Some(b"\x7fELF") {
+    if elf.get(..4) != Some(&[ELFMAG0, ELFMAG1, ELFMAG2, ELFMAG3][..]) {
         return Err("no ELF magic".into());
     }
-    if elf.get(4) != Some(&2) || u16_at(18) != Some(62) {
+    let truncated = || "truncated ELF headers".to_string();
+    let ehdr: Elf64_Ehdr = header_at(elf, 0).ok_or_else(truncated)?;
+    if ehdr.e_ident[EI_CLASS] != ELFCLASS64 || ehdr.e_machine != EM_X86_64 {
         return Err("not an x86_64 ELF64 file".into());
     }
-    let truncated = || "truncated ELF headers".to_string();
-    let phoff = u64_at(32).ok_or_else(truncated)? as usize;
-    let phentsize = u16_at(54).ok_or_else(truncated)? as usize;
-    let phnum = u16_at(56).ok_or_else(truncated)? as usize;
-    if phentsize < 56 || phnum == 0 {
+    let phoff = usize::try_from(ehdr.e_phoff).map_err(|_| truncated())?;
+    let phentsize = usize::from(ehdr.e_phentsize);
+    let phnum = usize::from(ehdr.e_phnum);
+    if phentsize < std::mem::size_of::<Elf64_Phdr>() || phnum == 0 {
         return Err("no program headers".into());
     }
-    let shoff = u64_at(40).ok_or_else(truncated)?;
-    let shentsize = u16_at(58).ok_or_else(truncated)? as u64;
-    let shnum = u16_at(60).ok_or_else(truncated)? as u64;
-    let sh_end = shoff.saturating_add(shentsize.saturating_mul(shnum));
-    if shoff != 0 && sh_end > elf.len() as u64 {
+    let sh_end =
+        ehdr.e_shoff.saturating_add(u64::from(ehdr.e_shentsize).saturating_mul(u64::from(ehdr.e_shnum)));
+    if ehdr.e_shoff != 0 && sh_end > elf.len() as u64 {
         return Err(format!("truncated: section headers end at {sh_end:#x}, the file at {:#x}", elf.len()));
     }
     let (mut lo, mut hi) = (u64::MAX, 0u64);
     for i in 0..phnum {
-        let ph = phoff.checked_add(i * phentsize).ok_or_else(truncated)?;
-        if u32_at(ph).ok_or_else(truncated)? != 1 {
-            continue; // not PT_LOAD
+        let at = phoff.checked_add(i * phentsize).ok_or_else(truncated)?;
+        let ph: Elf64_Phdr = header_at(elf, at).ok_or_else(truncated)?;
+        if ph.p_type != PT_LOAD {
+            continue;
         }
-        let offset = u64_at(ph + 8).ok_or_else(truncated)?;
-        let paddr = u64_at(ph + 24).ok_or_else(truncated)?;
-        let filesz = u64_at(ph + 32).ok_or_else(truncated)?;
-        let memsz = u64_at(ph + 40).ok_or_else(truncated)?;
-        if offset.checked_add(filesz).is_none_or(|end| end > elf.len() as u64) {
+        if ph.p_offset.checked_add(ph.p_filesz).is_none_or(|end| end > elf.len() as u64) {
             return Err(format!(
                 "truncated: a segment needs bytes up to {:#x}, the file has {:#x}",
-                offset.saturating_add(filesz),
+                ph.p_offset.saturating_add(ph.p_filesz),
                 elf.len()
             ));
         }
-        let end = paddr.checked_add(memsz).ok_or("segment address overflows")?;
-        lo = lo.min(paddr);
+        let end = ph.p_paddr.checked_add(ph.p_memsz).ok_or("segment address overflows")?;
+        lo = lo.min(ph.p_paddr);
         hi = hi.max(end);
     }
     if lo >= hi {
@@ -241,5 +246,31 @@ mod tests {
         for cut in [16, 64, BUILT_IN_ELF.len() / 2, BUILT_IN_ELF.len() - 1] {
             assert!(elf_extent(&BUILT_IN_ELF[..cut]).is_err(), "cut at {cut} accepted");
         }
+    }
+
+    /// The header fields are read where the ELF64 layout has them: changing one in a copy of the
+    /// built-in guest changes the verdict it governs.
+    #[test]
+    fn header_fields_are_read_from_their_places() {
+        let with = |offset: usize, bytes: &[u8]| {
+            let mut elf = BUILT_IN_ELF.to_vec();
+            elf[offset..offset + bytes.len()].copy_from_slice(bytes);
+            elf_extent(&elf)
+        };
+        assert!(with(4, &[1]).unwrap_err().contains("not an x86_64 ELF64"), "EI_CLASS 32-bit");
+        assert!(with(18, &3u16.to_le_bytes()).unwrap_err().contains("not an x86_64 ELF64"), "e_machine i386");
+        assert!(with(56, &0u16.to_le_bytes()).unwrap_err().contains("no program headers"), "e_phnum 0");
+        assert!(with(54, &32u16.to_le_bytes()).unwrap_err().contains("no program headers"), "e_phentsize");
+        let far = (BUILT_IN_ELF.len() as u64).to_le_bytes();
+        assert!(with(40, &far).unwrap_err().contains("section headers end"), "e_shoff past the end");
+        assert!(with(32, &far).unwrap_err().contains("truncated"), "e_phoff past the end");
+        // The first program header's p_filesz (e_phoff + 32) past the end of the file.
+        let phoff = u64::from_le_bytes(BUILT_IN_ELF[32..40].try_into().unwrap()) as usize;
+        let first_load = (0..usize::from(u16::from_le_bytes([BUILT_IN_ELF[56], BUILT_IN_ELF[57]])))
+            .map(|i| phoff + i * 56)
+            .find(|&ph| BUILT_IN_ELF[ph..ph + 4] == PT_LOAD.to_le_bytes())
+            .expect("a PT_LOAD");
+        let e = with(first_load + 32, &(u64::MAX / 2).to_le_bytes()).unwrap_err();
+        assert!(e.contains("a segment needs bytes up to"), "{e}");
     }
 }

@@ -51,6 +51,7 @@
 #![allow(clippy::manual_is_multiple_of)]
 
 mod interval;
+mod ledger;
 mod monitor;
 mod range;
 mod registry;

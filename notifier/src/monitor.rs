@@ -24,7 +24,7 @@
 //! # The VMM's own operations
 //!
 //! Operations through [`AddressSpace`] on registered memory produce the same events. They are
-//! recognised (see the invariants of `OwnOps` in `space.rs`: an own operation is recorded before
+//! recognised (see the invariants of `OwnOps` in `ledger.rs`: an own operation is recorded before
 //! its syscall and the reader matches each event against the operations that could have produced
 //! it) and counted as `own`, never notified twice. An external operation on a range contained in
 //! an own operation of the same kind that runs at the same moment is indistinguishable from it
@@ -74,29 +74,10 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::ledger::RawEvent;
 use crate::space::AddressSpace;
 use crate::uffd::{Message, Userfaultfd};
 use crate::{Error, Origin};
-
-/// An event read from the userfaultfd, with plain addresses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum RawEvent {
-    Remove {
-        start: usize,
-        end: usize,
-    },
-    Unmap {
-        start: usize,
-        end: usize,
-    },
-    /// `dontunmap`: the old range is still mapped (`MREMAP_DONTUNMAP`, no UNMAP follows).
-    Remap {
-        from: usize,
-        to: usize,
-        len: usize,
-        dontunmap: bool,
-    },
-}
 
 /// Options of the monitor.
 #[derive(Clone, Copy, Debug)]
@@ -127,11 +108,6 @@ pub fn open_userfaultfd() -> Result<Userfaultfd, Error> {
     })
 }
 
-pub(crate) fn register(u: &Userfaultfd, start: usize, end: usize) -> Result<(), Error> {
-    u.register_wp(start, end - start)
-        .map_err(|e| Error::Uffd(format!("UFFDIO_REGISTER(WP) {start:#x}..{end:#x}: {e}")))
-}
-
 /// The running monitor. Stop it with [`Monitor::stop`] (or drop it) before the address space
 /// goes away.
 pub struct Monitor {
@@ -155,7 +131,7 @@ impl Monitor {
                 return Err(Error::MonitorRunning);
             }
             for (s, e) in g.iter().map(|r| r.span()) {
-                register(&uffd, s, e)?;
+                crate::uffd::register_range(&uffd, s, e)?;
             }
             *space.uffd.lock().unwrap_or_else(|p| p.into_inner()) = Some(uffd.clone());
             space.own.ever_started.store(true, Ordering::Relaxed);

@@ -248,6 +248,14 @@ impl AsRawFd for Userfaultfd {
     }
 }
 
+/// Registers `[start, end)` with `u` for the events the monitor reads (write-protect mode, which
+/// also reports unmaps, remaps and removes), as a notifier error naming the range. Both the
+/// monitor (at start) and the address space (a region added later) register through this.
+pub(crate) fn register_range(u: &Userfaultfd, start: usize, end: usize) -> Result<(), crate::Error> {
+    u.register_wp(start, end - start)
+        .map_err(|e| crate::Error::Uffd(format!("UFFDIO_REGISTER(WP) {start:#x}..{end:#x}: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

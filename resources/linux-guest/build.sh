@@ -2,7 +2,9 @@
 # Builds zapvm's Linux guest: a small kernel from Debian's linux-source-6.1 (`make tinyconfig`
 # plus resources/linux-guest/config.fragment, with the project's kernel change
 # resources/linux-guest/pvm-syscall-from-user-fault.patch) and an initramfs of busybox-static
-# whose /init is resources/linux-guest/init.
+# whose /init is resources/linux-guest/init, with two memory checkers /init starts on request:
+# Debian's memtester (with the shared libraries it links) and seedcheck (seedcheck.c, built
+# static here).
 #
 #   resources/linux-guest/build.sh
 #
@@ -14,8 +16,8 @@
 #   ${ZAPVM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/zapvm}/linux-guest/
 #     kernel-<key>/      vmlinux, bzImage, config, build.log   (key: fragment, patch, recipe
 #                        version, linux-source package version)
-#     initramfs-<key>/   initramfs.cpio                        (key: init, recipe version,
-#                        busybox-static package version)
+#     initramfs-<key>/   initramfs.cpio                        (key: init, seedcheck.c, recipe
+#                        version, busybox-static, memtester and libc6 package versions)
 # A cached build is used at once, with no apt and no network. A lock (flock) makes concurrent
 # callers wait for one build instead of building twice. The first kernel build takes minutes
 # (2-4 with `make -j2`); it needs apt packages, which it installs (as root, or through sudo).
@@ -25,12 +27,14 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 FRAGMENT=$HERE/config.fragment
 PATCH=$HERE/pvm-syscall-from-user-fault.patch
 INIT=$HERE/init
+SEEDCHECK=$HERE/seedcheck.c
+MEMTESTER=/usr/sbin/memtester
 # Bump when the recipe below changes what it produces.
 KERNEL_RECIPE=1
-INITRAMFS_RECIPE=2
+INITRAMFS_RECIPE=3
 SOURCE_PACKAGE=linux-source-6.1
 SOURCE_TARBALL=/usr/src/linux-source-6.1.tar.xz
-PACKAGES=("$SOURCE_PACKAGE" busybox-static build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils lz4 util-linux)
+PACKAGES=("$SOURCE_PACKAGE" busybox-static memtester build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils lz4 util-linux)
 
 say() { echo "linux-guest: $*" >&2; }
 die() {
@@ -68,14 +72,20 @@ file_hash() { sha256sum "$1" | cut -d' ' -f1; }
 # for them first (a cached build must not need apt).
 source_version=$(package_version "$SOURCE_PACKAGE")
 busybox_version=$(package_version busybox-static)
-if [ -z "$source_version" ] || [ -z "$busybox_version" ] || [ ! -f "$SOURCE_TARBALL" ] || [ ! -x /bin/busybox ]; then
+memtester_version=$(package_version memtester)
+libc_version=$(package_version libc6)
+if [ -z "$source_version" ] || [ -z "$busybox_version" ] || [ -z "$memtester_version" ] ||
+    [ ! -f "$SOURCE_TARBALL" ] || [ ! -x /bin/busybox ] || [ ! -x "$MEMTESTER" ]; then
     ensure_packages
     source_version=$(package_version "$SOURCE_PACKAGE")
     busybox_version=$(package_version busybox-static)
+    memtester_version=$(package_version memtester)
+    libc_version=$(package_version libc6)
     [ -f "$SOURCE_TARBALL" ] || die "$SOURCE_PACKAGE is installed but $SOURCE_TARBALL is missing"
 fi
 kernel_key=$(hash_of kernel "$KERNEL_RECIPE" "$source_version" "$(file_hash "$FRAGMENT")" "$(file_hash "$PATCH")")
-initramfs_key=$(hash_of initramfs "$INITRAMFS_RECIPE" "$busybox_version" "$(file_hash "$INIT")")
+initramfs_key=$(hash_of initramfs "$INITRAMFS_RECIPE" "$busybox_version" "$memtester_version" "$libc_version" \
+    "$(file_hash "$INIT")" "$(file_hash "$SEEDCHECK")")
 KERNEL_DIR=$CACHE/kernel-$kernel_key
 INITRAMFS_DIR=$CACHE/initramfs-$initramfs_key
 
@@ -161,11 +171,20 @@ build_kernel() {
 
 build_initramfs() {
     local started=$SECONDS gen=$WORK/gen_init_cpio list=$WORK/initramfs.list
-    say "packing the initramfs (busybox-static $busybox_version, /init = $(basename "$INIT")) into $INITRAMFS_DIR"
+    say "packing the initramfs (busybox-static $busybox_version, memtester $memtester_version, /init = $(basename "$INIT")) into $INITRAMFS_DIR"
     # The kernel's own cpio writer: it makes /dev/console (needed before /init runs) without root.
     tar -xJf "$SOURCE_TARBALL" -O linux-source-6.1/usr/gen_init_cpio.c >"$WORK/gen_init_cpio.c" ||
         die "cannot extract usr/gen_init_cpio.c from $SOURCE_TARBALL"
     cc -O2 -o "$gen" "$WORK/gen_init_cpio.c" || die "cannot compile gen_init_cpio"
+    cc -O2 -o "$WORK/seedcheck" "$SEEDCHECK" || die "cannot compile $(basename "$SEEDCHECK")"
+    # The checkers' shared libraries (glibc's) and their ELF interpreter, at the paths their
+    # dynamic linker looks for them (as ldd names them), from the host's files. Shared, not
+    # static: every byte of the initramfs is unpacked by the guest kernel (emulated ring 0 on PVM
+    # hosts).
+    local libs
+    libs=$(ldd "$MEMTESTER" "$WORK/seedcheck" |
+        awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// && $1 !~ /:$/ { print $1 }' | sort -u)
+    [ -n "$libs" ] || die "ldd found no libraries for $MEMTESTER"
     {
         echo "dir /dev 0755 0 0"
         echo "nod /dev/console 0600 0 0 c 5 1"
@@ -178,6 +197,20 @@ build_initramfs() {
         # cost the kernel's unpacking seconds of emulated ring 0 on PVM hosts.
         echo "slink /bin/sh busybox 0777 0 0"
         echo "file /init $INIT 0755 0 0"
+        echo "file /bin/memtester $MEMTESTER 0755 0 0"
+        echo "file /bin/seedcheck $WORK/seedcheck 0755 0 0"
+        local lib dir made=" /bin /dev /proc /sys /tmp "
+        for lib in $libs; do
+            dir=
+            while IFS= read -r part; do
+                [ -n "$part" ] || continue
+                dir=$dir/$part
+                case $made in *" $dir "*) continue ;; esac
+                echo "dir $dir 0755 0 0"
+                made="$made$dir "
+            done < <(dirname "$lib" | tr / '\n')
+            echo "file $lib $(readlink -f "$lib") 0755 0 0"
+        done
     } >"$list"
     local out=$WORK/initramfs
     mkdir -p "$out"

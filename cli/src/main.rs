@@ -66,8 +66,9 @@ enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Stress the memory layer: the Stress guest verifies its pages while host scenarios
-    /// (discards, external chaos, mprotect phases) tear guest RAM down; JSON summary, non-zero
-    /// exit on any broken invariant.
+    /// (discards, external chaos, mprotect phases) tear guest RAM down, or (--linux) Linux's
+    /// balloon driver follows a storm of targets while memtester and seedcheck check its memory;
+    /// JSON summary, non-zero exit on any broken invariant.
     Stress(stress::StressArgs),
     /// Print the statistics of a running VM: KVM's, the table's, the notifier's, the balloon's.
     Stats(Target),
@@ -171,7 +172,7 @@ fn main() -> ExitCode {
         Command::Quit(target) => control(target, Action::Execute("quit", Value::Null)),
         Command::Qmp { command, arguments, target } => control::qmp(target, command, arguments),
         Command::Events { count, timeout, target } => control::events(target, count, timeout),
-        Command::Stress(args) => harness::stress::cli(args.into()),
+        Command::Stress(args) => stress::stress(args),
     };
     match result {
         Ok(code) => code,

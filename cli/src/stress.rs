@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::process::ExitCode;
+
 use harness::stress::StressRequest;
+use harness::stress_linux::LinuxStressOptions;
 use vmm::memory::parse_size;
 
 use crate::values::MemoryBackendArg;
@@ -82,6 +85,50 @@ pub struct StressArgs {
     /// The KVM device.
     #[arg(long, default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
+    /// Linux under a balloon storm instead of the test guest: the project's Linux guest with
+    /// free page reporting and deflate-on-OOM, memtester and seedcheck checking its memory,
+    /// seeded random balloon targets (--targets, default 12; --duration, default 60s) followed
+    /// by Linux's virtio_balloon.
+    #[arg(long, conflicts_with_all = ["discard", "external_chaos", "mprotect", "balloon", "virtio_mem", "all",
+        "seal_guest_ram", "thp", "passes", "ops"])]
+    pub linux: bool,
+    /// With --linux: MiB memtester tests per run (0: none).
+    #[arg(long, default_value_t = 4, requires = "linux")]
+    pub memtest_mib: u64,
+    /// With --linux: MiB of seeded data seedcheck keeps and re-verifies (0: none).
+    #[arg(long, default_value_t = 4, requires = "linux")]
+    pub seedcheck_mib: u64,
+}
+
+/// Runs `zapvm stress`: the test guest's scenarios, or with `--linux` the Linux storm.
+pub fn stress(args: StressArgs) -> Result<ExitCode, String> {
+    if !args.linux {
+        return harness::stress::cli(args.into());
+    }
+    let defaults = LinuxStressOptions::new();
+    let opts = LinuxStressOptions {
+        kvm_device: args.kvm_device.clone(),
+        mem: args.mem,
+        targets: args.targets.unwrap_or(defaults.targets),
+        duration: args.duration.unwrap_or(defaults.duration),
+        seed: args.seed,
+        memtest_mib: args.memtest_mib,
+        seedcheck_mib: args.seedcheck_mib,
+        progress: true,
+        ..defaults
+    };
+    let report = harness::stress_linux::run(&opts)?;
+    let json = serde_json::to_string_pretty(&report).expect("the report serialises");
+    match &args.json_out {
+        Some(path) => {
+            std::fs::write(path, json + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?
+        }
+        None => println!("{json}"),
+    }
+    for b in &report.broken {
+        eprintln!("zapvm: broken invariant: {b}");
+    }
+    Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 impl From<StressArgs> for StressRequest {

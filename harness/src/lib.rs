@@ -35,3 +35,4 @@ pub mod bench_pressure;
 pub mod bench_pressure_report;
 pub mod seconds;
 pub mod stress;
+pub mod stress_linux;

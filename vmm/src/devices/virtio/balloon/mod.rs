@@ -131,6 +131,12 @@ pub struct Balloon {
     guest_stats_at: Option<std::time::SystemTime>,
     /// Told the new `actual` (pages) whenever the driver changes it.
     on_actual: Option<Box<dyn Fn(u32) + Send>>,
+    /// See [`Balloon::plant_stray_discard`].
+    #[cfg(feature = "fault-injection")]
+    planted_stray_pfn: Option<u64>,
+    /// Stray discards the planted fault made.
+    #[cfg(feature = "fault-injection")]
+    planted_stray_fired: u64,
 }
 
 impl Balloon {
@@ -180,7 +186,29 @@ impl Balloon {
             stats: BalloonStats { thp, ..Default::default() },
             guest_stats_at: None,
             on_actual: None,
+            #[cfg(feature = "fault-injection")]
+            planted_stray_pfn: None,
+            #[cfg(feature = "fault-injection")]
+            planted_stray_fired: 0,
         }
+    }
+
+    /// **Fault injection for tests only**: with the next inflate notify, the device also
+    /// discards guest page `pfn`, which the driver did not give it, through the same notifier
+    /// operation as its own pages but counted nowhere in [`BalloonStats`] — a device that lost
+    /// track of one PFN. The guest's own checkers (if they own the page) and the stress judge's
+    /// accounting of notifier discards must notice. Only with the feature `fault-injection`.
+    #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
+    pub fn plant_stray_discard(&mut self, pfn: u64) {
+        self.planted_stray_pfn = Some(pfn);
+    }
+
+    /// How many stray discards [`Balloon::plant_stray_discard`] made.
+    #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
+    pub fn planted_stray_discards(&self) -> u64 {
+        self.planted_stray_fired
     }
 
     /// Sets the host's target (`num_pages`, in 4 KiB pages). Call it through
@@ -404,6 +432,15 @@ impl Balloon {
         }
         if pfns.is_empty() {
             return;
+        }
+        #[cfg(feature = "fault-injection")]
+        if let Some(pfn) = self.planted_stray_pfn.take() {
+            if self.mmu.discard(pfn * BALLOON_PAGE, BALLOON_PAGE).is_ok() {
+                self.planted_stray_fired += 1;
+                tracing::warn!(
+                    "balloon: planted fault: discarded PFN {pfn:#x}, which the guest did not give"
+                );
+            }
         }
         pfns.sort_unstable();
         let given = pfns.len();

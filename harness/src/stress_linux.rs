@@ -1,0 +1,686 @@
+//! `zapvm stress --linux`: Linux's own virtio_balloon driver under a storm of balloon targets,
+//! with free page reporting and deflate-on-OOM offered, while programs inside the guest check
+//! that no byte they own ever changes.
+//!
+//! The project's Linux guest (`vmm::boot::linux_guest`) boots with its /init told to start two
+//! checkers (`resources/linux-guest/init`): Debian's `memtester`, one loop at a time over a few
+//! MiB (each run allocates, locks, tests and frees its memory, so the guest keeps allocating and
+//! freeing and free page reporting has pages to report), and `seedcheck`, which keeps seeded data
+//! in a tmpfs file and re-verifies every word of it in a loop. Once both run, the host sets
+//! seeded random balloon targets, up and down, some of them beyond what the guest can give
+//! (toward OOM: the driver then runs out of pages, "Out of puff!", and Linux's OOM path deflates
+//! the balloon), and waits (bounded) for each.
+//!
+//! At the end [`judge`] checks: no checker reported a mismatch (or was killed), each made
+//! progress, the guest kernel logged no Oops, BUG or "Bad page", every target was reached or the
+//! driver said why (it logged that it ran out of pages, or deflated on OOM during the step), the
+//! balloon's inflated/deflated counters agree with the guest's /proc/vmstat, the bytes the
+//! balloon discarded are its inflated pages and free page reports and are exactly the VMM
+//! discards the notifier saw, and every invalidation start was matched by its end. The shared
+//! parts of that judgement are those of [`crate::stress`].
+
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+
+use vmm::devices::virtio::balloon::{BalloonConfig, BalloonStats};
+use vmm::machine::{self, BootSource, Console, RunReport, VmConfig, VmControl, VmOutcome};
+use vmm::memory::{MemoryConfig, PAGE_SIZE};
+
+#[cfg(feature = "fault-injection")]
+use crate::stress::peek;
+use crate::stress::{
+    balloon_device_invariants, notifier_invariants, unaccounted_discards, DiscardAccounting,
+};
+
+/// What `zapvm stress --linux` runs.
+#[derive(Clone, Debug)]
+pub struct LinuxStressOptions {
+    /// The KVM device.
+    pub kvm_device: std::path::PathBuf,
+    /// Guest RAM bytes.
+    pub mem: u64,
+    /// Balloon targets to set (the storm ends after this many, or at `duration`).
+    pub targets: u64,
+    /// How long the storm may run once the checkers run.
+    pub duration: Duration,
+    /// Seed of the targets and of seedcheck's data.
+    pub seed: u64,
+    /// MiB memtester tests per run (0: no memtester).
+    pub memtest_mib: u64,
+    /// MiB of seeded data seedcheck keeps (0: no seedcheck).
+    pub seedcheck_mib: u64,
+    /// How long the driver gets to reach one target.
+    pub step_wait: Duration,
+    /// The largest target meant to be reachable, in bytes (`None`: all the guest can give
+    /// beside the checkers and some headroom). Targets beyond what the guest can give (toward
+    /// OOM) are set whatever this is.
+    pub max_target: Option<u64>,
+    /// Set targets beyond what the guest can give (toward OOM), one in four: the driver then
+    /// logs that it ran out of pages and Linux deflates on OOM; such a target ends at
+    /// `step_wait`.
+    pub oom_targets: bool,
+    /// How long the boot may take, to the checkers' first progress.
+    pub boot_wait: Duration,
+    /// Echo the guest's own lines (`zapvm-guest: `) and each target's outcome on stderr, with
+    /// the seconds since the VM started.
+    pub progress: bool,
+    /// **Fault injection for tests only**: after the first target reached, the balloon discards
+    /// one page of seedcheck's data (found by its marker in guest RAM) with its next inflate,
+    /// a PFN the driver did not give it ([`vmm::devices::virtio::balloon::Balloon::plant_stray_discard`]).
+    #[cfg(feature = "fault-injection")]
+    pub plant_stray_discard: bool,
+}
+
+impl LinuxStressOptions {
+    /// A CI-sized run: 128 MiB of RAM, 12 targets or 60 s of storm, 4 MiB checkers.
+    pub fn new() -> Self {
+        Self {
+            kvm_device: "/dev/kvm".into(),
+            mem: 128 << 20,
+            targets: 12,
+            duration: Duration::from_secs(60),
+            seed: 0x5eed,
+            memtest_mib: 4,
+            seedcheck_mib: 4,
+            step_wait: Duration::from_secs(60),
+            max_target: None,
+            oom_targets: true,
+            boot_wait: Duration::from_secs(600),
+            progress: false,
+            #[cfg(feature = "fault-injection")]
+            plant_stray_discard: false,
+        }
+    }
+}
+
+impl Default for LinuxStressOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One balloon target of the storm.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetStep {
+    /// The target, in pages.
+    pub target_pages: u64,
+    /// `actual` when it was set.
+    pub from_pages: u64,
+    /// Whether the driver reached it (actual and the device's bitmap) within the wait.
+    pub reached: bool,
+    /// Milliseconds to reach it (or waited).
+    pub ms: u64,
+    /// `actual` at the end of the step.
+    pub actual_pages: u64,
+    /// Pages deflated during a step that asked for more (deflate-on-OOM).
+    pub oom_deflated_pages: u64,
+    /// "Out of puff" lines the driver logged during the step.
+    pub out_of_puff: u64,
+}
+
+/// What the guest's checkers reported.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckerReport {
+    /// memtester runs that passed.
+    pub memtest_passes: u64,
+    /// memtester runs skipped (it could not get or lock its memory).
+    pub memtest_skipped: u64,
+    /// seedcheck's passes (its last report).
+    pub seedcheck_passes: u64,
+    /// Bytes seedcheck verified (its last report).
+    pub seedcheck_verified_bytes: u64,
+    /// Every failure line of a checker.
+    pub failures: Vec<String>,
+}
+
+/// What `zapvm stress --linux` found; printed as JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinuxStressReport {
+    /// No invariant broken.
+    pub ok: bool,
+    /// The invariants that broke, one line each.
+    pub broken: Vec<String>,
+    /// Seed.
+    pub seed: u64,
+    /// Guest RAM bytes.
+    pub mem_bytes: u64,
+    /// Seconds from the VM's start to the checkers' first progress.
+    pub boot_s: f64,
+    /// Seconds of storm.
+    pub storm_s: f64,
+    /// The guest's MemTotal (KiB) at its first report.
+    pub mem_total_kib: u64,
+    /// Targets set.
+    pub targets: u64,
+    /// Targets reached.
+    pub reached: u64,
+    /// Targets not reached, with the driver's reason seen.
+    pub not_reached_explained: u64,
+    /// Mean and longest milliseconds to reach a target.
+    pub step_ms_mean: f64,
+    /// See `step_ms_mean`.
+    pub step_ms_max: u64,
+    /// Pages the driver moved (inflated + deflated) per second of reached steps.
+    pub pages_per_s: f64,
+    /// Deflate-on-OOM events (steps that asked for more but saw deflates) and their pages.
+    pub oom_deflate_events: u64,
+    /// See `oom_deflate_events`.
+    pub oom_deflated_pages: u64,
+    /// "Out of puff" lines of the driver.
+    pub out_of_puff_lines: u64,
+    /// Every step.
+    pub steps: Vec<TargetStep>,
+    /// The checkers.
+    pub checkers: CheckerReport,
+    /// The guest's last /proc/vmstat balloon_inflate and balloon_deflate.
+    pub guest_vmstat: Option<(u64, u64)>,
+    /// The balloon's counters at the end.
+    pub balloon: Option<BalloonStats>,
+    /// VMM discards accounted to their requesters.
+    pub discard_accounting: DiscardAccounting,
+    /// Notifier starts/ends per kind and origin.
+    pub notifier: Vec<notifier::KindStats>,
+    /// How the VM ended.
+    pub outcome: Option<VmOutcome>,
+    /// Kernel log lines that broke the run (Oops, BUG, Bad page), the first few.
+    pub kernel_problems: Vec<String>,
+    /// Planted faults that fired (fault-injection runs only).
+    pub planted_faults_fired: u64,
+}
+
+/// Marker in word 0 of every page of seedcheck's data (resources/linux-guest/seedcheck.c).
+#[cfg(feature = "fault-injection")]
+const SEEDCHECK_MARKER: u64 = 0x6b63_6568_6465_6573;
+/// Kernel log lines that break a run.
+const KERNEL_PROBLEMS: [&str; 6] =
+    ["Oops", "BUG:", "Bad page", "kernel BUG", "general protection fault", "Kernel panic"];
+/// What the guest keeps beyond the checkers' memory when a target is meant to be reachable.
+const HEADROOM_BYTES: u64 = 24 << 20;
+/// Seconds between the guest's memory reports.
+const REPORT_S: u64 = 10;
+
+/// The console, split into lines as they come.
+struct ConsoleLines {
+    buf: Arc<Mutex<Vec<u8>>>,
+    echo: Option<Instant>,
+    at: usize,
+    partial: String,
+    all: Vec<String>,
+}
+
+impl ConsoleLines {
+    /// New complete lines since the last call.
+    fn poll(&mut self) -> Vec<String> {
+        let bytes = {
+            let b = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+            let new = b[self.at..].to_vec();
+            self.at = b.len();
+            new
+        };
+        self.partial.push_str(&String::from_utf8_lossy(&bytes));
+        let mut out = Vec::new();
+        while let Some(i) = self.partial.find('\n') {
+            let line: String = self.partial[..i].trim_end_matches('\r').to_string();
+            self.partial.drain(..=i);
+            if let Some(t) = self.echo.filter(|_| line.contains("zapvm-guest: ")) {
+                eprintln!("[{:7.1} s] {line}", t.elapsed().as_secs_f64());
+            }
+            out.push(line);
+        }
+        self.all.extend(out.iter().cloned());
+        out
+    }
+}
+
+/// The guest's memory report (resources/linux-guest/init): (MemTotal KiB, balloon_inflate,
+/// balloon_deflate).
+fn mem_report(line: &str) -> Option<(u64, u64, u64)> {
+    let rest = &line[line.find("zapvm-guest: mem ")? + "zapvm-guest: mem ".len()..];
+    let field = |key: &str| -> Option<u64> {
+        rest.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    };
+    Some((field("MemTotal")?, field("balloon_inflate")?, field("balloon_deflate")?))
+}
+
+fn word_value(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// Reads what the checkers said in `lines` into `c`.
+fn note_checkers(lines: &[String], c: &mut CheckerReport) {
+    for l in lines {
+        if let Some(i) = l.find("zapvm-guest: FAIL") {
+            c.failures.push(l[i..].to_string());
+        } else if l.contains("zapvm-guest: memtest pass=") {
+            if l.ends_with(" ok") {
+                c.memtest_passes += 1;
+            } else if l.contains(" skipped ") {
+                c.memtest_skipped += 1;
+            }
+        } else if l.contains("zapvm-guest: seedcheck pass=") {
+            c.seedcheck_passes = word_value(l, "pass").unwrap_or(c.seedcheck_passes);
+            c.seedcheck_verified_bytes =
+                word_value(l, "verified_bytes").unwrap_or(c.seedcheck_verified_bytes);
+        }
+    }
+}
+
+/// Runs `zapvm stress --linux` and judges it (`Err` when the VM cannot start at all).
+pub fn run(opts: &LinuxStressOptions) -> Result<LinuxStressReport, String> {
+    if opts.memtest_mib == 0 && opts.seedcheck_mib == 0 {
+        return Err("a Linux storm needs a checker: give memtester or seedcheck some MiB".into());
+    }
+    let guest = vmm::boot::linux_guest::build()?;
+    let mut cmdline = vmm::boot::linux::default_cmdline();
+    cmdline.push_str(&format!(
+        " memhp_default_state=online {}={REPORT_S} zapvm.memtest={} zapvm.seedcheck={} zapvm.seed={} \
+         zapvm.checkreport=5",
+        vmm::boot::linux_guest::REPORT_OPTION,
+        opts.memtest_mib,
+        opts.seedcheck_mib,
+        opts.seed
+    ));
+    let console = Arc::new(Mutex::new(Vec::new()));
+    let (vm_tx, vm_rx) = channel::<Arc<VmControl>>();
+    let vm_tx = Mutex::new(Some(vm_tx));
+    let config = VmConfig {
+        kvm_device: opts.kvm_device.clone(),
+        memory: MemoryConfig { size: opts.mem, backend: Default::default(), thp: false },
+        vcpus: 1,
+        timeout: Some(opts.boot_wait + opts.duration + opts.step_wait + Duration::from_secs(120)),
+        console: Console::Buffer(console.clone()),
+        // Free page reporting and deflate-on-OOM offered (the defaults), and statistics.
+        balloon: Some(BalloonConfig::default()),
+        balloon_stats_interval: Some(Duration::from_secs(5)),
+        after_start: Some(Arc::new(move |vm: &Arc<VmControl>| {
+            if let Some(tx) = vm_tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let _ = tx.send(vm.clone());
+            }
+        })),
+        ..VmConfig::new(BootSource::Linux { kernel: guest.vmlinux, initrd: Some(guest.initramfs), cmdline })
+    };
+    let (done_tx, done_rx) = channel::<Result<RunReport, machine::Error>>();
+    std::thread::Builder::new()
+        .name("stress-linux-vmm".into())
+        .spawn(move || {
+            let _ = done_tx.send(machine::run(&config));
+        })
+        .map_err(|e| format!("cannot spawn the VMM thread: {e}"))?;
+    let vm = match vm_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(vm) => vm,
+        Err(_) => {
+            return match done_rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(Err(e)) => Err(e.to_string()),
+                _ => Err("the Linux VM did not start".into()),
+            }
+        }
+    };
+    let echo = opts.progress.then(Instant::now);
+    let mut lines = ConsoleLines { buf: console, echo, at: 0, partial: String::new(), all: Vec::new() };
+    let storm = drive(opts, &vm, &mut lines);
+    vm.quit();
+    let report = done_rx.recv_timeout(Duration::from_secs(60)).ok().and_then(Result::ok);
+    lines.poll();
+    Ok(judge(opts, storm, &lines.all, report))
+}
+
+/// What [`drive`] hands the judge.
+#[derive(Default)]
+struct Storm {
+    broken: Vec<String>,
+    boot_s: f64,
+    storm_s: f64,
+    mem_total_kib: u64,
+    steps: Vec<TargetStep>,
+    checkers: CheckerReport,
+    guest_vmstat: Option<(u64, u64)>,
+    device_at_vmstat: Option<(u64, u64)>,
+    planted_fired: u64,
+}
+
+/// Boots to the checkers, runs the storm, and reads the guest's final vmstat.
+fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLines) -> Storm {
+    let mut s = Storm::default();
+    let started = Instant::now();
+    let Some(balloon) = vm.balloon().cloned() else {
+        s.broken.push("the VM has no balloon".into());
+        return s;
+    };
+    let lock = || balloon.lock().unwrap_or_else(|e| e.into_inner());
+    let stats = || lock().device().stats();
+    // Boot: the first memory report and the checkers' first progress.
+    let (mut memtest_ok, mut seedcheck_ok) = (opts.memtest_mib == 0, opts.seedcheck_mib == 0);
+    let mut last_vmstat = None;
+    while !(memtest_ok && seedcheck_ok && s.mem_total_kib > 0) {
+        if started.elapsed() > opts.boot_wait {
+            s.broken.push(format!(
+                "boot: the checkers did not all make progress within {} s (memtester: {memtest_ok}, \
+                 seedcheck: {seedcheck_ok}, memory report: {})",
+                opts.boot_wait.as_secs(),
+                s.mem_total_kib > 0
+            ));
+            return s;
+        }
+        let new = lines.poll();
+        for l in &new {
+            if let Some((total, i, d)) = mem_report(l) {
+                s.mem_total_kib = total;
+                last_vmstat = Some((i, d));
+            }
+            memtest_ok |= l.contains("zapvm-guest: memtest pass=");
+            seedcheck_ok |= l.contains("zapvm-guest: seedcheck ready");
+        }
+        note_checkers(&new, &mut s.checkers);
+        if !s.checkers.failures.is_empty() {
+            s.broken.push(format!("boot: a checker failed: {}", s.checkers.failures[0]));
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.boot_s = started.elapsed().as_secs_f64();
+    // The targets: reachable ones leave the checkers and some headroom; one in four asks for
+    // nearly everything (toward OOM).
+    let total = s.mem_total_kib * 1024;
+    let checkers = (opts.memtest_mib + opts.seedcheck_mib) << 20;
+    let mut reachable = total.saturating_sub(checkers + HEADROOM_BYTES) / PAGE_SIZE;
+    if let Some(max) = opts.max_target {
+        reachable = reachable.min(max / PAGE_SIZE);
+    }
+    // Toward OOM: more than the guest has free beside the checkers.
+    let greedy = total.saturating_sub(4 << 20) / PAGE_SIZE;
+    let greedy_from = (total.saturating_sub(checkers + (8 << 20)) / PAGE_SIZE).min(greedy);
+    if reachable < 256 {
+        s.broken.push(format!(
+            "guest RAM too small: MemTotal {} KiB leaves no room for the balloon beside {} MiB of checkers",
+            s.mem_total_kib,
+            checkers >> 20
+        ));
+        return s;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let storm_started = Instant::now();
+    let mut current = 0u64;
+    #[cfg(feature = "fault-injection")]
+    let mut plant_due = opts.plant_stray_discard;
+    while (s.steps.len() as u64) < opts.targets && storm_started.elapsed() < opts.duration {
+        // A planted stray discard fires with the next inflate: the next target asks for more.
+        #[cfg(feature = "fault-injection")]
+        let inflate_next =
+            !plant_due && opts.plant_stray_discard && s.planted_fired == 0 && current < reachable;
+        #[cfg(not(feature = "fault-injection"))]
+        let inflate_next = false;
+        let target = loop {
+            if inflate_next {
+                break rng.random_range(current + 1..=reachable);
+            }
+            let t = match rng.random_range(0..8) {
+                0 => 0,
+                1 | 2 if opts.oom_targets => rng.random_range(greedy_from..=greedy),
+                _ => rng.random_range(1..=reachable),
+            };
+            if t != current {
+                break t;
+            }
+        };
+        let before = stats();
+        let from = u64::from(before.actual_pages);
+        lock().update_config(|b| b.set_target_pages(target as u32));
+        let step_started = Instant::now();
+        let mut step = TargetStep {
+            target_pages: target,
+            from_pages: from,
+            reached: false,
+            ms: 0,
+            actual_pages: from,
+            oom_deflated_pages: 0,
+            out_of_puff: 0,
+        };
+        loop {
+            let now = stats();
+            let new = lines.poll();
+            step.out_of_puff += new.iter().filter(|l| l.contains("Out of puff")).count() as u64;
+            for l in &new {
+                if let Some((_, i, d)) = mem_report(l) {
+                    last_vmstat = Some((i, d));
+                }
+            }
+            note_checkers(&new, &mut s.checkers);
+            step.actual_pages = u64::from(now.actual_pages);
+            if target > from {
+                step.oom_deflated_pages = now.deflated_pages - before.deflated_pages;
+            }
+            if u64::from(now.actual_pages) == target && now.ballooned_pages == target {
+                step.reached = true;
+                break;
+            }
+            if step_started.elapsed() >= opts.step_wait || !s.checkers.failures.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        step.ms = step_started.elapsed().as_millis() as u64;
+        current = target;
+        let failed = !s.checkers.failures.is_empty();
+        if opts.progress {
+            eprintln!("stress --linux: {step:?}");
+        }
+        s.steps.push(step);
+        if failed {
+            break;
+        }
+        #[cfg(feature = "fault-injection")]
+        {
+            s.planted_fired = lock().device().planted_stray_discards();
+        }
+        #[cfg(feature = "fault-injection")]
+        if plant_due && s.steps.last().is_some_and(|st| st.reached) {
+            if let Some(pfn) = find_seedcheck_page(vm, &mut rng) {
+                lock().device_mut().plant_stray_discard(pfn);
+                plant_due = false;
+                tracing::warn!("planted fault: the balloon will discard seedcheck's page at PFN {pfn:#x}");
+            }
+        }
+    }
+    s.storm_s = storm_started.elapsed().as_secs_f64();
+    #[cfg(feature = "fault-injection")]
+    {
+        s.planted_fired = lock().device().planted_stray_discards();
+    }
+    // A last target the guest can give, so that the balloon comes to rest (after a target
+    // toward OOM the driver keeps trying, and Linux keeps deflating on OOM).
+    let settle_target = u64::from(stats().actual_pages).min(reachable);
+    lock().update_config(|b| b.set_target_pages(settle_target as u32));
+    let settle_until = Instant::now() + opts.step_wait;
+    loop {
+        let now = stats();
+        note_checkers(&lines.poll(), &mut s.checkers);
+        if u64::from(now.actual_pages) == settle_target && now.ballooned_pages == settle_target {
+            break;
+        }
+        if Instant::now() >= settle_until {
+            s.broken.push(format!(
+                "the balloon did not come to rest at {settle_target} pages within {} s (actual {}, {} ballooned)",
+                opts.step_wait.as_secs(),
+                now.actual_pages,
+                now.ballooned_pages
+            ));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The guest's vmstat must agree with the device once the balloon is still: a report that
+    // comes after a reading of the device, with the device unchanged since.
+    let until = Instant::now() + Duration::from_secs(REPORT_S * 6);
+    let mut device = stats();
+    let mut seen_since = false;
+    while Instant::now() < until {
+        let new = lines.poll();
+        note_checkers(&new, &mut s.checkers);
+        for l in &new {
+            if let Some((_, i, d)) = mem_report(l) {
+                last_vmstat = Some((i, d));
+                seen_since = true;
+            }
+        }
+        let now = stats();
+        if (now.inflated_pages, now.deflated_pages) != (device.inflated_pages, device.deflated_pages) {
+            device = now;
+            seen_since = false;
+        } else if seen_since && last_vmstat == Some((device.inflated_pages, device.deflated_pages)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A last look at the checkers: a pass or report period more.
+    let settle = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < settle {
+        let new = lines.poll();
+        note_checkers(&new, &mut s.checkers);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.guest_vmstat = last_vmstat;
+    s.device_at_vmstat = Some((device.inflated_pages, device.deflated_pages));
+    s
+}
+
+/// A guest page holding seedcheck's data (word 0 its marker), read without the VMM's table; one
+/// at random among the first few found.
+#[cfg(feature = "fault-injection")]
+fn find_seedcheck_page(vm: &VmControl, rng: &mut ChaCha8Rng) -> Option<u64> {
+    let mut found = Vec::new();
+    for &(gpa, hva, len) in vm.ram_regions() {
+        let mut word = [0u8; 8];
+        for off in (0..len).step_by(PAGE_SIZE as usize) {
+            if peek(hva + off, &mut word) && u64::from_le_bytes(word) == SEEDCHECK_MARKER {
+                found.push((gpa + off as u64) / PAGE_SIZE);
+                if found.len() >= 64 {
+                    break;
+                }
+            }
+        }
+    }
+    (!found.is_empty()).then(|| found[rng.random_range(0..found.len())])
+}
+
+/// Checks the invariants and builds the report.
+fn judge(
+    opts: &LinuxStressOptions,
+    storm: Storm,
+    console: &[String],
+    report: Option<RunReport>,
+) -> LinuxStressReport {
+    let mut broken = storm.broken;
+    let outcome = report.as_ref().map(|r| r.outcome.clone());
+    match &outcome {
+        Some(VmOutcome::Quit) => {}
+        None => broken.push("VMM not alive: it did not stop within 60 s of the end".into()),
+        Some(other) => broken.push(format!("VMM not alive: the VM ended with {other:?}")),
+    }
+    // The checkers: no failure, and progress from each.
+    let c = &storm.checkers;
+    for f in &c.failures {
+        broken.push(format!("guest checker: {f}"));
+    }
+    if opts.memtest_mib > 0 && c.memtest_passes == 0 {
+        broken.push(format!("memtester passed no run ({} skipped)", c.memtest_skipped));
+    }
+    if opts.seedcheck_mib > 0 && c.seedcheck_passes == 0 {
+        broken.push("seedcheck reported no pass".into());
+    }
+    let kernel_problems: Vec<String> = console
+        .iter()
+        .filter(|l| !l.contains("zapvm-guest:") && KERNEL_PROBLEMS.iter().any(|p| l.contains(p)))
+        .take(8)
+        .cloned()
+        .collect();
+    if let Some(first) = kernel_problems.first() {
+        broken.push(format!("guest kernel log: {first}"));
+    }
+    // Every target reached, or the driver said why.
+    let mut not_reached_explained = 0;
+    for (i, st) in storm.steps.iter().enumerate() {
+        if st.reached {
+            continue;
+        }
+        if st.out_of_puff > 0 || st.oom_deflated_pages > 0 {
+            not_reached_explained += 1;
+        } else if c.failures.is_empty() {
+            broken.push(format!(
+                "target {i} ({} pages, from {}) not reached within {} s (actual {}) and the driver said \
+                 nothing (no \"Out of puff\", no deflate on OOM)",
+                st.target_pages,
+                st.from_pages,
+                opts.step_wait.as_secs(),
+                st.actual_pages
+            ));
+        }
+    }
+    let reached: Vec<&TargetStep> = storm.steps.iter().filter(|s| s.reached).collect();
+    if reached.is_empty() && storm.mem_total_kib > 0 && broken.is_empty() {
+        broken.push("no target reached in the whole storm".into());
+    }
+    let balloon = report.as_ref().and_then(|r| r.memory_layer.balloon.clone());
+    if let Some(d) = &balloon {
+        balloon_device_invariants(d, &mut broken);
+    }
+    if let (Some(guest), Some(device)) = (storm.guest_vmstat, storm.device_at_vmstat) {
+        if guest != device {
+            broken.push(format!(
+                "the guest's /proc/vmstat balloon_inflate/balloon_deflate {guest:?} disagree with the device's \
+                 inflated/deflated pages {device:?}"
+            ));
+        }
+    }
+    let kinds = report.as_ref().map(|r| r.memory_layer.notifier.kinds.clone()).unwrap_or_default();
+    let subscribers =
+        report.as_ref().map(|r| r.memory_layer.notifier.subscribers.clone()).unwrap_or_default();
+    notifier_invariants(&kinds, &subscribers, &mut broken);
+    let discard_accounting = DiscardAccounting {
+        notifier_bytes: kinds
+            .iter()
+            .filter(|k| k.kind == "discard" && k.origin == "vmm")
+            .map(|k| k.bytes)
+            .sum(),
+        discard_storm_bytes: 0,
+        balloon_bytes: balloon.as_ref().map(|d| d.bytes_discarded).unwrap_or(0),
+        virtio_mem_bytes: 0,
+    };
+    if matches!(outcome, Some(VmOutcome::Quit)) {
+        // 4 KiB pages without THP: the notifier saw exactly what the balloon discarded.
+        broken.extend(unaccounted_discards(&discard_accounting, true));
+    }
+    let reached_ms: u64 = reached.iter().map(|s| s.ms).sum();
+    let moved: u64 = reached.iter().map(|s| s.target_pages.abs_diff(s.from_pages)).sum();
+    LinuxStressReport {
+        ok: broken.is_empty(),
+        broken,
+        seed: opts.seed,
+        mem_bytes: opts.mem,
+        boot_s: storm.boot_s,
+        storm_s: storm.storm_s,
+        mem_total_kib: storm.mem_total_kib,
+        targets: storm.steps.len() as u64,
+        reached: reached.len() as u64,
+        not_reached_explained,
+        step_ms_mean: if reached.is_empty() { 0.0 } else { reached_ms as f64 / reached.len() as f64 },
+        step_ms_max: reached.iter().map(|s| s.ms).max().unwrap_or(0),
+        pages_per_s: if reached_ms == 0 { 0.0 } else { moved as f64 * 1000.0 / reached_ms as f64 },
+        oom_deflate_events: storm.steps.iter().filter(|s| s.oom_deflated_pages > 0).count() as u64,
+        oom_deflated_pages: storm.steps.iter().map(|s| s.oom_deflated_pages).sum(),
+        out_of_puff_lines: storm.steps.iter().map(|s| s.out_of_puff).sum(),
+        steps: storm.steps,
+        checkers: storm.checkers,
+        guest_vmstat: storm.guest_vmstat,
+        balloon,
+        discard_accounting,
+        notifier: kinds,
+        outcome,
+        kernel_problems,
+        planted_faults_fired: storm.planted_fired,
+    }
+}

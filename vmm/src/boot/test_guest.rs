@@ -7,7 +7,9 @@
 
 use std::io::Cursor;
 
-use guest_abi::{BootInfo, GpaRange, Workload, BOOT_INFO_MAGIC, FLAG_CPL0, MAX_RANGES};
+use guest_abi::{
+    page_checksum, pattern, slice_pages, BootInfo, GpaRange, Workload, BOOT_INFO_MAGIC, FLAG_CPL0, MAX_RANGES,
+};
 use linux_loader::elf::{
     Elf64_Ehdr, Elf64_Phdr, EI_CLASS, ELFCLASS64, ELFMAG0, ELFMAG1, ELFMAG2, ELFMAG3, EM_X86_64, PT_LOAD,
 };
@@ -19,6 +21,8 @@ use crate::arch::cpu::EntryState;
 use crate::arch::gdt;
 use crate::arch::paging;
 use crate::memory::{GuestRam, HUGE_PAGE_SIZE, MMIO_GAP_END};
+use crate::mmu::GuestMemoryAccess;
+use crate::vstate::vcpu::{VcpuOutcome, VcpuReport};
 
 /// Where the test guest's ELF is linked.
 pub use crate::arch::layout::TEST_GUEST_IMAGE_BASE as IMAGE_BASE;
@@ -231,6 +235,73 @@ pub fn load(
         (work_pages * guest_abi::PAGE_SIZE) >> 20,
     );
     Ok(LoadedTestGuest { plan: BootPlan { entries, summary }, boot_info })
+}
+
+// ---------------------------------------------------------------------------------------------
+// After the run: the host's check of what the guest wrote
+
+/// What the host found when it checked guest RAM after the guest finished.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HostCheck {
+    /// Pages the host read back.
+    pub pages: u64,
+    /// Pages whose contents differ from the pattern.
+    pub bad_pages: u64,
+    /// The first difference.
+    pub first_bad: Option<String>,
+}
+
+/// Checks from the host's side what the guest says it wrote: every page of each vCPU's slice
+/// holds the pattern (Verify), and the guest's checksum is the one the pattern gives.
+pub(crate) fn check_workload(
+    mem: &dyn GuestMemoryAccess,
+    info: &BootInfo,
+    reports: &[VcpuReport],
+    discarded: &dyn Fn(usize) -> Vec<guest_abi::GpaRange>,
+) -> (Option<HostCheck>, Option<String>) {
+    if !matches!(Workload::from_raw(info.workload), Some(Workload::Verify | Workload::DiscardVerify)) {
+        return (None, None);
+    }
+    let work = &info.work[..info.nr_work as usize];
+    let mut check = HostCheck::default();
+    let mut failure = None;
+    let mut page = vec![0u8; guest_abi::PAGE_SIZE as usize];
+    for report in reports {
+        let VcpuOutcome::Done { pages, checksum } = report.outcome else {
+            continue;
+        };
+        let (mut expected_pages, mut expected_sum) = (0u64, 0u64);
+        let holes = discarded(report.index);
+        slice_pages(work, info.nr_vcpus, report.index as u64, |gpa| {
+            expected_pages += 1;
+            let zeroed = holes.iter().any(|h| (h.start..h.end).contains(&gpa));
+            if !zeroed {
+                expected_sum = expected_sum.wrapping_add(page_checksum(info.seed, gpa));
+            }
+            check.pages += 1;
+            let ok = mem.read(gpa, &mut page).is_ok()
+                && page.chunks_exact(8).enumerate().all(|(i, w)| {
+                    let want = if zeroed { 0 } else { pattern(info.seed, gpa + 8 * i as u64) };
+                    u64::from_le_bytes(w.try_into().unwrap()) == want
+                });
+            if !ok {
+                check.bad_pages += 1;
+                check.first_bad.get_or_insert_with(|| {
+                    format!("page {gpa:#x} does not hold {}", if zeroed { "zeros" } else { "the pattern" })
+                });
+            }
+        });
+        if pages != expected_pages || checksum != expected_sum {
+            failure.get_or_insert(format!(
+                "vCPU {}: guest reported {pages} pages / checksum {checksum:#x}, the host expects {expected_pages} / {expected_sum:#x}",
+                report.index
+            ));
+        }
+    }
+    if let Some(bad) = &check.first_bad {
+        failure.get_or_insert(format!("host check: {} bad pages; {bad}", check.bad_pages));
+    }
+    (Some(check), failure)
 }
 
 #[cfg(test)]

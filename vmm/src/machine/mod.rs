@@ -19,15 +19,17 @@ pub mod control;
 pub mod report;
 pub mod vm;
 
+pub use crate::boot::test_guest::HostCheck;
 pub use builder::{build, BuiltVm};
 pub use config::{BootSource, Console, VirtioMemSpec, VmConfig};
 pub use control::{
     AfterStart, BalloonDevice, VirtioMemDevice, VmControl, VIRTIO_FIRST_GSI, VIRTIO_MMIO_BASE,
     VIRTIO_MMIO_STRIDE,
 };
-pub use report::{Error, HostCheck, MemoryLayerReport, RunReport, VmOutcome};
+pub use report::{Error, MemoryLayerReport, RunReport, VmOutcome};
 
-use report::{check_workload, first_failure, host};
+use crate::boot::test_guest::check_workload;
+use report::{first_failure, host};
 use vm::{RawFdI32, Watcher};
 
 /// Builds the VM `config` describes and runs it to the end: [`build`], then [`BuiltVm::run`].

@@ -2,7 +2,7 @@
 //! owns, for each memory backing, with and without THP, on one and two vCPUs; the host then
 //! reads the same pages back through its own mapping.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use guest_abi::Workload;
 use vmm::boot::test_guest::TestGuestParams;
@@ -177,4 +177,37 @@ fn a_vm_is_built_whole_before_it_runs_and_a_built_vm_that_never_runs_leaves_noth
     let report = vmm::machine::build(&config).unwrap().run().expect("the VM runs");
     assert_verified(&report, 2);
     assert!(!socket.exists(), "the running VM removed its socket");
+}
+
+/// The names of this process's threads.
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn a_panic_while_the_vm_runs_stops_and_joins_its_vcpus_before_guest_ram_goes() {
+    use std::sync::Arc;
+    // The hook parks both vCPUs, then panics: the panic unwinds through `run`. Parked vCPUs
+    // would stay parked forever (over guest RAM that `run`'s unwinding unmaps) unless `run`
+    // stops and joins them on that path too.
+    let mut cfg = config(64, 2, MemoryBackend::Anonymous, false, Workload::Touch);
+    cfg.after_start = Some(Arc::new(|vm: &Arc<vmm::machine::VmControl>| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while vm.vcpus_running() < 2 {
+            assert!(Instant::now() < deadline, "the vCPUs did not start");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        vm.pause().expect("every vCPU parks");
+        assert!(thread_names().iter().filter(|n| n.starts_with("vcpu")).count() == 2);
+        panic!("planted: the hook panics while the vCPUs are parked");
+    }));
+    let built = vmm::machine::build(&cfg).expect("the VM builds");
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| built.run()));
+    assert!(unwound.is_err(), "the hook's panic unwinds through run");
+    let vcpus: Vec<String> = thread_names().into_iter().filter(|n| n.starts_with("vcpu")).collect();
+    assert!(vcpus.is_empty(), "vCPU threads outlived the run (and its guest RAM): {vcpus:?}");
 }

@@ -400,7 +400,10 @@ mod tests {
     fn copies_every_length_and_alignment() {
         let c = install().unwrap();
         let src: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
-        for len in [0usize, 1, 7, 8, 9, 15, 16, 17, 24, 31, 32, 63, 64, 65, 127, 128, 129, 255, 256, 1000, 2047, 2048, 2049, 3000] {
+        for len in [
+            0usize, 1, 7, 8, 9, 15, 16, 17, 24, 31, 32, 63, 64, 65, 127, 128, 129, 255, 256, 1000, 2047,
+            2048, 2049, 3000,
+        ] {
             for off in [0usize, 1, 3, 8] {
                 let mut dst = vec![0u8; 4096 + 16];
                 // SAFETY: both ranges lie inside owned vectors, dst is exclusively borrowed.

@@ -54,7 +54,9 @@ fn a_read_running_into_an_inaccessible_page_copies_up_to_it() {
     let p = page_then_guard();
     // SAFETY: first page ours and writable.
     unsafe { std::ptr::write_bytes(p, 0x5a, PAGE) };
-    for (before, after) in [(1usize, 1usize), (8, 8), (20, 12), (40, 8), (100, 28), (1000, 1000), (3000, 5000)] {
+    for (before, after) in
+        [(1usize, 1usize), (8, 8), (20, 12), (40, 8), (100, 28), (1000, 1000), (3000, 5000)]
+    {
         let mut buf = vec![0u8; before + after];
         // SAFETY: the source is our mapping (readable part, then PROT_NONE), no &mut into it.
         let r = unsafe { c.read(&mut buf, p.add(PAGE - before)) };

@@ -227,8 +227,10 @@ impl VmControl {
     pub(super) fn kick_all(&self) {
         let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
         for &t in threads.iter().flatten() {
-            // SAFETY: the threads are joinable and not joined while `threads` is `Some` (the VMM
-            // takes it, under this lock, before joining), so each pthread_t is valid.
+            // SAFETY: the threads are joinable and not joined while `threads` is `Some`: the VMM
+            // takes it, under this lock, before joining, on every way `run` ends (its
+            // `VcpuThreads` guard: a return, an error or a panic unwinding through it), so each
+            // pthread_t is valid.
             unsafe { libc::pthread_kill(t, kick_signal()) };
         }
     }

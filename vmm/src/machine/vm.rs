@@ -13,7 +13,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::vstate::vcpu::{install_kick_handler, kick_signal, VcpuEvent, VcpuOutcome, VcpuReport};
+use crate::vstate::vcpu::{
+    install_kick_handler, kick_signal, VcpuEvent, VcpuOutcome, VcpuReport, VcpuShared,
+};
 
 use super::*;
 
@@ -70,19 +72,23 @@ impl BuiltVm {
             ),
             _ => None,
         };
-        let mut threads = Vec::with_capacity(vcpus.len());
+        // From here on, however this function ends (its return, a `?`, a panic unwinding through
+        // it), the vCPUs are stopped and joined before anything they use is dropped: `threads`
+        // is a local, dropped before `self` (guest RAM, KVM's memory slots) goes.
+        let mut threads =
+            VcpuThreads { handles: Vec::with_capacity(vcpus.len()), control, shared, events_rx };
         for vcpu in vcpus {
             let shared = shared.clone();
-            let index = threads.len();
+            let index = threads.handles.len();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || vcpu.run(&shared))
                 .map_err(host("spawning a vCPU thread"))?;
-            threads.push(handle);
+            threads.handles.push(handle);
         }
 
         *control.threads.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(threads.iter().map(|t| t.as_pthread_t()).collect());
+            Some(threads.handles.iter().map(|t| t.as_pthread_t()).collect());
         if let Some(hook) = &config.after_start {
             hook(control);
         }
@@ -100,41 +106,11 @@ impl BuiltVm {
             }
         };
         let outcome =
-            event_loop(config, manager, watcher, events_rx, threads.len(), started, &snapshot, &tick);
+            event_loop(config, manager, watcher, events_rx, threads.handles.len(), started, &snapshot, &tick);
         crate::stats::set_wake_fd(-1);
         crate::stats::remove_snapshots();
 
-        // Stop every vCPU still running: flag first, then kick (see the protocol in vstate::vcpu).
-        // The control handle may no longer signal the threads once they can be joined.
-        *control.threads.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        shared.stop.store(true, Ordering::SeqCst);
-        shared.pause.wake_all();
-        let finished: Vec<bool> = {
-            let mut f = vec![false; threads.len()];
-            while let Ok(VcpuEvent::Finished { index, .. }) = events_rx.try_recv() {
-                f[index] = true;
-            }
-            f
-        };
-        for (handle, done) in threads.iter().zip(&finished) {
-            if !done {
-                let _ = handle.kill(kick_signal());
-            }
-        }
-        let reports: Vec<VcpuReport> = threads
-            .into_iter()
-            .enumerate()
-            .map(|(index, t)| {
-                t.join().unwrap_or_else(|_| VcpuReport {
-                    index,
-                    outcome: VcpuOutcome::Error { message: "vCPU thread panicked".into() },
-                    timings: vec![],
-                    first_exit_us: None,
-                    exits: 0,
-                    tsc_khz: None,
-                })
-            })
-            .collect();
+        let reports = threads.stop_and_join();
         // The exporter's last file write sees the vCPUs' final counts; its server stops with the VM.
         if let Some(metrics) = metrics {
             metrics.finish();
@@ -198,6 +174,73 @@ impl BuiltVm {
             thp_aligned: ram.huge_page_aligned(),
             wall_us: started.elapsed().as_micros() as u64,
         })
+    }
+}
+
+/// The vCPU threads of a running VM, stopped and joined by [`VcpuThreads::stop_and_join`] or, when
+/// `run` ends another way (an error after some threads started, a panic unwinding through it),
+/// by its drop: no vCPU thread outlives the `run` that started it, so none runs over guest RAM,
+/// KVM's memory slots or devices that are being dropped, and the control handle never signals a
+/// thread that may have been joined (its `threads` is `None` before the first join).
+struct VcpuThreads<'a> {
+    handles: Vec<std::thread::JoinHandle<VcpuReport>>,
+    control: &'a VmControl,
+    shared: &'a VcpuShared,
+    events_rx: &'a Receiver<VcpuEvent>,
+}
+
+impl VcpuThreads<'_> {
+    /// Tells every vCPU still running to stop: flag first, then kick (see the protocol in
+    /// vstate::vcpu). The control handle may no longer signal the threads once they can be joined.
+    fn stop(&self) {
+        *self.control.threads.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.pause.wake_all();
+        let mut finished = vec![false; self.handles.len()];
+        while let Ok(VcpuEvent::Finished { index, .. }) = self.events_rx.try_recv() {
+            if let Some(f) = finished.get_mut(index) {
+                *f = true;
+            }
+        }
+        for (handle, done) in self.handles.iter().zip(&finished) {
+            if !done {
+                // The thread is not joined yet (its handle is still here), so its pthread_t is
+                // valid: signalling a thread that has returned but is not joined is defined (the
+                // signal is dropped or the call fails with ESRCH).
+                let _ = handle.kill(kick_signal());
+            }
+        }
+    }
+
+    /// Stops the vCPUs and joins them; a thread that panicked reports as an error.
+    fn stop_and_join(mut self) -> Vec<VcpuReport> {
+        self.stop();
+        std::mem::take(&mut self.handles)
+            .into_iter()
+            .enumerate()
+            .map(|(index, t)| {
+                t.join().unwrap_or_else(|_| VcpuReport {
+                    index,
+                    outcome: VcpuOutcome::Error { message: "vCPU thread panicked".into() },
+                    timings: vec![],
+                    first_exit_us: None,
+                    exits: 0,
+                    tsc_khz: None,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for VcpuThreads<'_> {
+    fn drop(&mut self) {
+        if self.handles.is_empty() {
+            return;
+        }
+        self.stop();
+        for t in self.handles.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 

@@ -170,8 +170,17 @@ fn a_vm_is_built_whole_before_it_runs_and_a_built_vm_that_never_runs_leaves_noth
     let mut word = [0u8; 8];
     control.guest_mmu().read(0x20_0000, &mut word).expect("the image's first page is readable");
     assert_ne!(word, [0; 8], "the test guest's image was loaded");
+    let mmu = control.guest_mmu().clone();
     drop(built);
     assert!(!socket.exists());
+    // Guest RAM is gone; the handles that outlived the VM no longer reach it (the host addresses
+    // may hold someone else's memory by now): the table fails the access, the notifier refuses.
+    let err = mmu.read(0x20_0000, &mut word).expect_err("no access through the table after the VM");
+    assert!(matches!(err, vmm::mmu::AccessError::Unmapped { gpa: 0x20_0000 }), "{err:?}");
+    assert_eq!(mmu.stats().entries, 0, "the release dropped every entry");
+    let hva = mmu.host_range(0x20_0000, 4096).unwrap();
+    assert!(!mmu.space().is_mapped(hva, hva + 4096), "the released space maps nothing");
+    assert!(mmu.space().discard(hva, 4096).is_err(), "no host operation on released memory");
 
     // The same config, built again, runs to its end.
     let report = vmm::machine::build(&config).unwrap().run().expect("the VM runs");

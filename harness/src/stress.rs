@@ -1587,10 +1587,66 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 /// A device reader whose last read completed longer ago than this at the end is hung.
 const READER_STALL: Duration = Duration::from_secs(3);
 
+/// The scenario threads that touch guest RAM by its host addresses (raw `munmap`, `mremap`,
+/// `mprotect`, `madvise` and stores: the table and the notifier fail cleanly once the VM is gone,
+/// raw system calls would hit whatever was mapped there next). The VM's `before_teardown` hook
+/// closes the gate and waits for every such thread to leave before guest RAM is unmapped; a
+/// thread that would start after that does not.
+#[derive(Default)]
+struct RamUsers {
+    /// (threads inside, closed)
+    state: Mutex<(usize, bool)>,
+    left: std::sync::Condvar,
+}
+
+impl RamUsers {
+    /// Counts the caller in, unless the VM has ended.
+    fn enter(&self) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.1 {
+            return false;
+        }
+        s.0 += 1;
+        true
+    }
+
+    fn leave(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 -= 1;
+        self.left.notify_all();
+    }
+
+    /// Closes the gate and waits (at most `timeout`) until every thread inside left; false if
+    /// some did not.
+    fn close_and_wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.1 = true;
+        while s.0 > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = self.left.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
+    }
+}
+
+/// Leaves [`RamUsers`] when dropped (a scenario that panics leaves too).
+struct RamUse(Arc<RamUsers>);
+
+impl Drop for RamUse {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
 fn controller(
     vm: Arc<VmControl>,
     opts: StressOptions,
     vm_ended: Arc<AtomicBool>,
+    ram_users: Arc<RamUsers>,
     tx: std::sync::mpsc::Sender<Controlled>,
 ) {
     let started = Instant::now();
@@ -1735,7 +1791,14 @@ fn controller(
         let rng =
             ChaCha8Rng::seed_from_u64(opts.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1)));
         names.push(name.to_string());
+        if !ram_users.enter() {
+            // The VM ended already: no scenario starts over guest RAM that is going away.
+            let _ = done_tx.send(i);
+            continue;
+        }
+        let ram_use = RamUse(ram_users.clone());
         let spawned = std::thread::Builder::new().name(format!("stress-{name}")).spawn(move || {
+            let _ram_use = ram_use;
             thread_ctx.wait_for_go();
             f(&thread_ctx, rng);
             let _ = thread_done.send(i);
@@ -1743,6 +1806,7 @@ fn controller(
         match spawned {
             Ok(_) => running += 1,
             Err(_) => {
+                // `spawn` dropped the closure, and with it `ram_use`.
                 ctx.note_error(format!("cannot spawn the {name} thread"));
                 let _ = done_tx.send(i);
             }
@@ -1908,14 +1972,24 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
     let vm_ended = Arc::new(AtomicBool::new(false));
     let (tx, rx) = channel::<Controlled>();
     let tx = Mutex::new(Some(tx));
-    let (hook_opts, hook_ended) = (opts.clone(), vm_ended.clone());
+    let ram_users = Arc::new(RamUsers::default());
+    let (hook_opts, hook_ended, hook_users) = (opts.clone(), vm_ended.clone(), ram_users.clone());
     let hook = Arc::new(move |vm: &Arc<VmControl>| {
-        let (vm, opts, ended) = (vm.clone(), hook_opts.clone(), hook_ended.clone());
+        let (vm, opts, ended, users) =
+            (vm.clone(), hook_opts.clone(), hook_ended.clone(), hook_users.clone());
         if let Some(tx) = tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
             std::thread::Builder::new()
                 .name("stress-controller".into())
-                .spawn(move || controller(vm, opts, ended, tx))
+                .spawn(move || controller(vm, opts, ended, users, tx))
                 .expect("spawning the stress controller");
+        }
+    });
+    // Before guest RAM is unmapped (however the VM ended): the scenarios stop touching it.
+    let (end_flag, end_users) = (vm_ended.clone(), ram_users.clone());
+    let before_teardown = Arc::new(move |_: &Arc<VmControl>| {
+        end_flag.store(true, Ordering::SeqCst);
+        if !end_users.close_and_wait(JOIN_GRACE + STOP_GRACE) {
+            tracing::error!("stress: scenario threads still run as guest RAM goes away");
         }
     });
     let config = VmConfig {
@@ -1931,6 +2005,7 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
         #[cfg(feature = "fault-injection")]
         plant_skip_mseal: opts.plant_skip_mseal,
         after_start: Some(hook),
+        before_teardown: Some(before_teardown),
         balloon: opts.balloon.then(BalloonConfig::default),
         virtio_mem: opts
             .virtio_mem

@@ -286,6 +286,11 @@ impl AddressSpace {
             thp: r.thp && !matches!(kind, Kind::Hugetlb(_)),
         };
         let mut g = self.write_regions();
+        // Under the mapping lock, which `release` takes to empty the regions after it set
+        // `released`: no region is added to a released space (its memory may be gone).
+        if self.released.load(Ordering::Acquire) {
+            return Err(Error::Released);
+        }
         if g.iter().any(|x| overlaps(x.start, x.end, start, end)) {
             return Err(Error::RegionsOverlap { start, end });
         }
@@ -756,6 +761,14 @@ impl AddressSpace {
     /// Tells every subscriber that the address space goes away: an [`Event::Release`] range per
     /// region, then [`Subscriber::release`] once no other callback of it can run. Later operations
     /// and subscriptions fail with [`Error::Released`]. Also done on drop.
+    ///
+    /// The regions are emptied before the first `Release` range is notified, as an external
+    /// unmap updates them before its start (so [`Self::is_mapped`] says no from then on): a
+    /// subscriber's seq-retry install that looked at the regions before that retries once the
+    /// range's invalidation ran and then finds nothing mapped, so no translation is installed
+    /// after the release. The owner of the memory unmaps it only after this returns; handles
+    /// that outlive it (a table, a device) then fail cleanly instead of touching memory that
+    /// may have been reused.
     /// Fails with [`Error::InCallback`], changing nothing, when called from inside a teardown.
     pub fn release(&self) -> Result<(), Error> {
         // Refused before `released` is set: from inside a callback `release_all` could not wait,
@@ -767,7 +780,10 @@ impl AddressSpace {
         if self.released.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let spans: Vec<Region> = self.read_regions().clone();
+        // Emptied under the mapping lock: an own operation that planned with the regions before
+        // finishes its syscall first, one that plans after finds nothing (`NotMapped`), and
+        // `add_region` sees `released` under the same lock.
+        let spans: Vec<Region> = std::mem::take(&mut *self.write_regions());
         for r in spans {
             let range = Range {
                 start: r.start,

@@ -65,6 +65,26 @@ pub struct BuiltVm {
     pub(super) ram: GuestRam,
 }
 
+/// The end of a VM, whether it ran or not (and however `run` ended): the
+/// [`VmConfig::before_teardown`] hook, then the notifier's address space is released (its
+/// regions emptied, every subscriber told: the table drops all its entries), and only then do
+/// the fields drop, guest RAM last. Handles that outlive the VM (a clone of
+/// [`VmControl::guest_mmu`], of the address space, of the control handle) keep working as
+/// objects but no longer reach guest RAM: accesses through the table fail with
+/// `AccessError::Unmapped` and notifier operations with `Released`, instead of touching memory
+/// that the unmap let someone else reuse.
+impl Drop for BuiltVm {
+    fn drop(&mut self) {
+        if let Some(hook) = self.config.before_teardown.take() {
+            hook(&self.control);
+        }
+        if let Err(e) = self.space.release() {
+            // Only refused from inside a teardown callback, which this is not.
+            tracing::error!("releasing the notifier's address space: {e}");
+        }
+    }
+}
+
 impl BuiltVm {
     /// The handle controllers use while the VM runs (available before it runs, e.g. to give to
     /// a thread that waits for the vCPUs to start).

@@ -112,6 +112,11 @@ pub struct VmConfig {
     pub plant_skip_mseal: bool,
     /// Called on the VMM's thread once the vCPUs run (tests use it to act on a running VM).
     pub after_start: Option<AfterStart>,
+    /// Called once when the VM has ended, however it ended (its vCPUs are joined, guest RAM is
+    /// still mapped): controllers that touch guest RAM by its host addresses (not through the
+    /// table or the notifier, which fail cleanly from then on) must stop before this returns,
+    /// because guest RAM is unmapped right after it. See [`BuiltVm`](super::BuiltVm)'s drop.
+    pub before_teardown: Option<AfterStart>,
     /// A virtio-balloon device, with the features it offers.
     pub balloon: Option<BalloonConfig>,
     /// How often the balloon asks the guest for fresh statistics (its stats queue); `None`: never.
@@ -157,6 +162,7 @@ impl VmConfig {
             #[cfg(feature = "fault-injection")]
             plant_skip_mseal: false,
             after_start: None,
+            before_teardown: None,
             balloon: Some(BalloonConfig::default()),
             balloon_stats_interval: Some(Duration::from_secs(5)),
             api_socket: None,

@@ -59,6 +59,10 @@ impl SlowSubscriber {
         self.state.lock().unwrap().1 = true;
         self.changed.notify_all();
     }
+    /// Holds the next external UNMAP start again.
+    fn rearm(&self) {
+        *self.state.lock().unwrap() = (false, false);
+    }
 }
 
 struct Layer {
@@ -146,6 +150,50 @@ fn without_the_seal_a_device_write_in_the_window_reaches_a_foreign_page_and_the_
     assert!(fatal.contains("a mapping the VMM did not make"), "{fatal}");
     // SAFETY: the guard never touched it: still the test's page with the device's bytes.
     assert_eq!(unsafe { foreign.add(16).read_volatile() }, 0xAA);
+    drop(l.ram);
+}
+
+/// A hole the guard re-backed before is no safer than a new one: after a second external munmap
+/// of the re-backed page, a foreign mapping that lands there before the worker gets to the event
+/// must stop the VM, not be taken for the guard's own re-back (it sits where the re-back was, but
+/// is not a mapping of the VMM's file) and handed to the notifier, the table and KVM as guest RAM.
+#[test]
+fn a_foreign_mapping_in_a_hole_re_backed_before_is_not_adopted_as_guest_ram() {
+    let l = layer(false);
+    l.mmu.write(GPA, &[0x11; 16]).unwrap();
+    // SAFETY (test): an external munmap of one page of guest RAM, the scenario itself.
+    assert_eq!(unsafe { libc::munmap(l.hva as *mut libc::c_void, PAGE) }, 0);
+    l.slow.wait_holding();
+    l.slow.rearm();
+    l.slow.release();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while l.guard.report().rebacked_bytes < PAGE as u64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(l.guard.report().rebacked_bytes, PAGE as u64, "the first hole is re-backed");
+    assert!(l.guard.fatal().is_none());
+    l.mmu.write(GPA, &[0x22; 16]).expect("the re-backed page is guest RAM again");
+    l.slow.rearm();
+
+    // SAFETY (test): the second external munmap, of the re-backed page.
+    assert_eq!(unsafe { libc::munmap(l.hva as *mut libc::c_void, PAGE) }, 0);
+    l.slow.wait_holding();
+    let foreign = foreign_page_at(l.hva).expect("the hole is free for another mapping");
+    l.slow.release();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while l.guard.fatal().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let fatal = l.guard.fatal().expect("the guard stops the VM");
+    assert!(fatal.contains("guest RAM [0x200000, 0x201000)"), "{fatal}");
+    assert!(fatal.contains("a mapping the VMM did not make"), "{fatal}");
+    assert!(
+        !l.mmu.space().is_mapped(l.hva, l.hva + PAGE),
+        "the foreign page was not handed to the notifier as guest RAM"
+    );
+    assert!(l.mmu.read(GPA, &mut [0u8; 16]).is_err(), "nor does the table reach it");
+    // SAFETY: the test's foreign page, untouched by the VMM.
+    assert_eq!(unsafe { foreign.read_volatile() }, 0xAA);
     drop(l.ram);
 }
 

@@ -5,8 +5,8 @@
 //! notifier, which tells every subscriber — the VMM's table drops its entries, and the
 //! [`TeardownGuard`] applies the policy chosen on the command line:
 //!
-//! - [`TeardownPolicy::Reback`] (default): map fresh zeroed memory of the original kind at the
-//!   same host addresses (`MAP_FIXED_NOREPLACE`, so a mapping someone else put there is never
+//! - [`TeardownPolicy::Reback`] (default): map fresh zeroed memory (of guest RAM's own file, or
+//!   for anonymous RAM of a memfd of the guard's own) at the same host addresses (`MAP_FIXED_NOREPLACE`, so a mapping someone else put there is never
 //!   clobbered), hand it back to the notifier (and so to the monitor), and let the guest go on.
 //!   The guest reads zeros there, as after a balloon inflate. KVM's memslot keeps its host
 //!   address, so KVM needs no update: its own mmu_notifier already dropped the old pages.
@@ -44,7 +44,10 @@
 //! - this guard looks for a mapping the VMM did not make in the hole as soon as its start for the
 //!   event runs (before anything is re-backed) and then stops the VM with an error naming the
 //!   guest-physical range; it never maps over, nor unmaps, a mapping it did not make
-//!   (`MAP_FIXED_NOREPLACE`).
+//!   (`MAP_FIXED_NOREPLACE`). It tells its own mappings by what they are, not where they are
+//!   (a mapping of a file only the VMM holds, at the right offset: see `Identity`), so a
+//!   foreign mapping that lands where an earlier re-back was is caught the same way, and what it
+//!   registers with the notifier is checked again once registered.
 //!
 //! Not guaranteed without the seal: a device copy in the window — through an entry installed
 //! before the unmap, or through a translation installed while the regions still listed the range —
@@ -61,7 +64,7 @@
 //! stays a valid address of guest RAM for the life of the process. Only discards (REMOVE events)
 //! reach the monitor then, and this guard has nothing to re-back.
 
-use rangemap::RangeSet;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -122,10 +125,6 @@ struct State {
     restores: u64,
     /// External unmaps/remaps of memory that is not guest RAM (moved out of it before).
     outside: u64,
-    /// Host ranges this guard mapped (re-backed), to tell them from someone else's mappings.
-    /// A set of ranges that merges what touches: re-backs of neighbouring pages over a long run
-    /// stay a few entries, and a lookup is a search, not a walk of every re-back ever made.
-    ours: RangeSet<usize>,
 }
 
 /// Removes `[start, end)` from every range of `ranges`.
@@ -202,6 +201,40 @@ pub struct TeardownGuard {
     stop: vmm_sys_util::eventfd::EventFd,
     /// Told of each external teardown handled (set once, before the VM runs).
     observer: std::sync::OnceLock<TeardownObserver>,
+    /// Per region without a file of its own (anonymous RAM): the memfd its re-backs map, made
+    /// at the first re-back (see [`Identity`]).
+    reback_files: Vec<std::sync::OnceLock<Result<OwnedFd, String>>>,
+}
+
+/// What a mapping of guest RAM made by the VMM looks like in /proc/self/maps, so that the guard
+/// tells its own mappings from someone else's by what they are, not by where they are.
+///
+/// An address says nothing: once code outside the VMM unmapped a range the guard re-backed,
+/// anything may be mapped there, and a set of "addresses the guard mapped" would adopt it (the
+/// next pass would hand someone's thread stack to the notifier, the table and KVM as guest RAM).
+/// A file does: every mapping the guard makes is of a file only the VMM holds — guest RAM's own
+/// memfd (or hugetlb file), or for anonymous RAM a memfd of the guard's own (its re-backs are
+/// shared mappings of it, which behave as anonymous memory for the guest: zeros when fresh, and
+/// discards punch holes) — at the file offset of that guest address. A mapping is the VMM's iff
+/// its device, inode and offset are those; no mapping made without the VMM's file descriptor can
+/// have them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Identity {
+    dev: (u32, u32),
+    ino: u64,
+    /// The file offset of the region's first host address.
+    base: u64,
+}
+
+/// One line of /proc/self/maps clipped to a range: `[start, end)`, the file offset at `start`,
+/// the device and inode (0 for anonymous memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MapsEntry {
+    start: usize,
+    end: usize,
+    offset: u64,
+    dev: (u32, u32),
+    ino: u64,
 }
 
 impl TeardownGuard {
@@ -215,12 +248,13 @@ impl TeardownGuard {
         Self {
             policy,
             space: Arc::downgrade(space),
-            regions,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             generation: AtomicU64::new(0),
             stop,
             observer: std::sync::OnceLock::new(),
+            reback_files: (0..regions.len()).map(|_| std::sync::OnceLock::new()).collect(),
+            regions,
         }
     }
 
@@ -259,9 +293,76 @@ impl TeardownGuard {
     /// without guest RAM) that this guard did not map, if any: someone else's mapping in the
     /// hole. `None` also when /proc/self/maps cannot be read (the re-back looks again).
     fn foreign_mapping(&self, start: usize, end: usize) -> Option<(usize, usize)> {
-        let mapped = host_mappings(start, end).ok()?;
-        let s = self.lock();
-        mapped.into_iter().find(|&(a, b)| s.ours.gaps(&(a..b)).next().is_some())
+        let mapped = maps_entries(start, end).ok()?;
+        mapped.into_iter().find(|m| !self.is_ours(m)).map(|m| (m.start, m.end))
+    }
+
+    /// The index of the region holding host range `[start, end)`.
+    fn region_index(&self, start: usize, end: usize) -> Result<usize, String> {
+        self.regions
+            .iter()
+            .position(|r| r.spec.host_addr <= start && end <= r.spec.host_addr + r.spec.len)
+            .ok_or_else(|| format!("host range [{start:#x}, {end:#x}) is not guest RAM"))
+    }
+
+    /// The file every mapping of region `i` made by the VMM maps, and its offset at the region's
+    /// start: guest RAM's own file, else the guard's re-back memfd (made now if need be).
+    fn region_file(&self, i: usize) -> Result<(i32, u64), String> {
+        let spec = &self.regions[i].spec;
+        match spec.backing {
+            notifier::Backing::SharedMemfd { fd, offset } => Ok((fd, offset)),
+            notifier::Backing::Hugetlb { file: Some((fd, offset)), .. } => Ok((fd, offset)),
+            notifier::Backing::Hugetlb { page_size, file: None } => {
+                self.reback_file(i, libc::MFD_HUGETLB | hugetlb_size_flag(page_size)).map(|fd| (fd, 0))
+            }
+            notifier::Backing::PrivateAnon => self.reback_file(i, 0).map(|fd| (fd, 0)),
+        }
+    }
+
+    /// Region `i`'s re-back memfd (`memfd_create` with `flags`, sized as the region).
+    fn reback_file(&self, i: usize, flags: libc::c_uint) -> Result<i32, String> {
+        let len = self.regions[i].spec.len;
+        let made = self.reback_files[i].get_or_init(|| {
+            // SAFETY: a NUL-terminated name and valid flags; the returned fd is owned below.
+            let fd = unsafe { libc::memfd_create(c"zapvm-reback".as_ptr(), libc::MFD_CLOEXEC | flags) };
+            if fd < 0 {
+                return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+            }
+            // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: ftruncate of the memfd just made; sparse, nothing is allocated.
+            if unsafe { libc::ftruncate(owned.as_raw_fd(), len as i64) } != 0 {
+                return Err(format!("sizing the re-back memfd: {}", std::io::Error::last_os_error()));
+            }
+            Ok(owned)
+        });
+        made.as_ref().map(|fd| fd.as_raw_fd()).map_err(Clone::clone)
+    }
+
+    /// Region `i`'s [`Identity`], if its file exists (a region never re-backed has none of the
+    /// guard's own yet: then nothing in it can be a re-back).
+    fn identity(&self, i: usize) -> Option<Identity> {
+        let (fd, base) = match self.regions[i].spec.backing {
+            notifier::Backing::SharedMemfd { fd, offset } => (fd, offset),
+            notifier::Backing::Hugetlb { file: Some((fd, offset)), .. } => (fd, offset),
+            _ => (self.reback_files[i].get()?.as_ref().ok()?.as_raw_fd(), 0),
+        };
+        // SAFETY: fstat writes only into `st`; `fd` is open (the region's or the guard's own).
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            return None;
+        }
+        Some(Identity { dev: (libc::major(st.st_dev), libc::minor(st.st_dev)), ino: st.st_ino, base })
+    }
+
+    /// Whether the mapping `m` (inside guest RAM's host range) was made by the VMM: of the file
+    /// of its region, at the offset of its address (see [`Identity`]).
+    fn is_ours(&self, m: &MapsEntry) -> bool {
+        let Ok(i) = self.region_index(m.start, m.end) else { return false };
+        let Some(id) = self.identity(i) else { return false };
+        m.ino != 0
+            && (m.dev, m.ino) == (id.dev, id.ino)
+            && m.offset == id.base + (m.start - self.regions[i].spec.host_addr) as u64
     }
 
     /// Whether `[start, end)` lies inside guest RAM as it was mapped at start-up.
@@ -393,10 +494,14 @@ impl TeardownGuard {
     /// fresh memory and registering it produces no event at all (nothing was registered there).
     /// So this works from what is mapped *now* (/proc/self/maps), page run by page run:
     /// - unmapped: map fresh memory and register it;
-    /// - mapped, unknown to the notifier, and mapped by this guard before: register it again;
-    /// - mapped, unknown, not ours: someone else's mapping sits in guest RAM — an error;
+    /// - mapped, unknown to the notifier, and the VMM's by its [`Identity`] (an earlier re-back
+    ///   that was not registered): register it again;
+    /// - mapped, unknown, not the VMM's: someone else's mapping sits in guest RAM — an error;
     ///
-    /// and looks again until a pass changes nothing, which closes the unregistered window.
+    /// and after registering a run checks by identity that what it registered is the VMM's (a
+    /// munmap and someone's mmap between the re-back's mmap and its registration tell no event:
+    /// nothing was registered there; from the registration on, every change does), and looks
+    /// again until a pass changes nothing.
     fn reback(&self, start: usize, end: usize) -> Result<(), String> {
         const MAX_PASSES: usize = 16;
         let space = self.space.upgrade().ok_or("the address space is gone")?;
@@ -405,15 +510,9 @@ impl TeardownGuard {
             let mut changed = false;
             for (run_start, run_end, is_mapped) in runs(start, end, &mapped, |a, b| space.is_mapped(a, b)) {
                 if is_mapped {
-                    let covered = self.lock().ours.gaps(&(run_start..run_end)).next().is_none();
-                    if !covered {
-                        return Err(format!(
-                            "[{run_start:#x}, {run_end:#x}) holds a mapping the VMM did not make"
-                        ));
-                    }
+                    self.check_ours(run_start, run_end)?;
                 } else {
                     self.map_fresh(run_start, run_end)?;
-                    self.lock().ours.insert(run_start..run_end);
                 }
                 let spec = self.region_spec(run_start, run_end)?;
                 // SAFETY: the range is memory this guard mapped, mapped for as long as guest RAM
@@ -427,6 +526,9 @@ impl TeardownGuard {
                         return Err(format!("cannot hand the memory to the notifier: {e}"));
                     }
                 }
+                // Registered: what is mapped there now is what the notifier (and the table, and
+                // the guest) will use. It must be the VMM's.
+                self.check_ours(run_start, run_end)?;
                 changed = true;
             }
             if !changed {
@@ -436,60 +538,54 @@ impl TeardownGuard {
         Err(format!("it was unmapped again {MAX_PASSES} times while being re-backed"))
     }
 
-    /// The notifier's description of guest RAM `[start, end)` (backing and file offset as the
-    /// original region's).
+    /// `Err` naming the first mapping inside `[start, end)` that is not the VMM's (by
+    /// [`Identity`]); unmapped parts are not checked (an event will tell of them).
+    fn check_ours(&self, start: usize, end: usize) -> Result<(), String> {
+        match maps_entries(start, end)?.into_iter().find(|m| !self.is_ours(m)) {
+            Some(m) => Err(format!("[{:#x}, {:#x}) holds a mapping the VMM did not make", m.start, m.end)),
+            None => Ok(()),
+        }
+    }
+
+    /// The notifier's description of re-backed guest RAM `[start, end)`: a mapping of its
+    /// region's file (see [`TeardownGuard::region_file`]) at the offset of `start`.
     fn region_spec(&self, start: usize, end: usize) -> Result<RegionSpec, String> {
-        let region = self
-            .regions
-            .iter()
-            .find(|r| r.spec.host_addr <= start && end <= r.spec.host_addr + r.spec.len)
-            .ok_or_else(|| format!("host range [{start:#x}, {end:#x}) is not guest RAM"))?;
-        let shift = (start - region.spec.host_addr) as u64;
+        let i = self.region_index(start, end)?;
+        let region = &self.regions[i];
+        let (fd, base) = self.region_file(i)?;
+        let offset = base + (start - region.spec.host_addr) as u64;
         let backing = match region.spec.backing {
-            notifier::Backing::SharedMemfd { fd, offset } => {
-                notifier::Backing::SharedMemfd { fd, offset: offset + shift }
+            notifier::Backing::Hugetlb { page_size, .. } => {
+                notifier::Backing::Hugetlb { page_size, file: Some((fd, offset)) }
             }
-            notifier::Backing::Hugetlb { page_size, file: Some((fd, offset)) } => {
-                notifier::Backing::Hugetlb { page_size, file: Some((fd, offset + shift)) }
-            }
-            other => other,
+            _ => notifier::Backing::SharedMemfd { fd, offset },
         };
         Ok(RegionSpec { host_addr: start, len: end - start, backing, thp: region.spec.thp })
     }
 
-    /// Maps fresh zeroed memory of the region's kind over the hole `[start, end)`.
+    /// Maps fresh zeroed memory of the region's file (see [`Identity`]) over the hole
+    /// `[start, end)`.
     fn map_fresh(&self, start: usize, end: usize) -> Result<(), String> {
-        let region = self
-            .regions
-            .iter()
-            .find(|r| r.spec.host_addr <= start && end <= r.spec.host_addr + r.spec.len)
-            .ok_or_else(|| format!("host range [{start:#x}, {end:#x}) is not guest RAM"))?;
+        let i = self.region_index(start, end)?;
+        let region = &self.regions[i];
         let len = end - start;
-        let file = match region.spec.backing {
-            notifier::Backing::SharedMemfd { fd, offset } => Some((fd, offset)),
-            notifier::Backing::Hugetlb { file, .. } => file,
-            notifier::Backing::PrivateAnon => None,
+        let (fd, base) = self.region_file(i)?;
+        let offset = base + (start - region.spec.host_addr) as u64;
+        // Zero the file's pages first: the fresh mapping must read zeros like anonymous memory.
+        // SAFETY: fallocate on the VMM's own file (guest RAM's or the guard's re-back memfd)
+        // over the range of this hole.
+        let ret = unsafe {
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as i64,
+                len as i64,
+            )
         };
-        let (flags, fd, offset) = match file {
-            Some((fd, offset)) => {
-                let offset = offset + (start - region.spec.host_addr) as u64;
-                // Zero the file's pages first: the fresh mapping must read zeros like anonymous memory.
-                // SAFETY: fallocate on the VMM's own memfd over a range inside guest RAM's file.
-                let ret = unsafe {
-                    libc::fallocate(
-                        fd,
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        offset as i64,
-                        len as i64,
-                    )
-                };
-                if ret != 0 {
-                    return Err(format!("fallocate(PUNCH_HOLE): {}", std::io::Error::last_os_error()));
-                }
-                (libc::MAP_SHARED, fd, offset as i64)
-            }
-            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
-        };
+        if ret != 0 {
+            return Err(format!("fallocate(PUNCH_HOLE): {}", std::io::Error::last_os_error()));
+        }
+        let (flags, offset) = (libc::MAP_SHARED, offset as i64);
         // SAFETY: MAP_FIXED_NOREPLACE maps only if nothing is mapped in [start, end), so no
         // mapping (ours or anyone's) is replaced; the range was guest RAM, now a hole.
         let addr = unsafe {
@@ -536,6 +632,45 @@ pub fn host_mappings(start: usize, end: usize) -> Result<Vec<(usize, usize)>, St
         }
     }
     Ok(mapped)
+}
+
+/// The lines of /proc/self/maps overlapping `[start, end)`, clipped to it (the offset moved to
+/// the clipped start), in address order; `Err` when the file cannot be read.
+fn maps_entries(start: usize, end: usize) -> Result<Vec<MapsEntry>, String> {
+    let maps =
+        std::fs::read_to_string("/proc/self/maps").map_err(|e| format!("reading /proc/self/maps: {e}"))?;
+    Ok(maps.lines().filter_map(parse_maps_line).filter_map(|m| clip(m, start, end)).collect())
+}
+
+/// `m` clipped to `[start, end)`, if they overlap.
+fn clip(m: MapsEntry, start: usize, end: usize) -> Option<MapsEntry> {
+    (m.start < end && start < m.end).then(|| {
+        let s = m.start.max(start);
+        MapsEntry { start: s, end: m.end.min(end), offset: m.offset + (s - m.start) as u64, ..m }
+    })
+}
+
+/// One line of /proc/self/maps: `start-end perms offset major:minor inode [path]`, all hex but
+/// the inode.
+fn parse_maps_line(line: &str) -> Option<MapsEntry> {
+    let mut f = line.split_whitespace();
+    let (a, b) = f.next()?.split_once('-')?;
+    let _perms = f.next()?;
+    let offset = u64::from_str_radix(f.next()?, 16).ok()?;
+    let (major, minor) = f.next()?.split_once(':')?;
+    let ino = f.next()?.parse().ok()?;
+    Some(MapsEntry {
+        start: usize::from_str_radix(a, 16).ok()?,
+        end: usize::from_str_radix(b, 16).ok()?,
+        offset,
+        dev: (u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?),
+        ino,
+    })
+}
+
+/// `memfd_create`'s flag for hugetlb pages of `page_size` (2 MiB or 1 GiB).
+fn hugetlb_size_flag(page_size: usize) -> libc::c_uint {
+    (page_size.trailing_zeros() as libc::c_uint) << libc::MFD_HUGE_SHIFT
 }
 
 /// Cuts `[start, end)` into maximal page runs that the notifier does not know (`known` is

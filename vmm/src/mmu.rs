@@ -31,7 +31,12 @@
 //! `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which runs a full memory barrier on every CPU
 //! that runs a thread of this process (the pairing of Linux's `rcu_sync`/percpu-rwsem, of
 //! liburcu's membarrier flavour and of folly's asymmetric fences); where the kernel refuses
-//! membarrier both are a full fence (`fence(SeqCst)`: one serialising instruction per access).
+//! to register for membarrier both are a full fence (`fence(SeqCst)`: one serialising
+//! instruction per access). A registered process's membarrier may still fail (`ENOMEM`,
+//! `EINTR`: retried a few times; a seccomp filter installed later: for good); the heavy barrier
+//! is then made by an mprotect TLB shootdown (an IPI to every CPU running the process, as
+//! folly and liburcu fall back to), and if that fails too the process aborts: the heavy barrier
+//! never fails and never unwinds out of a half-finished wait (M1).
 //!
 //! - S1. A slot's section count and announced region are written only by the thread that owns
 //!   the slot ([`readers::SlotList::claim`] gives a slot to one live thread at a time); the count

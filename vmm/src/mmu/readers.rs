@@ -246,8 +246,8 @@ fn backoff(spins: &mut u32) {
 
 /// How the two barriers are made.
 #[cfg(not(loom))]
-mod mode {
-    use std::sync::atomic::{AtomicBool, Ordering};
+pub(super) mod mode {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Once;
 
     /// `MEMBARRIER_CMD_PRIVATE_EXPEDITED` and its registration (`include/uapi/linux/membarrier.h`).
@@ -278,23 +278,178 @@ mod mode {
         super::super::reader_slots().forget_sections();
     }
 
+    /// Whether the light barrier is a compiler fence paired with membarrier (S2).
     #[inline]
-    pub(super) fn asymmetric() -> bool {
+    pub(crate) fn asymmetric() -> bool {
         ASYMMETRIC.load(Ordering::Relaxed)
     }
 
+    /// How many times a transient refusal of the expedited command (`ENOMEM`: the kernel
+    /// could not allocate its CPU mask; `EINTR`) is retried before the barrier of this call is
+    /// made by [`mprotect_barrier`] instead.
+    pub(crate) const MEMBARRIER_TRIES: u32 = 8;
+
+    /// The kernel refused the expedited command for good (anything but `ENOMEM`/`EINTR`, such
+    /// as a seccomp filter installed after registration): every heavy barrier from now on is
+    /// [`mprotect_barrier`].
+    static REFUSED: AtomicBool = AtomicBool::new(false);
+    /// Heavy barriers made by [`mprotect_barrier`] because membarrier failed.
+    static FALLBACKS: AtomicU64 = AtomicU64::new(0);
+
     /// The heavy barrier: a full barrier on every CPU running a thread of this process.
+    ///
+    /// It never fails and never unwinds: it runs inside `invalidate_range_start` (the
+    /// notifier's callback) and the VMM's own teardowns, between clearing a region's bits and
+    /// waiting for its readers (M1), where a panic would leave a half-finished
+    /// `drop_overlapping` / `wait_for_readers`. A transient refusal of membarrier is retried
+    /// [`MEMBARRIER_TRIES`] times with a short backoff; then (or at once for a permanent
+    /// refusal) the barrier is made by [`mprotect_barrier`]; if that fails too the process
+    /// aborts with a message (no reader's compiler fence would pair with anything, so M1 could
+    /// not be kept).
     pub(super) fn membarrier() {
+        if !REFUSED.load(Ordering::Relaxed) {
+            let mut error = 0;
+            for attempt in 0..MEMBARRIER_TRIES {
+                error = match expedited() {
+                    0 => return,
+                    e => e,
+                };
+                if error != libc::ENOMEM && error != libc::EINTR {
+                    REFUSED.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        "membarrier(PRIVATE_EXPEDITED) refused after registration ({}); the \
+                         heavy barrier is mprotect's TLB shootdown from now on",
+                        std::io::Error::from_raw_os_error(error)
+                    );
+                    break;
+                }
+                // 1, 2, 4, ... 64 us: the kernel's allocation may succeed once memory is freed.
+                if attempt + 1 < MEMBARRIER_TRIES {
+                    std::thread::sleep(std::time::Duration::from_micros(1 << attempt));
+                }
+            }
+            if !REFUSED.load(Ordering::Relaxed) {
+                tracing::warn!(
+                    "membarrier(PRIVATE_EXPEDITED) failed {MEMBARRIER_TRIES} times ({}); this \
+                     heavy barrier is mprotect's TLB shootdown",
+                    std::io::Error::from_raw_os_error(error)
+                );
+            }
+        }
+        FALLBACKS.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = mprotect_barrier() {
+            // Not a panic: unwinding here would skip the wait for readers (M1).
+            eprintln!(
+                "zapvm: fatal: membarrier(PRIVATE_EXPEDITED) failed and so did its mprotect \
+                 fallback ({e}); the VMM's invalidations cannot wait for its readers (M1), aborting"
+            );
+            std::process::abort();
+        }
+    }
+
+    /// Heavy barriers made by [`mprotect_barrier`] so far (membarrier failed).
+    #[cfg(test)]
+    pub(crate) fn fallbacks() -> u64 {
+        FALLBACKS.load(Ordering::Relaxed)
+    }
+
+    /// membarrier(PRIVATE_EXPEDITED): 0, or the errno of its failure.
+    fn expedited() -> i32 {
+        #[cfg(feature = "fault-injection")]
+        if let Some(errno) = planted::take_failure() {
+            return errno;
+        }
         // SAFETY: membarrier takes no pointer; the process registered for the command.
         let r = unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED, 0, 0) };
-        // Registered, so the kernel cannot refuse it; if it ever did, no reader's compiler
-        // fence would pair with anything and M1 could not be kept.
-        assert_eq!(
-            r,
-            0,
-            "membarrier(PRIVATE_EXPEDITED) failed after registration: {}",
-            std::io::Error::last_os_error()
-        );
+        if r == 0 {
+            0
+        } else {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL)
+        }
+    }
+
+    /// The heavy barrier without membarrier (folly's and liburcu's fallback), x86 only: a page
+    /// of this process's own, written (so its PTE is present, writable and dirty), then made
+    /// read-only. Removing write permission from a present PTE needs a TLB shootdown: the
+    /// kernel sends an IPI to every CPU that has this mm loaded and is not lazy — every CPU
+    /// running a thread of this process — and waits for each to acknowledge before mprotect
+    /// returns. On x86 that is a full barrier for the threads of this mm, with the same
+    /// argument as membarrier's own IPI: the caller's stores are drained by the locked
+    /// operations of the syscall (mmap_lock) before the IPIs are sent; an interrupted
+    /// thread's earlier stores are visible before its CPU acknowledges (TSO keeps them before
+    /// the handler's acknowledging store), and its later loads execute after the handler's
+    /// serializing INVLPG / CR3 write and IRET. A thread not running at that moment passes the
+    /// scheduler's full barrier before it runs again (as membarrier relies on too).
+    fn mprotect_barrier() -> std::io::Result<()> {
+        use std::sync::{Mutex, OnceLock};
+        /// The page (its address), mapped once, never unmapped; the lock serialises the
+        /// write-then-protect pairs (another barrier's RW would leave the PTE writable).
+        static PAGE: OnceLock<Result<usize, i32>> = OnceLock::new();
+        static LOCK: Mutex<()> = Mutex::new(());
+        const SIZE: usize = 4096;
+        let page = *PAGE.get_or_init(|| {
+            // SAFETY: a new private anonymous mapping, at an address of the kernel's choice;
+            // nothing else knows of it.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    SIZE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::ENOMEM));
+            }
+            // SAFETY: our own mapping; a failed mlock (RLIMIT_MEMLOCK) only lets the page be
+            // reclaimed, and the write below faults it back in.
+            unsafe { libc::mlock(p, SIZE) };
+            Ok(p as usize)
+        });
+        let page = page.map_err(std::io::Error::from_raw_os_error)?;
+        let _serial = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let protect = |prot| {
+            // SAFETY: the page is this function's own mapping (above), which nothing else
+            // reads, writes or unmaps.
+            if unsafe { libc::mprotect(page as *mut libc::c_void, SIZE, prot) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        protect(libc::PROT_READ | libc::PROT_WRITE)?;
+        // SAFETY: the page is mapped read-write (just above) and ours alone (under LOCK).
+        unsafe { std::ptr::write_volatile(page as *mut u64, std::ptr::read_volatile(page as *const u64) + 1) };
+        protect(libc::PROT_READ)
+    }
+
+    /// **Planted fault, for tests only** (cargo feature `fault-injection`): membarrier's
+    /// expedited command fails.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) mod planted {
+        use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+
+        static LEFT: AtomicU32 = AtomicU32::new(0);
+        static ERRNO: AtomicI32 = AtomicI32::new(0);
+
+        /// The next `times` expedited membarriers fail with `errno` (no syscall is made).
+        #[cfg(test)]
+        pub(crate) fn fail_membarrier(times: u32, errno: i32) {
+            ERRNO.store(errno, Ordering::SeqCst);
+            LEFT.store(times, Ordering::SeqCst);
+        }
+
+        /// Planted failures not yet taken.
+        #[cfg(test)]
+        pub(crate) fn failures_left() -> u32 {
+            LEFT.load(Ordering::SeqCst)
+        }
+
+        pub(super) fn take_failure() -> Option<i32> {
+            LEFT.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).ok()?;
+            Some(ERRNO.load(Ordering::SeqCst))
+        }
     }
 }
 

@@ -154,3 +154,64 @@ fn bitmaps_clear_exactly_the_overlapping_entries() {
     assert_eq!(e.drop_overlapping(reader_slots(), 0, 0x4000_0000), 0);
     assert_eq!(e.count(), 4);
 }
+
+/// B5: membarrier's expedited command failing after registration (`ENOMEM`, which the kernel
+/// returns when it cannot allocate its CPU mask, `EINTR`, or a refusal for good such as a later
+/// seccomp filter's `EPERM`) is neither a panic nor a skipped wait: the heavy barrier retries,
+/// then falls back to the mprotect shootdown, and the writer still waits for a reader inside a
+/// section of its region (M1). Before the fix the first planted failure panicked the writer.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_failing_membarrier_is_retried_or_replaced_and_readers_are_still_waited_for() {
+    use readers::mode::{self, planted, MEMBARRIER_TRIES};
+
+    let list = readers::SlotList::new();
+    let slot = list.claim(); // chooses the barrier mode
+    if !mode::asymmetric() {
+        let line = "SKIP a_failing_membarrier_is_retried_or_replaced_and_readers_are_still_waited_for: \
+                    the kernel refuses membarrier registration (no heavy barrier to fail)";
+        eprintln!("{line}");
+        if let Some(log) = std::env::var_os("ZAPVM_SKIP_LOG").filter(|p| !p.is_empty()) {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+            writeln!(f, "{line}").unwrap();
+        }
+        return;
+    }
+    let region = 0x5000usize;
+    // One writer against a reader inside a section of `region`, with `failures` planted
+    // failures of `errno`: the writer must take them all, make `fallbacks` mprotect barriers,
+    // and still be waiting until the section ends.
+    let round = |failures: u32, errno: i32, fallbacks: u64| {
+        let before = mode::fallbacks();
+        let section = slot.enter(region);
+        planted::fail_membarrier(failures, errno);
+        std::thread::scope(|s| {
+            let writer = s.spawn(|| list.wait_for_readers(region));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while (planted::failures_left() > 0 || mode::fallbacks() < before + fallbacks)
+                && !writer.is_finished()
+            {
+                assert!(Instant::now() < deadline, "the writer never took its planted failures");
+                std::thread::yield_now();
+            }
+            // The barrier is made (or the writer died trying): it is in its wait now, which
+            // cannot end while the section is open.
+            assert!(!writer.is_finished(), "the writer returned (or panicked) while a reader it must wait for is inside");
+            assert_eq!(planted::failures_left(), 0);
+            drop(section);
+            writer.join().expect("the writer panicked on a failing membarrier");
+        });
+        assert_eq!(mode::fallbacks() - before, fallbacks, "{failures} x errno {errno}");
+    };
+    // Transient, fewer than the tries: retried, membarrier makes the barrier.
+    round(MEMBARRIER_TRIES - 1, libc::ENOMEM, 0);
+    round(2, libc::EINTR, 0);
+    // Transient every time: this barrier is the mprotect one; the next is membarrier again.
+    round(MEMBARRIER_TRIES, libc::ENOMEM, 1);
+    round(0, 0, 0);
+    // Refused for good: mprotect from now on, without asking membarrier again.
+    round(1, libc::EPERM, 1);
+    round(0, 0, 1);
+    list.release(slot);
+}

@@ -41,7 +41,7 @@ pub use client::{call, find_socket, socket_at, ClientError, QmpClient, Target};
 pub use commands::{handle_line, RunStatus, Session, StatsGroup, VirtioMemInfo, VmHandle, DOWNSTREAM_PREFIX};
 pub use events::EventQueue;
 pub use protocol::{ErrorClass, QmpError, MAX_LINE};
-pub use server::ApiServer;
+pub use server::{ApiServer, Limits, ServerCounters};
 
 #[cfg(test)]
 mod tests;

@@ -14,16 +14,27 @@
 //!
 //! - a request is at most [`super::MAX_LINE`] bytes: a longer one is dropped as it arrives and
 //!   answered with an error, the connection goes on;
-//! - at most [`MAX_CLIENTS`] connections; one more is told so and closed;
+//! - at most [`MAX_CLIENTS`] connections. A client that has not completed `qmp_capabilities`
+//!   within [`Limits::handshake_timeout`] of connecting is told so and disconnected; when the
+//!   table is full, a new connection takes the place of the longest-idle client (no request for
+//!   [`Limits::idle_eviction`] or more), which is told so and disconnected; otherwise the new one
+//!   is told the table is full and closed. So clients that connect and never speak cannot lock
+//!   everyone else out; both kinds of disconnection are counted ([`ServerCounters`]);
 //! - a client that lets more than [`MAX_PENDING_OUTPUT`] bytes of replies and events pile up
 //!   unread is disconnected (the VMM never blocks on a client, nor buffers without bound);
-//! - at most [`READ_BUDGET`] bytes read from one client per wake-up, [`ACCEPT_BUDGET`] accepts:
-//!   one busy client cannot starve the others or the rest of the event loop.
+//! - at most [`READ_BUDGET`] bytes read from one client per wake-up, [`ACCEPT_BUDGET`] accepts,
+//!   and at most [`Limits::commands_per_pass`] commands executed for one client per event-loop
+//!   pass: requests beyond that stay buffered (and the client's socket is not read meanwhile)
+//!   and are answered, in order, on the next passes, which the server asks for through an
+//!   eventfd of its own — one busy client (thousands of requests in one write) cannot starve the
+//!   others or the rest of the event loop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -31,6 +42,8 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::commands::{handle_line, Session, VmHandle};
 use super::events::EventQueue;
@@ -44,6 +57,42 @@ pub const MAX_PENDING_OUTPUT: usize = 1 << 20;
 pub const READ_BUDGET: usize = 64 * 1024;
 /// Most connections accepted per wake-up.
 pub const ACCEPT_BUDGET: usize = 64;
+
+/// The server's time and work limits per client (see the module docs); [`Limits::default`] is
+/// what a VM's control socket uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// A client must complete `qmp_capabilities` within this long of connecting (10 s).
+    pub handshake_timeout: Duration,
+    /// When the table is full, a client that sent no request for this long (60 s) may be
+    /// disconnected to make room for a new one (the longest-idle first).
+    pub idle_eviction: Duration,
+    /// Most commands executed for one client per event-loop pass (64).
+    pub commands_per_pass: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            idle_eviction: Duration::from_secs(60),
+            commands_per_pass: 64,
+        }
+    }
+}
+
+/// What the server did to bound its clients, counted since it was bound.
+#[derive(Debug, Default)]
+pub struct ServerCounters {
+    /// Clients disconnected for not completing `qmp_capabilities` in time.
+    pub handshake_timeouts: AtomicU64,
+    /// Idle clients disconnected to make room for a new one (the table was full).
+    pub idle_evictions: AtomicU64,
+    /// Connections refused because the table was full and nobody was idle long enough.
+    pub refused: AtomicU64,
+    /// Passes that left a client's requests buffered for the next pass (its budget was spent).
+    pub deferred: AtomicU64,
+}
 
 /// Writes to a client without raising `SIGPIPE` if it is gone (`EPIPE` instead): the VMM must
 /// not depend on the signal being ignored.
@@ -78,10 +127,16 @@ struct Connection {
     read_closed: bool,
     /// What the connection is registered for.
     watched: EventSet,
+    /// Requests received, not yet executed (at most one pass's budget is executed at a time).
+    backlog: VecDeque<Frame>,
+    /// When it connected (the handshake's deadline counts from here).
+    connected: Instant,
+    /// When it last sent a request (or connected).
+    active: Instant,
 }
 
 impl Connection {
-    fn new(stream: UnixStream, watched: EventSet) -> Self {
+    fn new(stream: UnixStream, watched: EventSet, now: Instant) -> Self {
         let mut conn = Connection {
             stream,
             session: Session::new(),
@@ -90,6 +145,9 @@ impl Connection {
             written: 0,
             read_closed: false,
             watched,
+            backlog: VecDeque::new(),
+            connected: now,
+            active: now,
         };
         conn.queue(greeting_line());
         conn
@@ -112,13 +170,12 @@ impl Connection {
         self.queue(reply);
     }
 
-    /// The client's bytes: complete requests are answered, the rest kept. Stops early
-    /// (returning false) once more than [`MAX_PENDING_OUTPUT`] bytes of output cannot be
-    /// written.
-    fn feed(&mut self, data: &[u8], vm: &dyn VmHandle) -> io::Result<bool> {
-        let mut frames = Vec::new();
-        self.framer.push(data, &mut frames);
-        for frame in frames {
+    /// Executes up to `budget` buffered requests, in order, queueing their replies. Stops early
+    /// (returning false: drop the client) once more than [`MAX_PENDING_OUTPUT`] bytes of output
+    /// cannot be written.
+    fn execute(&mut self, budget: usize, vm: &dyn VmHandle) -> io::Result<bool> {
+        for _ in 0..budget {
+            let Some(frame) = self.backlog.pop_front() else { break };
             if self.pending() > MAX_PENDING_OUTPUT {
                 self.flush()?;
                 if self.pending() > MAX_PENDING_OUTPUT {
@@ -133,32 +190,35 @@ impl Connection {
         Ok(self.pending() <= MAX_PENDING_OUTPUT)
     }
 
-    /// Reads what the client sent (up to [`READ_BUDGET`]) and answers it. `Ok(false)`: drop
-    /// the client.
-    fn read_input(&mut self, vm: &dyn VmHandle) -> io::Result<bool> {
+    /// Reads what the client sent (up to [`READ_BUDGET`] bytes, and no more once `budget`
+    /// requests are buffered) and cuts it into buffered requests.
+    fn read_input(&mut self, budget: usize, now: Instant) -> io::Result<()> {
         let mut buf = [0u8; 8192];
-        let mut budget = READ_BUDGET;
-        while budget > 0 && !self.read_closed {
+        let mut bytes = READ_BUDGET;
+        let mut frames = Vec::new();
+        while bytes > 0 && !self.read_closed && self.backlog.len() < budget {
             match self.stream.read(&mut buf) {
                 Ok(0) => {
                     self.read_closed = true;
                     // A last request without its end is still a request.
                     if let Some(frame) = self.framer.finish() {
-                        self.answer(frame, vm);
+                        self.backlog.push_back(frame);
                     }
                 }
                 Ok(n) => {
-                    budget = budget.saturating_sub(n);
-                    if !self.feed(&buf[..n], vm)? {
-                        return Ok(false);
+                    bytes = bytes.saturating_sub(n);
+                    self.framer.push(&buf[..n], &mut frames);
+                    if !frames.is_empty() {
+                        self.active = now;
                     }
+                    self.backlog.extend(frames.drain(..));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Writes what it can of the pending output.
@@ -182,10 +242,11 @@ impl Connection {
         Ok(())
     }
 
-    /// What to watch now: input until the client's EOF, output while lines wait.
+    /// What to watch now: input until the client's EOF while no request waits for a later
+    /// pass (the socket is the buffer meanwhile), output while lines wait.
     fn wanted(&self) -> EventSet {
         let mut set = EventSet::empty();
-        if !self.read_closed {
+        if !self.read_closed && self.backlog.is_empty() {
             set |= EventSet::IN | EventSet::READ_HANG_UP;
         }
         if self.pending() > 0 {
@@ -212,6 +273,15 @@ pub struct ApiServer {
     handle: Arc<dyn VmHandle>,
     events: Arc<EventQueue>,
     clients: HashMap<RawFd, Connection>,
+    limits: Limits,
+    counters: Arc<ServerCounters>,
+    /// Signalled while some client has requests buffered for a later pass.
+    more: EventFd,
+    /// Expires at the earliest handshake deadline (never read: re-armed or cleared whenever it
+    /// fires, which also resets its expirations, so it never blocks).
+    timer: TimerFd,
+    /// What the timer is armed for.
+    armed: Option<Instant>,
 }
 
 impl fmt::Debug for ApiServer {
@@ -342,7 +412,23 @@ impl ApiServer {
             handle,
             events,
             clients: HashMap::new(),
+            limits: Limits::default(),
+            counters: Arc::new(ServerCounters::default()),
+            more: EventFd::new(EFD_NONBLOCK)?,
+            timer: TimerFd::new()?,
+            armed: None,
         })
+    }
+
+    /// The same server with other limits (tests use short timeouts).
+    pub fn with_limits(mut self, limits: Limits) -> ApiServer {
+        self.limits = Limits { commands_per_pass: limits.commands_per_pass.max(1), ..limits };
+        self
+    }
+
+    /// What the server has done to bound its clients, updated as it runs.
+    pub fn counters(&self) -> Arc<ServerCounters> {
+        self.counters.clone()
     }
 
     /// The socket's path.
@@ -369,13 +455,15 @@ impl ApiServer {
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
-            if self.clients.len() >= MAX_CLIENTS {
+            let now = Instant::now();
+            if self.clients.len() >= MAX_CLIENTS && !self.evict_idle(now, ops) {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
                 let error =
                     QmpError::generic(format!("too many clients (at most {MAX_CLIENTS}); try again later"));
                 let _ = send(&stream, format!("{}\n", reply_line(None, Err(error))).as_bytes());
                 continue; // dropping `stream` disconnects it
             }
-            let mut conn = Connection::new(stream, EventSet::empty());
+            let mut conn = Connection::new(stream, EventSet::empty(), now);
             // The greeting is written now if the socket takes it (it always does, being a few
             // hundred bytes into an empty buffer); the rest waits for EPOLLOUT.
             if conn.flush().is_err() {
@@ -391,16 +479,93 @@ impl ApiServer {
         }
     }
 
+    /// Makes room for a new client when the table is full: disconnects the longest-idle client
+    /// if it sent no request for [`Limits::idle_eviction`]. Whether it did.
+    fn evict_idle(&mut self, now: Instant, ops: &mut EventOps) -> bool {
+        let idlest = self.clients.iter().min_by_key(|(_, c)| c.active).map(|(&fd, c)| (fd, c.active));
+        match idlest {
+            Some((fd, active)) if now.duration_since(active) >= self.limits.idle_eviction => {
+                let idle = now.duration_since(active);
+                tracing::info!("control socket: disconnecting a client idle for {idle:?} to make room");
+                self.counters.idle_evictions.fetch_add(1, Ordering::Relaxed);
+                self.tell_and_disconnect(
+                    fd,
+                    format!("disconnected after {idle:?} without a request: the table of {MAX_CLIENTS} clients is full"),
+                    ops,
+                );
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends client `fd` an error line (if its socket takes it now), then disconnects it.
+    fn tell_and_disconnect(&mut self, fd: RawFd, why: String, ops: &mut EventOps) {
+        if let Some(conn) = self.clients.get_mut(&fd) {
+            conn.queue(reply_line(None, Err(QmpError::generic(why))));
+            let _ = conn.flush();
+        }
+        self.disconnect(fd, ops);
+    }
+
+    /// Disconnects the clients whose handshake deadline has passed; re-arms the timer for the
+    /// next deadline.
+    fn expire_handshakes(&mut self, ops: &mut EventOps) {
+        let now = Instant::now();
+        let timeout = self.limits.handshake_timeout;
+        let late: Vec<RawFd> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| !c.session.negotiated() && now.duration_since(c.connected) >= timeout)
+            .map(|(&fd, _)| fd)
+            .collect();
+        for fd in late {
+            tracing::info!("control socket: a client did not negotiate within {timeout:?}; disconnecting it");
+            self.counters.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+            self.tell_and_disconnect(fd, format!("no qmp_capabilities within {timeout:?} of connecting"), ops);
+        }
+        self.armed = None; // it fired: set it again (or clear it) whatever it was armed for
+        self.arm_timer();
+    }
+
+    /// Arms the timer for the earliest handshake deadline of the clients not negotiated yet,
+    /// or clears it if there is none (a syscall only when that changes).
+    fn arm_timer(&mut self) {
+        let timeout = self.limits.handshake_timeout;
+        let next = self.clients.values().filter(|c| !c.session.negotiated()).map(|c| c.connected + timeout).min();
+        if next == self.armed && next.is_some() {
+            return;
+        }
+        let r = match next {
+            // At least 1 ms: a zero duration would disarm it.
+            Some(at) => {
+                self.timer.reset(at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)), None)
+            }
+            None => self.timer.clear(),
+        };
+        if let Err(e) = r {
+            tracing::warn!("control socket: cannot arm the handshake timer: {e}");
+        }
+        self.armed = next;
+    }
+
+    /// One pass for client `fd`: what it sent is read (if nothing is buffered), at most
+    /// [`Limits::commands_per_pass`] requests are executed, and what they answered is written.
+    /// Requests left over are executed on the next passes ([`ApiServer::more`]).
     fn serve(&mut self, fd: RawFd, events: EventSet, ops: &mut EventOps) {
         let Some(conn) = self.clients.get_mut(&fd) else { return };
+        let budget = self.limits.commands_per_pass;
         let keep = (|| -> io::Result<bool> {
             if events.contains(EventSet::ERROR) {
                 return Ok(false);
             }
             if !conn.read_closed
+                && conn.backlog.is_empty()
                 && events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP)
-                && !conn.read_input(self.handle.as_ref())?
             {
+                conn.read_input(budget, Instant::now())?;
+            }
+            if !conn.execute(budget, self.handle.as_ref())? {
                 tracing::warn!("control socket: a client does not read its replies; disconnecting it");
                 return Ok(false);
             }
@@ -408,14 +573,30 @@ impl ApiServer {
                 return Ok(false); // nobody to write to
             }
             conn.flush()?;
-            Ok(!(conn.read_closed && conn.pending() == 0))
+            Ok(!(conn.read_closed && conn.pending() == 0 && conn.backlog.is_empty()))
         })()
         .unwrap_or(false);
         if !keep {
             self.disconnect(fd, ops);
             return;
         }
+        if !conn.backlog.is_empty() {
+            self.counters.deferred.fetch_add(1, Ordering::Relaxed);
+            // Level-triggered: the loop calls back (after the other ready subscribers).
+            let _ = self.more.write(1);
+        }
         self.rewatch(fd, ops);
+    }
+
+    /// The next pass for every client with requests left over.
+    fn serve_backlogs(&mut self, ops: &mut EventOps) {
+        // Reset before serving: a client that still has some after this pass signals again.
+        let _ = self.more.read();
+        let fds: Vec<RawFd> =
+            self.clients.iter().filter(|(_, c)| !c.backlog.is_empty()).map(|(&fd, _)| fd).collect();
+        for fd in fds {
+            self.serve(fd, EventSet::empty(), ops);
+        }
     }
 
     /// Registers client `fd` for what it waits for now.
@@ -472,9 +653,15 @@ impl MutEventSubscriber for ApiServer {
             self.accept(ops);
         } else if events.fd() == self.events.fd().as_raw_fd() {
             self.deliver_events(ops);
+        } else if events.fd() == self.more.as_raw_fd() {
+            self.serve_backlogs(ops);
+        } else if events.fd() == self.timer.as_raw_fd() {
+            self.expire_handshakes(ops);
         } else {
             self.serve(events.fd(), events.event_set(), ops);
         }
+        // A client came, negotiated or went: the next handshake deadline may have changed.
+        self.arm_timer();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -483,6 +670,12 @@ impl MutEventSubscriber for ApiServer {
         }
         if let Err(e) = ops.add(Events::new(self.events.fd(), EventSet::IN)) {
             tracing::error!("control socket: cannot watch the event queue: {e:?}");
+        }
+        if let Err(e) = ops.add(Events::new(&self.more, EventSet::IN)) {
+            tracing::error!("control socket: cannot watch its own backlog signal: {e:?}");
+        }
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            tracing::error!("control socket: cannot watch the handshake timer: {e:?}");
         }
     }
 }

@@ -818,3 +818,7 @@ fn the_client_times_out_and_says_why() {
         Err(ClientError::Connect { .. })
     ));
 }
+
+/// The server's time and work limits per client (idle clients, handshake deadline, commands
+/// per pass).
+mod limits;

@@ -103,6 +103,18 @@ fn layer(sealed: bool) -> Layer {
     Layer { ram, mmu, guard, slow, _monitor: monitor, hva }
 }
 
+/// Waits (at most 30 s) until `guard` stops the VM, and checks that it did so for a mapping it
+/// did not make in the page at [`GPA`].
+fn assert_stops_for_a_foreign_mapping(guard: &TeardownGuard) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while guard.fatal().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let fatal = guard.fatal().expect("the guard stops the VM");
+    assert!(fatal.contains("guest RAM [0x200000, 0x201000)"), "{fatal}");
+    assert!(fatal.contains("a mapping the VMM did not make"), "{fatal}");
+}
+
 /// A fresh page at exactly `at` (MAP_FIXED_NOREPLACE: only if nothing is mapped there), filled
 /// with 0xAA; `None` if something is mapped there.
 fn foreign_page_at(at: usize) -> Option<*mut u8> {
@@ -141,13 +153,7 @@ fn without_the_seal_a_device_write_in_the_window_reaches_a_foreign_page_and_the_
     // SAFETY: the test's foreign page.
     assert_eq!(unsafe { foreign.read_volatile() }, 0x55, "the write landed in the foreign page");
     l.slow.release();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while l.guard.fatal().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let fatal = l.guard.fatal().expect("the guard stops the VM");
-    assert!(fatal.contains("guest RAM [0x200000, 0x201000)"), "{fatal}");
-    assert!(fatal.contains("a mapping the VMM did not make"), "{fatal}");
+    assert_stops_for_a_foreign_mapping(&l.guard);
     // SAFETY: the guard never touched it: still the test's page with the device's bytes.
     assert_eq!(unsafe { foreign.add(16).read_volatile() }, 0xAA);
     drop(l.ram);
@@ -180,13 +186,7 @@ fn a_foreign_mapping_in_a_hole_re_backed_before_is_not_adopted_as_guest_ram() {
     l.slow.wait_holding();
     let foreign = foreign_page_at(l.hva).expect("the hole is free for another mapping");
     l.slow.release();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while l.guard.fatal().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let fatal = l.guard.fatal().expect("the guard stops the VM");
-    assert!(fatal.contains("guest RAM [0x200000, 0x201000)"), "{fatal}");
-    assert!(fatal.contains("a mapping the VMM did not make"), "{fatal}");
+    assert_stops_for_a_foreign_mapping(&l.guard);
     assert!(
         !l.mmu.space().is_mapped(l.hva, l.hva + PAGE),
         "the foreign page was not handed to the notifier as guest RAM"

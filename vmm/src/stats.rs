@@ -110,7 +110,12 @@ fn open_checked(path: &Path, owner: u32) -> io::Result<(OwnedFd, Stat)> {
         Err(e) if e == Errno::LOOP || e == Errno::NOTDIR => {
             return Err(refused(path, "is a symlink or not a directory".into()))
         }
-        Err(e) => return Err(io::Error::new(io::Error::from(e).kind(), format!("cannot open {}: {e}", path.display()))),
+        Err(e) => {
+            return Err(io::Error::new(
+                io::Error::from(e).kind(),
+                format!("cannot open {}: {e}", path.display()),
+            ))
+        }
     };
     let st = check_dir(&fd, path, owner)?;
     Ok((fd, st))
@@ -140,7 +145,12 @@ fn open_private(path: PathBuf) -> io::Result<PrivateDir> {
     let created = match rustix::fs::mkdirat(CWD, &path, Mode::RWXU) {
         Ok(()) => true,
         Err(Errno::EXIST) => false,
-        Err(e) => return Err(io::Error::new(io::Error::from(e).kind(), format!("cannot create {}: {e}", path.display()))),
+        Err(e) => {
+            return Err(io::Error::new(
+                io::Error::from(e).kind(),
+                format!("cannot create {}: {e}", path.display()),
+            ))
+        }
     };
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let fd = match rustix::fs::openat(CWD, &path, flags, Mode::empty()) {
@@ -249,7 +259,9 @@ fn take_snapshot(dir: &Path, owner: u32) -> Result<Option<String>, String> {
         ));
     }
     let mut json = String::new();
-    std::fs::File::from(file).read_to_string(&mut json).map_err(|e| format!("cannot read {}: {e}", shown()))?;
+    std::fs::File::from(file)
+        .read_to_string(&mut json)
+        .map_err(|e| format!("cannot read {}: {e}", shown()))?;
     // The snapshot was for this request alone: nothing is left behind.
     let _ = rustix::fs::unlinkat(&fd, SNAPSHOT, AtFlags::empty());
     Ok(Some(json))
@@ -404,7 +416,10 @@ mod tests {
         assert_eq!(std::fs::read_to_string(moved.join(SNAPSHOT)).unwrap(), r#"{"n": 2}"#);
         remove_snapshots();
         untouched(&elsewhere);
-        assert!(std::fs::symlink_metadata(&dir).unwrap().file_type().is_symlink(), "the link is not ours to remove");
+        assert!(
+            std::fs::symlink_metadata(&dir).unwrap().file_type().is_symlink(),
+            "the link is not ours to remove"
+        );
         assert_eq!(std::fs::read_dir(&moved).unwrap().count(), 0, "the opened directory was emptied");
         std::env::remove_var("XDG_RUNTIME_DIR");
     }

@@ -306,17 +306,25 @@ impl TeardownGuard {
     }
 
     /// The file every mapping of region `i` made by the VMM maps, and its offset at the region's
-    /// start: guest RAM's own file, else the guard's re-back memfd (made now if need be).
-    fn region_file(&self, i: usize) -> Result<(i32, u64), String> {
-        let spec = &self.regions[i].spec;
-        match spec.backing {
-            notifier::Backing::SharedMemfd { fd, offset } => Ok((fd, offset)),
-            notifier::Backing::Hugetlb { file: Some((fd, offset)), .. } => Ok((fd, offset)),
-            notifier::Backing::Hugetlb { page_size, file: None } => {
-                self.reback_file(i, libc::MFD_HUGETLB | hugetlb_size_flag(page_size)).map(|fd| (fd, 0))
-            }
-            notifier::Backing::PrivateAnon => self.reback_file(i, 0).map(|fd| (fd, 0)),
+    /// start, if it exists yet: guest RAM's own file, else the guard's re-back memfd once made.
+    fn existing_file(&self, i: usize) -> Option<(i32, u64)> {
+        match self.regions[i].spec.backing {
+            notifier::Backing::SharedMemfd { fd, offset } => Some((fd, offset)),
+            notifier::Backing::Hugetlb { file: Some((fd, offset)), .. } => Some((fd, offset)),
+            _ => Some((self.reback_files[i].get()?.as_ref().ok()?.as_raw_fd(), 0)),
         }
+    }
+
+    /// [`TeardownGuard::existing_file`], making the re-back memfd now if need be.
+    fn region_file(&self, i: usize) -> Result<(i32, u64), String> {
+        if let Some(file) = self.existing_file(i) {
+            return Ok(file);
+        }
+        let flags = match self.regions[i].spec.backing {
+            notifier::Backing::Hugetlb { page_size, .. } => libc::MFD_HUGETLB | hugetlb_size_flag(page_size),
+            _ => 0,
+        };
+        self.reback_file(i, flags).map(|fd| (fd, 0))
     }
 
     /// Region `i`'s re-back memfd (`memfd_create` with `flags`, sized as the region).
@@ -342,11 +350,7 @@ impl TeardownGuard {
     /// Region `i`'s [`Identity`], if its file exists (a region never re-backed has none of the
     /// guard's own yet: then nothing in it can be a re-back).
     fn identity(&self, i: usize) -> Option<Identity> {
-        let (fd, base) = match self.regions[i].spec.backing {
-            notifier::Backing::SharedMemfd { fd, offset } => (fd, offset),
-            notifier::Backing::Hugetlb { file: Some((fd, offset)), .. } => (fd, offset),
-            _ => (self.reback_files[i].get()?.as_ref().ok()?.as_raw_fd(), 0),
-        };
+        let (fd, base) = self.existing_file(i)?;
         // SAFETY: fstat writes only into `st`; `fd` is open (the region's or the guard's own).
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         if unsafe { libc::fstat(fd, &mut st) } != 0 {
@@ -621,17 +625,7 @@ impl TeardownGuard {
 /// address order, as /proc/self/maps lists them at the moment of the call (adjacent mappings
 /// are separate entries); `Err` when the file cannot be read.
 pub fn host_mappings(start: usize, end: usize) -> Result<Vec<(usize, usize)>, String> {
-    let maps =
-        std::fs::read_to_string("/proc/self/maps").map_err(|e| format!("reading /proc/self/maps: {e}"))?;
-    let mut mapped = Vec::new();
-    for line in maps.lines() {
-        let Some((a, b)) = line.split_whitespace().next().and_then(|r| r.split_once('-')) else { continue };
-        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else { continue };
-        if a < end && start < b {
-            mapped.push((a.max(start), b.min(end)));
-        }
-    }
-    Ok(mapped)
+    Ok(maps_entries(start, end)?.into_iter().map(|m| (m.start, m.end)).collect())
 }
 
 /// The lines of /proc/self/maps overlapping `[start, end)`, clipped to it (the offset moved to

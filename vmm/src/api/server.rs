@@ -33,12 +33,12 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
@@ -522,7 +522,11 @@ impl ApiServer {
         for fd in late {
             tracing::info!("control socket: a client did not negotiate within {timeout:?}; disconnecting it");
             self.counters.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
-            self.tell_and_disconnect(fd, format!("no qmp_capabilities within {timeout:?} of connecting"), ops);
+            self.tell_and_disconnect(
+                fd,
+                format!("no qmp_capabilities within {timeout:?} of connecting"),
+                ops,
+            );
         }
         self.armed = None; // it fired: set it again (or clear it) whatever it was armed for
         self.arm_timer();
@@ -532,15 +536,16 @@ impl ApiServer {
     /// or clears it if there is none (a syscall only when that changes).
     fn arm_timer(&mut self) {
         let timeout = self.limits.handshake_timeout;
-        let next = self.clients.values().filter(|c| !c.session.negotiated()).map(|c| c.connected + timeout).min();
+        let next =
+            self.clients.values().filter(|c| !c.session.negotiated()).map(|c| c.connected + timeout).min();
         if next == self.armed && next.is_some() {
             return;
         }
         let r = match next {
             // At least 1 ms: a zero duration would disarm it.
-            Some(at) => {
-                self.timer.reset(at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)), None)
-            }
+            Some(at) => self
+                .timer
+                .reset(at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)), None),
             None => self.timer.clear(),
         };
         if let Err(e) = r {

@@ -420,7 +420,9 @@ pub(super) mod mode {
         };
         protect(libc::PROT_READ | libc::PROT_WRITE)?;
         // SAFETY: the page is mapped read-write (just above) and ours alone (under LOCK).
-        unsafe { std::ptr::write_volatile(page as *mut u64, std::ptr::read_volatile(page as *const u64) + 1) };
+        unsafe {
+            std::ptr::write_volatile(page as *mut u64, std::ptr::read_volatile(page as *const u64) + 1)
+        };
         protect(libc::PROT_READ)
     }
 

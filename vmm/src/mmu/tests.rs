@@ -197,7 +197,10 @@ fn a_failing_membarrier_is_retried_or_replaced_and_readers_are_still_waited_for(
             }
             // The barrier is made (or the writer died trying): it is in its wait now, which
             // cannot end while the section is open.
-            assert!(!writer.is_finished(), "the writer returned (or panicked) while a reader it must wait for is inside");
+            assert!(
+                !writer.is_finished(),
+                "the writer returned (or panicked) while a reader it must wait for is inside"
+            );
             assert_eq!(planted::failures_left(), 0);
             drop(section);
             writer.join().expect("the writer panicked on a failing membarrier");

@@ -194,6 +194,12 @@ impl VmControl {
         &self.mmu
     }
 
+    /// What the teardown guard has seen so far: external teardowns, write protections and the
+    /// vCPU faults on write-protected guest RAM.
+    pub fn external_teardowns(&self) -> crate::teardown::TeardownReport {
+        self.teardown.report()
+    }
+
     /// The balloon device, if the VM has one (`VmConfig::balloon`). Lock it briefly: the vCPU
     /// and event-loop threads take the same lock to process the device's queues.
     pub fn balloon(&self) -> Option<&BalloonDevice> {

@@ -1,5 +1,6 @@
 //! `zapvm stress --linux` in CI: the project's Linux guest, free page reporting and
-//! deflate-on-OOM offered, memtester and seedcheck checking its memory, while Linux's
+//! deflate-on-OOM offered, memtester and seedcheck checking its memory and churn allocating and
+//! freeing 16 MiB at a time (so that free page reporting reports), while Linux's
 //! virtio_balloon follows a short storm of seeded random balloon targets. The run must keep every
 //! invariant of the judge (`harness::stress_linux`); a run with a planted fault (the balloon
 //! discards one page of seedcheck's data that the driver never gave it) must be reported broken,
@@ -51,18 +52,24 @@ fn linux_balloon_storm_keeps_every_invariant() {
     assert!(r.reached >= 2, "{} of {} targets reached", r.reached, r.targets);
     eprintln!(
         "stress_linux: {} targets, {} reached, {} not reached with the driver's reason; {} pages inflated, {} \
-         deflated, {} bytes reported; {} deflate-on-OOM steps",
+         deflated, {} bytes reported ({} during the storm); {} deflate-on-OOM steps",
         r.targets,
         r.reached,
         r.not_reached_explained,
         r.balloon.as_ref().map_or(0, |b| b.inflated_pages),
         r.balloon.as_ref().map_or(0, |b| b.deflated_pages),
         r.balloon.as_ref().map_or(0, |b| b.reported_bytes),
+        r.reported_bytes_storm,
         r.oom_deflate_events
     );
     let b = r.balloon.as_ref().expect("the balloon's counters");
     assert!(b.inflated_pages > 0 && b.deflated_pages > 0, "{b:?}");
     assert!(r.checkers.memtest_passes >= 1 && r.checkers.seedcheck_passes >= 1, "{:?}", r.checkers);
+    // Free page reporting reported while the storm ran, whole 2 MiB blocks, and the balloon's
+    // discards are its inflated pages and those reports (the judge checks the sums).
+    assert!(r.checkers.churn_bytes > 0, "{:?}", r.checkers);
+    assert!(r.reported_bytes_storm > 0 && r.reported_ranges_storm > 0, "no free page report during the storm");
+    assert_eq!(b.bytes_discarded, b.inflated_pages * 4096 + b.reported_bytes, "{b:?}");
     assert!(r.checkers.failures.is_empty() && r.kernel_problems.is_empty());
     assert_eq!(r.guest_vmstat, Some((b.inflated_pages, b.deflated_pages)));
     for k in &r.notifier {

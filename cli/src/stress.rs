@@ -98,6 +98,21 @@ pub struct StressArgs {
     /// With --linux: MiB of seeded data seedcheck keeps and re-verifies (0: none).
     #[arg(long, default_value_t = 4, requires = "linux")]
     pub seedcheck_mib: u64,
+    /// With --linux: MiB churn allocates, verifies and frees per round, so that free page
+    /// reporting reports (0: none; the run then does not require reports).
+    #[arg(long, default_value_t = 16, requires = "linux")]
+    pub churn_mib: u64,
+    /// With --linux: the largest reachable balloon target (e.g. 16M; default: all the guest can
+    /// give beside the checkers and some headroom). Targets toward OOM ignore it.
+    #[arg(long, value_parser = parse_size, requires = "linux")]
+    pub max_target: Option<u64>,
+    /// With --linux: how long the driver gets to reach one target (e.g. 60s); a target toward
+    /// OOM, which the driver cannot reach, ends there.
+    #[arg(long, value_parser = harness::stress::parse_duration, requires = "linux")]
+    pub step_wait: Option<Duration>,
+    /// With --linux: set no targets toward OOM (no deflate-on-OOM).
+    #[arg(long, requires = "linux")]
+    pub no_oom_targets: bool,
 }
 
 /// Runs `zapvm stress`: the test guest's scenarios, or with `--linux` the Linux storm.
@@ -114,6 +129,10 @@ pub fn stress(args: StressArgs) -> Result<ExitCode, String> {
         seed: args.seed,
         memtest_mib: args.memtest_mib,
         seedcheck_mib: args.seedcheck_mib,
+        churn_mib: args.churn_mib,
+        max_target: args.max_target,
+        step_wait: args.step_wait.unwrap_or(defaults.step_wait),
+        oom_targets: !args.no_oom_targets,
         progress: true,
         ..defaults
     };

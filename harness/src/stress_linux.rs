@@ -6,7 +6,10 @@
 //! checkers (`resources/linux-guest/init`): Debian's `memtester`, one loop at a time over a few
 //! MiB (each run allocates, locks, tests and frees its memory, so the guest keeps allocating and
 //! freeing and free page reporting has pages to report), and `seedcheck`, which keeps seeded data
-//! in a tmpfs file and re-verifies every word of it in a loop. Once both run, the host sets
+//! in a tmpfs file and re-verifies every word of it in a loop; and `churn`, which allocates,
+//! writes, verifies and frees a few MiB at a time with pauses longer than page_reporting's delay,
+//! so that the guest keeps freeing whole 2 MiB blocks (its /init sets page_reporting's order to
+//! [`REPORT_ORDER`]) that free page reporting reports to the host. Once all run, the host sets
 //! seeded random balloon targets, up and down, some of them beyond what the guest can give
 //! (toward OOM: the driver then runs out of pages, "Out of puff!", and Linux's OOM path deflates
 //! the balloon), and waits (bounded) for each.
@@ -14,7 +17,8 @@
 //! At the end [`judge`] checks: no checker reported a mismatch (or was killed), each made
 //! progress, the guest kernel logged no Oops, BUG or "Bad page", every target was reached or the
 //! driver said why (it logged that it ran out of pages, or deflated on OOM during the step), the
-//! balloon's inflated/deflated counters agree with the guest's /proc/vmstat, the bytes the
+//! balloon's inflated/deflated counters agree with the guest's /proc/vmstat, free page
+//! reporting reported memory during the storm (when churn ran), the bytes the
 //! balloon discarded are its inflated pages and free page reports and are exactly the VMM
 //! discards the notifier saw, and every invalidation start was matched by its end. The shared
 //! parts of that judgement are those of [`crate::stress`].
@@ -54,7 +58,11 @@ pub struct LinuxStressOptions {
     pub memtest_mib: u64,
     /// MiB of seeded data seedcheck keeps (0: no seedcheck).
     pub seedcheck_mib: u64,
-    /// How long the driver gets to reach one target.
+    /// MiB churn allocates and frees per round (0: no churn; then free page reporting is not
+    /// required to report anything).
+    pub churn_mib: u64,
+    /// How long the driver gets to reach one target (a target it cannot reach ends
+    /// [`EXPLAINED_STEP_END`] after it said why, out of pages or deflating on OOM).
     pub step_wait: Duration,
     /// The largest target meant to be reachable, in bytes (`None`: all the guest can give
     /// beside the checkers and some headroom). Targets beyond what the guest can give (toward
@@ -77,7 +85,8 @@ pub struct LinuxStressOptions {
 }
 
 impl LinuxStressOptions {
-    /// A CI-sized run: 128 MiB of RAM, 12 targets or 60 s of storm, 4 MiB checkers.
+    /// A CI-sized run: 128 MiB of RAM, 12 targets or 60 s of storm, 4 MiB checkers, 16 MiB of
+    /// churn.
     pub fn new() -> Self {
         Self {
             kvm_device: "/dev/kvm".into(),
@@ -87,6 +96,7 @@ impl LinuxStressOptions {
             seed: 0x5eed,
             memtest_mib: 4,
             seedcheck_mib: 4,
+            churn_mib: 16,
             step_wait: Duration::from_secs(60),
             max_target: None,
             oom_targets: true,
@@ -95,6 +105,48 @@ impl LinuxStressOptions {
             #[cfg(feature = "fault-injection")]
             plant_stray_discard: false,
         }
+    }
+}
+
+impl LinuxStressOptions {
+    /// The memory the guest's checkers and churn hold at once, in bytes.
+    pub fn checkers_bytes(&self) -> u64 {
+        (self.memtest_mib + self.seedcheck_mib + self.churn_mib) << 20
+    }
+
+    /// Refuses options no run can judge, with what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.memtest_mib == 0 && self.seedcheck_mib == 0 {
+            return Err("a Linux storm needs a checker: give memtester or seedcheck some MiB".into());
+        }
+        if self.targets == 0 {
+            return Err("a Linux storm needs at least one balloon target (--targets)".into());
+        }
+        if self.duration.is_zero() {
+            return Err("a Linux storm needs a storm: the duration must be more than 0".into());
+        }
+        if self.step_wait.is_zero() || self.boot_wait.is_zero() {
+            return Err("the waits for a target and for the boot must be more than 0".into());
+        }
+        // The guest kernel and its initramfs take ~30 MiB; the balloon needs room beside the
+        // checkers and the headroom (the run checks the guest's own MemTotal once it booted).
+        let least = self.checkers_bytes() + HEADROOM_BYTES + MIN_GUEST_OVERHEAD_BYTES;
+        if self.mem < least {
+            return Err(format!(
+                "guest RAM of {} MiB is too small for {} MiB of checkers and churn: give it at least {} MiB \
+                 (--mem), or the checkers less",
+                self.mem >> 20,
+                self.checkers_bytes() >> 20,
+                least.div_ceil(1 << 20)
+            ));
+        }
+        if self.max_target.is_some_and(|m| m < 1 << 20) {
+            return Err("the largest reachable target must be at least 1 MiB (--max-target)".into());
+        }
+        if self.mem > u64::from(u32::MAX) * PAGE_SIZE {
+            return Err(format!("guest RAM of {} bytes is more than a balloon target can name", self.mem));
+        }
+        Ok(())
     }
 }
 
@@ -134,6 +186,10 @@ pub struct CheckerReport {
     pub seedcheck_passes: u64,
     /// Bytes seedcheck verified (its last report).
     pub seedcheck_verified_bytes: u64,
+    /// churn's rounds (its last report).
+    pub churn_rounds: u64,
+    /// Bytes churn allocated, verified and freed (its last report).
+    pub churn_bytes: u64,
     /// Every failure line of a checker.
     pub failures: Vec<String>,
 }
@@ -191,6 +247,11 @@ pub struct LinuxStressReport {
     pub kernel_problems: Vec<String>,
     /// Planted faults that fired (fault-injection runs only).
     pub planted_faults_fired: u64,
+    /// Free page reports the balloon received during the storm (after the checkers ran), and
+    /// their bytes.
+    pub reported_ranges_storm: u64,
+    /// See `reported_ranges_storm`.
+    pub reported_bytes_storm: u64,
 }
 
 /// Marker in word 0 of every page of seedcheck's data (resources/linux-guest/seedcheck.c).
@@ -201,8 +262,17 @@ const KERNEL_PROBLEMS: [&str; 6] =
     ["Oops", "BUG:", "Bad page", "kernel BUG", "general protection fault", "Kernel panic"];
 /// What the guest keeps beyond the checkers' memory when a target is meant to be reachable.
 const HEADROOM_BYTES: u64 = 24 << 20;
+/// Guest RAM the kernel and initramfs take beyond MemTotal's share for the checkers, at least
+/// (with 1 MiB of balloon room), for [`LinuxStressOptions::validate`].
+const MIN_GUEST_OVERHEAD_BYTES: u64 = 40 << 20;
 /// Seconds between the guest's memory reports.
 const REPORT_S: u64 = 10;
+/// page_reporting's order in the guest (2 MiB blocks of 4 KiB pages), set by its /init.
+pub const REPORT_ORDER: u32 = 9;
+/// How long a step goes on once the driver said why it cannot reach its target.
+const EXPLAINED_STEP_END: Duration = Duration::from_secs(5);
+/// churn's pause between rounds: longer than the 2 s page_reporting waits after a free.
+const CHURN_PAUSE_MS: u64 = 3000;
 
 /// The console, split into lines as they come.
 struct ConsoleLines {
@@ -266,24 +336,26 @@ fn note_checkers(lines: &[String], c: &mut CheckerReport) {
             c.seedcheck_passes = word_value(l, "pass").unwrap_or(c.seedcheck_passes);
             c.seedcheck_verified_bytes =
                 word_value(l, "verified_bytes").unwrap_or(c.seedcheck_verified_bytes);
+        } else if l.contains("zapvm-guest: churn round=") {
+            c.churn_rounds = word_value(l, "round").unwrap_or(c.churn_rounds);
+            c.churn_bytes = word_value(l, "churned_bytes").unwrap_or(c.churn_bytes);
         }
     }
 }
 
 /// Runs `zapvm stress --linux` and judges it (`Err` when the VM cannot start at all).
 pub fn run(opts: &LinuxStressOptions) -> Result<LinuxStressReport, String> {
-    if opts.memtest_mib == 0 && opts.seedcheck_mib == 0 {
-        return Err("a Linux storm needs a checker: give memtester or seedcheck some MiB".into());
-    }
+    opts.validate()?;
     let guest = vmm::boot::linux_guest::build()?;
     let mut cmdline = vmm::boot::linux::default_cmdline();
     cmdline.push_str(&format!(
         " memhp_default_state=online {}={REPORT_S} zapvm.memtest={} zapvm.seedcheck={} zapvm.seed={} \
-         zapvm.checkreport=5",
+         zapvm.checkreport=5 zapvm.churn={} zapvm.churnpause={CHURN_PAUSE_MS} zapvm.reportorder={REPORT_ORDER}",
         vmm::boot::linux_guest::REPORT_OPTION,
         opts.memtest_mib,
         opts.seedcheck_mib,
-        opts.seed
+        opts.seed,
+        opts.churn_mib,
     ));
     let console = Arc::new(Mutex::new(Vec::new()));
     let (vm_tx, vm_rx) = channel::<Arc<VmControl>>();
@@ -341,6 +413,8 @@ struct Storm {
     guest_vmstat: Option<(u64, u64)>,
     device_at_vmstat: Option<(u64, u64)>,
     planted_fired: u64,
+    /// The balloon's (reported ranges, reported bytes) when the storm began.
+    reported_at_start: (u64, u64),
 }
 
 /// Boots to the checkers, runs the storm, and reads the guest's final vmstat.
@@ -355,12 +429,13 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
     let stats = || lock().device().stats();
     // Boot: the first memory report and the checkers' first progress.
     let (mut memtest_ok, mut seedcheck_ok) = (opts.memtest_mib == 0, opts.seedcheck_mib == 0);
+    let mut churn_ok = opts.churn_mib == 0;
     let mut last_vmstat = None;
-    while !(memtest_ok && seedcheck_ok && s.mem_total_kib > 0) {
+    while !(memtest_ok && seedcheck_ok && churn_ok && s.mem_total_kib > 0) {
         if started.elapsed() > opts.boot_wait {
             s.broken.push(format!(
                 "boot: the checkers did not all make progress within {} s (memtester: {memtest_ok}, \
-                 seedcheck: {seedcheck_ok}, memory report: {})",
+                 seedcheck: {seedcheck_ok}, churn: {churn_ok}, memory report: {})",
                 opts.boot_wait.as_secs(),
                 s.mem_total_kib > 0
             ));
@@ -374,6 +449,7 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
             }
             memtest_ok |= l.contains("zapvm-guest: memtest pass=");
             seedcheck_ok |= l.contains("zapvm-guest: seedcheck ready");
+            churn_ok |= l.contains("zapvm-guest: churn round=");
         }
         note_checkers(&new, &mut s.checkers);
         if !s.checkers.failures.is_empty() {
@@ -386,7 +462,7 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
     // The targets: reachable ones leave the checkers and some headroom; one in four asks for
     // nearly everything (toward OOM).
     let total = s.mem_total_kib * 1024;
-    let checkers = (opts.memtest_mib + opts.seedcheck_mib) << 20;
+    let checkers = opts.checkers_bytes();
     let mut reachable = total.saturating_sub(checkers + HEADROOM_BYTES) / PAGE_SIZE;
     if let Some(max) = opts.max_target {
         reachable = reachable.min(max / PAGE_SIZE);
@@ -404,6 +480,10 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
     }
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let storm_started = Instant::now();
+    {
+        let at = stats();
+        s.reported_at_start = (at.reported_ranges, at.reported_bytes);
+    }
     let mut current = 0u64;
     #[cfg(feature = "fault-injection")]
     let mut plant_due = opts.plant_stray_discard;
@@ -440,6 +520,7 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
             oom_deflated_pages: 0,
             out_of_puff: 0,
         };
+        let mut explained_at: Option<Instant> = None;
         loop {
             let now = stats();
             let new = lines.poll();
@@ -460,6 +541,14 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
             }
             if step_started.elapsed() >= opts.step_wait || !s.checkers.failures.is_empty() {
                 break;
+            }
+            // A target the driver cannot reach: once it said why (it ran out of pages, or Linux
+            // deflated on OOM), a few seconds more of the fight, then the next target.
+            if target > from && (step.out_of_puff > 0 || step.oom_deflated_pages > 0) {
+                let since = *explained_at.get_or_insert_with(Instant::now);
+                if since.elapsed() >= EXPLAINED_STEP_END {
+                    break;
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -654,6 +743,13 @@ fn judge(
         // 4 KiB pages without THP: the notifier saw exactly what the balloon discarded.
         broken.extend(unaccounted_discards(&discard_accounting, true));
     }
+    let (ranges_at_start, bytes_at_start) = storm.reported_at_start;
+    let reported_ranges_storm =
+        balloon.as_ref().map_or(0, |b| b.reported_ranges.saturating_sub(ranges_at_start));
+    let reported_bytes_storm = balloon.as_ref().map_or(0, |b| b.reported_bytes.saturating_sub(bytes_at_start));
+    if balloon.is_some() && storm.boot_s > 0.0 {
+        broken.extend(reporting_invariant(opts.churn_mib, c.churn_bytes, reported_bytes_storm));
+    }
     let reached_ms: u64 = reached.iter().map(|s| s.ms).sum();
     let moved: u64 = reached.iter().map(|s| s.target_pages.abs_diff(s.from_pages)).sum();
     LinuxStressReport {
@@ -682,5 +778,71 @@ fn judge(
         outcome,
         kernel_problems,
         planted_faults_fired: storm.planted_fired,
+        reported_ranges_storm,
+        reported_bytes_storm,
+    }
+}
+
+/// Free page reporting worked during the storm: with churn running (`churn_mib` > 0), the
+/// balloon received reports (`reported_bytes_storm` > 0), each of whole blocks of
+/// page_reporting's order ([`REPORT_ORDER`]; the device coalesces adjacent ones, so their sum is
+/// a multiple of that block). `None` when that holds, else what broke.
+pub fn reporting_invariant(churn_mib: u64, churn_bytes: u64, reported_bytes_storm: u64) -> Option<String> {
+    let block = PAGE_SIZE << REPORT_ORDER;
+    if churn_mib == 0 {
+        None
+    } else if churn_bytes == 0 {
+        Some("churn reported no memory allocated and freed: free page reporting had nothing to report".into())
+    } else if reported_bytes_storm == 0 {
+        Some(format!(
+            "free page reporting: the balloon received no report during the storm, although churn allocated \
+             and freed {churn_bytes} bytes"
+        ))
+    } else if reported_bytes_storm % block != 0 {
+        Some(format!(
+            "free page reporting: {reported_bytes_storm} bytes reported during the storm, not whole blocks of \
+             {block} bytes (page_reporting_order {REPORT_ORDER})"
+        ))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reporting_is_required_when_churn_runs() {
+        let block = PAGE_SIZE << REPORT_ORDER;
+        assert_eq!(reporting_invariant(16, 64 << 20, 3 * block), None);
+        assert_eq!(reporting_invariant(0, 0, 0), None, "no churn: no report required");
+        assert!(reporting_invariant(16, 64 << 20, 0).unwrap().contains("no report during the storm"));
+        assert!(reporting_invariant(16, 0, 0).unwrap().contains("churn reported no memory"));
+        assert!(reporting_invariant(16, 64 << 20, block + PAGE_SIZE).unwrap().contains("not whole blocks"));
+    }
+
+    #[test]
+    fn bad_options_are_refused_with_a_reason() {
+        assert_eq!(LinuxStressOptions::new().validate(), Ok(()));
+        let bad = |o: LinuxStressOptions| o.validate().unwrap_err();
+        assert!(bad(LinuxStressOptions { memtest_mib: 0, seedcheck_mib: 0, ..LinuxStressOptions::new() })
+            .contains("needs a checker"));
+        assert!(bad(LinuxStressOptions { targets: 0, ..LinuxStressOptions::new() }).contains("--targets"));
+        assert!(bad(LinuxStressOptions { duration: Duration::ZERO, ..LinuxStressOptions::new() })
+            .contains("duration"));
+        assert!(bad(LinuxStressOptions { mem: 64 << 20, ..LinuxStressOptions::new() }).contains("too small"));
+        assert!(bad(LinuxStressOptions { mem: 128 << 20, churn_mib: 64, ..LinuxStressOptions::new() })
+            .contains("--mem"));
+    }
+
+    #[test]
+    fn churn_progress_is_read_from_its_line() {
+        let mut c = CheckerReport::default();
+        let lines = ["zapvm-guest: churn round=7 mib=16 churned_bytes=117440512 short_rounds=0 ok".to_string()];
+        note_checkers(&lines, &mut c);
+        assert_eq!((c.churn_rounds, c.churn_bytes), (7, 117440512));
+        note_checkers(&["zapvm-guest: FAIL churn round=8 page=1 word=2 holds=0x0 expected=0x1".into()], &mut c);
+        assert_eq!(c.failures.len(), 1);
     }
 }

@@ -4,7 +4,8 @@
 # resources/linux-guest/pvm-syscall-from-user-fault.patch) and an initramfs of busybox-static
 # whose /init is resources/linux-guest/init, with two memory checkers /init starts on request:
 # Debian's memtester (with the shared libraries it links) and seedcheck (seedcheck.c, built
-# static here).
+# here), and churn (churn.c, built here), which allocates and frees memory so that free page
+# reporting has pages to report.
 #
 #   resources/linux-guest/build.sh
 #
@@ -16,7 +17,7 @@
 #   ${ZAPVM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/zapvm}/linux-guest/
 #     kernel-<key>/      vmlinux, bzImage, config, build.log   (key: fragment, patch, recipe
 #                        version, linux-source package version)
-#     initramfs-<key>/   initramfs.cpio                        (key: init, seedcheck.c, recipe
+#     initramfs-<key>/   initramfs.cpio                        (key: init, seedcheck.c, churn.c, recipe
 #                        version, busybox-static, memtester and libc6 package versions)
 # A cached build is used at once, with no apt and no network. A lock (flock) makes concurrent
 # callers wait for one build instead of building twice. The first kernel build takes minutes
@@ -28,10 +29,11 @@ FRAGMENT=$HERE/config.fragment
 PATCH=$HERE/pvm-syscall-from-user-fault.patch
 INIT=$HERE/init
 SEEDCHECK=$HERE/seedcheck.c
+CHURN=$HERE/churn.c
 MEMTESTER=/usr/sbin/memtester
 # Bump when the recipe below changes what it produces.
 KERNEL_RECIPE=1
-INITRAMFS_RECIPE=3
+INITRAMFS_RECIPE=4
 SOURCE_PACKAGE=linux-source-6.1
 SOURCE_TARBALL=/usr/src/linux-source-6.1.tar.xz
 PACKAGES=("$SOURCE_PACKAGE" busybox-static memtester build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils lz4 util-linux)
@@ -85,7 +87,7 @@ if [ -z "$source_version" ] || [ -z "$busybox_version" ] || [ -z "$memtester_ver
 fi
 kernel_key=$(hash_of kernel "$KERNEL_RECIPE" "$source_version" "$(file_hash "$FRAGMENT")" "$(file_hash "$PATCH")")
 initramfs_key=$(hash_of initramfs "$INITRAMFS_RECIPE" "$busybox_version" "$memtester_version" "$libc_version" \
-    "$(file_hash "$INIT")" "$(file_hash "$SEEDCHECK")")
+    "$(file_hash "$INIT")" "$(file_hash "$SEEDCHECK")" "$(file_hash "$CHURN")")
 KERNEL_DIR=$CACHE/kernel-$kernel_key
 INITRAMFS_DIR=$CACHE/initramfs-$initramfs_key
 
@@ -177,12 +179,13 @@ build_initramfs() {
         die "cannot extract usr/gen_init_cpio.c from $SOURCE_TARBALL"
     cc -O2 -o "$gen" "$WORK/gen_init_cpio.c" || die "cannot compile gen_init_cpio"
     cc -O2 -o "$WORK/seedcheck" "$SEEDCHECK" || die "cannot compile $(basename "$SEEDCHECK")"
+    cc -O2 -o "$WORK/churn" "$CHURN" || die "cannot compile $(basename "$CHURN")"
     # The checkers' shared libraries (glibc's) and their ELF interpreter, at the paths their
     # dynamic linker looks for them (as ldd names them), from the host's files. Shared, not
     # static: every byte of the initramfs is unpacked by the guest kernel (emulated ring 0 on PVM
     # hosts).
     local libs
-    libs=$(ldd "$MEMTESTER" "$WORK/seedcheck" |
+    libs=$(ldd "$MEMTESTER" "$WORK/seedcheck" "$WORK/churn" |
         awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// && $1 !~ /:$/ { print $1 }' | sort -u)
     [ -n "$libs" ] || die "ldd found no libraries for $MEMTESTER"
     {
@@ -199,6 +202,7 @@ build_initramfs() {
         echo "file /init $INIT 0755 0 0"
         echo "file /bin/memtester $MEMTESTER 0755 0 0"
         echo "file /bin/seedcheck $WORK/seedcheck 0755 0 0"
+        echo "file /bin/churn $WORK/churn 0755 0 0"
         local lib dir made=" /bin /dev /proc /sys /tmp "
         for lib in $libs; do
             dir=

@@ -1,6 +1,6 @@
 //! `zapvm stress --linux` in CI: the project's Linux guest, free page reporting and
 //! deflate-on-OOM offered, memtester and seedcheck checking its memory and churn allocating and
-//! freeing 16 MiB at a time (so that free page reporting reports), while Linux's
+//! freeing 16 MiB of tmpfs at a time (so that free page reporting reports), while Linux's
 //! virtio_balloon follows a short storm of seeded random balloon targets. The run must keep every
 //! invariant of the judge (`harness::stress_linux`); a run with a planted fault (the balloon
 //! discards one page of seedcheck's data that the driver never gave it) must be reported broken,
@@ -8,7 +8,7 @@
 //! mismatch).
 //!
 //! On PVM hosts guest ring 0 is emulated (docs/host.md): the boot to the checkers takes a minute
-//! or more and the driver moves a few hundred pages a second, so the storm is small: 128 MiB of
+//! or more and the driver moves a few hundred pages a second, so the storm is small: 192 MiB of
 //! RAM, a few targets of at most 16 MiB, none toward OOM (the long run of `zapvm stress --linux`
 //! sets those). The runs take turns (each VM wants a whole CPU). Nothing here is judged by time:
 //! the waits are bounds that catch a hang.

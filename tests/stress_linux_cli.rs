@@ -47,6 +47,7 @@ fn no_targets_is_refused() {
 fn a_guest_too_small_for_its_checkers_is_refused() {
     assert_refused(&["stress", "--linux", "--mem", "64M"], 1, "too small");
     assert_refused(&["stress", "--linux", "--mem", "128M", "--churn-mib", "64"], 1, "--mem");
+    assert_refused(&["stress", "--linux", "--oom-one-in", "0"], 1, "--oom-one-in");
 }
 
 #[test]

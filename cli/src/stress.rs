@@ -98,8 +98,8 @@ pub struct StressArgs {
     /// With --linux: MiB of seeded data seedcheck keeps and re-verifies (0: none).
     #[arg(long, default_value_t = 4, requires = "linux")]
     pub seedcheck_mib: u64,
-    /// With --linux: MiB churn allocates, verifies and frees per round, so that free page
-    /// reporting reports (0: none; the run then does not require reports).
+    /// With --linux: MiB churn allocates and frees per round, so that free page reporting
+    /// reports (0: none; the run then does not require reports).
     #[arg(long, default_value_t = 16, requires = "linux")]
     pub churn_mib: u64,
     /// With --linux: the largest reachable balloon target (e.g. 16M; default: all the guest can
@@ -113,6 +113,10 @@ pub struct StressArgs {
     /// With --linux: set no targets toward OOM (no deflate-on-OOM).
     #[arg(long, requires = "linux")]
     pub no_oom_targets: bool,
+    /// With --linux: one target in this many goes toward OOM (each costs the driver inflating
+    /// all the guest's free memory: minutes on a large guest where guest ring 0 is emulated).
+    #[arg(long, default_value_t = 4, requires = "linux", conflicts_with = "no_oom_targets")]
+    pub oom_one_in: u64,
 }
 
 /// Runs `zapvm stress`: the test guest's scenarios, or with `--linux` the Linux storm.
@@ -133,6 +137,7 @@ pub fn stress(args: StressArgs) -> Result<ExitCode, String> {
         max_target: args.max_target,
         step_wait: args.step_wait.unwrap_or(defaults.step_wait),
         oom_targets: !args.no_oom_targets,
+        oom_one_in: args.oom_one_in,
         progress: true,
         ..defaults
     };

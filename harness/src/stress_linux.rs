@@ -6,10 +6,14 @@
 //! checkers (`resources/linux-guest/init`): Debian's `memtester`, one loop at a time over a few
 //! MiB (each run allocates, locks, tests and frees its memory, so the guest keeps allocating and
 //! freeing and free page reporting has pages to report), and `seedcheck`, which keeps seeded data
-//! in a tmpfs file and re-verifies every word of it in a loop; and `churn`, which allocates,
-//! writes, verifies and frees a few MiB at a time with pauses longer than page_reporting's delay,
+//! in a tmpfs file and re-verifies every word of it in a loop; and `churn`, which allocates
+//! (fallocate on tmpfs: no zeroing) and frees 16 MiB at a time with pauses longer than
+//! page_reporting's delay,
 //! so that the guest keeps freeing whole 2 MiB blocks (its /init sets page_reporting's order to
-//! [`REPORT_ORDER`]) that free page reporting reports to the host. Once all run, the host sets
+//! [`REPORT_ORDER`]) that free page reporting reports to the host. Linux reports a zone's free
+//! blocks only while the zone has 32 of them free beyond its low watermark (64 MiB at order 9),
+//! so a storm that requires reports needs a guest of more than ~160 MiB (the CI run has 192 MiB).
+//! Once all run, the host sets
 //! seeded random balloon targets, up and down, some of them beyond what the guest can give
 //! (toward OOM: the driver then runs out of pages, "Out of puff!", and Linux's OOM path deflates
 //! the balloon), and waits (bounded) for each.
@@ -68,10 +72,14 @@ pub struct LinuxStressOptions {
     /// beside the checkers and some headroom). Targets beyond what the guest can give (toward
     /// OOM) are set whatever this is.
     pub max_target: Option<u64>,
-    /// Set targets beyond what the guest can give (toward OOM), one in four: the driver then
-    /// logs that it ran out of pages and Linux deflates on OOM; such a target ends at
-    /// `step_wait`.
+    /// Set targets beyond what the guest can give (toward OOM), one in `oom_one_in`: the driver
+    /// then logs that it ran out of pages and Linux deflates on OOM (when the guest allocates:
+    /// churn, memtester); such a target ends [`EXPLAINED_STEP_END`] after the driver said so, or
+    /// at `step_wait`. Each costs the driver inflating all the guest's free memory, and the next
+    /// target deflating most of it: minutes on a large guest where guest ring 0 is emulated.
     pub oom_targets: bool,
+    /// See `oom_targets` (at least 1).
+    pub oom_one_in: u64,
     /// How long the boot may take, to the checkers' first progress.
     pub boot_wait: Duration,
     /// Echo the guest's own lines (`zapvm-guest: `) and each target's outcome on stderr, with
@@ -85,12 +93,12 @@ pub struct LinuxStressOptions {
 }
 
 impl LinuxStressOptions {
-    /// A CI-sized run: 128 MiB of RAM, 12 targets or 60 s of storm, 4 MiB checkers, 16 MiB of
+    /// A CI-sized run: 192 MiB of RAM, 12 targets or 60 s of storm, 4 MiB checkers, 16 MiB of
     /// churn.
     pub fn new() -> Self {
         Self {
             kvm_device: "/dev/kvm".into(),
-            mem: 128 << 20,
+            mem: 192 << 20,
             targets: 12,
             duration: Duration::from_secs(60),
             seed: 0x5eed,
@@ -100,6 +108,7 @@ impl LinuxStressOptions {
             step_wait: Duration::from_secs(60),
             max_target: None,
             oom_targets: true,
+            oom_one_in: 4,
             boot_wait: Duration::from_secs(600),
             progress: false,
             #[cfg(feature = "fault-injection")]
@@ -139,6 +148,9 @@ impl LinuxStressOptions {
                 self.checkers_bytes() >> 20,
                 least.div_ceil(1 << 20)
             ));
+        }
+        if self.oom_targets && self.oom_one_in == 0 {
+            return Err("targets toward OOM one in 0 makes no sense: give 1 or more (--oom-one-in)".into());
         }
         if self.max_target.is_some_and(|m| m < 1 << 20) {
             return Err("the largest reachable target must be at least 1 MiB (--max-target)".into());
@@ -188,7 +200,7 @@ pub struct CheckerReport {
     pub seedcheck_verified_bytes: u64,
     /// churn's rounds (its last report).
     pub churn_rounds: u64,
-    /// Bytes churn allocated, verified and freed (its last report).
+    /// Bytes churn allocated and freed (its last report).
     pub churn_bytes: u64,
     /// Every failure line of a checker.
     pub failures: Vec<String>,
@@ -498,10 +510,12 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
             if inflate_next {
                 break rng.random_range(current + 1..=reachable);
             }
-            let t = match rng.random_range(0..8) {
-                0 => 0,
-                1 | 2 if opts.oom_targets => rng.random_range(greedy_from..=greedy),
-                _ => rng.random_range(1..=reachable),
+            let t = if opts.oom_targets && rng.random_range(0..opts.oom_one_in) == 0 {
+                rng.random_range(greedy_from..=greedy)
+            } else if rng.random_range(0..8) == 0 {
+                0
+            } else {
+                rng.random_range(1..=reachable)
             };
             if t != current {
                 break t;
@@ -834,6 +848,7 @@ mod tests {
         assert!(bad(LinuxStressOptions { mem: 64 << 20, ..LinuxStressOptions::new() }).contains("too small"));
         assert!(bad(LinuxStressOptions { mem: 128 << 20, churn_mib: 64, ..LinuxStressOptions::new() })
             .contains("--mem"));
+        assert!(bad(LinuxStressOptions { oom_one_in: 0, ..LinuxStressOptions::new() }).contains("--oom-one-in"));
     }
 
     #[test]

@@ -31,6 +31,12 @@ enum WorkloadArg {
     /// virtio-mem driver, following the targets set through the control socket (`zapvm balloon
     /// set`, `zapvm mem set`, QMP). With --hostile the drivers also send malformed requests.
     Serve,
+    /// Run until told to quit: a working set that grows and shrinks between --phase-low and
+    /// --phase-high over --phase-period (verified pass after pass, pages it stops using kept as
+    /// cache up to --phase-cache then reported free), with the balloon driver inflating from free
+    /// pages first; the guest's working set and stall time reach the host through the balloon's
+    /// statistics (`zapvm balloon stats`). What `zapvm governor` and `zapvm bench overcommit` run.
+    Phased,
 }
 
 #[derive(clap::Args)]
@@ -149,6 +155,12 @@ pub struct RunArgs {
     /// the VMM's own unmap, remap and protect operations are refused.
     #[arg(long)]
     seal_guest_ram: bool,
+    /// The balloon does not offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM: a phased guest whose working
+    /// set wants pages the balloon holds then stalls until the host lowers the target.
+    #[arg(long, conflicts_with = "no_balloon")]
+    no_deflate_on_oom: bool,
+    #[command(flatten)]
+    phase: PhaseArgs,
     /// Print the run report as JSON.
     #[arg(long)]
     json: bool,
@@ -185,6 +197,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
                 .into(),
         );
     }
+    if matches!(args.workload, WorkloadArg::Phased) && args.no_balloon {
+        return Err("--workload phased drives the balloon: drop --no-balloon".into());
+    }
     if serve && args.no_balloon && args.virtio_mem.is_none() {
         return Err(
             "--workload serve drives the balloon and virtio-mem: with --no-balloon, give --virtio-mem".into(),
@@ -218,7 +233,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
                     WorkloadArg::AssertFail => Workload::AssertFail,
                     WorkloadArg::Exception => Workload::Exception,
                     WorkloadArg::Serve => Workload::Stress,
+                    WorkloadArg::Phased => Workload::Phased,
                 },
+                phase: args.phase.params()?,
                 seed: args.seed,
                 cpl0: args.cpl0,
                 hostile: args.hostile,
@@ -245,6 +262,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         seal_guest_ram: args.seal_guest_ram,
         balloon: (!args.no_balloon).then(|| vmm::devices::virtio::balloon::BalloonConfig {
             free_page_reporting: !args.no_free_page_reporting,
+            deflate_on_oom: !args.no_deflate_on_oom,
             ..Default::default()
         }),
         balloon_stats_interval: (args.balloon_stats_interval > 0.0
@@ -389,5 +407,56 @@ fn parse_serial(text: &str) -> Result<Console, String> {
             Some(path) if !path.is_empty() => Ok(Console::File(PathBuf::from(path))),
             _ => Err(format!("{text:?}: give stdio, file=PATH or null")),
         },
+    }
+}
+
+/// The phased workload's shape (`--workload phased`).
+#[derive(clap::Args)]
+struct PhaseArgs {
+    /// The working set at its low phase (e.g. 64M).
+    #[arg(long, value_parser = parse_size, default_value = "32M")]
+    phase_low: u64,
+    /// The working set at its high phase.
+    #[arg(long, value_parser = parse_size, default_value = "128M")]
+    phase_high: u64,
+    /// Seconds of one low-high-low cycle (0: always high).
+    #[arg(long, default_value_t = 20.0)]
+    phase_period: f64,
+    /// Seconds into the cycle the guest starts (a per-VM offset).
+    #[arg(long, default_value_t = 0.0)]
+    phase_offset: f64,
+    /// Seconds of each ramp between low and high.
+    #[arg(long, default_value_t = 2.0)]
+    phase_ramp: f64,
+    /// Most memory kept as cache once it left the working set (the rest is reported free).
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    phase_cache: u64,
+    /// Seconds freed pages wait before they are reported (Linux waits 2 s).
+    #[arg(long, default_value_t = 2.0)]
+    phase_report_delay: f64,
+}
+
+impl PhaseArgs {
+    fn params(&self) -> Result<guest_abi::phased::PhaseParams, String> {
+        let ms = |what: &str, s: f64| {
+            if s >= 0.0 && s.is_finite() {
+                Ok((s * 1000.0).round() as u64)
+            } else {
+                Err(format!("--phase-{what} {s} is not a number of seconds"))
+            }
+        };
+        if self.phase_low > self.phase_high {
+            return Err(format!("--phase-low {} is above --phase-high {}", self.phase_low, self.phase_high));
+        }
+        Ok(guest_abi::phased::PhaseParams {
+            low_pages: self.phase_low / guest_abi::PAGE_SIZE,
+            high_pages: self.phase_high / guest_abi::PAGE_SIZE,
+            period_ms: ms("period", self.phase_period)?,
+            offset_ms: ms("offset", self.phase_offset)?,
+            ramp_ms: ms("ramp", self.phase_ramp)?,
+            cache_pages: self.phase_cache / guest_abi::PAGE_SIZE,
+            report_delay_ms: ms("report-delay", self.phase_report_delay)?,
+            tsc_khz: 0,
+        })
     }
 }

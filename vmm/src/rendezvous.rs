@@ -208,6 +208,7 @@ mod tests {
             work,
             nr_virtio: 0,
             virtio: Default::default(),
+            phase: Default::default(),
         };
         for vcpu in 0..2 {
             let plan = plan(&info, vcpu, false);

@@ -21,7 +21,7 @@
 /// The port a ucall is written to (a 32-bit `out` of the record's guest-physical address).
 pub const UCALL_PORT: u16 = 0xe0;
 /// Version of this ABI; the guest's hello ucall carries it and the VMM refuses a mismatch.
-pub const ABI_VERSION: u64 = 2;
+pub const ABI_VERSION: u64 = 3;
 /// Guest-physical address of the [`BootInfo`] page.
 pub const BOOT_INFO_GPA: u64 = 0x7000;
 /// [`BootInfo::magic`].
@@ -40,6 +40,7 @@ pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 /// [`BootInfo::flags`]: the workload runs at CPL 0 (for VMX/SVM hosts, where ring 0 is not emulated).
 pub const FLAG_CPL0: u64 = 1 << 0;
 
+pub mod phased;
 pub mod virtio;
 
 /// GDT selectors the VMM sets up (identical for the test guest and Linux's 64-bit boot protocol,
@@ -178,6 +179,12 @@ pub enum Workload {
     /// the write), so a page the host discarded costs one write fault to get back. No ucall
     /// after the hello: the host stops the VM.
     TouchRate = 9,
+    /// The phased workload of `zapvm governor` and `zapvm bench overcommit`: vCPU 0 keeps a
+    /// working set that grows and shrinks as [`BootInfo::phase`] says, verifies it pass after
+    /// pass, drives the balloon (inflating from free pages first, free page reporting of the
+    /// pages it stopped using, statistics with zapvm's tags); other vCPUs idle. The contract is
+    /// [`phased`]'s. It never ends on its own.
+    Phased = 10,
 }
 
 /// Counters a [`Workload::TouchRate`] vCPU keeps in the first page of its slice (cumulative since
@@ -277,6 +284,7 @@ impl Workload {
             7 => Self::VirtioMem,
             8 => Self::Stress,
             9 => Self::TouchRate,
+            10 => Self::Phased,
             _ => return None,
         })
     }
@@ -354,6 +362,8 @@ pub struct BootInfo {
     pub nr_virtio: u64,
     /// The virtio-mmio devices of the machine.
     pub virtio: [VirtioMmioDevice; MAX_VIRTIO_DEVICES],
+    /// The working set's shape of [`Workload::Phased`] (zero for other workloads).
+    pub phase: phased::PhaseParams,
 }
 
 /// Kinds of ucall.

@@ -55,7 +55,7 @@ use crate::{arch, fail, report};
 /// Size of every queue the driver sets up.
 const QUEUE_SIZE: u16 = 8;
 /// Most PFNs in one inflate or deflate request (as Linux sends).
-const BATCH: u64 = 256;
+pub(crate) const BATCH: u64 = 256;
 /// TSC cycles between two reads of the target (about 1 ms at 3 GHz; each read costs MMIO exits).
 const POLL_CYCLES: u64 = 3_000_000;
 /// TSC cycles the driver waits for the device to return a buffer before it gives up (the device
@@ -65,9 +65,9 @@ const WAIT_CYCLES: u64 = 30_000_000_000;
 /// Slice page of the inflate queue (the others follow: deflate, stats, reporting).
 const QUEUE_PAGE: u64 = 0;
 /// Slice page of the PFN arrays.
-const ARRAY_PAGE: u64 = 4;
+pub(crate) const ARRAY_PAGE: u64 = 4;
 /// Slice page of the statistics buffer.
-const STATS_PAGE: u64 = 5;
+pub(crate) const STATS_PAGE: u64 = 5;
 /// First page of the free area.
 const FREE_FIRST: u64 = 6;
 /// Pages of the free area.
@@ -158,16 +158,16 @@ pub(crate) fn check_page(seed: u64, gpa: u64, zeros: bool) -> Result<(), (u64, u
 }
 
 /// The driver's state (all of it on vCPU 0's stack; the rings live in carved pages).
-struct Driver {
-    vcpu: u64,
+pub(crate) struct Driver {
+    pub(crate) vcpu: u64,
     seed: u64,
-    mmio: Mmio,
-    slice: Slice,
+    pub(crate) mmio: Mmio,
+    pub(crate) slice: Slice,
     inflate: Virtqueue,
     deflate: Virtqueue,
-    stats: Option<Virtqueue>,
-    reporting: Option<Virtqueue>,
-    deflate_on_oom: bool,
+    pub(crate) stats: Option<Virtqueue>,
+    pub(crate) reporting: Option<Virtqueue>,
+    pub(crate) deflate_on_oom: bool,
     /// Pages in the balloon: the work pages `[slice.pages - size, slice.pages)`.
     size: u64,
     /// Wait between polls in a [`guest_abi::Rendezvous::Idle`] rather than spinning.
@@ -238,7 +238,7 @@ pub fn drive(vcpu: u64, boot: &BootInfo, idle: bool) -> ! {
 impl Driver {
     /// Device initialisation (virtio 1.2, §3.1.1 and §4.2.3): reset, ACKNOWLEDGE, DRIVER,
     /// features, FEATURES_OK (checked), queues, DRIVER_OK.
-    fn init(vcpu: u64, boot: &BootInfo, mmio: Mmio, slice: Slice) -> Self {
+    pub(crate) fn init(vcpu: u64, boot: &BootInfo, mmio: Mmio, slice: Slice) -> Self {
         let magic = mmio.read(reg::MAGIC);
         let version = mmio.read(reg::VERSION);
         let id = mmio.read(reg::DEVICE_ID);
@@ -357,7 +357,7 @@ impl Driver {
     }
 
     /// Waits until `q` returns its oldest buffer and returns its (id, len).
-    fn wait_used(vcpu: u64, mmio: &Mmio, q: &mut Virtqueue) -> (u32, u32) {
+    pub(crate) fn wait_used(vcpu: u64, mmio: &Mmio, q: &mut Virtqueue) -> (u32, u32) {
         let start = arch::rdtsc();
         loop {
             if let Some(used) = q.pop_used() {
@@ -380,7 +380,7 @@ impl Driver {
 
     /// Sends the chain starting at descriptor `head` on the inflate (`deflate` false) or deflate
     /// queue and waits for it to come back.
-    fn request(&mut self, deflate: bool, head: u16) {
+    pub(crate) fn request(&mut self, deflate: bool, head: u16) {
         let q = if deflate { &mut self.deflate } else { &mut self.inflate };
         q.push(head);
         self.mmio.notify(q.index);
@@ -392,7 +392,7 @@ impl Driver {
 
     /// Writes `pfns` PFN entries from `pfn_of(i)` into the array page at byte `offset`; returns
     /// the array's address.
-    fn write_pfns(&self, offset: u64, count: u64, mut pfn_of: impl FnMut(u64) -> u32) -> u64 {
+    pub(crate) fn write_pfns(&self, offset: u64, count: u64, mut pfn_of: impl FnMut(u64) -> u32) -> u64 {
         let array = self.slice.page(ARRAY_PAGE) + offset;
         let mut i = 0;
         while i < count {
@@ -405,8 +405,17 @@ impl Driver {
     }
 
     /// PFN of slice page `index`.
-    fn pfn(&self, index: u64) -> u32 {
+    pub(crate) fn pfn(&self, index: u64) -> u32 {
         (self.slice.page(index) >> 12) as u32
+    }
+
+    /// One inflate (`deflate` false) or deflate request of `count` (<= [`BATCH`]) PFNs,
+    /// `pfn_of(i)` each, waited for (the phased workload's balloon).
+    pub(crate) fn request_pfns(&mut self, deflate: bool, count: u64, pfn_of: impl FnMut(u64) -> u32) {
+        let array = self.write_pfns(0, count.min(BATCH), pfn_of);
+        let q = if deflate { &mut self.deflate } else { &mut self.inflate };
+        q.set_desc(0, array, (4 * count.min(BATCH)) as u32, 0, 0);
+        self.request(deflate, 0);
     }
 
     /// Inflates or deflates the balloon by `count` pages, `BATCH` at a time.

@@ -20,6 +20,7 @@ mod arch;
 mod balloon;
 mod mem;
 mod msg;
+mod phased;
 mod stress;
 mod touch_rate;
 mod virtio;
@@ -146,6 +147,7 @@ extern "C" fn guest_main(vcpu: u64, boot: *const BootInfo) -> ! {
         Some(Workload::Stress) => stress::run(vcpu, &boot),
         Some(Workload::VirtioMem) => virtio_mem::run(vcpu, &boot),
         Some(Workload::TouchRate) => touch_rate::run(vcpu, &boot),
+        Some(Workload::Phased) => phased::run(vcpu, &boot),
         None => fail(vcpu, format_args!("unknown workload {} in boot info", boot.workload)),
     }
 }

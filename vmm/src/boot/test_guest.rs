@@ -50,12 +50,14 @@ pub struct TestGuestParams {
     /// Further [`BootInfo::flags`] bits, ORed in as given: workload options such as
     /// [`guest_abi::FLAG_STRESS_BALLOON`].
     pub extra_flags: u64,
+    /// The working set's shape of [`Workload::Phased`] (its `tsc_khz` is filled in when 0).
+    pub phase: guest_abi::phased::PhaseParams,
 }
 
 impl TestGuestParams {
     /// `workload` at CPL 3, well-behaved drivers, a fixed seed.
     pub fn new(workload: Workload) -> Self {
-        Self { workload, seed: 0x5eed, cpl0: false, hostile: false, extra_flags: 0 }
+        Self { workload, seed: 0x5eed, cpl0: false, hostile: false, extra_flags: 0, phase: Default::default() }
     }
 }
 
@@ -208,6 +210,12 @@ pub fn load(
         work,
         nr_virtio: virtio.len().min(guest_abi::MAX_VIRTIO_DEVICES) as u64,
         virtio: std::array::from_fn(|i| virtio.get(i).copied().unwrap_or_default()),
+        phase: match params.workload {
+            Workload::Phased if params.phase.tsc_khz == 0 => {
+                guest_abi::phased::PhaseParams { tsc_khz: host_tsc_khz(), ..params.phase }
+            }
+            _ => params.phase,
+        },
     };
     mem.write_obj(BootInfoBytes(boot_info), GuestAddress(TEST_GUEST_BOOT_INFO))
         .map_err(write("boot info"))?;
@@ -344,4 +352,16 @@ mod tests {
         let e = with(first_load + 32, &(u64::MAX / 2).to_le_bytes()).unwrap_err();
         assert!(e.contains("a segment needs bytes up to"), "{e}");
     }
+}
+
+/// The TSC's frequency in kHz, measured against the monotonic clock over 20 ms (the guest's TSC
+/// runs at the host's: zapvm does not scale it). For [`Workload::Phased`], whose guest keeps
+/// time with the TSC.
+fn host_tsc_khz() -> u64 {
+    // SAFETY: `rdtsc` has no preconditions on x86-64 (user mode may read the TSC).
+    let tsc = || unsafe { core::arch::x86_64::_rdtsc() };
+    let (t0, c0) = (std::time::Instant::now(), tsc());
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let (c1, elapsed) = (tsc(), t0.elapsed());
+    ((c1.wrapping_sub(c0)) as f64 / elapsed.as_secs_f64() / 1000.0).round().max(1.0) as u64
 }

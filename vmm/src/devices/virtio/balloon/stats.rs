@@ -96,5 +96,9 @@ pub struct BalloonStats {
 
 /// The name of a virtio-balloon statistics tag (virtio 1.2, §5.5.6.3).
 pub fn stat_name(tag: u16) -> String {
-    STAT_NAMES.get(tag as usize).map_or_else(|| format!("tag_{tag}"), |n| n.to_string())
+    STAT_NAMES
+        .get(tag as usize)
+        .copied()
+        .or_else(|| guest_abi::phased::tag_name(tag))
+        .map_or_else(|| format!("tag_{tag}"), |n| n.to_string())
 }

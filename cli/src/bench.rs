@@ -49,6 +49,9 @@ pub enum BenchCommand {
         #[arg(long, default_value = "target/bench/access")]
         out: PathBuf,
     },
+    /// A fleet of phased VMs whose RAM exceeds a memory budget, under no policy, a static
+    /// split and the governor (JSON, markdown, SVG plot).
+    Overcommit(crate::governor::OvercommitArgs),
     /// VMM start to first guest instruction, and guest touch cost per page.
     Boot {
         /// Fresh VMs per configuration.
@@ -146,6 +149,7 @@ pub fn bench(command: BenchCommand) -> Result<ExitCode, String> {
                 &out,
             )
         }
+        BenchCommand::Overcommit(args) => crate::governor::overcommit(args),
         BenchCommand::Boot { runs, mem, json_out, kvm_device } => bench_boot(runs, mem, json_out, kvm_device),
     }
 }

@@ -9,6 +9,7 @@
 //! - [`bench`]: `zapvm bench ...`;
 //! - [`control`]: `zapvm stats`, `balloon`, `mem`, `pause`, `resume`, `quit`, `qmp`, `events`
 //!   (a running VM, through its QMP socket);
+//! - [`governor`]: `zapvm governor` and `zapvm bench overcommit`;
 //! - [`values`]: the command line's mirrors of the libraries' enums.
 
 use std::process::ExitCode;
@@ -19,6 +20,7 @@ use serde_json::Value;
 mod bench;
 mod config;
 mod control;
+mod governor;
 mod metrics;
 mod run;
 mod stress;
@@ -70,6 +72,10 @@ enum Command {
     /// balloon driver follows a storm of targets while memtester and seedcheck check its memory;
     /// JSON summary, non-zero exit on any broken invariant.
     Stress(stress::StressArgs),
+    /// Keep a fleet of VMs under a memory budget: watch their control sockets, set their
+    /// balloon targets (take from guests with free memory, give back to growing ones), log each
+    /// decision with its reason.
+    Governor(governor::GovernorArgs),
     /// Print the statistics of a running VM: KVM's, the table's, the notifier's, the balloon's.
     Stats(Target),
     /// The balloon of a running VM (through its control socket).
@@ -173,6 +179,7 @@ fn main() -> ExitCode {
         Command::Qmp { command, arguments, target } => control::qmp(target, command, arguments),
         Command::Events { count, timeout, target } => control::events(target, count, timeout),
         Command::Stress(args) => stress::stress(args),
+        Command::Governor(args) => governor::governor(args),
     };
     match result {
         Ok(code) => code,

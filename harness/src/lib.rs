@@ -17,9 +17,13 @@
 //!   madvise);
 //! - [`bench_pressure`]: `zapvm bench pressure` (the guest's touch rate under host discards);
 //! - [`bench_pressure_report`]: the report of `zapvm bench pressure`, which the plot draws;
+//! - [`bench_overcommit`]: `zapvm bench overcommit` (a phased fleet over a memory budget: no
+//!   policy, a static split, the governor), [`bench_overcommit_plot`] its plot;
 //! - [`bench_plot`]: SVG plots of benchmark reports;
 //! - [`bench_export`]: every bench's files for other tools (a flat `[{name, unit, value}]` list
 //!   beside each JSON report, a CSV beside each plot);
+//! - [`governor`]: `zapvm governor` (a fleet of VMs under a memory budget, through their
+//!   balloons) and its policy;
 //! - [`seconds`]: durations in reports as seconds.
 //!
 //! The feature `fault-injection` (tests only) turns on the planted faults of the stress test, and
@@ -30,9 +34,12 @@ pub mod bench_access;
 pub mod bench_balloon;
 pub mod bench_export;
 pub mod bench_notifier;
+pub mod bench_overcommit;
+pub mod bench_overcommit_plot;
 pub mod bench_plot;
 pub mod bench_pressure;
 pub mod bench_pressure_report;
+pub mod governor;
 pub mod seconds;
 pub mod stress;
 pub mod stress_linux;

@@ -153,7 +153,13 @@ mod tests {
 
     #[test]
     fn the_working_set_ramps_holds_and_falls() {
-        let p = PhaseParams { low_pages: 100, high_pages: 300, period_ms: 1000, ramp_ms: 100, ..Default::default() };
+        let p = PhaseParams {
+            low_pages: 100,
+            high_pages: 300,
+            period_ms: 1000,
+            ramp_ms: 100,
+            ..Default::default()
+        };
         assert_eq!(wanted_pages(&p, 0), 100);
         assert_eq!(wanted_pages(&p, 50), 200);
         assert_eq!(wanted_pages(&p, 100), 300);

@@ -73,7 +73,10 @@ pub fn run(vcpu: u64, boot: &BootInfo) -> ! {
     };
     let last_carved = layout.pool_first - 1;
     if slice.page(last_carved) - slice.page(0) != last_carved * PAGE_SIZE {
-        fail(vcpu, format_args!("phased: the first {} pages of the slice are not contiguous", layout.pool_first));
+        fail(
+            vcpu,
+            format_args!("phased: the first {} pages of the slice are not contiguous", layout.pool_first),
+        );
     }
     let Some(device) = boot.virtio[..(boot.nr_virtio as usize).min(boot.virtio.len())]
         .iter()
@@ -213,7 +216,8 @@ impl Phased {
         }
         let first = self.layout.pool_first + start;
         let pfns = |j: u64| self.d.pfn(first + j);
-        let pfns: [u32; BATCH as usize] = core::array::from_fn(|j| if (j as u64) < k { pfns(j as u64) } else { 0 });
+        let pfns: [u32; BATCH as usize] =
+            core::array::from_fn(|j| if (j as u64) < k { pfns(j as u64) } else { 0 });
         self.d.request_pfns(false, k, |j| pfns[j as usize]);
         self.balloon += k;
     }
@@ -249,7 +253,11 @@ impl Phased {
                     continue;
                 }
                 let (s, g) = (i, self.gpa(i));
-                while i < hi && self.state(i) == DIRTY && i - s < REPORT_RUN && self.gpa(i) == g + (i - s) * PAGE_SIZE {
+                while i < hi
+                    && self.state(i) == DIRTY
+                    && i - s < REPORT_RUN
+                    && self.gpa(i) == g + (i - s) * PAGE_SIZE
+                {
                     i += 1;
                 }
                 runs[n] = (s, i - s);
@@ -258,13 +266,20 @@ impl Phased {
             if n == 0 {
                 break;
             }
-            let gpas: [u64; REPORT_DESCS] = core::array::from_fn(|k| if k < n { self.gpa(runs[k].0) } else { 0 });
+            let gpas: [u64; REPORT_DESCS] =
+                core::array::from_fn(|k| if k < n { self.gpa(runs[k].0) } else { 0 });
             let vcpu = self.d.vcpu;
             let Some(q) = self.d.reporting.as_mut() else { return };
             for k in 0..n {
                 let more = k + 1 < n;
                 let flags = VIRTQ_DESC_F_WRITE | if more { VIRTQ_DESC_F_NEXT } else { 0 };
-                q.set_desc(k as u16, gpas[k], (runs[k].1 * PAGE_SIZE) as u32, flags, if more { k as u16 + 1 } else { 0 });
+                q.set_desc(
+                    k as u16,
+                    gpas[k],
+                    (runs[k].1 * PAGE_SIZE) as u32,
+                    flags,
+                    if more { k as u16 + 1 } else { 0 },
+                );
             }
             q.push(0);
             self.d.mmio.notify(q.index);

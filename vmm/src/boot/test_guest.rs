@@ -57,7 +57,14 @@ pub struct TestGuestParams {
 impl TestGuestParams {
     /// `workload` at CPL 3, well-behaved drivers, a fixed seed.
     pub fn new(workload: Workload) -> Self {
-        Self { workload, seed: 0x5eed, cpl0: false, hostile: false, extra_flags: 0, phase: Default::default() }
+        Self {
+            workload,
+            seed: 0x5eed,
+            cpl0: false,
+            hostile: false,
+            extra_flags: 0,
+            phase: Default::default(),
+        }
     }
 }
 

@@ -1,0 +1,163 @@
+//! `zapvm governor` against real VMs: three phased test guests whose high working sets do not fit
+//! a budget together, with no policy (the budget check must fire) and then under the governor
+//! (the resident total must stay under it), through a VM that stops answering and one that dies;
+//! and the governor command's bad input.
+
+#[path = "support/scratch.rs"]
+mod scratch;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use harness::bench_overcommit::{FleetSpec, RunningFleet};
+use harness::governor::{Fleet, Governor, GovernorMetrics, Mode, PolicyConfig};
+
+const MIB: u64 = 1 << 20;
+/// With no policy each VM keeps its high-water mark, 3 x (128 + ~8) MiB; the governor needs at
+/// most two VMs high and one low: 2 x (128 + 16) + (16 + 16) + 3 x ~8 MiB = 344 MiB.
+const BUDGET: u64 = 368 * MIB;
+
+fn spec() -> FleetSpec {
+    FleetSpec {
+        vms: 3,
+        mem: 192 * MIB,
+        low: 16 * MIB,
+        high: 128 * MIB,
+        period: 8.0,
+        ramp: 0.8,
+        cache: 192 * MIB,
+        stats_interval: 0.5,
+    }
+}
+
+/// Runs `gov` for `seconds`, a round every 0.5 s: the resident totals and the verified pages
+/// per VM seen last.
+fn rounds(gov: &mut Governor, seconds: f64, verified: &mut [u64; 3]) -> Vec<u64> {
+    let start = Instant::now();
+    let mut totals = Vec::new();
+    while start.elapsed().as_secs_f64() < seconds {
+        let t = gov.tick(|vm, balloon| {
+            let i = vm.rsplit('-').next().and_then(|n| n.parse::<usize>().ok()).unwrap_or(9);
+            if let Some(v) = balloon["guest_stats"]["zapvm_verified_pages"].as_u64() {
+                if i < 3 {
+                    verified[i] = v;
+                }
+            }
+        });
+        totals.push(t.resident_total);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    totals
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a child process this test started; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+}
+
+#[test]
+fn the_governor_keeps_three_phased_vms_under_the_budget_and_survives_a_stuck_and_a_dead_vm() {
+    let scratch = scratch::scratch_dir("governor");
+    let dir = scratch.path().join("fleet");
+    let fleet = RunningFleet::start(Path::new(env!("CARGO_BIN_EXE_zapvm")), &dir, "gov-", &spec()).unwrap();
+    let pids: Vec<u32> = fleet.children.iter().map(|(_, c)| c.id()).collect();
+    let config = PolicyConfig { budget: BUDGET, floor: 32 * MIB, headroom: 16 * MIB, ..Default::default() };
+    let mut verified = [0u64; 3];
+
+    // No policy for a cycle: every VM has been high once and kept it; the check must fire.
+    let mut watch = Governor::new(Fleet::Dir(dir.clone()), Mode::Observe, config.clone(), None).unwrap();
+    let totals = rounds(&mut watch, 9.0, &mut verified);
+    let peak = totals.iter().max().copied().unwrap_or(0);
+    assert!(
+        peak > BUDGET,
+        "with no policy the fleet should exceed {} MiB, peaked at {} MiB",
+        BUDGET / MIB,
+        peak / MIB
+    );
+
+    // The governor: a few seconds to take the caches back, then a cycle under the budget.
+    let mut gov = Governor::new(Fleet::Dir(dir.clone()), Mode::Govern, config, None).unwrap();
+    rounds(&mut gov, 3.0, &mut verified);
+    let before = verified;
+    let mut totals = rounds(&mut gov, 4.0, &mut verified);
+    // VM 2 stops answering for a while (SIGSTOP): counted, and the others stay governed.
+    signal(pids[2], libc::SIGSTOP);
+    totals.extend(rounds(&mut gov, 3.0, &mut verified));
+    signal(pids[2], libc::SIGCONT);
+    totals.extend(rounds(&mut gov, 4.0, &mut verified));
+    let m: GovernorMetrics = gov.metrics.clone();
+    assert!(m.unreachable >= 1, "the stopped VM was not counted unreachable: {m:?}");
+    let over: Vec<u64> = totals.iter().filter(|t| **t > BUDGET + BUDGET / 20).map(|t| t / MIB).collect();
+    assert!(
+        over.is_empty(),
+        "resident totals above the budget + 5 % ({} MiB): {over:?} MiB of {totals:?}",
+        BUDGET / MIB
+    );
+    assert!(m.commands > 0 && m.command_failures == 0, "{m:?}");
+    for i in 0..3 {
+        assert!(
+            verified[i] > before[i],
+            "VM {i} verified no pages under the governor: {before:?} -> {verified:?}"
+        );
+    }
+
+    // VM 1 dies: it leaves the fleet, the governor goes on with the others.
+    signal(pids[1], libc::SIGKILL);
+    rounds(&mut gov, 2.0, &mut verified);
+    assert_eq!((gov.metrics.vms_left, gov.metrics.vms), (1, 2), "{:?}", gov.metrics);
+
+    // The others ran clean to the end (their guests verify every page they use).
+    let ends = fleet.stop();
+    for (name, ok, out) in &ends {
+        assert_eq!(*ok, name != "gov-1", "{name}: {out}");
+    }
+}
+
+fn governor(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = scratch::zapvm_in(dir).arg("governor").args(args).output().expect("zapvm governor runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
+}
+
+#[test]
+fn governor_bad_input_is_a_clear_error_or_a_counted_condition() {
+    let scratch = scratch::scratch_dir("governor-bad");
+    let d = scratch.path();
+    let (ok, text) = governor(d, &["--budget", "100M", "--socket", "a.sock", "--socket", "b.sock"]);
+    assert!(!ok && text.contains("smaller than the floors"), "{text}");
+    let (ok, text) = governor(d, &["--budget", "1G", "--dir", "/nonexistent/zapvm-fleet"]);
+    assert!(!ok && text.contains("not a directory"), "{text}");
+    let (ok, text) = governor(d, &["--budget", "1G", "--cgroup", d.to_str().unwrap()]);
+    assert!(!ok && text.contains("not a memory cgroup"), "{text}");
+    // The root memory cgroup: v1 refuses a limit on it, v2 has no memory.max there.
+    let root =
+        ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"].into_iter().find(|p| Path::new(p).is_dir()).unwrap();
+    let (ok, text) = governor(d, &["--budget", "1G", "--cgroup", root, "--cgroup-enforce"]);
+    assert!(
+        !ok && (text.contains("cannot set the memory limit") || text.contains("not a memory cgroup")),
+        "{text}"
+    );
+    // A socket nobody listens on: counted each round, not fatal.
+    let (ok, text) = governor(
+        d,
+        &[
+            "--budget",
+            "1G",
+            "--socket",
+            d.join("zapvm-none.sock").to_str().unwrap(),
+            "--duration",
+            "1",
+            "--interval",
+            "0.3",
+        ],
+    );
+    assert!(ok, "{text}");
+    let metrics: serde_json::Value =
+        serde_json::from_str(text.lines().rev().find(|l| l.starts_with('{')).unwrap()).unwrap();
+    assert!(
+        metrics["unreachable"].as_u64().unwrap() >= 2 && metrics["ticks"].as_u64().unwrap() >= 2,
+        "{metrics}"
+    );
+}

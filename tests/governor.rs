@@ -161,3 +161,91 @@ fn governor_bad_input_is_a_clear_error_or_a_counted_condition() {
         "{metrics}"
     );
 }
+
+/// Copies `buf.len()` bytes between this process's memory at `hva` and `buf` with
+/// process_vm_readv/writev (no Rust reference to guest RAM, which the guest writes meanwhile).
+fn poke(hva: usize, buf: &mut [u8], write: bool) -> bool {
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let remote = libc::iovec { iov_base: hva as *mut libc::c_void, iov_len: buf.len() };
+    // SAFETY: `local` is `buf`, valid for its length; the remote side is this process's guest RAM
+    // mapping, checked by the kernel (EFAULT if unmapped).
+    let n = unsafe {
+        if write {
+            libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0)
+        } else {
+            libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0)
+        }
+    };
+    n == buf.len() as isize
+}
+
+/// The planted fault of the phased guest's checker: the host changes one word of a working-set
+/// page behind the guest's back; the guest must fail naming it.
+#[test]
+fn the_phased_guest_fails_on_a_working_set_page_that_lost_its_pattern() {
+    use guest_abi::phased::{phased_layout, PhaseParams};
+    use std::sync::{Arc, Mutex};
+    use vmm::boot::test_guest::TestGuestParams;
+    use vmm::devices::virtio::balloon::BalloonConfig;
+    use vmm::machine::{run, Console, VmConfig, VmControl, VmOutcome};
+    use vmm::memory::{MemoryBackend, MemoryConfig};
+
+    const SEED: u64 = 0xfa17;
+    let planted: Arc<Mutex<Option<u64>>> = Arc::new(Mutex::new(None));
+    let slot = planted.clone();
+    let hook = Arc::new(move |vm: &Arc<VmControl>| {
+        let vm = vm.clone();
+        let slot = slot.clone();
+        std::thread::spawn(move || {
+            // The boot info: work ranges at words 8.. (see guest_abi::BootInfo).
+            let info = vm.guest_mmu().host_range(guest_abi::BOOT_INFO_GPA, 64 * 8).unwrap();
+            let mut w = [0u8; 64 * 8];
+            assert!(poke(info, &mut w, false));
+            let word = |i: usize| u64::from_le_bytes(w[8 * i..8 * i + 8].try_into().unwrap());
+            let (start, end) = (word(8), word(9));
+            assert_eq!(word(7), 1, "one work range");
+            let layout = phased_layout((end - start) / guest_abi::PAGE_SIZE).unwrap();
+            // Pool page 0 is in the working set as soon as the guest filled it.
+            let gpa = start + layout.pool_first * guest_abi::PAGE_SIZE + 8 * 17;
+            let hva = vm.guest_mmu().host_range(gpa, 8).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut b = [0u8; 8];
+            while u64::from_le_bytes(b) != guest_abi::pattern(SEED, gpa) {
+                assert!(Instant::now() < deadline, "the guest never filled pool page 0");
+                std::thread::sleep(Duration::from_millis(20));
+                assert!(poke(hva, &mut b, false));
+            }
+            let mut bad = (guest_abi::pattern(SEED, gpa) ^ 0x10).to_le_bytes();
+            assert!(poke(hva, &mut bad, true));
+            *slot.lock().unwrap() = Some(gpa);
+        });
+    });
+    let config = VmConfig {
+        memory: MemoryConfig { size: 64 * MIB, backend: MemoryBackend::Anonymous, thp: false },
+        vcpus: 1,
+        timeout: Some(Duration::from_secs(120)),
+        console: Console::Null,
+        monitor: false,
+        after_start: Some(hook),
+        balloon: Some(BalloonConfig { deflate_on_oom: false, ..Default::default() }),
+        ..VmConfig::test_guest(TestGuestParams {
+            seed: SEED,
+            phase: PhaseParams {
+                low_pages: 2048,
+                high_pages: 2048,
+                cache_pages: 1 << 20,
+                ..Default::default()
+            },
+            ..TestGuestParams::new(guest_abi::Workload::Phased)
+        })
+    };
+    let report = run(&config).expect("the VM starts");
+    let gpa = planted.lock().unwrap().expect("the fault was planted");
+    match &report.outcome {
+        VmOutcome::Failed { message } => {
+            assert!(message.contains("working-set page lost its pattern"), "{message}");
+            assert!(message.contains(&format!("{gpa:#x}")), "{message} does not name {gpa:#x}");
+        }
+        other => panic!("the guest did not catch the planted fault: {other:?}"),
+    }
+}

@@ -101,6 +101,10 @@ struct Conn {
     pid: Option<u32>,
     ram: u64,
     gone: bool,
+    /// The last change of the guest's wanted working set seen: (bytes, when), and the growth
+    /// rate it showed (bytes/s).
+    last_wanted: Option<(u64, std::time::Instant)>,
+    growth: f64,
 }
 
 /// The governor (see the module docs).
@@ -252,7 +256,25 @@ impl Governor {
             free: stat(&stats, "free_memory"),
             available: stat(&stats, "available_memory"),
             stall_us: stat(&stats, "zapvm_stall_us"),
+            growth_per_s: 0.0,
         };
+        // The working set's growth rate: between two changes of what it wants (statistics
+        // arrive every stats interval), forgotten after 1.5 s without a change.
+        let now = std::time::Instant::now();
+        let mut o = o;
+        if let Some(w) = o.wanted {
+            match conn.last_wanted {
+                Some((old, at)) if old != w => {
+                    let dt = now.duration_since(at).as_secs_f64().max(0.1);
+                    conn.growth = (w as f64 - old as f64) / dt;
+                    conn.last_wanted = Some((w, now));
+                }
+                Some((_, at)) if now.duration_since(at).as_secs_f64() > 1.5 => conn.growth = 0.0,
+                Some(_) => {}
+                None => conn.last_wanted = Some((w, now)),
+            }
+            o.growth_per_s = conn.growth.max(0.0);
+        }
         Ok((o, balloon))
     }
 
@@ -267,7 +289,18 @@ impl Governor {
                 let name = vm_name(path);
                 tracing::info!(vm = %name, socket = %path.display(), "governor: VM joined");
                 self.metrics.vms_joined += 1;
-                self.conns.insert(path.clone(), Conn { name, client: None, pid: None, ram: 0, gone: false });
+                self.conns.insert(
+                    path.clone(),
+                    Conn {
+                        name,
+                        client: None,
+                        pid: None,
+                        ram: 0,
+                        gone: false,
+                        last_wanted: None,
+                        growth: 0.0,
+                    },
+                );
             }
         }
         let mut observations = Vec::new();

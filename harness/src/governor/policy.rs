@@ -10,7 +10,9 @@
 //! (the VMM's own), which the balloon cannot take.
 //!
 //! - G1. A VM whose need rose above its allowance gets it at once (`Grow`): a guest that wants
-//!   pages the balloon holds stalls, so giving back is never delayed.
+//!   pages the balloon holds stalls, so giving back is never delayed. A growing working set
+//!   needs what it will have grown by before the next decision reaches it as well
+//!   (`growth_per_s` x `lookahead_s`).
 //! - G2. A VM whose allowance exceeds its need by more than the hysteresis is cut to its need
 //!   (`Reclaim`): memory it does not use goes back to the host. Within the hysteresis the
 //!   target stays (`Hold`), so small changes of the working set do not move the balloon.
@@ -53,6 +55,8 @@ pub struct VmObservation {
     pub available: Option<u64>,
     /// Microseconds the guest stalled for memory (cumulative).
     pub stall_us: Option<u64>,
+    /// How fast the working set grows, bytes per second (0 when it does not).
+    pub growth_per_s: f64,
 }
 
 /// The policy's settings.
@@ -68,6 +72,9 @@ pub struct PolicyConfig {
     pub headroom_fraction: f64,
     /// Allowance changes smaller than this are not made (G2), bytes.
     pub hysteresis: u64,
+    /// A growing working set gets what it grows by in this many seconds on top (G1): the
+    /// time its statistics and the next round take to show the growth.
+    pub lookahead_s: f64,
     /// The fraction of the budget kept while the host reports memory pressure (PSI above
     /// `psi_threshold`).
     pub pressure_cut: f64,
@@ -83,6 +90,7 @@ impl Default for PolicyConfig {
             headroom: 32 * MIB,
             headroom_fraction: 0.08,
             hysteresis: 16 * MIB,
+            lookahead_s: 1.5,
             pressure_cut: 0.9,
             psi_threshold: 10.0,
         }
@@ -177,7 +185,8 @@ pub fn need(config: &PolicyConfig, vm: &VmObservation) -> Option<u64> {
         (None, None) => vm.ram.checked_sub(vm.balloon_actual)?.checked_sub(vm.available?)?,
     };
     let headroom = config.headroom.max((ws as f64 * config.headroom_fraction) as u64);
-    Some((ws + headroom).max(config.floor).min(vm.ram))
+    let growth = (vm.growth_per_s.max(0.0) * config.lookahead_s) as u64;
+    Some((ws + headroom + growth).max(config.floor).min(vm.ram))
 }
 
 /// The decision (see the module docs).
@@ -299,6 +308,7 @@ mod tests {
             free: None,
             available: None,
             stall_us: None,
+            growth_per_s: 0.0,
         }
     }
 
@@ -395,5 +405,8 @@ mod tests {
         assert_eq!(need(&c, &v), None);
         v.available = Some(824 * MIB);
         assert_eq!(need(&c, &v), Some(232 * MIB));
+        // Growing at 100 MiB/s: 1.5 s of growth on top.
+        v.growth_per_s = 100.0 * MIB as f64;
+        assert_eq!(need(&c, &v), Some(382 * MIB));
     }
 }

@@ -120,22 +120,26 @@ pub struct OvercommitArgs {
     #[arg(long, default_value_t = 4)]
     vms: usize,
     /// Guest RAM per VM.
-    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    #[arg(long, value_parser = parse_size, default_value = "512M")]
     mem: u64,
     /// The budget.
-    #[arg(long, value_parser = parse_size, default_value = "2G")]
+    #[arg(long, value_parser = parse_size, default_value = "1152M")]
     budget: u64,
     /// Working set per VM at its low and high phases.
-    #[arg(long, value_parser = parse_size, default_value = "128M")]
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
     low: u64,
     /// See --low.
-    #[arg(long, value_parser = parse_size, default_value = "640M")]
+    #[arg(long, value_parser = parse_size, default_value = "320M")]
     high: u64,
     /// Seconds of a working-set cycle.
-    #[arg(long, default_value_t = 20.0)]
-    period: f64,
-    /// Seconds per policy.
     #[arg(long, default_value_t = 40.0)]
+    period: f64,
+    /// Seconds of each ramp between low and high (the guests must be able to fill that fast:
+    /// first touches are page faults, costly where guest memory is shadowed).
+    #[arg(long, default_value_t = 10.0)]
+    ramp: f64,
+    /// Seconds per policy.
+    #[arg(long, default_value_t = 80.0)]
     duration: f64,
     /// Seconds between samples and governor rounds.
     #[arg(long, default_value_t = 0.5)]
@@ -164,7 +168,7 @@ pub fn overcommit(a: OvercommitArgs) -> Result<ExitCode, String> {
             low: a.low,
             high: a.high,
             period: a.period,
-            ramp: a.period / 10.0,
+            ramp: a.ramp.min(a.period / 2.0),
             cache: a.mem,
             stats_interval: a.interval,
         },

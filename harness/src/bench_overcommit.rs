@@ -17,7 +17,8 @@
 //! no-policy run, whose guests are never constrained), the guests' stall time, bytes reclaimed
 //! per path (balloon inflations, free page reporting; virtio-mem is not used by this fleet) and
 //! the notifier discard operations they took, and the reclaim latency: from a VM's working set
-//! starting to drop to its resident memory having fallen by 80 % of the drop. Every VM must run
+//! starting to drop to its resident memory having fallen by 80 % of the drop (from the working
+//! set it had then down to its low). Every VM must run
 //! to the end with its verification clean (a wrong page ends its guest with a Failure and the
 //! process with a non-zero status).
 
@@ -371,7 +372,9 @@ fn summarise(
         while k < samples.len() {
             if wanted(k - 1) >= high && wanted(k) < wanted(k - 1) {
                 let (t0, r0) = (samples[k - 1].t, samples[k - 1].vms[v].resident);
-                let goal = r0.saturating_sub(drop_size * 8 / 10);
+                // The drop is from the working set it had (it may not have reached its high).
+                let fall = samples[k - 1].vms[v].working_set.saturating_sub(req.fleet.low).min(drop_size);
+                let goal = r0.saturating_sub(fall * 8 / 10);
                 // Look until the working set is back at its high.
                 let mut j = k;
                 let mut found = None;

@@ -4,7 +4,7 @@
 //!
 //! vCPU 0 runs one loop: follow the working set the phase wants (grow from the cache, then from
 //! free pages, else deflate on OOM or stall), answer statistics requests, poll the balloon's
-//! target about every [`POLL_MS`] (3 MMIO exits) and inflate or deflate one batch towards it,
+//! target about every [`POLL_MS`] (3 MMIO exits) and inflate or deflate towards it,
 //! report free pages that have waited long enough, and verify the next [`VERIFY_CHUNK`] pages of
 //! the working set. Nothing in the loop exits but the target poll, the balloon's requests and
 //! the idle rendezvous of a stall. Other vCPUs idle in rendezvous until the host stops the VM.
@@ -397,16 +397,22 @@ impl Phased {
             if now.wrapping_sub(last_poll) >= POLL_MS * khz {
                 last_poll = now;
                 let target = u64::from(self.d.mmio.read_config(CONFIG_NUM_PAGES)).min(self.pool());
+                // The whole way to the target (or as far as free and cache pages go) in one
+                // go: a stalled guest must not wait a stall's idle between two batches.
                 let before = self.balloon;
-                if target > self.balloon {
-                    self.inflate(target - self.balloon);
-                } else if target < self.balloon {
-                    self.deflate(self.balloon - target);
+                loop {
+                    let at = self.balloon;
+                    if target > self.balloon {
+                        self.inflate(target - self.balloon);
+                    } else if target < self.balloon {
+                        self.deflate(self.balloon - target);
+                    }
+                    if self.balloon == at {
+                        break;
+                    }
                 }
                 if self.balloon != before {
                     self.d.mmio.write_config(CONFIG_ACTUAL, self.balloon as u32);
-                    // More to do: poll again at once.
-                    last_poll = now.wrapping_sub(POLL_MS * khz);
                 }
             }
             if self.dirty > 0

@@ -211,13 +211,17 @@ impl Governor {
         conn: &mut Conn,
         path: &Path,
         timeout: Duration,
+        in_dir: bool,
         metrics: &mut GovernorMetrics,
     ) -> Result<(VmObservation, Value), String> {
         if conn.client.is_none() {
             let mut client = QmpClient::connect(path, timeout).map_err(|e| {
-                // A socket file nobody listens on: the VMM that made it is gone.
+                // A socket file nobody listens on: the VMM that made it is gone. (One named on
+                // the command line only once it was read: it may not be listening yet.)
                 if let vmm::api::client::ClientError::Connect { source, .. } = &e {
-                    if source.kind() == std::io::ErrorKind::ConnectionRefused && conn.pid.is_some() {
+                    if source.kind() == std::io::ErrorKind::ConnectionRefused
+                        && (conn.pid.is_some() || in_dir)
+                    {
                         conn.gone = true;
                     }
                 }
@@ -326,7 +330,13 @@ impl Governor {
                 conn.gone = true;
                 continue;
             }
-            match Self::observe(conn, &path, self.timeout, &mut self.metrics) {
+            match Self::observe(
+                conn,
+                &path,
+                self.timeout,
+                matches!(self.fleet, Fleet::Dir(_)),
+                &mut self.metrics,
+            ) {
                 Ok(_) if conn.gone => {
                     tracing::info!(vm = %conn.name, "governor: VM left (SHUTDOWN)");
                     self.metrics.vms_left += 1;
@@ -472,21 +482,25 @@ mod tests {
     }
 
     #[test]
-    fn an_unreachable_socket_is_counted_each_round() {
+    fn stale_and_unreachable_sockets_are_counted_not_fatal() {
         let dir = std::env::temp_dir().join(format!("zapvm-gov-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        // A socket file nobody listens on.
+        // A socket file nobody listens on (a VMM that was killed left it behind).
         let path = dir.join("zapvm-dead.sock");
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         let c = PolicyConfig { budget: 1 << 30, ..Default::default() };
-        let mut g = Governor::new(Fleet::Dir(dir.clone()), Mode::Govern, c, None).unwrap();
+        // In a directory: the VM is gone, and stays out while its file is there.
+        let mut g = Governor::new(Fleet::Dir(dir.clone()), Mode::Govern, c.clone(), None).unwrap();
         let t = g.tick(|_, _| {});
-        assert!(t.vms.is_empty(), "never read: not counted in the total");
+        assert!(t.vms.is_empty());
         g.tick(|_, _| {});
-        assert_eq!((g.metrics.vms, g.metrics.unreachable, g.metrics.vms_joined), (1, 2, 1));
+        assert_eq!((g.metrics.vms, g.metrics.vms_left, g.metrics.vms_joined), (0, 1, 1), "{:?}", g.metrics);
+        // Named on the command line: unreachable, counted every round.
+        let mut g = Governor::new(Fleet::Sockets(vec![path.clone()]), Mode::Govern, c, None).unwrap();
+        g.tick(|_, _| {});
+        g.tick(|_, _| {});
+        assert_eq!((g.metrics.vms, g.metrics.unreachable, g.metrics.vms_left), (1, 2, 0), "{:?}", g.metrics);
         std::fs::remove_file(&path).unwrap();
-        g.tick(|_, _| {});
-        assert_eq!((g.metrics.vms, g.metrics.vms_left), (0, 1));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -22,6 +22,10 @@
 //! - G4. When even the floors exceed the share, every VM is at its floor (`Floor`) and the
 //!   decision says so (`over_budget_floors`): the budget cannot be kept, and that is reported
 //!   rather than hidden.
+//! - G6. What the share leaves beyond a reserve (`reserve_fraction`) lets VMs that G2 or G3
+//!   would cut keep what they hold, evenly, up to their current allowance: memory taken back
+//!   costs a refault when the working set grows again, so it is taken only when the budget
+//!   needs it for another VM (then G3 takes it, the most free first).
 //! - G5. A VM that did not answer keeps its allowance (`Unreachable`): its resident memory is
 //!   counted in the total and nothing is sent to it.
 
@@ -80,6 +84,8 @@ pub struct PolicyConfig {
     pub pressure_cut: f64,
     /// PSI `some avg10` (percent) above which the host counts as under pressure.
     pub psi_threshold: f64,
+    /// The fraction of the guests' share G6 leaves unused, for growth between two rounds.
+    pub reserve_fraction: f64,
 }
 
 impl Default for PolicyConfig {
@@ -93,6 +99,7 @@ impl Default for PolicyConfig {
             lookahead_s: 1.5,
             pressure_cut: 0.9,
             psi_threshold: 10.0,
+            reserve_fraction: 0.05,
         }
     }
 }
@@ -265,6 +272,28 @@ pub fn decide(config: &PolicyConfig, host: &HostObservation, vms: &[VmObservatio
             }
         }
     }
+    // G6: what the share leaves (less the reserve) lets VMs that were to give memory back keep
+    // it, evenly, up to what they have: memory taken back costs a refault when the working set
+    // grows again, so it is taken only when the budget needs it.
+    if !over_budget_floors {
+        let room = share.saturating_sub((share as f64 * config.reserve_fraction) as u64);
+        let mut spare = room.saturating_sub(total(&allowance));
+        loop {
+            let keen: Vec<usize> = live.iter().copied().filter(|&i| allowance[i] < current[i]).collect();
+            if spare < MIB || keen.is_empty() {
+                break;
+            }
+            let each = (spare / keen.len() as u64).max(MIB);
+            for &i in &keen {
+                let give = each.min(current[i] - allowance[i]).min(spare);
+                allowance[i] += give;
+                spare -= give;
+                if allowance[i] == current[i] {
+                    reason[i] = Reason::Hold;
+                }
+            }
+        }
+    }
     let decisions = vms
         .iter()
         .enumerate()
@@ -317,8 +346,23 @@ mod tests {
     }
 
     #[test]
-    fn idle_memory_is_reclaimed_and_growth_is_given_back() {
+    fn spare_budget_lets_a_shrinking_vm_keep_its_memory_until_another_needs_it() {
         let c = config(2048);
+        // Alone under a large budget: a keeps what it has (G6).
+        let d = decide(&c, &HostObservation::default(), &[vm("a", 1024, 0, 100)]);
+        assert_eq!((d.vms[0].reason, d.vms[0].changed), (Reason::Hold, false), "{d:?}");
+        // b grows: a gives what b needs, no more (the reserve stays unused).
+        let d = decide(&c, &HostObservation::default(), &[vm("a", 1024, 0, 100), vm("b", 1024, 1000, 900)]);
+        assert_eq!(d.vms[1].reason, Reason::Grow);
+        assert!(d.vms[0].allowance < 1024 * MIB && d.vms[0].allowance > 132 * MIB, "{d:?}");
+        let total: u64 = d.vms.iter().map(|v| v.allowance).sum();
+        let room = d.guest_share - (d.guest_share as f64 * c.reserve_fraction) as u64;
+        assert!(total <= room + MIB && total + 4 * MIB >= room, "{total} vs {room}: {d:?}");
+    }
+
+    #[test]
+    fn idle_memory_is_reclaimed_and_growth_is_given_back() {
+        let c = PolicyConfig { reserve_fraction: 0.99, ..config(2048) };
         let d = decide(&c, &HostObservation::default(), &[vm("a", 1024, 0, 100), vm("b", 1024, 800, 400)]);
         assert_eq!(d.vms[0].reason, Reason::Reclaim);
         assert_eq!(d.vms[0].allowance, need(&c, &vm("a", 1024, 0, 100)).unwrap().div_ceil(MIB) * MIB - 0);
@@ -330,7 +374,7 @@ mod tests {
 
     #[test]
     fn hysteresis_holds_small_changes() {
-        let c = config(2048);
+        let c = PolicyConfig { reserve_fraction: 0.99, ..config(2048) };
         // Need = 200 + 32 headroom = 232; allowance 240: within 16 MiB.
         let d = decide(&c, &HostObservation::default(), &[vm("a", 1024, 784, 200)]);
         assert_eq!(d.vms[0].reason, Reason::Hold);

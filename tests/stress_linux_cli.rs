@@ -52,7 +52,11 @@ fn a_guest_too_small_for_its_checkers_is_refused() {
 
 #[test]
 fn a_storm_without_a_checker_is_refused() {
-    assert_refused(&["stress", "--linux", "--memtest-mib", "0", "--seedcheck-mib", "0"], 1, "needs a checker");
+    assert_refused(
+        &["stress", "--linux", "--memtest-mib", "0", "--seedcheck-mib", "0"],
+        1,
+        "needs a checker",
+    );
 }
 
 #[test]

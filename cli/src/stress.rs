@@ -87,8 +87,9 @@ pub struct StressArgs {
     pub kvm_device: PathBuf,
     /// Linux under a balloon storm instead of the test guest: the project's Linux guest with
     /// free page reporting and deflate-on-OOM, memtester and seedcheck checking its memory,
-    /// seeded random balloon targets (--targets, default 12; --duration, default 60s) followed
-    /// by Linux's virtio_balloon.
+    /// seeded random balloon targets (--targets, default 12, and then until free page reporting
+    /// reported during the storm; --duration, default 60s, at the latest) followed by Linux's
+    /// virtio_balloon.
     #[arg(long, conflicts_with_all = ["discard", "external_chaos", "mprotect", "balloon", "virtio_mem", "all",
         "seal_guest_ram", "thp", "passes", "ops"])]
     pub linux: bool,

@@ -77,6 +77,10 @@ for tool in apt-get apt-cache dpkg-deb; do
 done
 
 # The versioned image package the metapackage depends on, e.g. linux-image-6.1.0-56-cloud-amd64.
+# One host apt-get update at a time among zapvm's scripts (CI runs some side by side): apt-get
+# fails rather than waits when another holds its lock.
+host_apt() { flock -w 900 "${ZAPVM_HOST_APT_LOCK:-/tmp/zapvm-host-apt.lock}" apt-get "$@"; }
+
 resolve() {
     apt-cache depends "$META" 2>/dev/null |
         sed -n 's/^ *Depends: *\(linux-image-[0-9][^ ]*-cloud-amd64\) *$/\1/p' | head -n 1
@@ -85,7 +89,7 @@ resolve() {
 pkg=$(resolve || true)
 if [ -z "$pkg" ]; then
     echo "fetch-debian-kernel: $META unknown to apt; running apt-get update" >&2
-    apt-get update >&2 || die "apt-get update failed (no network or not root?)"
+    host_apt update >&2 || die "apt-get update failed (no network or not root?)"
     pkg=$(resolve || true)
 fi
 [ -n "$pkg" ] || die "$META (or the linux-image-*-cloud-amd64 package it depends on) is not available from apt's sources"
@@ -100,7 +104,7 @@ if [ -z "$image" ]; then
     chmod 0777 "$work"
     if ! (cd "$work" && apt-get download "$pkg" >&2); then
         echo "fetch-debian-kernel: apt-get download $pkg failed; running apt-get update and retrying" >&2
-        apt-get update >&2 || die "apt-get update failed (no network or not root?)"
+        host_apt update >&2 || die "apt-get update failed (no network or not root?)"
         (cd "$work" && apt-get download "$pkg" >&2) || die "apt-get download $pkg failed"
     fi
     deb=$(ls "$work"/*.deb 2>/dev/null | head -n 1 || true)

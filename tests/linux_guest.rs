@@ -2,21 +2,23 @@
 //! small kernel with the project's PVM change and a busybox initramfs) to its /init, and Linux's
 //! own virtio_balloon driver works zapvm's balloon device.
 //!
-//! - [`linux_guest_reaches_init_and_its_checks_pass`]: the guest's /init runs, finds
-//!   virtio_balloon bound to the device, reports its memory, and reboots, which ends the VM.
-//! - [`linux_drivers_work_the_balloon_and_virtio_mem`]: through the control API the host sets
-//!   the balloon's target to 4 MiB, then 1 MiB, then 0; after each step the device's counters,
+//! [`linux_guest_reaches_init_and_its_drivers_work_the_balloon_and_virtio_mem`], one boot (at
+//! tens of seconds each on this kind of host, one is enough):
+//! - the guest's /init runs, finds virtio_balloon and virtio_mem bound to the devices, and
+//!   reports its memory;
+//! - through the control API the host sets the balloon's target to 4 MiB, then 1 MiB, then 0; after each step the device's counters,
 //!   the driver's `actual`, the guest kernel's own count of ballooned pages (/proc/vmstat,
 //!   reported on the console) and the VMM's resident memory (/proc/<pid>/status) must agree. The
 //!   guest's statistics (the balloon's stats queue) must agree with its /proc/meminfo. Then
 //!   Linux's virtio_mem plugs 128 MiB of the device's region and unplugs it again: the device's
-//!   plugged size and the guest's MemTotal move by exactly that much.
+//!   plugged size and the guest's MemTotal move by exactly that much;
+//! - a line typed on the VMM's standard input reaches the guest's shell, which reboots, and the
+//!   reboot ends the VM successfully.
 //!
 //! The guest is built on first use (minutes; resources/linux-guest/build.sh, which installs
 //! Debian packages) and taken from its cache afterwards. On PVM hosts guest ring 0 is emulated
 //! (docs/host.md, "PVM"): /init comes ~30 s after the VM starts and each guest page allocation costs
-//! milliseconds, so the balloon targets are small and the budgets are tens of seconds. The two
-//! tests take turns (each VM wants a whole CPU).
+//! milliseconds, so the balloon targets are small and the budgets are tens of seconds.
 
 #[path = "support/lines.rs"]
 mod lines;
@@ -25,7 +27,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -49,8 +50,6 @@ const FILL_MIB: u64 = 6;
 /// The virtio-mem device's region, and what the guest is asked to plug (one Linux memory block).
 const VIRTIO_MEM_REGION_MIB: u64 = 256;
 const VIRTIO_MEM_PLUG_MIB: u64 = 128;
-
-static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// The guest's memory report line (see resources/linux-guest/init).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,49 +266,7 @@ fn field(v: &Value, key: &str) -> u64 {
 }
 
 #[test]
-fn linux_guest_reaches_init_and_its_checks_pass() {
-    let _turn = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut vm = LinuxVm::start("init", &[], "zapvm.report=0", false);
-    let deadline = vm.started + BOOT_BUDGET;
-    vm.wait_for("the guest's /init", deadline, |l| l == "zapvm-guest: init reached");
-    let to_init = vm.started.elapsed();
-    vm.wait_for("virtio_balloon bound", deadline, |l| {
-        l.starts_with("zapvm-guest: virtio balloon ") && l.ends_with(" bound to virtio_balloon")
-    });
-    vm.wait_for("the checks' verdict", deadline, |l| l == "zapvm-guest: checks passed");
-    let mem = vm.wait_mem("a memory report", deadline, |_| true);
-    // MemTotal: RAM less what the kernel keeps (its image, reserved areas, page structures).
-    assert!(
-        mem.mem_total_kib * 1024 <= MEM_MIB * MIB && mem.mem_total_kib * 1024 > MEM_MIB * MIB * 3 / 4,
-        "MemTotal {} KiB for {MEM_MIB} MiB of RAM\n{}",
-        mem.mem_total_kib,
-        vm.dump()
-    );
-    assert_eq!(mem.ballooned(), 0, "nothing is ballooned at boot");
-    // The console is the user's terminal: what is typed on the VMM's stdin reaches the guest's
-    // shell, which computes (so the echo of the typed line cannot match) and then reboots, which
-    // ends the VM successfully.
-    vm.type_line("echo zapvm-input-$((6 * 7)); reboot -f");
-    vm.wait_for("the shell's answer to typed input", deadline + END_BUDGET, |l| {
-        l.trim_end().ends_with("zapvm-input-42") && !l.contains("$((")
-    });
-    let (status, rest) = vm.wait_exit();
-    let dump = vm.dump();
-    assert!(status.success(), "zapvm exited with {status}\n{dump}");
-    assert!(rest.iter().any(|l| l == "zapvm: the guest reset the machine"), "{dump}");
-    if vmm::pvm::is_pvm() {
-        // The emulator stops on FWAIT in the FPU setup of every boot; zapvm completes it.
-        assert!(
-            rest.iter().any(|l| l.starts_with("zapvm: PVM host: completed") && l.contains("FWAIT x")),
-            "no PVM quirk report\n{dump}"
-        );
-    }
-    eprintln!("linux_guest: /init reached {:.1} s after the VM started", to_init.as_secs_f64());
-}
-
-#[test]
-fn linux_drivers_work_the_balloon_and_virtio_mem() {
-    let _turn = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+fn linux_guest_reaches_init_and_its_drivers_work_the_balloon_and_virtio_mem() {
     let mut vm = LinuxVm::start(
         "drivers",
         // No free page reporting: guest RAM then leaves the host only through the balloon, so
@@ -325,12 +282,25 @@ fn linux_drivers_work_the_balloon_and_virtio_mem() {
         true,
     );
     let boot = vm.started + BOOT_BUDGET;
+    vm.wait_for("the guest's /init", boot, |l| l == "zapvm-guest: init reached");
+    let to_init = vm.started.elapsed();
+    vm.wait_for("virtio_balloon bound", boot, |l| {
+        l.starts_with("zapvm-guest: virtio balloon ") && l.ends_with(" bound to virtio_balloon")
+    });
     vm.wait_for("virtio_mem bound", boot, |l| {
         l.starts_with("zapvm-guest: virtio mem ") && l.ends_with(" bound to virtio_mem")
     });
     vm.wait_for("the checks' verdict", boot, |l| l == "zapvm-guest: checks passed");
     vm.wait_for("the fill", boot + STEP_BUDGET, |l| l.starts_with("zapvm-guest: filled and freed"));
     let first = vm.wait_mem("a memory report after the fill", boot + STEP_BUDGET, |_| true);
+    // MemTotal: RAM less what the kernel keeps (its image, reserved areas, page structures).
+    assert!(
+        first.mem_total_kib * 1024 <= MEM_MIB * MIB && first.mem_total_kib * 1024 > MEM_MIB * MIB * 3 / 4,
+        "MemTotal {} KiB for {MEM_MIB} MiB of RAM\n{}",
+        first.mem_total_kib,
+        vm.dump()
+    );
+    assert_eq!(first.ballooned(), 0, "nothing is ballooned at boot");
     let mut api = vm.api();
 
     // The stats queue: Linux's driver handed its statistics buffer over at probe (before
@@ -445,9 +415,25 @@ fn linux_drivers_work_the_balloon_and_virtio_mem() {
     let transport = api.call("__org.zapvm_query-memory-layer", Value::Null)["balloon_transport"].clone();
     assert_eq!(field(&transport, "notify_errors"), 0, "Linux's driver broke a transport rule: {transport}");
     assert!(field(&transport, "early_notifies") >= 1, "the stats queue's kick at probe: {transport}");
-    api.call("quit", Value::Null);
-    let (status, _) = vm.wait_exit();
-    assert!(status.success(), "zapvm exited with {status}\n{}", vm.dump());
+    // The console is the user's terminal: what is typed on the VMM's stdin reaches the guest's
+    // shell, which computes (so the echo of the typed line cannot match) and then reboots, which
+    // ends the VM successfully.
+    vm.type_line("echo zapvm-input-$((6 * 7)); reboot -f");
+    vm.wait_for("the shell's answer to typed input", Instant::now() + STEP_BUDGET, |l| {
+        l.trim_end().ends_with("zapvm-input-42") && !l.contains("$((")
+    });
+    let (status, rest) = vm.wait_exit();
+    let dump = vm.dump();
+    assert!(status.success(), "zapvm exited with {status}\n{dump}");
+    assert!(rest.iter().any(|l| l == "zapvm: the guest reset the machine"), "{dump}");
+    if vmm::pvm::is_pvm() {
+        // The emulator stops on FWAIT in the FPU setup of every boot; zapvm completes it.
+        assert!(
+            rest.iter().any(|l| l.starts_with("zapvm: PVM host: completed") && l.contains("FWAIT x")),
+            "no PVM quirk report\n{dump}"
+        );
+    }
+    eprintln!("linux_guest: /init reached {:.1} s after the VM started", to_init.as_secs_f64());
     eprintln!(
         "linux_guest: Linux's virtio_balloon, {MEM_MIB} MiB guest:\n| target | inflated | deflated | time to actual | VMM RSS change | guest vmstat inflate / deflate |\n|---|---|---|---|---|---|\n{}",
         figures.join("\n")

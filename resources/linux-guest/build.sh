@@ -61,8 +61,11 @@ ensure_packages() {
         sudo=sudo
     fi
     say "installing ${missing[*]} (apt-get)"
-    $sudo apt-get update -qq >&2 || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2 ||
+    # One host apt at a time among zapvm's scripts (CI runs some side by side): apt-get fails
+    # rather than waits when another holds its lock.
+    local lock="${ZAPVM_HOST_APT_LOCK:-/tmp/zapvm-host-apt.lock}"
+    $sudo flock -w 900 "$lock" apt-get update -qq >&2 || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive $sudo flock -w 900 "$lock" apt-get install -y -qq "${missing[@]}" >&2 ||
         die "apt-get install ${missing[*]} failed"
 }
 

@@ -7,16 +7,9 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use crate::bench_overcommit::OvercommitReport;
+use crate::bench_plot::COLORS;
 
 const MIB: f64 = (1u64 << 20) as f64;
-const COLORS: [RGBColor; 6] = [
-    RGBColor(0x1f, 0x77, 0xb4),
-    RGBColor(0xd6, 0x27, 0x28),
-    RGBColor(0x2c, 0xa0, 0x2c),
-    RGBColor(0x94, 0x67, 0xbd),
-    RGBColor(0xff, 0x7f, 0x0e),
-    RGBColor(0x8c, 0x56, 0x4b),
-];
 
 /// Draws `report` into `path`.
 pub fn svg(report: &OvercommitReport, path: &Path) -> Result<(), String> {

@@ -10,8 +10,9 @@ use crate::bench_pressure_report::{size_label, Delivery, PressureReport};
 /// The target line's colour.
 const TARGET: RGBColor = RGBColor(0xb0, 0xb0, 0xb0);
 
-/// Line colours, one per range size (distinguishable, print-safe).
-const COLORS: [RGBColor; 6] = [
+/// Line colours (distinguishable, print-safe): one per range size here, one per VM in
+/// `bench_overcommit_plot`.
+pub(crate) const COLORS: [RGBColor; 6] = [
     RGBColor(0x1f, 0x77, 0xb4),
     RGBColor(0xd6, 0x27, 0x28),
     RGBColor(0x2c, 0xa0, 0x2c),

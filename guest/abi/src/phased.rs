@@ -177,12 +177,18 @@ mod tests {
 
     #[test]
     fn the_layout_covers_the_slice_and_the_states_fit() {
-        assert_eq!(phased_layout(6), None);
-        for pages in [7u64, 100, 4103, 4104, 262_144, 1 << 20] {
+        // The driver's pages, then one state page and one pool page at least.
+        assert_eq!(phased_layout(PHASED_DRIVER_PAGES), None);
+        assert_eq!(phased_layout(PHASED_DRIVER_PAGES + 1), None);
+        for pages in [8u64, 100, 4103, 4104, 4105, 262_144, 1 << 20] {
             let l = phased_layout(pages).unwrap();
+            assert_eq!(l.state_first, PHASED_DRIVER_PAGES);
+            assert_eq!(l.state_first + l.state_pages, l.pool_first, "{pages}: {l:?}");
             assert_eq!(l.pool_first + l.pool_pages, pages);
             assert!(l.state_pages * crate::PAGE_SIZE >= l.pool_pages, "{pages}: {l:?}");
-            assert!((l.state_pages - 1) * crate::PAGE_SIZE < l.pool_pages, "{pages}: {l:?}");
+            // No larger pool fits: one state page fewer would not cover the pages left over.
+            let fewer = l.state_pages - 1;
+            assert!(fewer * crate::PAGE_SIZE < pages - PHASED_DRIVER_PAGES - fewer, "{pages}: {l:?}");
         }
         assert_eq!(tag_name(tag::STALL_US), Some("zapvm_stall_us"));
         assert_eq!(tag_name(3), None);

@@ -30,6 +30,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use harness::stress_linux::GuestMemReport as GuestMem;
 use lines::lines_to_channel;
 
 use serde_json::{json, Value};
@@ -50,35 +51,6 @@ const FILL_MIB: u64 = 6;
 /// The virtio-mem device's region, and what the guest is asked to plug (one Linux memory block).
 const VIRTIO_MEM_REGION_MIB: u64 = 256;
 const VIRTIO_MEM_PLUG_MIB: u64 = 128;
-
-/// The guest's memory report line (see resources/linux-guest/init).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct GuestMem {
-    mem_total_kib: u64,
-    mem_free_kib: u64,
-    balloon_inflate: u64,
-    balloon_deflate: u64,
-}
-
-impl GuestMem {
-    fn parse(line: &str) -> Option<Self> {
-        let rest = line.strip_prefix("zapvm-guest: mem ")?;
-        let field = |key: &str| -> Option<u64> {
-            rest.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
-        };
-        Some(GuestMem {
-            mem_total_kib: field("MemTotal")?,
-            mem_free_kib: field("MemFree")?,
-            balloon_inflate: field("balloon_inflate")?,
-            balloon_deflate: field("balloon_deflate")?,
-        })
-    }
-
-    /// Pages in the balloon by the guest kernel's count.
-    fn ballooned(&self) -> u64 {
-        self.balloon_inflate - self.balloon_deflate
-    }
-}
 
 /// A `zapvm run --linux` child and its console.
 struct LinuxVm {

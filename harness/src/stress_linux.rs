@@ -9,10 +9,13 @@
 //! in a tmpfs file and re-verifies every word of it in a loop; and `churn`, which allocates
 //! (fallocate on tmpfs: no zeroing) and frees 16 MiB at a time with pauses longer than
 //! page_reporting's delay,
-//! so that the guest keeps freeing whole 2 MiB blocks (its /init sets page_reporting's order to
-//! [`REPORT_ORDER`]) that free page reporting reports to the host. Linux reports a zone's free
-//! blocks only while the zone has 32 of them free beyond its low watermark (64 MiB at order 9),
-//! so a storm that requires reports needs a guest of more than ~160 MiB (the CI run has 192 MiB).
+//! so that the guest keeps freeing whole blocks of 2^[`REPORT_ORDER`] pages (its /init sets
+//! page_reporting's order) that free page reporting reports to the host. Linux reports a free
+//! block once, and only a block freed (merged) since counts again: churn's pages come first from
+//! the free fragments smaller than a block and go back to them, so a block size near churn's
+//! round (2 MiB blocks, order 9: 16 MiB rounds re-formed no block in half the runs, reports 0)
+//! starves reporting; 128 KiB blocks re-form in every round. Linux also reports a zone's free
+//! blocks only while it has 32 of them free beyond its low watermark (4 MiB at order 5).
 //! Once all run, the host sets
 //! seeded random balloon targets, up and down, some of them beyond what the guest can give
 //! (toward OOM: the driver then runs out of pages, "Out of puff!", and Linux's OOM path deflates
@@ -268,6 +271,10 @@ pub struct LinuxStressReport {
     pub reported_ranges_storm: u64,
     /// See `reported_ranges_storm`.
     pub reported_bytes_storm: u64,
+    /// Free page report requests (the reporting queue's buffers) during the storm.
+    pub report_requests_storm: u64,
+    /// The guest's last memory report.
+    pub guest_mem_last: Option<GuestMemReport>,
 }
 
 /// Marker in word 0 of every page of seedcheck's data (resources/linux-guest/seedcheck.c).
@@ -283,8 +290,10 @@ const HEADROOM_BYTES: u64 = 24 << 20;
 const MIN_GUEST_OVERHEAD_BYTES: u64 = 40 << 20;
 /// Seconds between the guest's memory reports.
 const REPORT_S: u64 = 10;
-/// page_reporting's order in the guest (2 MiB blocks of 4 KiB pages), set by its /init.
-pub const REPORT_ORDER: u32 = 9;
+/// page_reporting's order in the guest (128 KiB blocks of 4 KiB pages), set by its /init: the
+/// order Linux's virtio_balloon chooses itself where the host's pages are large (arm64 with 64
+/// KiB pages). See the module's documentation for why not pageblock_order (9).
+pub const REPORT_ORDER: u32 = 5;
 /// How long a step goes on once the driver said why it cannot reach its target.
 const EXPLAINED_STEP_END: Duration = Duration::from_secs(5);
 /// churn's pause between rounds: longer than the 2 s page_reporting waits after a free.
@@ -323,14 +332,46 @@ impl ConsoleLines {
     }
 }
 
-/// The guest's memory report (resources/linux-guest/init): (MemTotal KiB, balloon_inflate,
-/// balloon_deflate).
-fn mem_report(line: &str) -> Option<(u64, u64, u64)> {
-    let rest = &line[line.find("zapvm-guest: mem ")? + "zapvm-guest: mem ".len()..];
-    let field = |key: &str| -> Option<u64> {
-        rest.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
-    };
-    Some((field("MemTotal")?, field("balloon_inflate")?, field("balloon_deflate")?))
+/// The guest's memory report (resources/linux-guest/init), every [`REPORT_S`] seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct GuestMemReport {
+    /// MemTotal (KiB).
+    pub mem_total_kib: u64,
+    /// MemFree (KiB).
+    pub mem_free_kib: u64,
+    /// /proc/vmstat balloon_inflate and balloon_deflate: pages the balloon driver took from and
+    /// gave back to the kernel since boot.
+    pub balloon_inflate: u64,
+    /// See `balloon_inflate`.
+    pub balloon_deflate: u64,
+    /// Free blocks of 2^[`REPORT_ORDER`] pages in the guest's buddy allocator, all zones
+    /// (/proc/buddyinfo: a free block of a higher order counts as the blocks it holds): what
+    /// free page reporting can report, reported already or not.
+    pub free_blocks: u64,
+}
+
+impl GuestMemReport {
+    /// The report in a console line (anywhere in it), if the line holds one.
+    pub fn parse(line: &str) -> Option<Self> {
+        let rest = &line[line.find("zapvm-guest: mem ")? + "zapvm-guest: mem ".len()..];
+        Some(GuestMemReport {
+            mem_total_kib: word_value(rest, "MemTotal")?,
+            mem_free_kib: word_value(rest, "MemFree")?,
+            balloon_inflate: word_value(rest, "balloon_inflate")?,
+            balloon_deflate: word_value(rest, "balloon_deflate")?,
+            free_blocks: word_value(rest, "free_blocks")?,
+        })
+    }
+
+    /// Pages in the balloon by the guest kernel's count.
+    pub fn ballooned(&self) -> u64 {
+        self.balloon_inflate.saturating_sub(self.balloon_deflate)
+    }
+
+    /// (balloon_inflate, balloon_deflate).
+    fn vmstat(&self) -> (u64, u64) {
+        (self.balloon_inflate, self.balloon_deflate)
+    }
 }
 
 fn word_value(line: &str, key: &str) -> Option<u64> {
@@ -427,11 +468,29 @@ struct Storm {
     mem_total_kib: u64,
     steps: Vec<TargetStep>,
     checkers: CheckerReport,
+    /// The guest's last memory report.
+    last_mem: Option<GuestMemReport>,
     guest_vmstat: Option<(u64, u64)>,
     device_at_vmstat: Option<(u64, u64)>,
     planted_fired: u64,
     /// The balloon's (reported ranges, reported bytes) when the storm began.
     reported_at_start: (u64, u64),
+    /// The balloon's free page report requests when the storm began.
+    report_requests_at_start: u64,
+}
+
+impl Storm {
+    /// Reads new console lines: the checkers' and the memory reports. Whether a memory report
+    /// came.
+    fn note(&mut self, lines: &[String]) -> bool {
+        note_checkers(lines, &mut self.checkers);
+        let mut reported = false;
+        for report in lines.iter().filter_map(|l| GuestMemReport::parse(l)) {
+            self.last_mem = Some(report);
+            reported = true;
+        }
+        reported
+    }
 }
 
 /// Boots to the checkers, runs the storm, and reads the guest's final vmstat.
@@ -447,7 +506,6 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
     // Boot: the first memory report and the checkers' first progress.
     let (mut memtest_ok, mut seedcheck_ok) = (opts.memtest_mib == 0, opts.seedcheck_mib == 0);
     let mut churn_ok = opts.churn_mib == 0;
-    let mut last_vmstat = None;
     while !(memtest_ok && seedcheck_ok && churn_ok && s.mem_total_kib > 0) {
         if started.elapsed() > opts.boot_wait {
             s.broken.push(format!(
@@ -459,16 +517,14 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
             return s;
         }
         let new = lines.poll();
+        if s.note(&new) {
+            s.mem_total_kib = s.last_mem.map_or(0, |m| m.mem_total_kib);
+        }
         for l in &new {
-            if let Some((total, i, d)) = mem_report(l) {
-                s.mem_total_kib = total;
-                last_vmstat = Some((i, d));
-            }
             memtest_ok |= l.contains("zapvm-guest: memtest pass=");
             seedcheck_ok |= l.contains("zapvm-guest: seedcheck ready");
             churn_ok |= l.contains("zapvm-guest: churn round=");
         }
-        note_checkers(&new, &mut s.checkers);
         if !s.checkers.failures.is_empty() {
             s.broken.push(format!("boot: a checker failed: {}", s.checkers.failures[0]));
             return s;
@@ -500,6 +556,7 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
     {
         let at = stats();
         s.reported_at_start = (at.reported_ranges, at.reported_bytes);
+        s.report_requests_at_start = at.report_requests;
     }
     let mut current = 0u64;
     #[cfg(feature = "fault-injection")]
@@ -551,12 +608,7 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
             let now = stats();
             let new = lines.poll();
             step.out_of_puff += new.iter().filter(|l| l.contains("Out of puff")).count() as u64;
-            for l in &new {
-                if let Some((_, i, d)) = mem_report(l) {
-                    last_vmstat = Some((i, d));
-                }
-            }
-            note_checkers(&new, &mut s.checkers);
+            s.note(&new);
             step.actual_pages = u64::from(now.actual_pages);
             if target > from {
                 step.oom_deflated_pages = now.deflated_pages - before.deflated_pages;
@@ -612,13 +664,7 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
             && storm_started.elapsed() < opts.duration
             && s.checkers.failures.is_empty()
         {
-            let new = lines.poll();
-            for l in &new {
-                if let Some((_, i, d)) = mem_report(l) {
-                    last_vmstat = Some((i, d));
-                }
-            }
-            note_checkers(&new, &mut s.checkers);
+            s.note(&lines.poll());
             std::thread::sleep(Duration::from_millis(100));
         }
         s.report_wait_s = (storm_started.elapsed() - targets_done).as_secs_f64();
@@ -635,7 +681,7 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
     let settle_until = Instant::now() + opts.step_wait;
     loop {
         let now = stats();
-        note_checkers(&lines.poll(), &mut s.checkers);
+        s.note(&lines.poll());
         if u64::from(now.actual_pages) == settle_target && now.ballooned_pages == settle_target {
             break;
         }
@@ -656,19 +702,14 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
     let mut device = stats();
     let mut seen_since = false;
     while Instant::now() < until {
-        let new = lines.poll();
-        note_checkers(&new, &mut s.checkers);
-        for l in &new {
-            if let Some((_, i, d)) = mem_report(l) {
-                last_vmstat = Some((i, d));
-                seen_since = true;
-            }
-        }
+        seen_since |= s.note(&lines.poll());
         let now = stats();
         if (now.inflated_pages, now.deflated_pages) != (device.inflated_pages, device.deflated_pages) {
             device = now;
             seen_since = false;
-        } else if seen_since && last_vmstat == Some((device.inflated_pages, device.deflated_pages)) {
+        } else if seen_since
+            && s.last_mem.map(|m| m.vmstat()) == Some((device.inflated_pages, device.deflated_pages))
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -676,11 +717,10 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
     // A last look at the checkers: a pass or report period more.
     let settle = Instant::now() + Duration::from_secs(6);
     while Instant::now() < settle {
-        let new = lines.poll();
-        note_checkers(&new, &mut s.checkers);
+        s.note(&lines.poll());
         std::thread::sleep(Duration::from_millis(100));
     }
-    s.guest_vmstat = last_vmstat;
+    s.guest_vmstat = s.last_mem.map(|m| m.vmstat());
     s.device_at_vmstat = Some((device.inflated_pages, device.deflated_pages));
     s
 }
@@ -796,8 +836,23 @@ fn judge(
         balloon.as_ref().map_or(0, |b| b.reported_ranges.saturating_sub(ranges_at_start));
     let reported_bytes_storm =
         balloon.as_ref().map_or(0, |b| b.reported_bytes.saturating_sub(bytes_at_start));
+    let report_requests_storm =
+        balloon.as_ref().map_or(0, |b| b.report_requests.saturating_sub(storm.report_requests_at_start));
     if balloon.is_some() && storm.boot_s > 0.0 {
-        broken.extend(reporting_invariant(opts.churn_mib, c.churn_bytes, reported_bytes_storm));
+        if let Some(why) = reporting_invariant(opts.churn_mib, c.churn_bytes, reported_bytes_storm) {
+            // What tells a driver that never asked (no request: nothing to report, or it was
+            // not woken) from a device that refused what it asked.
+            let free = storm.last_mem.map_or("no memory report".into(), |m| {
+                format!(
+                    "{} free blocks of 2^{REPORT_ORDER} pages, MemFree {} KiB",
+                    m.free_blocks, m.mem_free_kib
+                )
+            });
+            broken.push(format!(
+                "{why} (report requests during the storm: {report_requests_storm}; the guest's last memory \
+                 report: {free})"
+            ));
+        }
     }
     let reached_ms: u64 = reached.iter().map(|s| s.ms).sum();
     let moved: u64 = reached.iter().map(|s| s.target_pages.abs_diff(s.from_pages)).sum();
@@ -830,6 +885,8 @@ fn judge(
         planted_faults_fired: storm.planted_fired,
         reported_ranges_storm,
         reported_bytes_storm,
+        report_requests_storm,
+        guest_mem_last: storm.last_mem,
     }
 }
 
@@ -887,6 +944,19 @@ mod tests {
         assert!(
             bad(LinuxStressOptions { oom_one_in: 0, ..LinuxStressOptions::new() }).contains("--oom-one-in")
         );
+    }
+
+    #[test]
+    fn the_memory_report_is_read_from_its_line() {
+        let line = "[   12.5] zapvm-guest: mem MemTotal=180224 MemFree=150000 balloon_inflate=900 \
+                    balloon_deflate=100 free_blocks=61";
+        let m = GuestMemReport::parse(line).unwrap();
+        assert_eq!(
+            (m.mem_total_kib, m.mem_free_kib, m.vmstat(), m.free_blocks, m.ballooned()),
+            (180224, 150000, (900, 100), 61, 800)
+        );
+        assert_eq!(GuestMemReport::parse(&line.replace(" free_blocks=61", "")), None, "every field required");
+        assert_eq!(GuestMemReport::parse("zapvm-guest: memtest pass=1 mib=4 tested=4MB ok"), None);
     }
 
     #[test]

@@ -530,6 +530,7 @@ impl Balloon {
     /// Checks the free page reports of one notify and discards them, adjacent ranges of all
     /// its buffers coalesced.
     fn report_all(&mut self, chains: &[DescriptorChain]) {
+        self.stats.report_requests += chains.len() as u64;
         let mut ranges = Vec::new();
         for d in chains.iter().flat_map(|c| &c.descriptors) {
             let (gpa, len) = (d.addr, d.len as u64);

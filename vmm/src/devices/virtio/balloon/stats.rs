@@ -72,6 +72,9 @@ pub struct BalloonStats {
     pub bytes_discarded: u64,
     /// Discard operations the notifier or the kernel failed.
     pub discard_failures: u64,
+    /// Free page report requests: the reporting queue's buffers (one scatter list of the
+    /// driver's each) received and returned, whether or not their ranges were valid.
+    pub report_requests: u64,
     /// Free page reports: ranges discarded and their bytes.
     pub reported_ranges: u64,
     /// See `reported_ranges`.

@@ -292,6 +292,7 @@ fn free_page_reports_are_discarded_and_checked() {
     assert!(f.page_is(0x4ff, 0));
     let s = f.stats();
     assert_eq!((s.reported_ranges, s.reported_bytes, s.errors.bad_report_range), (2, 0x201000, 2));
+    assert_eq!(s.report_requests, 1, "one scatter list, bad ranges included");
     assert_eq!(s.ballooned_pages, 0, "reported pages are not ballooned");
     assert_eq!(f.rings[3].used_idx(f.mem()), 1);
 }

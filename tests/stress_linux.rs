@@ -3,7 +3,8 @@
 //! freeing 8 MiB of tmpfs at a time (so that free page reporting reports), while Linux's
 //! virtio_balloon follows a short storm of seeded random balloon targets (then the balloon holds
 //! its last target until free page reporting reported: blocks of 128 KiB, which churn's rounds
-//! re-form; see `harness::stress_linux` for why not 2 MiB). The run must keep every
+//! re-form; see `harness::stress_linux` for why not 2 MiB) and Linux's virtio_mem random
+//! requested sizes over one 128 MiB memory block, before one target in two. The run must keep every
 //! invariant of the judge (`harness::stress_linux`); a run with a planted fault (the balloon
 //! discards one page of seedcheck's data that the driver never gave it) must be reported broken,
 //! naming the gap in the notifier's accounting (and, where the checker saw the page, its
@@ -18,7 +19,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use harness::stress_linux::{run, LinuxStressOptions, LinuxStressReport};
+use harness::stress_linux::{run, LinuxStressOptions, LinuxStressReport, LINUX_MEMORY_BLOCK};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -43,6 +44,9 @@ fn ci_options() -> LinuxStressOptions {
         max_target: Some(16 << 20),
         oom_targets: false,
         step_wait: Duration::from_secs(120),
+        // Linux's virtio_mem too: a requested size before one balloon target in two, over one
+        // Linux memory block.
+        virtio_mem_region: Some(LINUX_MEMORY_BLOCK),
         progress: true,
         ..LinuxStressOptions::new()
     }
@@ -84,6 +88,27 @@ fn linux_balloon_storm_keeps_every_invariant() {
     assert_eq!(b.bytes_discarded, b.inflated_pages * 4096 + b.reported_bytes, "{b:?}");
     assert!(r.checkers.failures.is_empty() && r.kernel_problems.is_empty());
     assert_eq!(r.guest_vmstat, Some((b.inflated_pages, b.deflated_pages)));
+    // virtio-mem: Linux followed plugs and unplugs, the device discarded what was unplugged,
+    // and the guest's MemTotal grew by exactly what stayed plugged.
+    let m = r.virtio_mem.as_ref().expect("virtio-mem's counters");
+    assert!(
+        r.virtio_mem_reached >= 2 && r.virtio_mem_reached as usize == r.virtio_mem_steps.len(),
+        "{:#?}",
+        r.virtio_mem_steps
+    );
+    assert!(m.blocks_plugged > 0 && m.blocks_unplugged > 0, "plugs and unplugs: {m:?}");
+    assert_eq!(m.bytes_discarded, m.blocks_unplugged * m.block_size, "{m:?}");
+    assert_eq!(r.discard_accounting.notifier_bytes, b.bytes_discarded + m.bytes_discarded);
+    assert_eq!(r.mem_total_kib_final, r.mem_total_kib + m.plugged_size / 1024);
+    eprintln!(
+        "stress_linux: virtio-mem: {} requested sizes reached (mean {:.0} ms), {} blocks plugged, {} unplugged; \
+         balloon pages migrated (guest vmstat): {}",
+        r.virtio_mem_reached,
+        r.virtio_mem_step_ms_mean,
+        m.blocks_plugged,
+        m.blocks_unplugged,
+        r.guest_mem_last.map_or(0, |g| g.balloon_migrate)
+    );
     for k in &r.notifier {
         assert_eq!(k.starts, k.ends, "{k:?}");
     }

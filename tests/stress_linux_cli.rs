@@ -66,6 +66,15 @@ fn a_max_target_below_a_mib_is_refused() {
 }
 
 #[test]
+fn a_virtio_mem_region_linux_cannot_hot_plug_whole_is_refused() {
+    assert_refused(
+        &["stress", "--linux", "--virtio-mem", "--virtio-mem-region", "64M"],
+        1,
+        "--virtio-mem-region",
+    );
+}
+
+#[test]
 fn linux_only_flags_need_linux_and_linux_excludes_the_test_guest_scenarios() {
     assert_refused(&["stress", "--churn-mib", "8"], 2, "--linux");
     assert_refused(&["stress", "--no-oom-targets"], 2, "--linux");

@@ -65,7 +65,8 @@ pub struct StressArgs {
     #[arg(long)]
     pub balloon: bool,
     /// virtio-mem plug/unplug storm: random requested sizes up and down, each followed and
-    /// verified by the guest's virtio-mem driver.
+    /// verified by the guest's virtio-mem driver (with --linux: by Linux's virtio_mem; the
+    /// region then in whole 128 MiB blocks).
     #[arg(long)]
     pub virtio_mem: bool,
     /// Size of the virtio-mem device's hot-pluggable region (whole 2 MiB blocks).
@@ -89,8 +90,9 @@ pub struct StressArgs {
     /// free page reporting and deflate-on-OOM, memtester and seedcheck checking its memory,
     /// seeded random balloon targets (--targets, default 12, and then until free page reporting
     /// reported during the storm; --duration, default 60s, at the latest) followed by Linux's
-    /// virtio_balloon.
-    #[arg(long, conflicts_with_all = ["discard", "external_chaos", "mprotect", "balloon", "virtio_mem", "all",
+    /// virtio_balloon; with --virtio-mem also random virtio-mem requested sizes (before one
+    /// target in two) followed by Linux's virtio_mem.
+    #[arg(long, conflicts_with_all = ["discard", "external_chaos", "mprotect", "balloon", "all",
         "seal_guest_ram", "thp", "passes", "ops"])]
     pub linux: bool,
     /// With --linux: MiB memtester tests per run (0: none).
@@ -139,6 +141,7 @@ pub fn stress(args: StressArgs) -> Result<ExitCode, String> {
         step_wait: args.step_wait.unwrap_or(defaults.step_wait),
         oom_targets: !args.no_oom_targets,
         oom_one_in: args.oom_one_in,
+        virtio_mem_region: args.virtio_mem.then_some(args.virtio_mem_region),
         progress: true,
         ..defaults
     };

@@ -1147,7 +1147,7 @@ const STEP_SAMPLES: usize = 8;
 
 /// A random target in `0..=max` other than `current` (`max` > 0): mostly anywhere, sometimes
 /// empty or full, sometimes a small move.
-fn pick_target(rng: &mut ChaCha8Rng, current: u64, max: u64) -> u64 {
+pub(crate) fn pick_target(rng: &mut ChaCha8Rng, current: u64, max: u64) -> u64 {
     assert!(max > 0, "no target other than {current} in 0..={max}");
     loop {
         let t = match rng.random_range(0..10) {
@@ -2306,26 +2306,7 @@ fn judge(
     if let Some(m) = &virtio_mem {
         storm_invariants("virtio-mem", &m.steps, &mut broken);
         if let Some(d) = &m.device {
-            if d.discard_failures > 0 {
-                broken.push(format!("virtio-mem: {} discards failed", d.discard_failures));
-            }
-            if d.errors.total() > 0 || d.error_responses > 0 {
-                broken.push(format!(
-                    "virtio-mem: {} guest errors and {} ERROR answers to a well-behaved driver: {:?}",
-                    d.errors.total(),
-                    d.error_responses,
-                    d.errors
-                ));
-            }
-            // Every unplugged block was discarded, once, and nothing else.
-            if d.blocks_discarded != d.blocks_unplugged
-                || d.bytes_discarded != d.blocks_discarded * d.block_size
-            {
-                broken.push(format!(
-                    "virtio-mem: {} blocks unplugged but {} discarded ({} bytes)",
-                    d.blocks_unplugged, d.blocks_discarded, d.bytes_discarded
-                ));
-            }
+            virtio_mem_device_invariants(d, &mut broken);
         }
     }
     // Every byte a requester says it discarded went through the notifier as a VMM discard
@@ -2447,6 +2428,28 @@ pub(crate) fn balloon_device_invariants(d: &BalloonStats, broken: &mut Vec<Strin
         broken.push(format!(
             "balloon: {} bytes discarded, but inflated pages and free page reports account for {accounted}",
             d.bytes_discarded
+        ));
+    }
+}
+
+/// virtio-mem's own invariants with a well-behaved driver: no failed discard, no guest error or
+/// ERROR answer, and every unplugged block discarded, once, and nothing else.
+pub(crate) fn virtio_mem_device_invariants(d: &VirtioMemStats, broken: &mut Vec<String>) {
+    if d.discard_failures > 0 {
+        broken.push(format!("virtio-mem: {} discards failed", d.discard_failures));
+    }
+    if d.errors.total() > 0 || d.error_responses > 0 {
+        broken.push(format!(
+            "virtio-mem: {} guest errors and {} ERROR answers to a well-behaved driver: {:?}",
+            d.errors.total(),
+            d.error_responses,
+            d.errors
+        ));
+    }
+    if d.blocks_discarded != d.blocks_unplugged || d.bytes_discarded != d.blocks_discarded * d.block_size {
+        broken.push(format!(
+            "virtio-mem: {} blocks unplugged but {} discarded ({} bytes)",
+            d.blocks_unplugged, d.blocks_discarded, d.bytes_discarded
         ));
     }
 }

@@ -19,15 +19,22 @@
 //! Once all run, the host sets
 //! seeded random balloon targets, up and down, some of them beyond what the guest can give
 //! (toward OOM: the driver then runs out of pages, "Out of puff!", and Linux's OOM path deflates
-//! the balloon), and waits (bounded) for each.
+//! the balloon), and waits (bounded) for each. With a virtio-mem region
+//! ([`LinuxStressOptions::virtio_mem_region`]) it also sets, before one target in two (never
+//! while the balloon fights for a target toward OOM), a random requested size that Linux's
+//! virtio_mem must plug or unplug to; hot-plugged memory is onlined movable, so Linux can empty
+//! a block to unplug it, and Linux's balloon inflates from it and reports its free blocks (the
+//! device accepts that only in plugged blocks).
 //!
 //! At the end [`judge`] checks: no checker reported a mismatch (or was killed), each made
 //! progress, the guest kernel logged no Oops, BUG or "Bad page", every target was reached or the
 //! driver said why (it logged that it ran out of pages, or deflated on OOM during the step), the
-//! balloon's inflated/deflated counters agree with the guest's /proc/vmstat, free page
+//! balloon's inflated/deflated counters agree with the guest's /proc/vmstat (migrations
+//! counted: each is an inflate and a deflate to the device), every virtio-mem requested size was
+//! reached and the guest's MemTotal is its boot MemTotal plus what stays plugged, free page
 //! reporting reported memory during the storm (when churn ran), the bytes the
-//! balloon discarded are its inflated pages and free page reports and are exactly the VMM
-//! discards the notifier saw, and every invalidation start was matched by its end. The shared
+//! balloon discarded are its inflated pages and free page reports, virtio-mem's are its
+//! unplugged blocks, and together they are exactly the VMM discards the notifier saw, and every invalidation start was matched by its end. The shared
 //! parts of that judgement are those of [`crate::stress`].
 
 use std::sync::mpsc::channel;
@@ -39,13 +46,17 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use vmm::devices::virtio::balloon::{BalloonConfig, BalloonStats};
-use vmm::machine::{self, BootSource, Console, RunReport, VmConfig, VmControl, VmOutcome};
+use vmm::devices::virtio::mem::VirtioMemStats;
+use vmm::machine::{
+    self, BootSource, Console, RunReport, VirtioMemDevice, VirtioMemSpec, VmConfig, VmControl, VmOutcome,
+};
 use vmm::memory::{MemoryConfig, PAGE_SIZE};
 
 #[cfg(feature = "fault-injection")]
 use crate::stress::peek;
 use crate::stress::{
-    balloon_device_invariants, notifier_invariants, unaccounted_discards, DiscardAccounting,
+    balloon_device_invariants, notifier_invariants, pick_target, unaccounted_discards,
+    virtio_mem_device_invariants, DiscardAccounting,
 };
 
 /// What `zapvm stress --linux` runs.
@@ -86,6 +97,11 @@ pub struct LinuxStressOptions {
     pub oom_one_in: u64,
     /// How long the boot may take, to the checkers' first progress.
     pub boot_wait: Duration,
+    /// A virtio-mem device with a region of this many bytes (whole [`LINUX_MEMORY_BLOCK`]s:
+    /// Linux hot-plugs memory in those), and before one in two balloon targets a random
+    /// requested size (whole 2 MiB blocks, 0 to the region) that Linux's virtio_mem must follow
+    /// within `step_wait`. `None`: no virtio-mem.
+    pub virtio_mem_region: Option<u64>,
     /// Echo the guest's own lines (`zapvm-guest: `) and each target's outcome on stderr, with
     /// the seconds since the VM started.
     pub progress: bool,
@@ -114,6 +130,7 @@ impl LinuxStressOptions {
             oom_targets: true,
             oom_one_in: 4,
             boot_wait: Duration::from_secs(600),
+            virtio_mem_region: None,
             progress: false,
             #[cfg(feature = "fault-injection")]
             plant_stray_discard: false,
@@ -159,6 +176,15 @@ impl LinuxStressOptions {
         if self.max_target.is_some_and(|m| m < 1 << 20) {
             return Err("the largest reachable target must be at least 1 MiB (--max-target)".into());
         }
+        if let Some(region) = self.virtio_mem_region {
+            if region == 0 || !region.is_multiple_of(LINUX_MEMORY_BLOCK) {
+                return Err(format!(
+                    "a virtio-mem region of {region} bytes: Linux hot-plugs whole memory blocks of {} MiB, give a \
+                     multiple of that (--virtio-mem-region)",
+                    LINUX_MEMORY_BLOCK >> 20
+                ));
+            }
+        }
         if self.mem > u64::from(u32::MAX) * PAGE_SIZE {
             return Err(format!("guest RAM of {} bytes is more than a balloon target can name", self.mem));
         }
@@ -189,6 +215,21 @@ pub struct TargetStep {
     pub oom_deflated_pages: u64,
     /// "Out of puff" lines the driver logged during the step.
     pub out_of_puff: u64,
+}
+
+/// One virtio-mem requested size of the storm.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemStep {
+    /// The requested size, in bytes.
+    pub requested_bytes: u64,
+    /// The plugged size when it was set.
+    pub from_bytes: u64,
+    /// Whether Linux's virtio_mem plugged or unplugged to it within the wait.
+    pub reached: bool,
+    /// Milliseconds to reach it (or waited).
+    pub ms: u64,
+    /// The plugged size at the end of the step.
+    pub plugged_bytes: u64,
 }
 
 /// What the guest's checkers reported.
@@ -252,7 +293,8 @@ pub struct LinuxStressReport {
     pub steps: Vec<TargetStep>,
     /// The checkers.
     pub checkers: CheckerReport,
-    /// The guest's last /proc/vmstat balloon_inflate and balloon_deflate.
+    /// The guest's last /proc/vmstat balloon_inflate and balloon_deflate, each plus
+    /// balloon_migrate ([`GuestMemReport::told_host`]).
     pub guest_vmstat: Option<(u64, u64)>,
     /// The balloon's counters at the end.
     pub balloon: Option<BalloonStats>,
@@ -275,6 +317,17 @@ pub struct LinuxStressReport {
     pub report_requests_storm: u64,
     /// The guest's last memory report.
     pub guest_mem_last: Option<GuestMemReport>,
+    /// virtio-mem requested sizes set (`virtio_mem_region` runs), and how many were reached.
+    pub virtio_mem_steps: Vec<MemStep>,
+    /// See `virtio_mem_steps`.
+    pub virtio_mem_reached: u64,
+    /// Mean milliseconds Linux's virtio_mem took to reach a requested size.
+    pub virtio_mem_step_ms_mean: f64,
+    /// virtio-mem's counters at the end.
+    pub virtio_mem: Option<VirtioMemStats>,
+    /// The guest's MemTotal (KiB) at the end, which must be its MemTotal at the first report
+    /// plus what virtio-mem has plugged.
+    pub mem_total_kib_final: u64,
 }
 
 /// Marker in word 0 of every page of seedcheck's data (resources/linux-guest/seedcheck.c).
@@ -294,6 +347,9 @@ const REPORT_S: u64 = 10;
 /// order Linux's virtio_balloon chooses itself where the host's pages are large (arm64 with 64
 /// KiB pages). See the module's documentation for why not pageblock_order (9).
 pub const REPORT_ORDER: u32 = 5;
+/// Linux's memory block on x86-64 (`memory_block_size_bytes()` of a guest this small): the unit
+/// in which its virtio_mem adds and removes memory, whatever the device's block size.
+pub const LINUX_MEMORY_BLOCK: u64 = 128 << 20;
 /// How long a step goes on once the driver said why it cannot reach its target.
 const EXPLAINED_STEP_END: Duration = Duration::from_secs(5);
 /// churn's pause between rounds: longer than the 2 s page_reporting waits after a free.
@@ -344,6 +400,10 @@ pub struct GuestMemReport {
     pub balloon_inflate: u64,
     /// See `balloon_inflate`.
     pub balloon_deflate: u64,
+    /// /proc/vmstat balloon_migrate: ballooned pages compaction or memory offlining moved. The
+    /// driver tells the host each move as one inflate (the new page) and one deflate (the old),
+    /// which balloon_inflate and balloon_deflate do not count.
+    pub balloon_migrate: u64,
     /// Free blocks of 2^[`REPORT_ORDER`] pages in the guest's buddy allocator, all zones
     /// (/proc/buddyinfo: a free block of a higher order counts as the blocks it holds): what
     /// free page reporting can report, reported already or not.
@@ -359,6 +419,7 @@ impl GuestMemReport {
             mem_free_kib: word_value(rest, "MemFree")?,
             balloon_inflate: word_value(rest, "balloon_inflate")?,
             balloon_deflate: word_value(rest, "balloon_deflate")?,
+            balloon_migrate: word_value(rest, "balloon_migrate")?,
             free_blocks: word_value(rest, "free_blocks")?,
         })
     }
@@ -368,9 +429,11 @@ impl GuestMemReport {
         self.balloon_inflate.saturating_sub(self.balloon_deflate)
     }
 
-    /// (balloon_inflate, balloon_deflate).
-    fn vmstat(&self) -> (u64, u64) {
-        (self.balloon_inflate, self.balloon_deflate)
+    /// The pages the driver told the host it inflated and deflated, by the guest kernel's
+    /// count: what the device's inflated and deflated pages must equal (a migration is one of
+    /// each).
+    pub fn told_host(&self) -> (u64, u64) {
+        (self.balloon_inflate + self.balloon_migrate, self.balloon_deflate + self.balloon_migrate)
     }
 }
 
@@ -406,7 +469,7 @@ pub fn run(opts: &LinuxStressOptions) -> Result<LinuxStressReport, String> {
     let guest = vmm::boot::linux_guest::build()?;
     let mut cmdline = vmm::boot::linux::default_cmdline();
     cmdline.push_str(&format!(
-        " memhp_default_state=online {}={REPORT_S} zapvm.memtest={} zapvm.seedcheck={} zapvm.seed={} \
+        " memhp_default_state=online_movable {}={REPORT_S} zapvm.memtest={} zapvm.seedcheck={} zapvm.seed={} \
          zapvm.checkreport=5 zapvm.churn={} zapvm.churnpause={CHURN_PAUSE_MS} zapvm.reportorder={REPORT_ORDER}",
         vmm::boot::linux_guest::REPORT_OPTION,
         opts.memtest_mib,
@@ -414,6 +477,8 @@ pub fn run(opts: &LinuxStressOptions) -> Result<LinuxStressReport, String> {
         opts.seed,
         opts.churn_mib,
     ));
+    // Hot-plugged memory goes to ZONE_MOVABLE (memhp_default_state above), so that Linux can
+    // always empty a block to unplug it: only movable pages live there.
     let console = Arc::new(Mutex::new(Vec::new()));
     let (vm_tx, vm_rx) = channel::<Arc<VmControl>>();
     let vm_tx = Mutex::new(Some(vm_tx));
@@ -421,11 +486,16 @@ pub fn run(opts: &LinuxStressOptions) -> Result<LinuxStressReport, String> {
         kvm_device: opts.kvm_device.clone(),
         memory: MemoryConfig { size: opts.mem, backend: Default::default(), thp: false },
         vcpus: 1,
-        timeout: Some(opts.boot_wait + opts.duration + opts.step_wait + Duration::from_secs(120)),
+        // The storm's last balloon and virtio-mem steps and the settles may each run a step
+        // wait past the storm's duration.
+        timeout: Some(opts.boot_wait + opts.duration + opts.step_wait * 3 + Duration::from_secs(180)),
         console: Console::Buffer(console.clone()),
         // Free page reporting and deflate-on-OOM offered (the defaults), and statistics.
         balloon: Some(BalloonConfig::default()),
         balloon_stats_interval: Some(Duration::from_secs(5)),
+        virtio_mem: opts
+            .virtio_mem_region
+            .map(|region_size| VirtioMemSpec { region_size, requested_size: 0 }),
         after_start: Some(Arc::new(move |vm: &Arc<VmControl>| {
             if let Some(tx) = vm_tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 let _ = tx.send(vm.clone());
@@ -477,6 +547,9 @@ struct Storm {
     reported_at_start: (u64, u64),
     /// The balloon's free page report requests when the storm began.
     report_requests_at_start: u64,
+    mem_steps: Vec<MemStep>,
+    /// The guest's MemTotal due at the end: at the first report plus virtio-mem's plugged size.
+    mem_total_want_kib: u64,
 }
 
 impl Storm {
@@ -568,7 +641,37 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
     #[cfg(not(feature = "fault-injection"))]
     let planted_run = false;
     let goal_met = |s: &Storm| (planted_run && s.planted_fired > 0) || (s.steps.len() as u64) >= opts.targets;
+    // virtio-mem's requested sizes come from their own stream, so that a run with virtio-mem
+    // sets the balloon targets a run without it sets.
+    let virtio_mem = vm.virtio_mem().cloned();
+    let mut mem_unit = 0;
+    if let Some(device) = &virtio_mem {
+        let block = device.lock().unwrap_or_else(|e| e.into_inner()).device().block_size();
+        match linux_virtio_mem_unit(&lines.all) {
+            Some(unit) if unit % block == 0 => mem_unit = unit,
+            other => {
+                s.broken.push(format!(
+                    "Linux's virtio_mem logged no usable plug unit at probe ({other:?}; the device's block is \
+                     {block:#x})"
+                ));
+                return s;
+            }
+        }
+    }
+    let mut mem_rng = ChaCha8Rng::seed_from_u64(opts.seed ^ 0x7669_7274_696f_6d65);
     while !goal_met(&s) && storm_started.elapsed() < opts.duration {
+        // Before one balloon target in two, a virtio-mem step; never while the balloon fights
+        // for a target toward OOM (Linux could not empty a block to unplug it).
+        if let Some(device) = virtio_mem.as_ref().filter(|_| current <= reachable) {
+            if mem_rng.random_range(0..2) == 0 {
+                let step = virtio_mem_step(opts, device, mem_unit, &mut mem_rng, &mut s, lines);
+                let failed = !step.reached || !s.checkers.failures.is_empty();
+                s.mem_steps.push(step);
+                if failed {
+                    break;
+                }
+            }
+        }
         // A planted stray discard fires with the next inflate: the next target asks for more.
         #[cfg(feature = "fault-injection")]
         let inflate_next =
@@ -696,33 +799,129 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The guest's vmstat must agree with the device once the balloon is still: a report that
-    // comes after a reading of the device, with the device unchanged since.
+    // virtio-mem at rest too: plugged what was last requested.
+    let plugged =
+        || virtio_mem.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).device().stats());
+    let settle_until = Instant::now() + opts.step_wait;
+    while let Some(m) = plugged().filter(|m| m.plugged_size != m.requested_size) {
+        s.note(&lines.poll());
+        if Instant::now() >= settle_until {
+            s.broken.push(format!(
+                "virtio-mem did not come to rest within {} s: {} MiB plugged of {} MiB requested",
+                opts.step_wait.as_secs(),
+                m.plugged_size >> 20,
+                m.requested_size >> 20
+            ));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The guest's vmstat must agree with the device once the balloon is still, and its MemTotal
+    // with what virtio-mem plugged: a report that comes after a reading of the devices, with
+    // the devices unchanged since.
+    let boot_total_kib = s.mem_total_kib;
+    let mem_total_due =
+        |plugged: Option<VirtioMemStats>| boot_total_kib + plugged.map_or(0, |m| m.plugged_size >> 10);
     let until = Instant::now() + Duration::from_secs(REPORT_S * 6);
     let mut device = stats();
+    let mut mem_total_want = mem_total_due(plugged());
     let mut seen_since = false;
     while Instant::now() < until {
         seen_since |= s.note(&lines.poll());
         let now = stats();
-        if (now.inflated_pages, now.deflated_pages) != (device.inflated_pages, device.deflated_pages) {
-            device = now;
+        let want = mem_total_due(plugged());
+        if (now.inflated_pages, now.deflated_pages) != (device.inflated_pages, device.deflated_pages)
+            || want != mem_total_want
+        {
+            (device, mem_total_want) = (now, want);
             seen_since = false;
         } else if seen_since
-            && s.last_mem.map(|m| m.vmstat()) == Some((device.inflated_pages, device.deflated_pages))
+            && s.last_mem.is_some_and(|m| {
+                m.told_host() == (device.inflated_pages, device.deflated_pages) && m.mem_total_kib == want
+            })
         {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    s.mem_total_want_kib = mem_total_want;
     // A last look at the checkers: a pass or report period more.
     let settle = Instant::now() + Duration::from_secs(6);
     while Instant::now() < settle {
         s.note(&lines.poll());
         std::thread::sleep(Duration::from_millis(100));
     }
-    s.guest_vmstat = s.last_mem.map(|m| m.vmstat());
+    s.guest_vmstat = s.last_mem.map(|m| m.told_host());
     s.device_at_vmstat = Some((device.inflated_pages, device.deflated_pages));
     s
+}
+
+/// Sets a random virtio-mem requested size (whole `unit`s, 0 to the region, other than the
+/// current one) and waits, at most `step_wait`, for Linux's virtio_mem to plug or unplug to it.
+fn virtio_mem_step(
+    opts: &LinuxStressOptions,
+    device: &VirtioMemDevice,
+    unit: u64,
+    rng: &mut ChaCha8Rng,
+    s: &mut Storm,
+    lines: &mut ConsoleLines,
+) -> MemStep {
+    let lock = || device.lock().unwrap_or_else(|e| e.into_inner());
+    let st = lock().device().stats();
+    let requested = pick_target(rng, st.requested_size / unit, st.region_size / unit) * unit;
+    let mut step = MemStep {
+        requested_bytes: requested,
+        from_bytes: st.plugged_size,
+        reached: false,
+        ms: 0,
+        plugged_bytes: st.plugged_size,
+    };
+    if opts.progress {
+        eprintln!(
+            "stress --linux: virtio-mem requested size {} MiB (plugged {} MiB)",
+            requested >> 20,
+            st.plugged_size >> 20
+        );
+    }
+    let started = Instant::now();
+    if let Err(e) = lock().update_config(|m| m.set_requested_size(requested)) {
+        s.broken.push(format!("virtio-mem refused the requested size {requested:#x}: {e}"));
+        return step;
+    }
+    loop {
+        s.note(&lines.poll());
+        step.plugged_bytes = lock().device().plugged_size();
+        if step.plugged_bytes == requested {
+            step.reached = true;
+            break;
+        }
+        if started.elapsed() >= opts.step_wait || !s.checkers.failures.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    step.ms = started.elapsed().as_millis() as u64;
+    if opts.progress {
+        eprintln!("stress --linux: {step:?}");
+    }
+    step
+}
+
+/// The unit in which the guest's virtio_mem plugs and unplugs, from its probe's log line
+/// ("virtio_mem virtioN: subblock size: 0x..." or "big block size: 0x..."): the larger of the
+/// device's block and the guest's pageblock (2^(MAX_ORDER - 1) pages, 4 MiB, in a guest
+/// without hugetlbfs such as this one). A requested size between two multiples of it is
+/// followed only to the lower one (seen: 44 MiB plugged for 46 requested, for good), so the
+/// storm requests whole units.
+fn linux_virtio_mem_unit(console: &[String]) -> Option<u64> {
+    console.iter().filter(|l| l.contains("virtio_mem")).find_map(|l| {
+        let i = l
+            .find("subblock size: 0x")
+            .map(|i| i + "subblock size: 0x".len())
+            .or_else(|| l.find("big block size: 0x").map(|i| i + "big block size: 0x".len()))?;
+        let hex: String = l[i..].chars().take_while(char::is_ascii_hexdigit).collect();
+        u64::from_str_radix(&hex, 16).ok().filter(|&u| u > 0)
+    })
 }
 
 /// A guest page holding seedcheck's data (word 0 its marker), read without the VMM's table; one
@@ -808,10 +1007,35 @@ fn judge(
     if let (Some(guest), Some(device)) = (storm.guest_vmstat, storm.device_at_vmstat) {
         if guest != device {
             broken.push(format!(
-                "the guest's /proc/vmstat balloon_inflate/balloon_deflate {guest:?} disagree with the device's \
+                "the guest's /proc/vmstat balloon_inflate/balloon_deflate (+ balloon_migrate) {guest:?} disagree with the device's \
                  inflated/deflated pages {device:?}"
             ));
         }
+    }
+    // virtio-mem: every requested size reached, the device's own invariants, and the guest's
+    // MemTotal its boot MemTotal plus what is plugged.
+    let virtio_mem = report.as_ref().and_then(|r| r.memory_layer.virtio_mem.clone());
+    for (i, st) in storm.mem_steps.iter().enumerate().filter(|(_, st)| !st.reached) {
+        if c.failures.is_empty() {
+            broken.push(format!(
+                "virtio-mem step {i}: requested {} MiB (from {} MiB) not reached within {} s: {} MiB plugged",
+                st.requested_bytes >> 20,
+                st.from_bytes >> 20,
+                opts.step_wait.as_secs(),
+                st.plugged_bytes >> 20
+            ));
+        }
+    }
+    if let Some(d) = &virtio_mem {
+        virtio_mem_device_invariants(d, &mut broken);
+    }
+    let mem_total_kib_final = storm.last_mem.map_or(0, |m| m.mem_total_kib);
+    if storm.mem_total_want_kib > 0 && mem_total_kib_final != storm.mem_total_want_kib {
+        broken.push(format!(
+            "the guest's MemTotal is {mem_total_kib_final} KiB at the end, not {} KiB (its MemTotal at boot plus \
+             what virtio-mem plugged)",
+            storm.mem_total_want_kib
+        ));
     }
     let kinds = report.as_ref().map(|r| r.memory_layer.notifier.kinds.clone()).unwrap_or_default();
     let subscribers =
@@ -825,10 +1049,11 @@ fn judge(
             .sum(),
         discard_storm_bytes: 0,
         balloon_bytes: balloon.as_ref().map(|d| d.bytes_discarded).unwrap_or(0),
-        virtio_mem_bytes: 0,
+        virtio_mem_bytes: virtio_mem.as_ref().map_or(0, |d| d.bytes_discarded),
     };
     if matches!(outcome, Some(VmOutcome::Quit)) {
-        // 4 KiB pages without THP: the notifier saw exactly what the balloon discarded.
+        // 4 KiB pages without THP: the notifier saw exactly what the balloon and virtio-mem
+        // discarded.
         broken.extend(unaccounted_discards(&discard_accounting, true));
     }
     let (ranges_at_start, bytes_at_start) = storm.reported_at_start;
@@ -855,6 +1080,7 @@ fn judge(
         }
     }
     let reached_ms: u64 = reached.iter().map(|s| s.ms).sum();
+    let mem_reached: Vec<&MemStep> = storm.mem_steps.iter().filter(|s| s.reached).collect();
     let moved: u64 = reached.iter().map(|s| s.target_pages.abs_diff(s.from_pages)).sum();
     LinuxStressReport {
         ok: broken.is_empty(),
@@ -887,6 +1113,15 @@ fn judge(
         reported_bytes_storm,
         report_requests_storm,
         guest_mem_last: storm.last_mem,
+        virtio_mem_reached: mem_reached.len() as u64,
+        virtio_mem_step_ms_mean: if mem_reached.is_empty() {
+            0.0
+        } else {
+            mem_reached.iter().map(|s| s.ms).sum::<u64>() as f64 / mem_reached.len() as f64
+        },
+        virtio_mem_steps: storm.mem_steps,
+        virtio_mem,
+        mem_total_kib_final,
     }
 }
 
@@ -905,7 +1140,7 @@ pub fn reporting_invariant(churn_mib: u64, churn_bytes: u64, reported_bytes_stor
             "free page reporting: the balloon received no report during the storm, although churn allocated \
              and freed {churn_bytes} bytes"
         ))
-    } else if reported_bytes_storm % block != 0 {
+    } else if !reported_bytes_storm.is_multiple_of(block) {
         Some(format!(
             "free page reporting: {reported_bytes_storm} bytes reported during the storm, not whole blocks of \
              {block} bytes (page_reporting_order {REPORT_ORDER})"
@@ -944,19 +1179,41 @@ mod tests {
         assert!(
             bad(LinuxStressOptions { oom_one_in: 0, ..LinuxStressOptions::new() }).contains("--oom-one-in")
         );
+        for region in [0, 64 << 20, (128 << 20) + (2 << 20)] {
+            let o = LinuxStressOptions { virtio_mem_region: Some(region), ..LinuxStressOptions::new() };
+            assert!(bad(o).contains("--virtio-mem-region"), "{region}");
+        }
+        let whole = LinuxStressOptions { virtio_mem_region: Some(256 << 20), ..LinuxStressOptions::new() };
+        assert_eq!(whole.validate(), Ok(()));
     }
 
     #[test]
     fn the_memory_report_is_read_from_its_line() {
         let line = "[   12.5] zapvm-guest: mem MemTotal=180224 MemFree=150000 balloon_inflate=900 \
-                    balloon_deflate=100 free_blocks=61";
+                    balloon_deflate=100 balloon_migrate=7 free_blocks=61";
         let m = GuestMemReport::parse(line).unwrap();
         assert_eq!(
-            (m.mem_total_kib, m.mem_free_kib, m.vmstat(), m.free_blocks, m.ballooned()),
-            (180224, 150000, (900, 100), 61, 800)
+            (m.mem_total_kib, m.mem_free_kib, m.told_host(), m.free_blocks, m.ballooned()),
+            (180224, 150000, (907, 107), 61, 800)
         );
         assert_eq!(GuestMemReport::parse(&line.replace(" free_blocks=61", "")), None, "every field required");
         assert_eq!(GuestMemReport::parse("zapvm-guest: memtest pass=1 mib=4 tested=4MB ok"), None);
+    }
+
+    #[test]
+    fn virtio_mem_unit_is_read_from_the_drivers_probe_line() {
+        let lines =
+            |l: &str| vec!["[    1.0] virtio_mem virtio1: start address: 0x1c0000000".to_string(), l.into()];
+        assert_eq!(
+            linux_virtio_mem_unit(&lines("[    1.1] virtio_mem virtio1: subblock size: 0x400000")),
+            Some(4 << 20)
+        );
+        assert_eq!(
+            linux_virtio_mem_unit(&lines("virtio_mem virtio1: big block size: 0x8000000")),
+            Some(128 << 20)
+        );
+        assert_eq!(linux_virtio_mem_unit(&lines("virtio_mem virtio1: subblock size: 0x")), None);
+        assert_eq!(linux_virtio_mem_unit(&lines("virtio_balloon virtio0: subblock size: 0x1000")), None);
     }
 
     #[test]

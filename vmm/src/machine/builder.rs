@@ -305,6 +305,12 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
         }
         _ => None,
     };
+    // The guest treats plugged virtio-mem memory as its RAM, balloon included (the balloon's
+    // module documentation); both devices exist before any driver runs.
+    if let (Some(b), Some(m)) = (&balloon, &virtio_mem) {
+        let plugged = m.lock().unwrap_or_else(|e| e.into_inner()).device().plugged_blocks();
+        b.lock().unwrap_or_else(|e| e.into_inner()).device_mut().share_plugged_blocks(plugged);
+    }
     let kick_handlers = std::mem::take(&mut virtio.kick_handlers);
     let virtio = virtio.devices;
 

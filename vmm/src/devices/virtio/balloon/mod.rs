@@ -6,8 +6,8 @@
 //!
 //! - **Inflate**: a request is an array of 32-bit PFNs (4 KiB pages). It is validated as a whole
 //!   before anything is done: every descriptor device-readable with a length that is a multiple
-//!   of 4, every PFN inside one of the balloon's regions (guest RAM the guest was told of), no
-//!   PFN twice. A request that fails any check is refused entirely — each bad PFN or buffer is
+//!   of 4, every PFN inside one of the balloon's regions (guest RAM the guest was told of, and
+//!   virtio-mem's plugged blocks: below), no PFN twice. A request that fails any check is refused entirely — each bad PFN or buffer is
 //!   counted by kind and logged, and **nothing reaches a syscall**. The PFN arrays of all the
 //!   requests of one notify are read together (`queue::read_readable_all`: one
 //!   `GuestMemoryAccess::read_scattered`, one system call on the table's syscall path). The
@@ -26,9 +26,17 @@
 //!   ([`Balloon::request_guest_stats`]), which returns it to the driver (the driver then refills
 //!   and re-queues it).
 //! - **Free page reporting** (reporting_vq): each descriptor names a free guest-physical range
-//!   (addr/len, page-aligned, inside the RAM the guest was told of: never virtio-mem's hot-pluggable
-//!   region); adjacent ranges are coalesced and discarded the
+//!   (addr/len, page-aligned, inside the RAM the guest was told of or inside plugged blocks of
+//!   virtio-mem's region); adjacent ranges are coalesced and discarded the
 //!   same way. Reported pages are not ballooned (the guest reuses them freely).
+//! - **virtio-mem's memory**: a guest treats plugged virtio-mem memory as its own RAM (Linux's
+//!   driver inflates from it and reports its free blocks, and balloon compaction migrates
+//!   ballooned pages into and out of it), so when the VM has a virtio-mem device its region is
+//!   one of the balloon's regions ([`Balloon::share_plugged_blocks`]). An inflated PFN or a
+//!   reported range there is accepted only while every block it touches is plugged (read from
+//!   virtio-mem's shared map without its lock: `mem/plugged.rs`, P1 and P2); otherwise it is a
+//!   guest error, refused before any syscall. A deflate there needs no plugged block: it
+//!   changes no host memory.
 //!
 //! # When pages are discarded (invariant B1)
 //! - B1. On 4 KiB-page memory every inflated run is discarded before the notify's heads are
@@ -63,6 +71,8 @@ mod regions;
 mod stats;
 
 use regions::{Backing, RegionMap};
+
+use super::mem::PluggedBlocks;
 pub use stats::{stat_name, BalloonErrors, BalloonStats};
 
 // The contract (feature bits, the balloon's page, the config layout, the statistics tags) is
@@ -114,6 +124,8 @@ enum Role {
 pub struct Balloon {
     mmu: Arc<GuestMmu>,
     regions: Vec<RegionMap>,
+    /// virtio-mem's plugged map, when its region is one of `regions`.
+    plugged: Option<Arc<PluggedBlocks>>,
     /// How guest RAM is backed, which decides when ballooned pages are discarded (B1).
     backing: Backing,
     avail_features: u64,
@@ -166,6 +178,7 @@ impl Balloon {
         Self {
             mmu,
             regions,
+            plugged: None,
             backing: if ram.config().backend == crate::memory::MemoryBackend::Hugetlb {
                 Backing::Hugetlb
             } else if thp {
@@ -291,6 +304,29 @@ impl Balloon {
         gpa.checked_add(len).is_some_and(|end| self.regions.iter().any(|r| gpa >= r.gpa && end <= r.end()))
     }
 
+    /// Whether the guest may give `[gpa, gpa + len)` to the host (inflate it, or report it
+    /// free): inside one of the balloon's regions and, in virtio-mem's region, inside plugged
+    /// blocks only.
+    fn may_give(&self, gpa: u64, len: u64) -> bool {
+        self.in_balloon_regions(gpa, len)
+            && self.plugged.as_ref().is_none_or(|p| {
+                let (start, size) = p.region();
+                gpa + len <= start || gpa >= start + size || p.all_plugged(gpa, len)
+            })
+    }
+
+    /// Makes virtio-mem's region one of the balloon's regions: the guest may then inflate and
+    /// report pages of its plugged blocks (the module's documentation). Call it once, before the
+    /// driver runs; `plugged`'s region must be guest RAM of the table and outside the balloon's
+    /// other regions (the VM builder's layout).
+    pub fn share_plugged_blocks(&mut self, plugged: Arc<PluggedBlocks>) {
+        let (gpa, len) = plugged.region();
+        debug_assert!(!self.in_balloon_regions(gpa, 1) && !self.in_balloon_regions(gpa + len - 1, 1));
+        debug_assert!(self.mmu.host_range(gpa, len).is_some());
+        self.regions.push(RegionMap::new(gpa, len));
+        self.plugged = Some(plugged);
+    }
+
     /// Reads and validates a PFN request (its buffers with one copy each, unless prefetched);
     /// `None` (counted, logged) when it is refused. A PFN is valid when it lies in one of the
     /// balloon's regions,
@@ -304,6 +340,7 @@ impl Balloon {
         mem: &dyn GuestMemoryAccess,
         chain: &DescriptorChain,
         prefetched: Option<Vec<u8>>,
+        inflate: bool,
     ) -> Option<Vec<u64>> {
         let e = &mut self.stats.errors;
         if !Self::pfn_request_shape_ok(chain) {
@@ -344,6 +381,14 @@ impl Balloon {
                 log_guest_error(
                     e.pfn_outside_ram,
                     format_args!("balloon: PFN {pfn:#x} is outside guest RAM"),
+                );
+            } else if inflate && !self.may_give(pfn * BALLOON_PAGE, BALLOON_PAGE) {
+                ok = false;
+                let e = &mut self.stats.errors;
+                e.pfn_unplugged += 1;
+                log_guest_error(
+                    e.pfn_unplugged,
+                    format_args!("balloon: PFN {pfn:#x} is in an unplugged block of virtio-mem's region"),
                 );
             }
         }
@@ -422,7 +467,7 @@ impl Balloon {
         let prefetched = read_readable_all(mem, chains, Self::pfn_request_shape_ok, MAX_PFN_BYTES);
         let mut pfns = Vec::new();
         for (chain, bytes) in chains.iter().zip(prefetched) {
-            match self.read_pfns(mem, chain, bytes) {
+            match self.read_pfns(mem, chain, bytes, true) {
                 Some(p) => {
                     self.stats.inflate_requests += 1;
                     pfns.extend(p);
@@ -495,7 +540,7 @@ impl Balloon {
         let prefetched = read_readable_all(mem, chains, Self::pfn_request_shape_ok, MAX_PFN_BYTES);
         let mut flush = Vec::new();
         for (chain, bytes) in chains.iter().zip(prefetched) {
-            let Some(pfns) = self.read_pfns(mem, chain, bytes) else {
+            let Some(pfns) = self.read_pfns(mem, chain, bytes, false) else {
                 self.stats.deflate_refused += 1;
                 continue;
             };
@@ -534,17 +579,15 @@ impl Balloon {
         let mut ranges = Vec::new();
         for d in chains.iter().flat_map(|c| &c.descriptors) {
             let (gpa, len) = (d.addr, d.len as u64);
-            // Inside one of the balloon's regions (RAM the guest was told of), not merely guest
-            // RAM of the table: the table also covers virtio-mem's hot-pluggable region, which
-            // is not the balloon's to discard.
-            if len == 0 || gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || !self.in_balloon_regions(gpa, len)
-            {
+            // Inside one of the balloon's regions, not merely guest RAM of the table: the table
+            // also covers virtio-mem's unplugged blocks, which are not the guest's to give.
+            if len == 0 || gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || !self.may_give(gpa, len) {
                 let e = &mut self.stats.errors;
                 e.bad_report_range += 1;
                 log_guest_error(
                     e.bad_report_range,
                     format_args!(
-                        "balloon: reported range [{gpa:#x}, +{len:#x}) is unaligned or not guest RAM"
+                        "balloon: reported range [{gpa:#x}, +{len:#x}) is unaligned, not guest RAM or unplugged"
                     ),
                 );
                 continue;

@@ -11,6 +11,8 @@ pub struct BalloonErrors {
     pub pfn_outside_ram: u64,
     /// PFNs given twice in one request.
     pub pfn_duplicate: u64,
+    /// Inflated PFNs in virtio-mem's region whose block is not plugged.
+    pub pfn_unplugged: u64,
     /// Descriptors whose length is not a multiple of the element size, or whose direction is
     /// wrong, or requests larger than the limit.
     pub bad_buffer: u64,
@@ -33,6 +35,7 @@ impl BalloonErrors {
     pub fn total(&self) -> u64 {
         self.pfn_outside_ram
             + self.pfn_duplicate
+            + self.pfn_unplugged
             + self.bad_buffer
             + self.bad_chain
             + self.unreadable

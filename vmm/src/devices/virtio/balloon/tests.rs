@@ -319,6 +319,48 @@ fn free_page_reports_of_the_hotplug_region_are_refused() {
 }
 
 #[test]
+fn plugged_virtio_mem_blocks_can_be_inflated_and_reported_unplugged_ones_cannot() {
+    // Linux's driver inflates from hot-plugged memory and reports its free blocks: with
+    // virtio-mem's map shared, the balloon takes pages of plugged blocks and refuses the rest.
+    let config = MemoryConfig { size: RAM, backend: MemoryBackend::Anonymous, thp: false };
+    let mut f = fixture_on(GuestRam::with_hotplug(config, 4 << 20).unwrap());
+    let hotplug = f.ram.hotplug().unwrap().0;
+    let plugged = Arc::new(PluggedBlocks::new(hotplug, 2 << 20, 2));
+    f.t.device_mut().share_plugged_blocks(plugged.clone());
+    plugged.set(0, true);
+    // The recorder names ranges by their offset from the first RAM region's host mapping.
+    let host_base = f.ram.regions().next().unwrap().1;
+    let mmu = f.mmu.clone();
+    let recorded = move |gpa: u64, len: u64| {
+        let start = (mmu.host_range(gpa, len).unwrap() as u64).wrapping_sub(host_base);
+        (start, start.wrapping_add(len))
+    };
+    let mem = f.ram.memory().clone();
+    let w = VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT;
+    // Reports: in block 0 (plugged), in block 1 (not), and across both.
+    f.rings[3].set_desc(&mem, 0, hotplug, 0x2000, w, 1);
+    f.rings[3].set_desc(&mem, 1, hotplug + (2 << 20), 0x1000, w, 2);
+    f.rings[3].set_desc(&mem, 2, hotplug + (2 << 20) - 0x1000, 0x2000, VIRTQ_DESC_F_WRITE, 0);
+    f.rings[3].push(&mem, 0);
+    w32(&mut f.t, reg::QUEUE_NOTIFY, 3);
+    assert_eq!(f.recorder.take(), [recorded(hotplug, 0x2000)], "only the plugged block's range");
+    assert_eq!((f.stats().reported_ranges, f.stats().errors.bad_report_range), (1, 2));
+    // Inflate: a page of block 0 is taken; a request naming a page of block 1 is refused whole.
+    let pfn = (hotplug / PAGE_SIZE) as u32;
+    f.send_pfns(0, 0, &[pfn + 1]);
+    assert_eq!(f.recorder.take(), [recorded(hotplug + 0x1000, 0x1000)]);
+    assert!(f.t.device().is_ballooned(u64::from(pfn) + 1));
+    f.send_pfns(0, 1, &[pfn + 2, pfn + 512]);
+    assert!(f.recorder.take().is_empty(), "a request with an unplugged page reaches no syscall");
+    let s = f.stats();
+    assert_eq!((s.ballooned_pages, s.errors.pfn_unplugged), (1, 1));
+    // Deflate needs no plugged block (it changes no host memory).
+    plugged.set(0, false);
+    f.send_pfns(1, 0, &[pfn + 1]);
+    assert_eq!((f.stats().ballooned_pages, f.stats().errors.total()), (0, 3));
+}
+
+#[test]
 fn thp_blocks_are_discarded_whole_once_given_whole() {
     let mut f = fixture(true);
     f.fill(0x400, 0x300);

@@ -51,8 +51,10 @@ use super::{
 use crate::memory::HUGE_PAGE_SIZE;
 use crate::mmu::{GuestMemoryAccess, GuestMmu};
 
+mod plugged;
 mod stats;
 
+pub use plugged::PluggedBlocks;
 pub use stats::{VirtioMemErrors, VirtioMemStats};
 
 // The contract (feature bits, request, response and state codes, the request, response and
@@ -181,8 +183,8 @@ pub struct VirtioMem {
     node_id: u16,
     requested_size: u64,
     nr_blocks: u64,
-    /// One bit per block: plugged.
-    plugged: Vec<u64>,
+    /// One bit per block: plugged (shared read-only with the balloon: [`PluggedBlocks`]).
+    plugged: Arc<PluggedBlocks>,
     plugged_blocks: u64,
     avail_features: u64,
     queue_sizes: [u16; 1],
@@ -226,7 +228,7 @@ impl VirtioMem {
             node_id: config.node_id.unwrap_or(0),
             requested_size: 0,
             nr_blocks,
-            plugged: vec![0; nr_blocks.div_ceil(64) as usize],
+            plugged: Arc::new(PluggedBlocks::new(addr, block_size, nr_blocks)),
             plugged_blocks: 0,
             avail_features,
             queue_sizes: [QUEUE_SIZE],
@@ -318,7 +320,12 @@ impl VirtioMem {
     }
 
     fn test(&self, block: u64) -> bool {
-        self.plugged[(block / 64) as usize] & (1 << (block % 64)) != 0
+        self.plugged.test(block)
+    }
+
+    /// The plugged map, for the balloon ([`PluggedBlocks`]).
+    pub fn plugged_blocks(&self) -> Arc<PluggedBlocks> {
+        self.plugged.clone()
     }
 
     fn count_plugged(&self, first: u64, count: u64) -> u64 {
@@ -328,9 +335,7 @@ impl VirtioMem {
     /// Sets or clears `count` blocks from `first`, all currently in the other state.
     fn set_range(&mut self, first: u64, count: u64, on: bool) {
         for b in first..first + count {
-            let (word, bit) = ((b / 64) as usize, 1u64 << (b % 64));
-            if (self.plugged[word] & bit != 0) != on {
-                self.plugged[word] ^= bit;
+            if self.plugged.set(b, on) {
                 if on {
                     self.plugged_blocks += 1;
                     self.stats.blocks_plugged += 1;
@@ -421,6 +426,7 @@ impl VirtioMem {
         if (self.plugged_blocks + count) * self.block_size > self.requested_size {
             return Response::Nack;
         }
+        // P1 (plugged.rs): plugged in the shared map before the driver hears ACK.
         self.set_range(first, count, true);
         Response::Ack
     }
@@ -442,6 +448,7 @@ impl VirtioMem {
         if !self.discard(first, count) {
             return Response::Busy;
         }
+        // P1 (plugged.rs): unplugged in the shared map only once discarded.
         self.set_range(first, count, false);
         Response::Ack
     }

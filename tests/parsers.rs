@@ -219,7 +219,7 @@ fn ranges(discards: &[Discard]) -> Vec<(u64, u64)> {
 }
 
 /// A free page report descriptor: page-aligned RAM, unaligned, empty, past RAM, or in the
-/// hot-pluggable region (not the balloon's).
+/// hot-pluggable region (not the balloon's: the rig shares no virtio-mem plugged map).
 fn report_range(hotplug: u64) -> impl Strategy<Value = (u64, u32)> {
     prop_oneof![
         6 => (0x100u64..0x200, 1u32..8).prop_map(|(p, n)| (p * 4096, n * 4096)),

@@ -382,6 +382,9 @@ pub struct StormSteps {
     pub step_ms_mean: f64,
     /// See `step_ms_mean`.
     pub step_ms_max: u64,
+    /// Units (balloon pages, virtio-mem blocks) the reached targets moved (|target - previous|)
+    /// per second of those steps: the driver's pace, to compare with another driver's.
+    pub moved_per_s: f64,
     /// Pages the device had discarded (ballooned / unplugged) read through the device path
     /// once a target was reached.
     pub discarded_pages_checked: u64,
@@ -602,6 +605,7 @@ struct StormCounters {
     unfinished: AtomicU64,
     step_ms_total: AtomicU64,
     step_ms_max: AtomicU64,
+    moved: AtomicU64,
     discarded_checked: AtomicU64,
     discarded_not_zero: AtomicU64,
     owned_checked: AtomicU64,
@@ -623,6 +627,7 @@ impl StormCounters {
             unfinished_at_end: l(&self.unfinished),
             step_ms_mean: l(&self.step_ms_total) as f64 / l(&self.reached).max(1) as f64,
             step_ms_max: l(&self.step_ms_max),
+            moved_per_s: l(&self.moved) as f64 * 1000.0 / l(&self.step_ms_total).max(1) as f64,
             discarded_pages_checked: l(&self.discarded_checked),
             discarded_not_zero: l(&self.discarded_not_zero),
             owned_pages_checked: l(&self.owned_checked),
@@ -1188,12 +1193,20 @@ fn poll_step(ctx: &Ctx, mut reached: impl FnMut() -> Result<(), String>) -> Resu
     }
 }
 
-/// [`poll_step`] for one target of a storm, counted in `s`; returns whether it was reached.
-fn wait_step(ctx: &Ctx, s: &StormCounters, what: &str, reached: impl FnMut() -> Result<(), String>) -> bool {
+/// [`poll_step`] for one target of a storm that moves `moved` units, counted in `s`; returns
+/// whether it was reached.
+fn wait_step(
+    ctx: &Ctx,
+    s: &StormCounters,
+    what: &str,
+    moved: u64,
+    reached: impl FnMut() -> Result<(), String>,
+) -> bool {
     match poll_step(ctx, reached) {
         Ok(took) => {
             let ms = took.as_millis() as u64;
             bump(&s.reached, 1);
+            bump(&s.moved, moved);
             bump(&s.step_ms_total, ms);
             s.step_ms_max.fetch_max(ms, Ordering::Relaxed);
             true
@@ -1289,7 +1302,8 @@ fn balloon_storm(ctx: &Ctx, mut rng: ChaCha8Rng) {
         let target = pick_target(&mut rng, current, max);
         lock().update_config(|b| b.set_target_pages(target as u32));
         bump(&s.targets, 1);
-        let reached = wait_step(ctx, s, &format!("balloon target {target} pages (from {current})"), || {
+        let what = format!("balloon target {target} pages (from {current})");
+        let reached = wait_step(ctx, s, &what, target.abs_diff(current), || {
             let st = lock().device().stats();
             if u64::from(st.actual_pages) == target && st.ballooned_pages == target {
                 Ok(())
@@ -1408,7 +1422,7 @@ fn virtio_mem_storm(ctx: &Ctx, mut rng: ChaCha8Rng) {
         }
         bump(&s.targets, 1);
         let what = format!("virtio-mem requested size {target} blocks (from {current})");
-        let reached = wait_step(ctx, s, &what, || {
+        let reached = wait_step(ctx, s, &what, target.abs_diff(current), || {
             let st = lock().device().stats();
             if st.plugged_size == bytes && st.state_requests >= before + states {
                 Ok(())

@@ -683,7 +683,12 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
                 break rng.random_range(current + 1..=reachable);
             }
             let t = if opts.oom_targets && rng.random_range(0..opts.oom_one_in) == 0 {
-                rng.random_range(greedy_from..=greedy)
+                // Beyond what the guest has now: hot-plugged memory counts (without it such a
+                // target is reachable whenever virtio-mem has plugged more than the margin).
+                let plugged = virtio_mem.as_ref().map_or(0, |m| {
+                    m.lock().unwrap_or_else(|e| e.into_inner()).device().plugged_size() / PAGE_SIZE
+                });
+                rng.random_range(greedy_from + plugged..=greedy + plugged)
             } else if rng.random_range(0..8) == 0 {
                 0
             } else {

@@ -251,7 +251,8 @@ impl GuestRam {
     /// Creates guest RAM as `config` says plus, when `hotplug_size` is not zero, a region of that
     /// size at [`hotplug_base`] for a virtio-mem device: backed like the rest, registered with
     /// KVM and the memory layer, but not RAM the guest is told of at boot (not in the e820 map,
-    /// not in the test guest's work ranges, not in the balloon's PFN space).
+    /// not in the test guest's work ranges; the balloon serves its plugged blocks only when the
+    /// VM builder shares virtio-mem's plugged map with it).
     pub fn with_hotplug(config: MemoryConfig, hotplug_size: u64) -> Result<Self, MemoryError> {
         Self::create(config, hotplug_size, false)
     }

@@ -4,7 +4,8 @@ use super::*;
 
 /// Guest RAM of the balloon rig (PFNs 0..0x1000).
 pub const BALLOON_RAM: u64 = 16 << 20;
-/// The virtio-mem-style hot-pluggable region the balloon must leave alone.
+/// The virtio-mem-style hot-pluggable region the balloon must leave alone: the rig shares no
+/// virtio-mem plugged map with it (the shared map's rules are the balloon's unit tests').
 pub const BALLOON_HOTPLUG: u64 = 4 << 20;
 /// The balloon's rings: queue `q` at `B_RINGS + q * 0x4000`.
 pub const B_RINGS: u64 = 0x10000;

@@ -2,8 +2,9 @@
 //! stats buffers, free page reports, notifies) on a VM-less rig built once per process: guest
 //! RAM with a hot-pluggable region, the notifier, the VMM's table, the balloon behind its
 //! virtio-mmio transport. Invariants: no panic, and the recording subscriber never sees a discard
-//! outside guest RAM, in the hot-pluggable region, of a page the inflate did not balloon, or from
-//! the deflate/stats queues.
+//! outside guest RAM, in the hot-pluggable region (the rig shares no virtio-mem plugged map, so
+//! none of it is the balloon's), of a page the inflate did not balloon, or from the deflate/stats
+//! queues.
 #![no_main]
 
 use std::sync::{Mutex, OnceLock};

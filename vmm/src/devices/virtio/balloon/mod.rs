@@ -35,8 +35,13 @@
 //!   one of the balloon's regions ([`Balloon::share_plugged_blocks`]). An inflated PFN or a
 //!   reported range there is accepted only while every block it touches is plugged (read from
 //!   virtio-mem's shared map without its lock: `mem/plugged.rs`, P1 and P2); otherwise it is a
-//!   guest error, refused before any syscall. A deflate there needs no plugged block: it
-//!   changes no host memory.
+//!   guest error, refused before any syscall. A deflate there is refused no PFN for its
+//!   block's state (on 4 KiB memory it changes no host memory; on THP it discards only pages
+//!   still held). A block virtio-mem unplugged since the balloon last looked holds nothing any
+//!   more (the unplug discarded it whole): its ballooned and held pages are forgotten, not
+//!   discarded (`mem/plugged.rs`, P3; counted in [`BalloonStats::forgotten_pages`]), so a
+//!   page held before an unplug is never discarded, alone or with a whole block, after a
+//!   re-plug.
 //!
 //! # When pages are discarded (invariant B1)
 //! - B1. On 4 KiB-page memory every inflated run is discarded before the notify's heads are
@@ -111,6 +116,17 @@ impl Default for BalloonConfig {
     }
 }
 
+/// virtio-mem's region as one of the balloon's regions.
+struct HotplugRegion {
+    /// virtio-mem's plugged map.
+    plugged: Arc<PluggedBlocks>,
+    /// Its index in `Balloon::regions`.
+    region: usize,
+    /// Per 2 MiB block of that region: virtio-mem's unplug count of its block when the balloon
+    /// last looked (P3 of `mem/plugged.rs`).
+    seen_unplugs: Vec<u64>,
+}
+
 /// What a queue index means under the negotiated features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -124,8 +140,8 @@ enum Role {
 pub struct Balloon {
     mmu: Arc<GuestMmu>,
     regions: Vec<RegionMap>,
-    /// virtio-mem's plugged map, when its region is one of `regions`.
-    plugged: Option<Arc<PluggedBlocks>>,
+    /// virtio-mem's region, when it is one of `regions`.
+    hotplug: Option<HotplugRegion>,
     /// How guest RAM is backed, which decides when ballooned pages are discarded (B1).
     backing: Backing,
     avail_features: u64,
@@ -178,7 +194,7 @@ impl Balloon {
         Self {
             mmu,
             regions,
-            plugged: None,
+            hotplug: None,
             backing: if ram.config().backend == crate::memory::MemoryBackend::Hugetlb {
                 Backing::Hugetlb
             } else if thp {
@@ -251,9 +267,17 @@ impl Balloon {
         s.held_pages = self.regions.iter().map(RegionMap::held_pages).sum();
         s.huge_blocks_full = 0;
         s.huge_blocks_partial = 0;
-        for r in &self.regions {
+        for (i, r) in self.regions.iter().enumerate() {
             for (b, &n) in r.per_block.iter().enumerate() {
                 if n == 0 {
+                    continue;
+                }
+                // A block virtio-mem unplugged since holds nothing (forgotten when next touched).
+                if self.is_stale(i, b) {
+                    let (start, end) = r.block_range(b);
+                    s.ballooned_pages -= n as u64;
+                    s.held_pages -=
+                        (start / PAGE_SIZE..end / PAGE_SIZE).filter(|&p| r.is_held(p)).count() as u64;
                     continue;
                 }
                 if n as u64 == r.block_len(b) {
@@ -308,23 +332,62 @@ impl Balloon {
     /// free): inside one of the balloon's regions and, in virtio-mem's region, inside plugged
     /// blocks only.
     fn may_give(&self, gpa: u64, len: u64) -> bool {
+        // `in_balloon_regions` checked that `gpa + len` does not overflow.
         self.in_balloon_regions(gpa, len)
-            && self.plugged.as_ref().is_none_or(|p| {
-                let (start, size) = p.region();
-                gpa + len <= start || gpa >= start + size || p.all_plugged(gpa, len)
+            && self.hotplug.as_ref().is_none_or(|h| {
+                let (start, size) = h.plugged.region();
+                gpa + len <= start || gpa >= start + size || h.plugged.all_plugged(gpa, len)
             })
+    }
+
+    /// Forgets what the balloon recorded in each 2 MiB block of virtio-mem's region that holds
+    /// one of `pfns` and was unplugged since the balloon last looked (P3 of `mem/plugged.rs`):
+    /// the unplug discarded it whole, so nothing of it is ballooned or held any more.
+    fn forget_unplugged(&mut self, pfns: &[u64]) {
+        let Some(h) = self.hotplug.as_mut() else { return };
+        let region = &mut self.regions[h.region];
+        for &pfn in pfns {
+            if !region.contains(pfn) {
+                continue;
+            }
+            let b = region.block(pfn);
+            let unplugs = h.plugged.unplugs_at(region.block_range(b).0);
+            if h.seen_unplugs[b] != unplugs {
+                h.seen_unplugs[b] = unplugs;
+                self.stats.forgotten_pages += u64::from(region.per_block[b]);
+                region.forget_block(b);
+            }
+        }
+    }
+
+    /// Whether 2 MiB block `b` of region `r` was unplugged since the balloon last looked (its
+    /// record there is stale: [`Self::forget_unplugged`]).
+    fn is_stale(&self, r: usize, b: usize) -> bool {
+        self.hotplug.as_ref().is_some_and(|h| {
+            h.region == r && h.seen_unplugs[b] != h.plugged.unplugs_at(self.regions[r].block_range(b).0)
+        })
     }
 
     /// Makes virtio-mem's region one of the balloon's regions: the guest may then inflate and
     /// report pages of its plugged blocks (the module's documentation). Call it once, before the
     /// driver runs; `plugged`'s region must be guest RAM of the table and outside the balloon's
     /// other regions (the VM builder's layout).
+    ///
+    /// # Panics
+    /// If called twice, or if the region overlaps another of the balloon's regions or is not
+    /// guest RAM of the table (a VM layout bug, not guest input).
     pub fn share_plugged_blocks(&mut self, plugged: Arc<PluggedBlocks>) {
         let (gpa, len) = plugged.region();
-        debug_assert!(!self.in_balloon_regions(gpa, 1) && !self.in_balloon_regions(gpa + len - 1, 1));
-        debug_assert!(self.mmu.host_range(gpa, len).is_some());
-        self.regions.push(RegionMap::new(gpa, len));
-        self.plugged = Some(plugged);
+        assert!(self.hotplug.is_none(), "virtio-mem's region shared with the balloon twice");
+        assert!(
+            self.regions.iter().all(|r| gpa + len <= r.gpa || gpa >= r.end()),
+            "virtio-mem's region [{gpa:#x}, +{len:#x}) overlaps the balloon's RAM"
+        );
+        assert!(self.mmu.host_range(gpa, len).is_some(), "virtio-mem's region is not guest RAM of the table");
+        let region = RegionMap::new(gpa, len);
+        let seen_unplugs = vec![0; region.per_block.len()];
+        self.regions.push(region);
+        self.hotplug = Some(HotplugRegion { plugged, region: self.regions.len() - 1, seen_unplugs });
     }
 
     /// Reads and validates a PFN request (its buffers with one copy each, unless prefetched);
@@ -488,6 +551,7 @@ impl Balloon {
             }
         }
         pfns.sort_unstable();
+        self.forget_unplugged(&pfns);
         let given = pfns.len();
         pfns.dedup();
         // A PFN in two requests of one notify: the second is a re-inflate.
@@ -545,6 +609,7 @@ impl Balloon {
                 continue;
             };
             self.stats.deflate_requests += 1;
+            self.forget_unplugged(&pfns);
             for pfn in pfns {
                 let Some(r) = self.region_of(pfn) else { continue };
                 let region = &mut self.regions[r];

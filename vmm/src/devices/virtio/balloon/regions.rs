@@ -130,6 +130,18 @@ impl RegionMap {
         true
     }
 
+    /// Forgets block `b`: no page of it is ballooned or held any more (virtio-mem unplugged it,
+    /// which discarded it whole: nothing is left to discard).
+    pub(super) fn forget_block(&mut self, b: usize) {
+        let (start, end) = self.block_range(b);
+        for pfn in start / PAGE_SIZE..end / PAGE_SIZE {
+            let i = self.index(pfn);
+            self.bitmap[i / 64] &= !(1 << (i % 64));
+            self.held[i / 64] &= !(1 << (i % 64));
+        }
+        self.per_block[b] = 0;
+    }
+
     pub(super) fn clear(&mut self) {
         self.bitmap.fill(0);
         self.per_block.fill(0);

@@ -61,6 +61,9 @@ pub struct BalloonStats {
     pub deflated_pages: u64,
     /// Inflated pages that were already in the balloon (discarded again).
     pub reinflated_pages: u64,
+    /// Ballooned pages forgotten because virtio-mem unplugged their block (a guest that
+    /// unplugged memory it had given to the balloon; `mem/plugged.rs`, P3).
+    pub forgotten_pages: u64,
     /// Inflate requests accepted / refused.
     pub inflate_requests: u64,
     /// Inflate requests refused (any bad PFN or buffer).

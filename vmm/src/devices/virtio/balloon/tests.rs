@@ -300,8 +300,9 @@ fn free_page_reports_are_discarded_and_checked() {
 #[test]
 fn free_page_reports_of_the_hotplug_region_are_refused() {
     // Regression (found by tests/parsers.rs and fuzz_balloon_queue): the reporting queue
-    // checked ranges against the table only, which also covers virtio-mem's region, so a
-    // guest could have the balloon discard plugged virtio-mem memory behind that device.
+    // checked ranges against the table only, which also covers virtio-mem's region. Without
+    // virtio-mem's plugged map shared (no virtio-mem device, as here) that region is not the
+    // balloon's at all; with it, only its plugged blocks are (the next test).
     let config = MemoryConfig { size: RAM, backend: MemoryBackend::Anonymous, thp: false };
     let mut f = fixture_on(GuestRam::with_hotplug(config, 4 << 20).unwrap());
     let hotplug = f.ram.hotplug().unwrap().0;
@@ -354,10 +355,53 @@ fn plugged_virtio_mem_blocks_can_be_inflated_and_reported_unplugged_ones_cannot(
     assert!(f.recorder.take().is_empty(), "a request with an unplugged page reaches no syscall");
     let s = f.stats();
     assert_eq!((s.ballooned_pages, s.errors.pfn_unplugged), (1, 1));
-    // Deflate needs no plugged block (it changes no host memory).
-    plugged.set(0, false);
+    // A deflate is refused no PFN for its block's state, but once virtio-mem unplugged the
+    // block its page is not ballooned any more (the unplug discarded it: P3).
     f.send_pfns(1, 0, &[pfn + 1]);
-    assert_eq!((f.stats().ballooned_pages, f.stats().errors.total()), (0, 3));
+    assert_eq!((f.stats().ballooned_pages, f.stats().deflated_pages), (0, 1), "plugged: a deflate");
+    f.send_pfns(0, 2, &[pfn + 3]);
+    plugged.set(0, false);
+    assert_eq!(f.stats().ballooned_pages, 0, "an unplugged block holds nothing");
+    f.send_pfns(1, 1, &[pfn + 3]);
+    let s = f.stats();
+    assert_eq!((s.deflated_pages, s.forgotten_pages, s.errors.deflate_not_ballooned), (1, 1, 1));
+    assert!(f.recorder.take().len() == 1, "the inflate of pfn + 3 only");
+}
+
+#[test]
+fn pages_held_before_a_virtio_mem_unplug_are_forgotten_not_discarded_after_a_replug() {
+    // On THP a partial 2 MiB block is held (B1). A guest that unplugs such a block (virtio-mem
+    // discarded it whole) and plugs it again must not have the stale half counted towards a
+    // whole block, nor discarded on a deflate, once it wrote new data there (P3).
+    let config = MemoryConfig { size: RAM, backend: MemoryBackend::Anonymous, thp: true };
+    let mut f = fixture_on(GuestRam::with_hotplug(config, 4 << 20).unwrap());
+    let hotplug = f.ram.hotplug().unwrap().0;
+    let plugged = Arc::new(PluggedBlocks::new(hotplug, 2 << 20, 2));
+    f.t.device_mut().share_plugged_blocks(plugged.clone());
+    plugged.set(0, true);
+    let first = (hotplug / PAGE_SIZE) as u32;
+    let half: Vec<u32> = (first..first + 256).collect();
+    f.send_pfns(0, 0, &half);
+    assert!(f.recorder.take().is_empty(), "half a huge page: held");
+    assert_eq!((f.stats().ballooned_pages, f.stats().held_pages), (256, 256));
+    // virtio-mem unplugs block 0 (its own discard is not the balloon's) and plugs it again;
+    // the guest writes the whole block.
+    plugged.set(0, false);
+    assert_eq!((f.stats().ballooned_pages, f.stats().held_pages), (0, 0), "an unplugged block holds nothing");
+    plugged.set(0, true);
+    f.mmu.write(hotplug, &vec![0xaa; 2 << 20]).unwrap();
+    // The other half: 256 pages given, not 512, so no whole-block discard.
+    let other: Vec<u32> = (first + 256..first + 512).collect();
+    f.send_pfns(0, 1, &other);
+    assert!(f.recorder.take().is_empty(), "the stale half counted towards a whole block");
+    assert!(f.page_is(u64::from(first), 0xaa), "data written after the replug survives");
+    let s = f.stats();
+    assert_eq!((s.ballooned_pages, s.held_pages, s.forgotten_pages), (256, 256, 256));
+    // A stale page deflated: not ballooned any more, and nothing discarded.
+    f.send_pfns(1, 0, &[first]);
+    assert!(f.recorder.take().is_empty());
+    assert!(f.page_is(u64::from(first), 0xaa));
+    assert_eq!(f.stats().errors.deflate_not_ballooned, 1);
 }
 
 #[test]

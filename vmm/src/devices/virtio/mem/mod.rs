@@ -33,7 +33,9 @@
 //! returned with length 0 without acting on it; a well-formed request with a bad range or state
 //! gets VIRTIO_MEM_RESP_ERROR and is counted by kind. Only a valid UNPLUG or UNPLUG_ALL of
 //! plugged blocks — whose range is inside the device region, which the constructor checked is
-//! guest RAM known to the table — is ever discarded.
+//! guest RAM known to the table — is ever discarded by this device. (The balloon may discard
+//! pages of plugged blocks the guest gives it, when the VM shares the plugged map with it:
+//! `plugged.rs`.)
 //!
 //! `usable_region_size` is the whole region (it never grows or shrinks), `node_id` is offered
 //! (VIRTIO_MEM_F_ACPI_PXM) only when configured, and VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE is

@@ -112,6 +112,18 @@ fn linux_balloon_storm_keeps_every_invariant() {
     for k in &r.notifier {
         assert_eq!(k.starts, k.ends, "{k:?}");
     }
+    // The storm's plot (`zapvm stress --linux --plot-out`): both devices' steps drawn.
+    let plot = std::env::temp_dir().join(format!("zapvm-stress-linux-{}.svg", std::process::id()));
+    harness::stress_linux_plot::svg(&r, &plot).expect("the plot is drawn");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    let _ = std::fs::remove_file(&plot);
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(
+        svg.contains("balloon actual at the step") && svg.contains("virtio-mem plugged at the step"),
+        "legend"
+    );
+    assert!(svg.matches("<circle").count() > r.steps.len(), "a point per balloon step");
+    assert!(svg.contains("<polygon") || svg.contains("<path"), "virtio-mem's markers");
 }
 
 #[test]

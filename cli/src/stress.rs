@@ -116,6 +116,10 @@ pub struct StressArgs {
     /// With --linux: set no targets toward OOM (no deflate-on-OOM).
     #[arg(long, requires = "linux")]
     pub no_oom_targets: bool,
+    /// With --linux: also draw the storm (targets and what the drivers reached, over time) as
+    /// an SVG file here.
+    #[arg(long, requires = "linux")]
+    pub plot_out: Option<PathBuf>,
     /// With --linux: one target in this many goes toward OOM (each costs the driver inflating
     /// all the guest's free memory: minutes on a large guest where guest ring 0 is emulated).
     #[arg(long, default_value_t = 4, requires = "linux", conflicts_with = "no_oom_targets")]
@@ -152,6 +156,9 @@ pub fn stress(args: StressArgs) -> Result<ExitCode, String> {
             std::fs::write(path, json + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?
         }
         None => println!("{json}"),
+    }
+    if let Some(path) = &args.plot_out {
+        harness::stress_linux_plot::svg(&report, path)?;
     }
     for b in &report.broken {
         eprintln!("zapvm: broken invariant: {b}");

@@ -8,6 +8,8 @@
 //! plain options structs here are what it converts its arguments to.
 //!
 //! - [`stress`]: `zapvm stress` (the memory layer under seeded, concurrent teardowns);
+//! - [`stress_linux`]: `zapvm stress --linux` (Linux's balloon and virtio_mem drivers under a
+//!   storm, checked by programs in the guest), [`stress_linux_plot`] its plot;
 //! - [`bench`]: `zapvm bench boot` (VMM start to first guest instruction, guest touch cost);
 //! - [`bench_access`]: `zapvm bench access` (a device-path access through the VMM's table vs
 //!   memcpy and the syscall path, system calls counted);
@@ -43,3 +45,4 @@ pub mod governor;
 pub mod seconds;
 pub mod stress;
 pub mod stress_linux;
+pub mod stress_linux_plot;

@@ -201,6 +201,8 @@ impl Default for LinuxStressOptions {
 /// One balloon target of the storm.
 #[derive(Debug, Clone, Serialize)]
 pub struct TargetStep {
+    /// Milliseconds from the storm's start to the step's.
+    pub at_ms: u64,
     /// The target, in pages.
     pub target_pages: u64,
     /// `actual` when it was set.
@@ -220,6 +222,8 @@ pub struct TargetStep {
 /// One virtio-mem requested size of the storm.
 #[derive(Debug, Clone, Serialize)]
 pub struct MemStep {
+    /// Milliseconds from the storm's start to the step's.
+    pub at_ms: u64,
     /// The requested size, in bytes.
     pub requested_bytes: u64,
     /// The plugged size when it was set.
@@ -664,7 +668,8 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
         // for a target toward OOM (Linux could not empty a block to unplug it).
         if let Some(device) = virtio_mem.as_ref().filter(|_| current <= reachable) {
             if mem_rng.random_range(0..2) == 0 {
-                let step = virtio_mem_step(opts, device, mem_unit, &mut mem_rng, &mut s, lines);
+                let at = storm_started.elapsed();
+                let step = virtio_mem_step(opts, device, mem_unit, at, &mut mem_rng, &mut s, lines);
                 let failed = !step.reached || !s.checkers.failures.is_empty();
                 s.mem_steps.push(step);
                 if failed {
@@ -703,6 +708,7 @@ fn drive(opts: &LinuxStressOptions, vm: &Arc<VmControl>, lines: &mut ConsoleLine
         lock().update_config(|b| b.set_target_pages(target as u32));
         let step_started = Instant::now();
         let mut step = TargetStep {
+            at_ms: storm_started.elapsed().as_millis() as u64,
             target_pages: target,
             from_pages: from,
             reached: false,
@@ -867,6 +873,7 @@ fn virtio_mem_step(
     opts: &LinuxStressOptions,
     device: &VirtioMemDevice,
     unit: u64,
+    at: Duration,
     rng: &mut ChaCha8Rng,
     s: &mut Storm,
     lines: &mut ConsoleLines,
@@ -875,6 +882,7 @@ fn virtio_mem_step(
     let st = lock().device().stats();
     let requested = pick_target(rng, st.requested_size / unit, st.region_size / unit) * unit;
     let mut step = MemStep {
+        at_ms: at.as_millis() as u64,
         requested_bytes: requested,
         from_bytes: st.plugged_size,
         reached: false,

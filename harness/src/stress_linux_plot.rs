@@ -32,8 +32,8 @@ pub fn svg(report: &LinuxStressReport, path: &Path) -> Result<(), String> {
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
-                "Linux under a balloon storm, {} MiB guest: {} of {} targets reached ({} toward OOM), {} of {} \
-                 virtio-mem sizes, ok: {}",
+                "Linux under a balloon storm, {} MiB guest: {} of {} targets reached ({} not, the driver said \
+                 why), {} of {} virtio-mem sizes, ok: {}",
                 report.mem_bytes >> 20,
                 report.reached,
                 report.targets,

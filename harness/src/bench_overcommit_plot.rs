@@ -7,7 +7,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use crate::bench_overcommit::OvercommitReport;
-use crate::bench_plot::COLORS;
+use crate::bench_plot::{legend_upper_right, COLORS};
 
 const MIB: f64 = (1u64 << 20) as f64;
 
@@ -95,14 +95,7 @@ pub fn svg(report: &OvercommitReport, path: &Path) -> Result<(), String> {
                 .draw_series(LineSeries::new(pts(&|x| x.balloon_actual), c.mix(0.35).stroke_width(1)))
                 .map_err(|e| err(&e))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK.mix(0.3))
-            .label_font(("sans-serif", 11))
-            .draw()
-            .map_err(|e| err(&e))?;
+        legend_upper_right(&mut chart).map_err(|e| err(&e))?;
     }
     root.present().map_err(|e| err(&e))
 }

@@ -7,6 +7,24 @@ use plotters::prelude::*;
 
 use crate::bench_pressure_report::{size_label, Delivery, PressureReport};
 
+/// Draws the legend of `chart`'s labelled series in the upper right corner, as the plots over
+/// time (`bench_overcommit_plot`, `stress_linux_plot`) show it.
+pub(crate) fn legend_upper_right<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<
+        'a,
+        DB,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 11))
+        .draw()
+}
+
 /// The target line's colour.
 const TARGET: RGBColor = RGBColor(0xb0, 0xb0, 0xb0);
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::bench_plot::COLORS;
+use crate::bench_plot::{legend_upper_right, COLORS};
 use crate::stress_linux::LinuxStressReport;
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -105,13 +105,6 @@ pub fn svg(report: &LinuxStressReport, path: &Path) -> Result<(), String> {
             .label("virtio-mem plugged at the step's end")
             .legend(move |(x, y)| TriangleMarker::new((x + 8, y), 4, c_mem.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK.mix(0.3))
-        .label_font(("sans-serif", 11))
-        .draw()
-        .map_err(|e| err(&e))?;
+    legend_upper_right(&mut chart).map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))
 }

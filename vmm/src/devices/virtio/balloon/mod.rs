@@ -7,7 +7,8 @@
 //! - **Inflate**: a request is an array of 32-bit PFNs (4 KiB pages). It is validated as a whole
 //!   before anything is done: every descriptor device-readable with a length that is a multiple
 //!   of 4, every PFN inside one of the balloon's regions (guest RAM the guest was told of, and
-//!   virtio-mem's plugged blocks: below), no PFN twice. A request that fails any check is refused entirely — each bad PFN or buffer is
+//!   virtio-mem's plugged blocks: below), no PFN twice. A request that fails any check is
+//!   refused entirely — each bad PFN or buffer is
 //!   counted by kind and logged, and **nothing reaches a syscall**. The PFN arrays of all the
 //!   requests of one notify are read together (`queue::read_readable_all`: one
 //!   `GuestMemoryAccess::read_scattered`, one system call on the table's syscall path). The

@@ -570,3 +570,55 @@ fn a_control_socket_that_cannot_be_made_is_one_error_naming_it() {
     let line = stderr.lines().find(|l| l.starts_with("zapvm: error:")).unwrap_or_else(|| panic!("{stderr}"));
     assert!(line.contains("control socket") && line.contains("no/such/dir/vm.sock"), "{line}");
 }
+
+/// `zapvm bench kick --runs 1` boots one VM with ioeventfds and one without, writes its JSON,
+/// markdown table, plot and the plot's CSV, and its counters show what each row measured: with
+/// ioeventfds no kick exited to the VMM (the bench fails otherwise, unless the host refused them
+/// and the row says so), without them every kick did.
+#[test]
+fn bench_kick_measures_both_ways_to_the_device() {
+    let (_dir, out) = scratch("kick");
+    let o = zapvm(&["bench", "kick", "--runs", "1", "--out", out.to_str().unwrap()]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("kick_vs_exit"), "{stdout}");
+    let json = std::fs::read_to_string(out.join("kick.json")).expect("kick.json");
+    let report: serde_json::Value = serde_json::from_str(&json).expect("kick.json is JSON");
+    let rows = report["rows"].as_array().expect("rows");
+    assert_eq!(
+        rows.iter().map(|r| r["variant"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["ioeventfd", "exit"]
+    );
+    let kicks = report["kicks_per_round"].as_u64().unwrap() * report["rounds"].as_u64().unwrap();
+    assert!(kicks > 0, "{json}");
+    for r in rows {
+        assert_eq!(r["kicks"].as_u64(), Some(kicks), "{r}");
+        for key in ["kick_ns", "mmio_read_ns", "kick_vs_exit"] {
+            let v = r[key].as_f64().unwrap_or(f64::NAN);
+            assert!(v.is_finite() && v > 0.0, "{key} of {r}");
+        }
+    }
+    assert_eq!(rows[1]["kicks_exit"].as_u64(), Some(kicks), "without ioeventfds every kick exits: {json}");
+    assert_eq!(rows[1]["kicks_ioeventfd"].as_u64(), Some(0), "{json}");
+    if rows[0]["ioeventfd_refused"].as_u64() == Some(0) {
+        assert_eq!(rows[0]["kicks_exit"].as_u64(), Some(0), "with ioeventfds no kick exits: {json}");
+        let signals = rows[0]["kicks_ioeventfd"].as_u64().unwrap();
+        assert!(signals >= 1 && signals <= kicks, "{json}");
+    }
+    assert!(std::fs::read_to_string(out.join("kick.svg")).expect("kick.svg").starts_with("<svg"));
+    assert!(std::fs::read_to_string(out.join("kick.md")).expect("kick.md").contains("| exit | 1 |"));
+    let flat = bench_files::read_flat(&out.join("kick.flat.json"), "kick");
+    let ratio = report["ioeventfd_vs_exit"].as_f64().unwrap();
+    assert!(flat.contains(&("kick: ioeventfd_vs_exit".into(), "ratio".into(), ratio)), "{flat:?}");
+    let rounds = report["rounds"].as_u64().unwrap() as usize;
+    let csv = bench_files::read_csv(&out.join("kick.csv"), 2 * rounds);
+    let csv_kicks: Vec<f64> =
+        bench_files::column(&csv, "kick_ns").iter().map(|c| c.parse().unwrap()).collect();
+    let json_kicks: Vec<f64> = report["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v["kick_ns"].as_array().unwrap().iter().map(|k| k.as_f64().unwrap()))
+        .collect();
+    assert_eq!(csv_kicks, json_kicks);
+}

@@ -49,6 +49,22 @@ pub enum BenchCommand {
         #[arg(long, default_value = "target/bench/access")]
         out: PathBuf,
     },
+    /// The guest-visible cost of a virtio queue kick with and without ioeventfds, against one
+    /// exit to the VMM measured in the same VMs (JSON, markdown, SVG plot).
+    Kick {
+        /// 9 VMs per variant; the default is a quick run (3).
+        #[arg(long)]
+        full: bool,
+        /// VMs per variant (overrides --full's and the quick run's).
+        #[arg(long)]
+        runs: Option<usize>,
+        /// Directory for kick.json (and kick.flat.json), kick.md, kick.svg and kick.csv.
+        #[arg(long, default_value = "target/bench/kick")]
+        out: PathBuf,
+        /// The KVM device.
+        #[arg(long, default_value = "/dev/kvm")]
+        kvm_device: PathBuf,
+    },
     /// A fleet of phased VMs whose RAM exceeds a memory budget, under no policy, a static
     /// split and the governor (JSON, markdown, SVG plot).
     Overcommit(crate::governor::OvercommitArgs),
@@ -148,6 +164,11 @@ pub fn bench(command: BenchCommand) -> Result<ExitCode, String> {
                 &AccessBenchOptions { rounds: rounds.unwrap_or(base.rounds), ..base },
                 &out,
             )
+        }
+        BenchCommand::Kick { full, runs, out, kvm_device } => {
+            use harness::bench_kick::KickBenchOptions;
+            let base = if full { KickBenchOptions::full() } else { KickBenchOptions::quick() };
+            harness::bench_kick::cli(&KickBenchOptions { runs: runs.unwrap_or(base.runs), kvm_device }, &out)
         }
         BenchCommand::Overcommit(args) => crate::governor::overcommit(args),
         BenchCommand::Boot { runs, mem, json_out, kvm_device } => bench_boot(runs, mem, json_out, kvm_device),

@@ -13,6 +13,8 @@
 //! - [`bench`]: `zapvm bench boot` (VMM start to first guest instruction, guest touch cost);
 //! - [`bench_access`]: `zapvm bench access` (a device-path access through the VMM's table vs
 //!   memcpy and the syscall path, system calls counted);
+//! - [`bench_kick`]: `zapvm bench kick` (the guest-visible cost of a virtio queue kick, with and
+//!   without ioeventfds, against one exit to the VMM);
 //! - [`bench_notifier`]: `zapvm bench notifier` (the notifier's invalidation versus the raw
 //!   syscalls, and the userfaultfd monitor's cost);
 //! - [`bench_balloon`]: `zapvm bench balloon` (the balloon's inflate/deflate throughput vs raw
@@ -35,6 +37,7 @@ pub mod bench;
 pub mod bench_access;
 pub mod bench_balloon;
 pub mod bench_export;
+pub mod bench_kick;
 pub mod bench_notifier;
 pub mod bench_overcommit;
 pub mod bench_overcommit_plot;

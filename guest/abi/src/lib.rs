@@ -185,7 +185,20 @@ pub enum Workload {
     /// pages it stopped using, statistics with zapvm's tags); other vCPUs idle. The contract is
     /// [`phased`]'s. It never ends on its own.
     Phased = 10,
+    /// The guest-visible cost of a virtio queue kick, for `zapvm bench kick`: vCPU 0 initialises
+    /// the virtio-balloon of [`BootInfo::virtio`] (features as [`Workload::Balloon`]'s driver,
+    /// no buffer is ever queued), then [`KICK_ROUNDS`] times: [`KICKS_PER_ROUND`] QueueNotify
+    /// writes of the inflate queue's index (a [`UcallKind::Timing`] of [`Pass::Kick`] with
+    /// `args[1]` = kicks), then as many reads of the MagicValue register (an exit to the VMM
+    /// that does no device work: [`Pass::MmioRead`], the baseline). Then Done(kicks in all, 0).
+    /// Other vCPUs make Done(0, 0) at once. No ucall happens inside a timed pass.
+    Kick = 11,
 }
+
+/// Rounds of [`Workload::Kick`] (each a kick pass and a baseline pass).
+pub const KICK_ROUNDS: u64 = 9;
+/// Kicks (and baseline reads) in one pass of [`Workload::Kick`].
+pub const KICKS_PER_ROUND: u64 = 2000;
 
 /// Counters a [`Workload::TouchRate`] vCPU keeps in the first page of its slice (cumulative since
 /// the workload started); the host reads them from its side of guest RAM.
@@ -285,6 +298,7 @@ impl Workload {
             8 => Self::Stress,
             9 => Self::TouchRate,
             10 => Self::Phased,
+            11 => Self::Kick,
             _ => return None,
         })
     }
@@ -424,6 +438,10 @@ pub enum Pass {
     Fill = 4,
     /// Verify: the check pass (every word read and compared).
     Check = 5,
+    /// [`Workload::Kick`]: QueueNotify writes (`pages` = kicks).
+    Kick = 6,
+    /// [`Workload::Kick`]: MagicValue reads, the exit baseline (`pages` = reads).
+    MmioRead = 7,
 }
 
 impl Pass {
@@ -435,6 +453,8 @@ impl Pass {
             3 => Self::WarmRead,
             4 => Self::Fill,
             5 => Self::Check,
+            6 => Self::Kick,
+            7 => Self::MmioRead,
             _ => return None,
         })
     }
@@ -678,6 +698,10 @@ mod tests {
         assert_eq!(Workload::from_raw(Workload::Touch as u64), Some(Workload::Touch));
         assert_eq!(Workload::from_raw(8), Some(Workload::Stress));
         assert_eq!(Workload::from_raw(9), Some(Workload::TouchRate));
+        assert_eq!(Workload::from_raw(11), Some(Workload::Kick));
+        assert_eq!(Workload::from_raw(12), None);
+        assert_eq!(Pass::from_raw(Pass::MmioRead as u64), Some(Pass::MmioRead));
+        assert_eq!(Pass::from_raw(8), None);
     }
 
     #[test]

@@ -316,6 +316,11 @@ impl Driver {
         }
     }
 
+    /// The inflate queue's index (what a kick of it writes to QueueNotify).
+    pub(crate) fn inflate_index(&self) -> u32 {
+        self.inflate.index
+    }
+
     /// Number of work pages (the most the balloon can hold).
     fn work_pages(&self) -> u64 {
         self.slice.pages - WORK_FIRST

@@ -18,6 +18,7 @@
 
 mod arch;
 mod balloon;
+mod kick;
 mod mem;
 mod msg;
 mod phased;
@@ -148,6 +149,7 @@ extern "C" fn guest_main(vcpu: u64, boot: *const BootInfo) -> ! {
         Some(Workload::VirtioMem) => virtio_mem::run(vcpu, &boot),
         Some(Workload::TouchRate) => touch_rate::run(vcpu, &boot),
         Some(Workload::Phased) => phased::run(vcpu, &boot),
+        Some(Workload::Kick) => kick::run(vcpu, &boot),
         None => fail(vcpu, format_args!("unknown workload {} in boot info", boot.workload)),
     }
 }

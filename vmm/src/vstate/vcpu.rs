@@ -230,6 +230,8 @@ pub fn pass_name(pass: Pass) -> &'static str {
         Pass::WarmRead => "warm_read",
         Pass::Fill => "fill",
         Pass::Check => "check",
+        Pass::Kick => "kick",
+        Pass::MmioRead => "mmio_read",
     }
 }
 

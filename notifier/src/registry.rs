@@ -123,12 +123,19 @@ impl SubIndex {
         m
     }
 
-    /// The entries whose interval overlaps `[start, end)`, in subscription order.
-    fn overlapping(&self, start: usize, end: usize) -> Vec<Arc<Entry>> {
+    /// The indices (into `entries`) of the entries whose interval overlaps `[start, end)`, in
+    /// subscription order. Indices, not `Arc` clones: a teardown keeps the snapshot alive (it
+    /// holds the `Arc<SubIndex>`), so its subscribers cost no reference count each.
+    fn overlapping(&self, start: usize, end: usize) -> Vec<u32> {
         let mut found: Vec<u32> = Vec::new();
         self.collect(0, self.order.len(), start, end, &mut found);
         found.sort_unstable();
-        found.into_iter().map(|i| self.entries[i as usize].clone()).collect()
+        found
+    }
+
+    /// The entry at index `i` of [`SubIndex::overlapping`]'s answer.
+    fn entry(&self, i: u32) -> &Entry {
+        &self.entries[i as usize]
     }
 
     fn collect(&self, lo: usize, hi: usize, start: usize, end: usize, out: &mut Vec<u32>) {
@@ -379,9 +386,11 @@ impl Registry {
             blockable = range.blockable,
             "invalidate_range_start"
         );
-        let mut td = Teardown { reg: self, id, range, subs, accepted: 0, ended: false };
+        let mut td = Teardown { reg: self, id, range, snapshot, subs, accepted: 0, ended: false };
         let contained = contains_panics(&range);
-        for (i, e) in td.subs.iter().enumerate() {
+        let snapshot = td.snapshot.clone();
+        for (i, &ix) in td.subs.iter().enumerate() {
+            let e = snapshot.entry(ix);
             // R6: counted before the call, so a start that panics (or any later one) still leaves
             // this subscriber among those `finish` ends.
             td.accepted = i + 1;
@@ -467,8 +476,10 @@ pub(crate) struct Teardown<'a> {
     reg: &'a Registry,
     id: u64,
     range: Range,
-    /// The subscribers of the snapshot whose interval overlaps the range (R7).
-    subs: Vec<Arc<Entry>>,
+    /// The subscriber list the teardown began with (R1: never changed).
+    snapshot: Arc<SubIndex>,
+    /// The indices in `snapshot` of the subscribers whose interval overlaps the range (R7).
+    subs: Vec<u32>,
     /// Subscribers `subs[..accepted]` got a start.
     accepted: usize,
     ended: bool,
@@ -478,7 +489,7 @@ impl Teardown<'_> {
     /// The non-sleeping callback right after the host page tables changed.
     pub fn invalidate_range(&self) {
         let contained = contains_panics(&self.range);
-        for e in self.subs[..self.accepted].iter() {
+        for e in self.subs[..self.accepted].iter().map(|&i| self.snapshot.entry(i)) {
             e.c.invalidates.fetch_add(1, Ordering::Relaxed);
             if let Err(payload) = call(|| e.sub.invalidate_range(&self.range)) {
                 self.reg.panicked(e, &self.range, "invalidate_range");
@@ -539,7 +550,7 @@ impl Teardown<'_> {
             tracing::warn!(target: "notifier::range", "planted fault: invalidate_range_end skipped");
         }
         if !planted {
-            for e in self.subs[..self.accepted].iter() {
+            for e in self.subs[..self.accepted].iter().map(|&i| self.snapshot.entry(i)) {
                 self.end_one(e, &mut first_panic);
             }
         }
@@ -688,7 +699,7 @@ mod tests {
                 let e = s + 1 + rnd(50) as usize;
                 let want: Vec<u64> =
                     entries.iter().filter(|en| overlaps(en.start, en.end, s, e)).map(|en| en.id).collect();
-                let got: Vec<u64> = ix.overlapping(s, e).iter().map(|en| en.id).collect();
+                let got: Vec<u64> = ix.overlapping(s, e).into_iter().map(|i| ix.entry(i).id).collect();
                 assert_eq!(got, want, "n={n} query {s}..{e}");
             }
         }

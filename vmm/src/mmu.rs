@@ -87,167 +87,26 @@
 //! Hit counters are per thread (one cache-line-sized shard per slot, written only by the slot's
 //! owner; [`GuestMmu::stats`] sums them), so the hit path writes no shared cache line.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use fault_tolerant_copy::Copier;
 
-use notifier::{AddressSpace, Event, IntervalHandle, Range};
-use vm_memory::ByteValued;
+use notifier::{AddressSpace, IntervalHandle, Range};
 
 use crate::memory::{GuestRam, HUGE_PAGE_SIZE, PAGE_SIZE};
 
-/// Why a guest memory access failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AccessError {
-    /// Part of the range is not guest RAM.
-    #[error("guest-physical range [{gpa:#x}, +{len:#x}) is not guest RAM")]
-    OutsideRam {
-        /// Start.
-        gpa: u64,
-        /// Length.
-        len: u64,
-    },
-    /// The host mapping behind guest RAM is gone (unmapped by someone).
-    #[error("guest RAM at {gpa:#x} has no host mapping (it was unmapped)")]
-    Unmapped {
-        /// The address.
-        gpa: u64,
-    },
-    /// The host refused the copy.
-    #[error("copying guest RAM at {gpa:#x} failed: {errno}")]
-    Fault {
-        /// The address.
-        gpa: u64,
-        /// The errno's text.
-        errno: String,
-    },
-}
+mod access;
+mod discard;
+mod stats;
+mod syscall_path;
 
-/// Reading and writing guest memory on the guest's behalf.
-pub trait GuestMemoryAccess: Send + Sync {
-    /// Fills `buf` from guest-physical `gpa`.
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError>;
-    /// Writes `buf` to guest-physical `gpa`.
-    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), AccessError>;
-    /// Fills every buffer of `reads` from its guest-physical address, as [`read`] of each in
-    /// turn would: on the first failure that error is returned (the buffers before it are
-    /// filled, the others unspecified). An implementation may copy them with fewer operations
-    /// ([`GuestMmu`]: one system call on its syscall path when they are all installed).
-    ///
-    /// [`read`]: GuestMemoryAccess::read
-    fn read_scattered(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), AccessError> {
-        for (gpa, buf) in reads.iter_mut() {
-            self.read(*gpa, buf)?;
-        }
-        Ok(())
-    }
-}
+pub use access::{read_obj, write_obj, AccessError, GuestMemoryAccess};
+pub use discard::DiscardError;
+pub use stats::MmuStats;
 
-/// Reads a plain-data `T` at `gpa`.
-pub fn read_obj<T: ByteValued + Default>(mem: &dyn GuestMemoryAccess, gpa: u64) -> Result<T, AccessError> {
-    let mut value = T::default();
-    mem.read(gpa, value.as_mut_slice())?;
-    Ok(value)
-}
-
-/// Writes a plain-data `T` at `gpa`.
-pub fn write_obj<T: ByteValued>(mem: &dyn GuestMemoryAccess, value: T, gpa: u64) -> Result<(), AccessError> {
-    mem.write(gpa, value.as_slice())
-}
-
-/// Counters of the table (all monotonic).
-#[derive(Debug, Default)]
-struct Counters {
-    hits: HitCounter,
-    misses: AtomicU64,
-    installs_4k: AtomicU64,
-    installs_2m: AtomicU64,
-    retries: AtomicU64,
-    faults: AtomicU64,
-    /// Entries dropped, per notifier event kind (discard, unmap, remap, protect, release).
-    torn_down: [AtomicU64; 5],
-}
-
-/// Hit-counter shards: the threads whose reader slot has an index below this count alone in a
-/// shard of their own; the others share one atomic counter.
-const HIT_SHARDS: usize = 64;
-
-/// One shard, alone on its cache lines (see [`readers::Slot`]).
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct HitShard(AtomicU64);
-
-/// The hit counter, per thread: the hit path writes only its own thread's shard, and without a
-/// read-modify-write (S1: shard `i` has one writer, the owner of reader slot `i`).
-#[derive(Debug)]
-struct HitCounter {
-    shards: Box<[HitShard]>,
-    /// Threads whose slot index is `HIT_SHARDS` or more (shared: a read-modify-write).
-    overflow: AtomicU64,
-}
-
-impl Default for HitCounter {
-    fn default() -> Self {
-        HitCounter {
-            shards: (0..HIT_SHARDS).map(|_| HitShard::default()).collect(),
-            overflow: AtomicU64::new(0),
-        }
-    }
-}
-
-impl HitCounter {
-    /// Counts `n` hits of the thread owning reader slot `slot`.
-    #[inline]
-    fn add(&self, slot: usize, n: u64) {
-        match self.shards.get(slot) {
-            // Only this thread writes this shard (S1); `stats` only reads it.
-            Some(shard) => shard.0.store(shard.0.load(Ordering::Relaxed) + n, Ordering::Relaxed),
-            None => {
-                self.overflow.fetch_add(n, Ordering::Relaxed);
-            }
-        }
-    }
-
-    fn sum(&self) -> u64 {
-        self.shards.iter().map(|s| s.0.load(Ordering::Relaxed)).sum::<u64>()
-            + self.overflow.load(Ordering::Relaxed)
-    }
-}
-
-fn kind_index(event: &Event) -> usize {
-    match event {
-        Event::Discard(_) => 0,
-        Event::Unmap => 1,
-        Event::Remap { .. } => 2,
-        Event::Protect { .. } => 3,
-        Event::Release => 4,
-    }
-}
-
-const KIND_NAMES: [&str; 5] = ["discard", "unmap", "remap", "protect", "release"];
-
-/// A snapshot of the table's counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct MmuStats {
-    /// Accesses whose translation was installed.
-    pub hits: u64,
-    /// Accesses that had to install a translation.
-    pub misses: u64,
-    /// 4 KiB entries installed.
-    pub installs_4k: u64,
-    /// 2 MiB entries installed.
-    pub installs_2m: u64,
-    /// Installs that started over because an invalidation overlapped them.
-    pub retries: u64,
-    /// Accesses that failed (host mapping gone).
-    pub faults: u64,
-    /// Entries currently installed.
-    pub entries: u64,
-    /// Entries torn down, per event kind.
-    pub torn_down: BTreeMap<String, u64>,
-}
+use stats::{kind_index, Counters, KIND_NAMES};
+use syscall_path::{own_pid, syscall_copy};
 
 const PAGE: usize = PAGE_SIZE as usize;
 const HUGE: usize = HUGE_PAGE_SIZE as usize;
@@ -811,70 +670,6 @@ impl GuestMmu {
     }
 }
 
-/// This process's id, asked of the kernel once per process (`getpid` is a system call of its
-/// own, which doubled the syscall path's calls per access). A forked child forgets the parent's
-/// (a `pthread_atfork` child handler clears it) and asks again, so it never copies from its
-/// parent's memory.
-fn own_pid() -> libc::pid_t {
-    /// The cache: 0 = not asked yet, [`NO_CACHE`] = never cache (no fork handler).
-    static PID: AtomicU64 = AtomicU64::new(0);
-    const NO_CACHE: u64 = u64::MAX;
-    static FORGET_IN_CHILD: std::sync::Once = std::sync::Once::new();
-    extern "C" fn forget() {
-        // Async-signal-safe: one atomic store.
-        PID.store(0, Ordering::Relaxed);
-    }
-    let cached = PID.load(Ordering::Relaxed);
-    if cached != 0 && cached != NO_CACHE {
-        return cached as libc::pid_t;
-    }
-    FORGET_IN_CHILD.call_once(|| {
-        // SAFETY: registers a child handler that only stores to an atomic, a plain function
-        // valid for the life of the process.
-        if unsafe { libc::pthread_atfork(None, None, Some(forget)) } != 0 {
-            PID.store(NO_CACHE, Ordering::Relaxed);
-        }
-    });
-    // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() };
-    // Cached only if nothing was (NO_CACHE stays).
-    let _ = PID.compare_exchange(0, pid as u64, Ordering::Relaxed, Ordering::Relaxed);
-    pid
-}
-
-/// [`CopyPath::Syscall`]: `run` bytes between `hva` and the buffer of `dir` at offset `done`, with
-/// `process_vm_readv`/`writev` on this process. `Err((bytes not copied, None))` when the kernel
-/// stopped at memory that is not mapped (a short copy, or EFAULT), `Err((run, Some(errno)))` when it
-/// refused the copy for another reason.
-fn syscall_copy(hva: usize, run: usize, dir: Direction, done: usize) -> Result<(), (usize, Option<i32>)> {
-    let (local, write) = match dir {
-        Direction::Read(buf) => (buf.wrapping_add(done), false),
-        Direction::Write(buf) => (buf.wrapping_add(done).cast_mut(), true),
-    };
-    let local_iov = libc::iovec { iov_base: local.cast(), iov_len: run };
-    let remote_iov = libc::iovec { iov_base: hva as *mut libc::c_void, iov_len: run };
-    // SAFETY: `local` points at `run` bytes inside the caller's buffer (writable for a read, only
-    // read for a write). The remote side is this process's own memory, which the kernel checks
-    // (EFAULT if not mapped); no Rust reference to guest memory is created.
-    let copied = unsafe {
-        if write {
-            libc::process_vm_writev(own_pid(), &local_iov, 1, &remote_iov, 1, 0)
-        } else {
-            libc::process_vm_readv(own_pid(), &local_iov, 1, &remote_iov, 1, 0)
-        }
-    };
-    if copied == run as isize {
-        Ok(())
-    } else if copied >= 0 {
-        Err((run - copied as usize, None))
-    } else {
-        match std::io::Error::last_os_error().raw_os_error() {
-            Some(libc::EFAULT) | None => Err((run, None)),
-            Some(e) => Err((run, Some(e))),
-        }
-    }
-}
-
 /// The number of 4 KiB pages `[hva, hva + len)` touches (0 for `len == 0`).
 #[inline]
 fn pieces(hva: usize, len: usize) -> u64 {
@@ -1064,59 +859,3 @@ pub mod model {
 
 #[cfg(test)]
 mod tests;
-
-/// Direct access through vm-memory, for the boot loaders and unit tests (not on the guest's
-/// behalf at run time: those go through [`GuestMmu`]).
-impl GuestMemoryAccess for crate::memory::GuestMemoryMmap {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError> {
-        vm_memory::Bytes::read_slice(self, buf, vm_memory::GuestAddress(gpa))
-            .map_err(|_| AccessError::OutsideRam { gpa, len: buf.len() as u64 })
-    }
-
-    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), AccessError> {
-        vm_memory::Bytes::write_slice(self, buf, vm_memory::GuestAddress(gpa))
-            .map_err(|_| AccessError::OutsideRam { gpa, len: buf.len() as u64 })
-    }
-}
-
-/// Why [`GuestMmu::discard`] did nothing.
-#[derive(Debug, thiserror::Error)]
-pub enum DiscardError {
-    /// The range is empty, overflows, or is not inside one guest RAM region: refused before any
-    /// syscall.
-    #[error("guest-physical range [{gpa:#x}, +{len:#x}) is not inside one guest RAM region")]
-    OutsideRam {
-        /// Start.
-        gpa: u64,
-        /// Length.
-        len: u64,
-    },
-    /// The notifier refused the operation (e.g. not aligned to the region's page size) or the
-    /// kernel failed it.
-    #[error("discard of guest-physical [{gpa:#x}, +{len:#x}): {source}")]
-    Notifier {
-        /// Start.
-        gpa: u64,
-        /// Length.
-        len: u64,
-        /// What the notifier said.
-        #[source]
-        source: notifier::Error,
-    },
-}
-
-/// Discards on the guest's behalf: the one handle through which devices give guest RAM back to
-/// the host (the balloon, virtio-mem), as Firecracker's `remove_range` is.
-impl GuestMmu {
-    /// Discards guest-physical `[gpa, gpa + len)`: the range is translated and checked once (it
-    /// must lie inside one guest RAM region, which makes the host range linear), then the host
-    /// range goes to **one** notifier operation (`invalidate_range_start` -> madvise/fallocate ->
-    /// `invalidate_range` -> end), so this table and every other subscriber drop their
-    /// translations before the syscall. A range outside guest RAM never reaches a syscall.
-    pub fn discard(&self, gpa: u64, len: u64) -> Result<notifier::OpReport, DiscardError> {
-        let outside = DiscardError::OutsideRam { gpa, len };
-        let hva = self.host_range(gpa, len).filter(|_| len > 0).ok_or(outside)?;
-        let host_len = usize::try_from(len).map_err(|_| DiscardError::OutsideRam { gpa, len })?;
-        self.space().discard(hva, host_len).map_err(|source| DiscardError::Notifier { gpa, len, source })
-    }
-}

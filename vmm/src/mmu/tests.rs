@@ -1,7 +1,8 @@
 use std::time::{Duration, Instant};
 
-use notifier::{DiscardMethod, Origin, Subscriber};
+use notifier::{DiscardMethod, Event, Origin, Subscriber};
 
+use super::stats::HIT_SHARDS;
 use super::*;
 use crate::memory::{MemoryBackend, MemoryConfig};
 

@@ -338,7 +338,7 @@ pub struct LinuxStressReport {
 #[cfg(feature = "fault-injection")]
 const SEEDCHECK_MARKER: u64 = 0x6b63_6568_6465_6573;
 /// Kernel log lines that break a run.
-const KERNEL_PROBLEMS: [&str; 6] =
+pub const KERNEL_PROBLEMS: [&str; 6] =
     ["Oops", "BUG:", "Bad page", "kernel BUG", "general protection fault", "Kernel panic"];
 /// What the guest keeps beyond the checkers' memory when a target is meant to be reachable.
 const HEADROOM_BYTES: u64 = 24 << 20;
@@ -443,6 +443,26 @@ impl GuestMemReport {
 
 fn word_value(line: &str, key: &str) -> Option<u64> {
     line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+impl CheckerReport {
+    /// What the checkers said in the console `lines` (every line since boot).
+    pub fn from_console(lines: &[String]) -> Self {
+        let mut c = CheckerReport::default();
+        note_checkers(lines, &mut c);
+        c
+    }
+}
+
+/// The guest kernel's log lines in `console` that break a run (an Oops, a BUG, a bad page, a
+/// panic: [`KERNEL_PROBLEMS`]), at most 8.
+pub fn kernel_problems(console: &[String]) -> Vec<String> {
+    console
+        .iter()
+        .filter(|l| !l.contains("zapvm-guest:") && KERNEL_PROBLEMS.iter().any(|p| l.contains(p)))
+        .take(8)
+        .cloned()
+        .collect()
 }
 
 /// Reads what the checkers said in `lines` into `c`.
@@ -981,12 +1001,7 @@ fn judge(
     if opts.seedcheck_mib > 0 && c.seedcheck_passes == 0 {
         broken.push("seedcheck reported no pass".into());
     }
-    let kernel_problems: Vec<String> = console
-        .iter()
-        .filter(|l| !l.contains("zapvm-guest:") && KERNEL_PROBLEMS.iter().any(|p| l.contains(p)))
-        .take(8)
-        .cloned()
-        .collect();
+    let kernel_problems = kernel_problems(&console);
     if let Some(first) = kernel_problems.first() {
         broken.push(format!("guest kernel log: {first}"));
     }

@@ -335,13 +335,19 @@ mod tests {
 
     use super::*;
 
-    /// This test's process is alone with its environment under nextest (one process per test);
-    /// under `cargo test` no other test of this crate reads XDG_RUNTIME_DIR for a file it writes.
-    fn runtime_in(scratch: &tempfile::TempDir) -> PathBuf {
+    /// XDG_RUNTIME_DIR and the opened snapshot directory ([`DIR`]) are the process's: under
+    /// nextest each test has its own process, under `cargo test` (tests as threads of one) the
+    /// tests that use them take turns through this lock.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+    /// Points XDG_RUNTIME_DIR at `scratch`; returns this test's turn (hold it to the end) and the
+    /// snapshot directory's path.
+    fn runtime_in(scratch: &tempfile::TempDir) -> (std::sync::MutexGuard<'static, ()>, PathBuf) {
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         std::env::set_var("XDG_RUNTIME_DIR", scratch.path());
         let dir = stats_dir(std::process::id());
         assert!(dir.starts_with(scratch.path()));
-        dir
+        (turn, dir)
     }
 
     /// A directory `elsewhere` holding a `stats.json` and a `stats.json.tmp` that must survive.
@@ -364,7 +370,7 @@ mod tests {
     #[test]
     fn snapshots_go_only_to_a_directory_private_to_this_user() {
         let scratch = tempfile::tempdir().unwrap();
-        let dir = runtime_in(&scratch);
+        let (_turn, dir) = runtime_in(&scratch);
 
         // A planted symlink to somewhere else: refused, nothing written or removed there.
         let elsewhere = bait(&scratch);
@@ -404,7 +410,7 @@ mod tests {
     #[test]
     fn a_directory_swapped_for_a_symlink_after_it_was_opened_is_never_followed() {
         let scratch = tempfile::tempdir().unwrap();
-        let dir = runtime_in(&scratch);
+        let (_turn, dir) = runtime_in(&scratch);
         write_snapshot(r#"{"n": 1}"#).unwrap();
         let moved = scratch.path().join("moved");
         std::fs::rename(&dir, &moved).unwrap();
@@ -443,7 +449,7 @@ mod tests {
         }
         const OTHER: u32 = 65534;
         let scratch = tempfile::tempdir().unwrap();
-        let dir = runtime_in(&scratch);
+        let (_turn, dir) = runtime_in(&scratch);
         std::fs::create_dir(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         std::os::unix::fs::chown(&dir, Some(OTHER), None).unwrap();

@@ -166,6 +166,28 @@ fn bitmaps_clear_exactly_the_overlapping_entries() {
 fn a_failing_membarrier_is_retried_or_replaced_and_readers_are_still_waited_for() {
     use readers::mode::{self, planted, MEMBARRIER_TRIES};
 
+    // The planted failures, the fallback count and the barrier mode are the process's: another
+    // test's writer in the same process (`cargo test` runs tests as threads of one) could take a
+    // planted failure, and the EPERM round below turns the whole process to the mprotect barrier.
+    // So this test runs alone, in a child process of this test binary (nextest already gives each
+    // test its own process; the child costs it one more).
+    const ALONE: &str = "ZAPVM_MEMBARRIER_TEST_ALONE";
+    if std::env::var_os(ALONE).is_none() {
+        let name = "mmu::tests::a_failing_membarrier_is_retried_or_replaced_and_readers_are_still_waited_for";
+        let out = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+            .args(["--exact", name, "--test-threads=1", "--nocapture"])
+            .env(ALONE, "1")
+            .output()
+            .expect("run the test alone");
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("1 passed"), "the test alone failed:\n{text}");
+        if text.contains("SKIP ") {
+            eprint!("{text}");
+        }
+        return;
+    }
+
     let list = readers::SlotList::new();
     let slot = list.claim(); // chooses the barrier mode
     if !mode::asymmetric() {

@@ -1001,7 +1001,7 @@ fn judge(
     if opts.seedcheck_mib > 0 && c.seedcheck_passes == 0 {
         broken.push("seedcheck reported no pass".into());
     }
-    let kernel_problems = kernel_problems(&console);
+    let kernel_problems = kernel_problems(console);
     if let Some(first) = kernel_problems.first() {
         broken.push(format!("guest kernel log: {first}"));
     }

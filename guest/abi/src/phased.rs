@@ -75,7 +75,7 @@ pub fn wanted_pages(params: &PhaseParams, t_ms: u64) -> u64 {
     let ramp = params.ramp_ms.min(half);
     let x = (t_ms % period + params.offset_ms % period) % period;
     let span = high - low;
-    let along = |done: u64| if ramp == 0 { span } else { span * done.min(ramp) / ramp };
+    let along = |done: u64| (span * done.min(ramp)).checked_div(ramp).unwrap_or(span);
     if x < half {
         low + along(x)
     } else {

@@ -365,7 +365,7 @@ mod tests {
         let c = PolicyConfig { reserve_fraction: 0.99, ..config(2048) };
         let d = decide(&c, &HostObservation::default(), &[vm("a", 1024, 0, 100), vm("b", 1024, 800, 400)]);
         assert_eq!(d.vms[0].reason, Reason::Reclaim);
-        assert_eq!(d.vms[0].allowance, need(&c, &vm("a", 1024, 0, 100)).unwrap().div_ceil(MIB) * MIB - 0);
+        assert_eq!(d.vms[0].allowance, need(&c, &vm("a", 1024, 0, 100)).unwrap().div_ceil(MIB) * MIB);
         assert!(d.vms[0].balloon_target > 800 * MIB && d.vms[0].changed);
         assert_eq!(d.vms[1].reason, Reason::Grow);
         assert!(d.vms[1].allowance >= 400 * MIB + c.headroom);

@@ -319,6 +319,18 @@ pub(crate) fn check_workload(
     (Some(check), failure)
 }
 
+/// The TSC's frequency in kHz, measured against the monotonic clock over 20 ms (the guest's TSC
+/// runs at the host's: zapvm does not scale it). For [`Workload::Phased`], whose guest keeps
+/// time with the TSC.
+fn host_tsc_khz() -> u64 {
+    // SAFETY: `rdtsc` has no preconditions on x86-64 (user mode may read the TSC).
+    let tsc = || unsafe { core::arch::x86_64::_rdtsc() };
+    let (t0, c0) = (std::time::Instant::now(), tsc());
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let (c1, elapsed) = (tsc(), t0.elapsed());
+    ((c1.wrapping_sub(c0)) as f64 / elapsed.as_secs_f64() / 1000.0).round().max(1.0) as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,16 +371,4 @@ mod tests {
         let e = with(first_load + 32, &(u64::MAX / 2).to_le_bytes()).unwrap_err();
         assert!(e.contains("a segment needs bytes up to"), "{e}");
     }
-}
-
-/// The TSC's frequency in kHz, measured against the monotonic clock over 20 ms (the guest's TSC
-/// runs at the host's: zapvm does not scale it). For [`Workload::Phased`], whose guest keeps
-/// time with the TSC.
-fn host_tsc_khz() -> u64 {
-    // SAFETY: `rdtsc` has no preconditions on x86-64 (user mode may read the TSC).
-    let tsc = || unsafe { core::arch::x86_64::_rdtsc() };
-    let (t0, c0) = (std::time::Instant::now(), tsc());
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    let (c1, elapsed) = (tsc(), t0.elapsed());
-    ((c1.wrapping_sub(c0)) as f64 / elapsed.as_secs_f64() / 1000.0).round().max(1.0) as u64
 }

@@ -249,3 +249,54 @@ fn the_phased_guest_fails_on_a_working_set_page_that_lost_its_pattern() {
         other => panic!("the guest did not catch the planted fault: {other:?}"),
     }
 }
+
+/// `bench overcommit --cgroup-enforce`'s room: a phased VM started in a memory cgroup
+/// (`RunningFleet::start_in`) is charged to it from its first page, so a limit below what it
+/// touches has the cgroup's OOM killer end it (the cgroup counts the kill), and the cgroup is
+/// removed once the VM is gone. Without `start_in` the VM would run outside the limit and live.
+#[test]
+fn a_phased_vm_started_in_a_memory_cgroup_is_held_to_its_limit() {
+    use harness::governor::cgroup::Cgroup;
+    let cg = match Cgroup::create(&format!("zapvm-test-{}", std::process::id())) {
+        Ok(cg) => cg,
+        Err(e) => {
+            panic!("this host kind has a memory cgroup hierarchy (v1 or v2) and the tests run as root: {e}")
+        }
+    };
+    cg.enforce(96 * MIB).unwrap();
+    let scratch = scratch::scratch_dir("governor-cgroup");
+    let dir = scratch.path().join("fleet");
+    let spec = FleetSpec { vms: 1, mem: 256 * MIB, low: 160 * MIB, high: 192 * MIB, ..spec() };
+    let started = RunningFleet::start_in(
+        Path::new(env!("CARGO_BIN_EXE_zapvm")),
+        &dir,
+        "cg-",
+        &spec,
+        Some(&cg.procs_file()),
+    );
+    let mut fleet = match started {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = cg.remove();
+            panic!("{e}");
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = fleet.children[0].1.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = fleet.children[0].1.kill();
+            let _ = fleet.children[0].1.wait();
+            let _ = cg.remove();
+            panic!("the VM lived for a minute with 160 MiB of working set under a 96 MiB limit");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    assert!(cg.oom_kills().unwrap() >= 1, "the cgroup counted no OOM kill");
+    drop(fleet);
+    cg.remove().unwrap();
+}

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::governor::cgroup::Cgroup;
 use crate::governor::{Fleet, Governor, Mode, PolicyConfig};
 
 const MIB: u64 = 1 << 20;
@@ -66,6 +67,19 @@ impl RunningFleet {
     /// Starts `spec.vms` phased VMs named `{prefix}{i}` with their sockets in `dir`, and waits
     /// until every socket exists.
     pub fn start(zapvm: &Path, dir: &Path, prefix: &str, spec: &FleetSpec) -> Result<Self, String> {
+        Self::start_in(zapvm, dir, prefix, spec, None)
+    }
+
+    /// [`RunningFleet::start`], with every VM started inside the cgroup whose `cgroup.procs` is
+    /// `cgroup_procs` (a shell writes its pid there and then executes `zapvm run`, so the VM's
+    /// memory is charged to the cgroup from its first page).
+    pub fn start_in(
+        zapvm: &Path,
+        dir: &Path,
+        prefix: &str,
+        spec: &FleetSpec,
+        cgroup_procs: Option<&Path>,
+    ) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut children = Vec::new();
         for i in 0..spec.vms {
@@ -73,7 +87,15 @@ impl RunningFleet {
             let socket = dir.join(format!("zapvm-{name}.sock"));
             let _ = std::fs::remove_file(&socket);
             let offset = spec.period * i as f64 / spec.vms as f64;
-            let child = Command::new(zapvm)
+            let mut command = match cgroup_procs {
+                None => Command::new(zapvm),
+                Some(procs) => {
+                    let mut c = Command::new("/bin/sh");
+                    c.args(["-c", "echo $$ > \"$0\" && exec \"$@\""]).arg(procs).arg(zapvm);
+                    c
+                }
+            };
+            let child = command
                 .args([
                     "run",
                     "--workload",
@@ -239,6 +261,10 @@ pub struct PolicyResult {
     pub verification_clean: bool,
     /// The governor's counters (governor run only).
     pub governor: Option<crate::governor::GovernorMetrics>,
+    /// With the budget enforced in a memory cgroup: the processes its OOM killer killed.
+    pub cgroup_oom_kills: Option<u64>,
+    /// VMs that were no longer running when the run ended (killed, or failed).
+    pub vms_lost: usize,
     /// The samples.
     pub samples: Vec<Sample>,
 }
@@ -256,6 +282,9 @@ pub struct OvercommitRequest {
     pub interval: f64,
     /// The policy's settings (budget filled in from `budget`).
     pub policy: PolicyConfig,
+    /// Also run no policy and the governor with the budget enforced as the limit of a memory
+    /// cgroup the fleet runs in (what the host's OOM killer or reclaim does without a governor).
+    pub cgroup_enforce: bool,
 }
 
 /// The report.
@@ -287,12 +316,38 @@ fn run_policy(
     mode: Mode,
     name: &str,
     base_dir: &Path,
+    enforced: bool,
 ) -> Result<PolicyResult, String> {
     let dir = base_dir.join(name);
-    let fleet = RunningFleet::start(zapvm, &dir, &format!("oc-{name}-"), &req.fleet)?;
+    let cgroup = if enforced {
+        let cg = Cgroup::create(&format!("zapvm-bench-overcommit-{}-{name}", std::process::id()))?;
+        if let Err(e) = cg.enforce(req.budget) {
+            let _ = cg.remove();
+            return Err(e);
+        }
+        Some(cg)
+    } else {
+        None
+    };
+    let fleet = match RunningFleet::start_in(
+        zapvm,
+        &dir,
+        &format!("oc-{name}-"),
+        &req.fleet,
+        cgroup.as_ref().map(|c| c.procs_file()).as_deref(),
+    ) {
+        Ok(f) => f,
+        Err(e) => {
+            if let Some(cg) = &cgroup {
+                let _ = cg.remove();
+            }
+            return Err(e);
+        }
+    };
     let names: Vec<String> = fleet.children.iter().map(|(n, _)| n.clone()).collect();
     let config = PolicyConfig { budget: req.budget, ..req.policy.clone() };
-    let mut gov = Governor::new(Fleet::Dir(dir.clone()), mode, config, None)?;
+    let watched = if mode == Mode::Govern { cgroup.clone() } else { None };
+    let mut gov = Governor::new(Fleet::Dir(dir.clone()), mode, config, watched)?;
     let start = Instant::now();
     let mut samples = Vec::new();
     let mut next = start;
@@ -335,7 +390,21 @@ fn run_policy(
             tracing::warn!(vm = %vm, output = %text, "bench overcommit: VM did not run clean");
         }
     }
-    Ok(summarise(name, req, samples, clean, (mode == Mode::Govern).then(|| gov.metrics.clone())))
+    let mut result =
+        summarise(name, req, samples, clean, (mode == Mode::Govern).then(|| gov.metrics.clone()));
+    result.vms_lost = ends.iter().filter(|(_, ok, _)| !ok).count();
+    if let Some(cg) = &cgroup {
+        result.cgroup_oom_kills = Some(cg.oom_kills()?);
+        // The VMs are gone (stopped or killed) and the shells became them: the cgroup is empty.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = cg.remove() {
+            if Instant::now() > deadline {
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(result)
 }
 
 fn summarise(
@@ -417,6 +486,8 @@ fn summarise(
         drops_not_reclaimed: never,
         verification_clean: clean,
         governor,
+        cgroup_oom_kills: None,
+        vms_lost: 0,
         samples,
     }
 }
@@ -426,7 +497,15 @@ pub fn run(zapvm: &Path, req: &OvercommitRequest, work_dir: &Path) -> Result<Ove
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load_before = load();
     let mut policies = Vec::new();
-    for (mode, name) in [(Mode::Observe, "none"), (Mode::Static, "static"), (Mode::Govern, "governor")] {
+    let mut runs = vec![
+        (Mode::Observe, "none", false),
+        (Mode::Static, "static", false),
+        (Mode::Govern, "governor", false),
+    ];
+    if req.cgroup_enforce {
+        runs.extend([(Mode::Observe, "none-cgroup", true), (Mode::Govern, "governor-cgroup", true)]);
+    }
+    for (mode, name, enforced) in runs {
         eprintln!(
             "bench overcommit: policy {name} ({} VMs x {} MiB, budget {} MiB, {} s)",
             req.fleet.vms,
@@ -434,7 +513,7 @@ pub fn run(zapvm: &Path, req: &OvercommitRequest, work_dir: &Path) -> Result<Ove
             req.budget / MIB,
             req.duration
         );
-        policies.push(run_policy(zapvm, req, mode, name, work_dir)?);
+        policies.push(run_policy(zapvm, req, mode, name, work_dir, enforced)?);
     }
     let base = policies[0].pages_verified_per_s;
     for p in &mut policies {
@@ -456,15 +535,16 @@ pub fn markdown(r: &OvercommitReport) -> String {
         r.request.fleet.vms, r.request.fleet.mem / MIB, r.request.budget / MIB, r.request.fleet.low / MIB,
         r.request.fleet.high / MIB, r.request.fleet.period, r.request.duration, r.host
     );
-    s += "| policy | peak resident (MiB) | p99 resident (MiB) | p99 / budget | s over budget | pages verified/s | work vs none | stall (s) | balloon MiB | FPR MiB | virtio-mem MiB | notifier ranges | reclaim latency median / max (s) | drops not reclaimed | verification |\n";
-    s += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    s += "| policy | peak resident (MiB) | p99 resident (MiB) | p99 / budget | s over budget | pages verified/s | work vs none | stall (s) | balloon MiB | FPR MiB | virtio-mem MiB | notifier ranges | reclaim latency median / max (s) | drops not reclaimed | verification | cgroup OOM kills | VMs lost |\n";
+    s += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for p in &r.policies {
         s += &format!(
-            "| {} | {} | {} | {:.3} | {:.1} | {:.0} | {:.2} | {:.1} | {} | {} | {} | {} | {} / {} | {} of {} | {} |\n",
+            "| {} | {} | {} | {:.3} | {:.1} | {:.0} | {:.2} | {:.1} | {} | {} | {} | {} | {} / {} | {} of {} | {} | {} | {} |\n",
             p.policy, mib(p.peak_resident), mib(p.p99_resident), p.p99_vs_budget, p.seconds_over_budget,
             p.pages_verified_per_s, p.work_vs_unconstrained, p.stall_s, mib(p.balloon_bytes), mib(p.reported_bytes),
             mib(p.virtio_mem_bytes), p.notifier_ranges, opt(p.reclaim_latency_median_s), opt(p.reclaim_latency_max_s),
-            p.drops_not_reclaimed, p.drops, if p.verification_clean { "clean" } else { "FAILED" }
+            p.drops_not_reclaimed, p.drops, if p.verification_clean { "clean" } else { "FAILED" },
+            p.cgroup_oom_kills.map_or("-".to_string(), |k| k.to_string()), p.vms_lost
         );
     }
     s

@@ -38,6 +38,60 @@ impl Cgroup {
         std::fs::write(&self.limit_file, bytes.to_string())
             .map_err(|e| format!("cannot set the memory limit: {}: {e}", self.limit_file.display()))
     }
+
+    /// A new memory cgroup `name` in the host's memory hierarchy: cgroup v1's
+    /// `/sys/fs/cgroup/memory`, else v2's `/sys/fs/cgroup` where it hands the memory controller to
+    /// its children. For processes the caller starts inside it ([`Cgroup::procs_file`]); remove
+    /// it with [`Cgroup::remove`] once they are gone.
+    pub fn create(name: &str) -> Result<Self, String> {
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        let v2 = Path::new("/sys/fs/cgroup");
+        let parent = if v1.join("memory.limit_in_bytes").is_file() {
+            v1
+        } else if std::fs::read_to_string(v2.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|w| w == "memory"))
+        {
+            v2
+        } else {
+            return Err("no memory cgroup hierarchy: neither /sys/fs/cgroup/memory (v1) nor a v2 \
+                        /sys/fs/cgroup whose cgroup.subtree_control has memory"
+                .into());
+        };
+        let dir = parent.join(name);
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot create the cgroup {}: {e}", dir.display()))?;
+        Self::open(&dir)
+    }
+
+    /// The cgroup's directory.
+    pub fn dir(&self) -> &Path {
+        self.limit_file.parent().expect("the limit file is in the cgroup's directory")
+    }
+
+    /// The file a process joins the cgroup through (its pid written to it).
+    pub fn procs_file(&self) -> PathBuf {
+        self.dir().join("cgroup.procs")
+    }
+
+    /// Processes the kernel's OOM killer killed in the cgroup (`oom_kill` of v1's
+    /// `memory.oom_control` or v2's `memory.events`).
+    pub fn oom_kills(&self) -> Result<u64, String> {
+        for name in ["memory.events", "memory.oom_control"] {
+            let f = self.dir().join(name);
+            if let Ok(text) = std::fs::read_to_string(&f) {
+                return text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+                    .ok_or_else(|| format!("{}: no oom_kill count", f.display()));
+            }
+        }
+        Err(format!("{}: neither memory.events nor memory.oom_control", self.dir().display()))
+    }
+
+    /// Removes the (empty) cgroup.
+    pub fn remove(&self) -> Result<(), String> {
+        std::fs::remove_dir(self.dir())
+            .map_err(|e| format!("cannot remove the cgroup {}: {e}", self.dir().display()))
+    }
 }
 
 #[cfg(test)]
@@ -65,6 +119,16 @@ mod tests {
         assert!(Cgroup::open(&dir).is_err());
         let bad = Cgroup { limit_file: dir.join("memory.limit_in_bytes") };
         assert!(bad.enforce(1).unwrap_err().contains("cannot set the memory limit"));
+        // The OOM kill count, from v1's memory.oom_control or v2's memory.events.
+        assert!(bad.oom_kills().unwrap_err().contains("neither memory.events"));
+        std::fs::write(dir.join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+            .unwrap();
+        assert_eq!(bad.oom_kills(), Ok(3));
+        std::fs::write(dir.join("memory.events"), "low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\n").unwrap();
+        assert_eq!(bad.oom_kills(), Ok(2));
+        std::fs::write(dir.join("memory.events"), "low 0\n").unwrap();
+        assert!(bad.oom_kills().unwrap_err().contains("no oom_kill count"));
+        assert_eq!(bad.procs_file(), dir.join("cgroup.procs"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -112,6 +112,11 @@ pub struct RunArgs {
     /// thread (the fallback used where the host refuses KVM_IOEVENTFD).
     #[arg(long)]
     no_ioeventfd: bool,
+    /// Fault all guest RAM in before the guest starts (as QEMU's -mem-prealloc): the host commits
+    /// it now and the guest never waits on a first touch; only the balloon, free page reporting
+    /// or virtio-mem give memory back.
+    #[arg(long)]
+    prealloc: bool,
     /// Seconds between the balloon's requests for fresh guest statistics (0: never).
     #[arg(long, default_value_t = 5.0)]
     balloon_stats_interval: f64,
@@ -273,6 +278,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
             requested_size: args.virtio_mem_requested,
         }),
         ioeventfd: !args.no_ioeventfd,
+        prealloc: args.prealloc,
         metrics: args.metrics.exporter(&vm_name)?,
         api_socket: if args.no_api {
             None

@@ -133,6 +133,9 @@ pub enum MemoryError {
     /// madvise(MADV_HUGEPAGE) failed.
     #[error("madvise(MADV_HUGEPAGE) on guest RAM failed: {0}")]
     Thp(#[source] std::io::Error),
+    /// madvise(MADV_POPULATE_WRITE) failed: the host cannot give guest RAM its pages now.
+    #[error("cannot preallocate guest RAM (madvise(MADV_POPULATE_WRITE), Linux 5.14 or later): {0}")]
+    Prealloc(#[source] std::io::Error),
     /// mseal(2) failed (it needs Linux 6.10 or later on x86_64).
     #[error("cannot seal guest RAM with mseal(2) (Linux 6.10 or later): {0}")]
     Seal(#[source] std::io::Error),
@@ -356,6 +359,30 @@ impl GuestRam {
         self.memfd.as_ref()
     }
 
+    /// Faults every page of boot RAM in, writable, as the guest's first write would (QEMU's
+    /// `-mem-prealloc`, Cloud Hypervisor's `prefault=on`): the host commits the memory now, and the
+    /// guest never waits on a first-touch fault; from then on only a discard (the balloon, free
+    /// page reporting) gives pages back. The hot-pluggable region is left alone: its blocks are
+    /// unplugged until virtio-mem plugs them. Contents stay zero. Call it before a vCPU runs.
+    pub fn prealloc(&self) -> Result<(), MemoryError> {
+        let hotplug = self.hotplug.map(|(gpa, _)| gpa);
+        for (gpa, hva, len) in self.regions() {
+            if hotplug == Some(gpa.0) {
+                continue;
+            }
+            // SAFETY: `[hva, hva + len)` is exactly one mapping of guest RAM this struct created and
+            // keeps mapped; MADV_POPULATE_WRITE only faults its pages in (as writes that store
+            // nothing) and changes no mapping, no protection and no contents, so it cannot break
+            // any pointer or any data, and no Rust reference points into guest RAM.
+            let ret =
+                unsafe { libc::madvise(hva as *mut libc::c_void, len as usize, libc::MADV_POPULATE_WRITE) };
+            if ret != 0 {
+                return Err(MemoryError::Prealloc(std::io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
+
     /// Each region as (guest-physical start, host address, size), the hot-pluggable one included.
     pub fn regions(&self) -> impl Iterator<Item = (GuestAddress, u64, u64)> + '_ {
         self.memory.iter().map(|r| (r.start_addr(), r.as_ptr() as u64, r.len()))
@@ -526,6 +553,26 @@ fn create_memfd(size: u64, hugetlb: bool) -> Result<File, MemoryError> {
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    #[test]
+    fn prealloc_makes_boot_ram_resident_and_leaves_the_hotplug_region_alone() {
+        let config = MemoryConfig { size: 8 << 20, backend: MemoryBackend::Anonymous, thp: false };
+        let ram = GuestRam::with_hotplug(config, 2 << 20).unwrap();
+        let regions: Vec<_> = ram.regions().collect();
+        let hotplug = ram.hotplug().unwrap().0;
+        let (boot, plug): (Vec<_>, Vec<_>) = regions.iter().partition(|r| r.0 .0 != hotplug);
+        let resident = |r: &(GuestAddress, u64, u64)| resident_pages(r.1, r.2).expect("mapped");
+        assert_eq!(boot.iter().map(|r| resident(r)).sum::<usize>(), 0, "fresh RAM is not resident");
+        ram.prealloc().unwrap();
+        for r in &boot {
+            assert_eq!(resident(r), (r.2 / PAGE_SIZE) as usize, "boot RAM at {:#x}", r.0 .0);
+        }
+        assert_eq!(resident(&plug[0]), 0, "the unplugged region stays unbacked");
+        // Contents stay zero.
+        let mut b = [1u8; 64];
+        ram.memory().read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(b, [0u8; 64]);
+    }
 
     #[test]
     fn layout_puts_memory_above_the_hole() {

@@ -236,6 +236,10 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
     } else {
         GuestRam::with_hotplug(config.memory, hotplug_size)?
     };
+    if config.prealloc {
+        // Before the memory layer watches guest RAM: populating is no teardown, and no vCPU runs.
+        ram.prealloc()?;
+    }
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&ram)?;
 

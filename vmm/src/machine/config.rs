@@ -129,6 +129,9 @@ pub struct VmConfig {
     /// (the event loop processes the queue); `false`: every kick exits and is processed on the
     /// vCPU thread (what happens anyway where the host refuses ioeventfd).
     pub ioeventfd: bool,
+    /// Fault all boot RAM in before the guest starts ([`crate::memory::GuestRam::prealloc`]):
+    /// resident from the start, given back only by discards (balloon, free page reporting).
+    pub prealloc: bool,
     /// Export the VM's statistics for Prometheus (see [`crate::metrics`]): served over HTTP
     /// and/or written to a file while the VM runs, stopped (after a last file write) when it ends.
     pub metrics: Option<crate::metrics::Exporter>,
@@ -168,6 +171,7 @@ impl VmConfig {
             api_socket: None,
             virtio_mem: None,
             ioeventfd: true,
+            prealloc: false,
             metrics: None,
         }
     }

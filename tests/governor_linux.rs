@@ -232,7 +232,10 @@ fn linux_guests_under_the_governor_inflate_deflate_on_oom_and_stay_under_the_bud
     let start = Instant::now();
     let before = loop {
         let seen = round(&mut watch, &mut vms);
-        if pages(&seen.balloon[0], "actual_pages") == pages(&seen.balloon[0], "target_pages") {
+        // Within 2 MiB: the driver takes the last pages of a nearly full guest slowly (it backs
+        // off when an allocation fails), and the write below needs only that little is free.
+        if pages(&seen.balloon[0], "actual_pages") + 2 * MIB / PAGE >= pages(&seen.balloon[0], "target_pages")
+        {
             break seen.balloon[0].clone();
         }
         assert!(

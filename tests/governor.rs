@@ -108,8 +108,9 @@ fn the_governor_keeps_three_phased_vms_under_the_budget_and_survives_a_stuck_and
 
     // The others ran clean to the end (their guests verify every page they use).
     let ends = fleet.stop();
-    for (name, ok, out) in &ends {
-        assert_eq!(*ok, name != "gov-1", "{name}: {out}");
+    for end in &ends {
+        assert_eq!(end.clean, end.name != "gov-1", "{}: {}", end.name, end.output);
+        assert_eq!(end.alive, end.name != "gov-1", "{}: {}", end.name, end.output);
     }
 }
 
@@ -274,22 +275,15 @@ fn a_phased_vm_started_in_a_memory_cgroup_is_held_to_its_limit() {
         &spec,
         Some(&cg.procs_file()),
     );
-    let mut fleet = match started {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = cg.remove();
-            panic!("{e}");
-        }
-    };
+    // On a failure below, the fleet (declared later) is dropped first and kills the VM, then the
+    // cgroup is removed.
+    let mut fleet = started.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(s) = fleet.children[0].1.try_wait().unwrap() {
             break s;
         }
         if Instant::now() > deadline {
-            let _ = fleet.children[0].1.kill();
-            let _ = fleet.children[0].1.wait();
-            let _ = cg.remove();
             panic!("the VM lived for a minute with 160 MiB of working set under a 96 MiB limit");
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -299,4 +293,23 @@ fn a_phased_vm_started_in_a_memory_cgroup_is_held_to_its_limit() {
     assert!(cg.oom_kills().unwrap() >= 1, "the cgroup counted no OOM kill");
     drop(fleet);
     cg.remove().unwrap();
+}
+
+/// A fleet whose VM ends before its control socket exists is an error that says so (with the VM's
+/// standard error) rather than a socket that never came; a cgroup created for a run is
+/// removed when its owner drops it, also on such an early return.
+#[test]
+fn a_fleet_that_cannot_start_is_a_prompt_error_and_leaves_no_cgroup() {
+    use harness::governor::cgroup::Cgroup;
+    let scratch = scratch::scratch_dir("governor-fleet-fails");
+    let err = RunningFleet::start(Path::new("/bin/false"), &scratch.path().join("fleet"), "no-", &spec())
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.contains("no-0 ended") && err.contains("before its control socket existed"), "{err}");
+
+    let cg = Cgroup::create(&format!("zapvm-test-drop-{}", std::process::id())).unwrap();
+    let dir = cg.dir().to_path_buf();
+    assert!(dir.is_dir());
+    drop(cg);
+    assert!(!dir.exists(), "{} is left behind", dir.display());
 }

@@ -36,7 +36,6 @@
 //! entry pays the heavy barrier). Alternated rounds, medians.
 
 use std::hint::black_box;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -800,35 +799,28 @@ pub fn access_svg(report: &AccessReport, path: &Path) -> Result<(), String> {
 /// Writes `access.json` (and its flat export `access.flat.json`), `access.md`, `access.svg` and
 /// the plotted rows as `access.csv` into `dir`.
 pub fn write_outputs(report: &AccessReport, dir: &Path) -> Result<Vec<PathBuf>, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let [json, flat] = crate::bench_export::write_json_report("access", &dir.join("access.json"), report)?;
-    let md = dir.join("access.md");
-    std::fs::write(&md, format!("`{}` on {}\n\n{}", report.command, report.date, report.to_markdown()))
-        .map_err(|e| format!("cannot write {}: {e}", md.display()))?;
-    let svg = dir.join("access.svg");
-    access_svg(report, &svg)?;
-    let csv = crate::bench_export::write_plot_csv(&svg, &report.rows)?;
-    Ok(vec![json, flat, md, svg, csv])
+    crate::bench_export::write_outputs(report, dir, access_svg, &report.rows)
 }
 
 /// The command: runs, prints the tables, writes the outputs into `out`.
 pub fn cli(opts: &AccessBenchOptions, out: &Path) -> Result<std::process::ExitCode, String> {
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.enable_steady_tick(Duration::from_millis(200));
-        bar
-    });
-    let report = run(opts, &mut |line| match &bar {
-        Some(bar) => bar.println(line),
-        None => eprintln!("{line}"),
-    });
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
-    let report = report?;
-    print!("{}", report.to_markdown());
-    for path in write_outputs(&report, out)? {
-        eprintln!("wrote {}", path.display());
-    }
+    let report = crate::bench_export::run_with_progress(None, |progress| run(opts, progress))?;
+    crate::bench_export::print_and_write(&report, out, write_outputs)?;
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+impl crate::bench_export::BenchReport for AccessReport {
+    const NAME: &'static str = "access";
+
+    fn command(&self) -> &str {
+        &self.command
+    }
+
+    fn date(&self) -> &str {
+        &self.date
+    }
+
+    fn to_markdown(&self) -> String {
+        AccessReport::to_markdown(self)
+    }
 }

@@ -21,11 +21,89 @@
 //! The CSV has a header line (the columns in alphabetical order), then one line per row; a row's
 //! nested objects become `outer.inner` columns, a list of plain values one cell with `;` between
 //! them, a null an empty cell; fields are quoted where they hold a comma, a quote or a line break.
+//!
+//! [`write_outputs`] writes a report's whole set (JSON, flat JSON, markdown, plot, CSV) and
+//! [`run_with_progress`] runs a bench under the progress display every bench command shows.
 
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
+
+/// A bench's report, as its output files need it.
+pub trait BenchReport: Serialize {
+    /// The bench's name: the stem of its files and the prefix of its flat figures.
+    const NAME: &'static str;
+    /// The command line that made the report.
+    fn command(&self) -> &str;
+    /// When it was made (RFC 3339).
+    fn date(&self) -> &str;
+    /// Its markdown table(s).
+    fn to_markdown(&self) -> String;
+}
+
+/// Writes `NAME.json` (and its flat export `NAME.flat.json`), `NAME.md`, `NAME.svg` (drawn by
+/// `plot`) and `plotted`, the rows the plot draws, as `NAME.csv` into `dir` (created if
+/// missing); returns the paths in that order.
+pub fn write_outputs<R: BenchReport, T: Serialize>(
+    report: &R,
+    dir: &Path,
+    plot: impl FnOnce(&R, &Path) -> Result<(), String>,
+    plotted: &[T],
+) -> Result<Vec<PathBuf>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let [json, flat] = write_json_report(R::NAME, &dir.join(format!("{}.json", R::NAME)), report)?;
+    let md = dir.join(format!("{}.md", R::NAME));
+    std::fs::write(&md, format!("`{}` on {}\n\n{}", report.command(), report.date(), report.to_markdown()))
+        .map_err(|e| format!("cannot write {}: {e}", md.display()))?;
+    let svg = dir.join(format!("{}.svg", R::NAME));
+    plot(report, &svg)?;
+    let csv = write_plot_csv(&svg, plotted)?;
+    Ok(vec![json, flat, md, svg, csv])
+}
+
+/// Runs `bench` under the progress display of the bench commands: on a terminal a bar of
+/// `steps` steps (each progress line `bench` reports is one) or, without `steps`, a spinner,
+/// with the lines printed above it; elsewhere the lines go to standard error.
+pub fn run_with_progress<R>(
+    steps: Option<u64>,
+    bench: impl FnOnce(&mut dyn FnMut(&str)) -> Result<R, String>,
+) -> Result<R, String> {
+    use std::io::IsTerminal;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = match steps {
+            Some(n) => indicatif::ProgressBar::new(n),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar
+    });
+    let result = bench(&mut |line| match &bar {
+        Some(bar) => {
+            bar.inc(1);
+            bar.println(line)
+        }
+        None => eprintln!("{line}"),
+    });
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    result
+}
+
+/// Prints `report`'s markdown on standard output and writes its files (`write`) into `dir`,
+/// naming each on standard error: the end of every bench command.
+pub fn print_and_write<R: BenchReport>(
+    report: &R,
+    dir: &Path,
+    write: impl FnOnce(&R, &Path) -> Result<Vec<PathBuf>, String>,
+) -> Result<(), String> {
+    print!("{}", report.to_markdown());
+    for path in write(report, dir)? {
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
 
 /// One figure of a flat export.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]

@@ -15,7 +15,6 @@
 //! ioeventfd the transport falls back to exits; the bench then reports the refusal and the
 //! ioeventfd row measures the fallback.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -367,40 +366,31 @@ pub fn kick_svg(report: &KickReport, path: &Path) -> Result<(), String> {
 /// Writes `kick.json` (and its flat export `kick.flat.json`), `kick.md`, `kick.svg` and the
 /// plotted points as `kick.csv` into `dir`.
 pub fn write_outputs(report: &KickReport, dir: &Path) -> Result<Vec<PathBuf>, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let [json, flat] = crate::bench_export::write_json_report("kick", &dir.join("kick.json"), report)?;
-    let md = dir.join("kick.md");
-    std::fs::write(&md, format!("`{}` on {}\n\n{}", report.command, report.date, report.to_markdown()))
-        .map_err(|e| format!("cannot write {}: {e}", md.display()))?;
-    let svg = dir.join("kick.svg");
-    kick_svg(report, &svg)?;
-    let csv = crate::bench_export::write_plot_csv(&svg, &plot_points(report))?;
-    Ok(vec![json, flat, md, svg, csv])
+    crate::bench_export::write_outputs(report, dir, kick_svg, &plot_points(report))
 }
 
-/// The command: runs, prints the table, writes the outputs into `out`.
+/// The command: runs (a progress step per VM), prints the table, writes the outputs into `out`.
 pub fn cli(opts: &KickBenchOptions, out: &Path) -> Result<std::process::ExitCode, String> {
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new(2 * opts.runs as u64);
-        bar.enable_steady_tick(Duration::from_millis(200));
-        bar
-    });
-    let report = run(opts, &mut |line| match &bar {
-        Some(bar) => {
-            bar.inc(1);
-            bar.println(line)
-        }
-        None => eprintln!("{line}"),
-    });
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
-    let report = report?;
-    print!("{}", report.to_markdown());
-    for path in write_outputs(&report, out)? {
-        eprintln!("wrote {}", path.display());
-    }
+    let steps = Some(2 * opts.runs as u64);
+    let report = crate::bench_export::run_with_progress(steps, |progress| run(opts, progress))?;
+    crate::bench_export::print_and_write(&report, out, write_outputs)?;
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+impl crate::bench_export::BenchReport for KickReport {
+    const NAME: &'static str = "kick";
+
+    fn command(&self) -> &str {
+        &self.command
+    }
+
+    fn date(&self) -> &str {
+        &self.date
+    }
+
+    fn to_markdown(&self) -> String {
+        KickReport::to_markdown(self)
+    }
 }
 
 #[cfg(test)]

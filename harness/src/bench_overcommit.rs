@@ -81,7 +81,9 @@ impl RunningFleet {
         cgroup_procs: Option<&Path>,
     ) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let mut children = Vec::new();
+        // The children go into the fleet as they start: a failure half way drops it, which kills
+        // those already running.
+        let mut fleet = Self { dir: dir.to_path_buf(), children: Vec::new() };
         for i in 0..spec.vms {
             let name = format!("{prefix}{i}");
             let socket = dir.join(format!("zapvm-{name}.sock"));
@@ -121,13 +123,22 @@ impl RunningFleet {
                 .stderr(Stdio::piped())
                 .spawn()
                 .map_err(|e| format!("cannot start {}: {e}", zapvm.display()))?;
-            children.push((name, child));
+            fleet.children.push((name, child));
         }
-        let fleet = Self { dir: dir.to_path_buf(), children };
         let deadline = Instant::now() + Duration::from_secs(60);
-        for (name, _) in &fleet.children {
+        for (name, child) in &mut fleet.children {
             let socket = dir.join(format!("zapvm-{name}.sock"));
             while !socket.exists() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let mut stderr = String::new();
+                    if let Some(mut pipe) = child.stderr.take() {
+                        let _ = pipe.read_to_string(&mut stderr);
+                    }
+                    return Err(format!(
+                        "{name} ended ({status}) before its control socket existed: {}",
+                        stderr.trim()
+                    ));
+                }
                 if Instant::now() > deadline {
                     return Err(format!("{name}: no control socket after 60 s"));
                 }
@@ -137,9 +148,8 @@ impl RunningFleet {
         Ok(fleet)
     }
 
-    /// Ends every VM still running (QMP quit, then kill) and returns, per VM, whether it ran
-    /// clean: alive until now and ended with status 0, and its output.
-    pub fn stop(mut self) -> Vec<(String, bool, String)> {
+    /// Ends every VM still running (QMP quit, then kill) and returns how each ended.
+    pub fn stop(mut self) -> Vec<VmEnd> {
         let mut out = Vec::new();
         for (name, child) in &mut std::mem::take(&mut self.children) {
             let socket = self.dir.join(format!("zapvm-{name}.sock"));
@@ -164,10 +174,24 @@ impl RunningFleet {
                 let mut p = pipe;
                 let _ = p.read_to_string(&mut text);
             }
-            out.push((name.clone(), alive && status.is_some_and(|s| s.success()), text));
+            let clean = alive && status.is_some_and(|s| s.success());
+            out.push(VmEnd { name: name.clone(), alive, clean, output: text });
         }
         out
     }
+}
+
+/// How one VM of a [`RunningFleet`] ended.
+#[derive(Clone, Debug)]
+pub struct VmEnd {
+    /// The VM's name.
+    pub name: String,
+    /// It was still running when the fleet was stopped.
+    pub alive: bool,
+    /// Alive until stopped, and it then exited with status 0.
+    pub clean: bool,
+    /// Its standard output and error.
+    pub output: String,
 }
 
 impl Drop for RunningFleet {
@@ -263,7 +287,8 @@ pub struct PolicyResult {
     pub governor: Option<crate::governor::GovernorMetrics>,
     /// With the budget enforced in a memory cgroup: the processes its OOM killer killed.
     pub cgroup_oom_kills: Option<u64>,
-    /// VMs that were no longer running when the run ended (killed, or failed).
+    /// VMs that were no longer running when the run ended (killed, or failed); a VM that ran to
+    /// the end and then did not exit cleanly is not lost but makes `verification_clean` false.
     pub vms_lost: usize,
     /// The samples.
     pub samples: Vec<Sample>,
@@ -320,33 +345,23 @@ fn run_policy(
 ) -> Result<PolicyResult, String> {
     let dir = base_dir.join(name);
     let cgroup = if enforced {
+        // Removed when dropped, after the fleet (declared later, dropped first) killed its VMs.
         let cg = Cgroup::create(&format!("zapvm-bench-overcommit-{}-{name}", std::process::id()))?;
-        if let Err(e) = cg.enforce(req.budget) {
-            let _ = cg.remove();
-            return Err(e);
-        }
+        cg.enforce(req.budget)?;
         Some(cg)
     } else {
         None
     };
-    let fleet = match RunningFleet::start_in(
+    let fleet = RunningFleet::start_in(
         zapvm,
         &dir,
         &format!("oc-{name}-"),
         &req.fleet,
         cgroup.as_ref().map(|c| c.procs_file()).as_deref(),
-    ) {
-        Ok(f) => f,
-        Err(e) => {
-            if let Some(cg) = &cgroup {
-                let _ = cg.remove();
-            }
-            return Err(e);
-        }
-    };
+    )?;
     let names: Vec<String> = fleet.children.iter().map(|(n, _)| n.clone()).collect();
     let config = PolicyConfig { budget: req.budget, ..req.policy.clone() };
-    let watched = if mode == Mode::Govern { cgroup.clone() } else { None };
+    let watched = if mode == Mode::Govern { cgroup.as_ref().map(|c| Cgroup::clone(c)) } else { None };
     let mut gov = Governor::new(Fleet::Dir(dir.clone()), mode, config, watched)?;
     let start = Instant::now();
     let mut samples = Vec::new();
@@ -384,25 +399,19 @@ fn run_policy(
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
     let ends = fleet.stop();
-    let clean = ends.iter().all(|(_, ok, _)| *ok);
-    for (vm, ok, text) in &ends {
-        if !ok {
-            tracing::warn!(vm = %vm, output = %text, "bench overcommit: VM did not run clean");
+    let clean = ends.iter().all(|end| end.clean);
+    for end in &ends {
+        if !end.clean {
+            tracing::warn!(vm = %end.name, output = %end.output, "bench overcommit: VM did not run clean");
         }
     }
     let mut result =
         summarise(name, req, samples, clean, (mode == Mode::Govern).then(|| gov.metrics.clone()));
-    result.vms_lost = ends.iter().filter(|(_, ok, _)| !ok).count();
-    if let Some(cg) = &cgroup {
+    result.vms_lost = ends.iter().filter(|end| !end.alive).count();
+    if let Some(cg) = cgroup {
         result.cgroup_oom_kills = Some(cg.oom_kills()?);
-        // The VMs are gone (stopped or killed) and the shells became them: the cgroup is empty.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while let Err(e) = cg.remove() {
-            if Instant::now() > deadline {
-                return Err(e);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // The VMs are gone (stopped or killed) and the shells became them: the cgroup empties.
+        cg.remove()?;
     }
     Ok(result)
 }

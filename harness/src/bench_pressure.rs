@@ -66,7 +66,6 @@
 #![allow(clippy::manual_is_multiple_of)]
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -735,8 +734,7 @@ pub fn cli(args: PressureRequest) -> Result<std::process::ExitCode, String> {
             std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let report: PressureReport = serde_json::from_str(&text)
             .map_err(|e| format!("{} is not a report of `zapvm bench pressure`: {e}", path.display()))?;
-        print!("{}", report.to_markdown());
-        write_outputs(&report, &args.out)?;
+        crate::bench_export::print_and_write(&report, &args.out, write_outputs)?;
         return Ok(std::process::ExitCode::SUCCESS);
     }
     let base = if args.full { PressureOptions::full() } else { PressureOptions::quick() };
@@ -753,42 +751,15 @@ pub fn cli(args: PressureRequest) -> Result<std::process::ExitCode, String> {
         seed: args.seed,
         max_period: base.max_period,
     };
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.enable_steady_tick(Duration::from_millis(200));
-        bar
-    });
-    let report = run(&opts, &mut |line| match &bar {
-        Some(bar) => bar.println(line),
-        None => eprintln!("{line}"),
-    });
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
-    let report = report?;
-    let markdown = report.to_markdown();
-    print!("{markdown}");
-    write_outputs(&report, &args.out)?;
+    let report = crate::bench_export::run_with_progress(None, |progress| run(&opts, progress))?;
+    crate::bench_export::print_and_write(&report, &args.out, write_outputs)?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Writes `pressure.json` (and its flat export `pressure.flat.json`), `pressure.md`,
 /// `pressure.svg` and the plotted points as `pressure.csv` into `dir` (created if missing).
-pub fn write_outputs(report: &PressureReport, dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let wrote = |path: &Path| eprintln!("wrote {}", path.display());
-    crate::bench_export::write_json_report("pressure", &dir.join("pressure.json"), report)?
-        .iter()
-        .for_each(|p| wrote(p));
-    let md = dir.join("pressure.md");
-    std::fs::write(&md, format!("`{}` on {}\n\n{}", report.command, report.date, report.to_markdown()))
-        .map_err(|e| format!("cannot write {}: {e}", md.display()))?;
-    wrote(&md);
-    let svg = dir.join("pressure.svg");
-    crate::bench_plot::pressure_svg(report, &svg)?;
-    wrote(&svg);
-    wrote(&crate::bench_export::write_plot_csv(&svg, &report.points)?);
-    Ok(())
+pub fn write_outputs(report: &PressureReport, dir: &Path) -> Result<Vec<PathBuf>, String> {
+    crate::bench_export::write_outputs(report, dir, crate::bench_plot::pressure_svg, &report.points)
 }
 
 #[cfg(test)]

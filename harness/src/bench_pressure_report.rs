@@ -372,3 +372,19 @@ mod tests {
         assert_eq!(size_label(3 << 19), "1536K");
     }
 }
+
+impl crate::bench_export::BenchReport for PressureReport {
+    const NAME: &'static str = "pressure";
+
+    fn command(&self) -> &str {
+        &self.command
+    }
+
+    fn date(&self) -> &str {
+        &self.date
+    }
+
+    fn to_markdown(&self) -> String {
+        PressureReport::to_markdown(self)
+    }
+}

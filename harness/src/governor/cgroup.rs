@@ -41,9 +41,10 @@ impl Cgroup {
 
     /// A new memory cgroup `name` in the host's memory hierarchy: cgroup v1's
     /// `/sys/fs/cgroup/memory`, else v2's `/sys/fs/cgroup` where it hands the memory controller to
-    /// its children. For processes the caller starts inside it ([`Cgroup::procs_file`]); remove
-    /// it with [`Cgroup::remove`] once they are gone.
-    pub fn create(name: &str) -> Result<Self, String> {
+    /// its children. For processes the caller starts inside it ([`Cgroup::procs_file`]). The
+    /// returned [`CreatedCgroup`] removes it when dropped, also on an early return or a panic;
+    /// [`CreatedCgroup::remove`] removes it and says whether that worked.
+    pub fn create(name: &str) -> Result<CreatedCgroup, String> {
         let v1 = Path::new("/sys/fs/cgroup/memory");
         let v2 = Path::new("/sys/fs/cgroup");
         let parent = if v1.join("memory.limit_in_bytes").is_file() {
@@ -59,7 +60,13 @@ impl Cgroup {
         };
         let dir = parent.join(name);
         std::fs::create_dir(&dir).map_err(|e| format!("cannot create the cgroup {}: {e}", dir.display()))?;
-        Self::open(&dir)
+        match Self::open(&dir) {
+            Ok(cgroup) => Ok(CreatedCgroup { cgroup, removed: false }),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                Err(e)
+            }
+        }
     }
 
     /// The cgroup's directory.
@@ -91,6 +98,57 @@ impl Cgroup {
     pub fn remove(&self) -> Result<(), String> {
         std::fs::remove_dir(self.dir())
             .map_err(|e| format!("cannot remove the cgroup {}: {e}", self.dir().display()))
+    }
+}
+
+/// A cgroup this process created ([`Cgroup::create`]): removed when dropped.
+///
+/// The kernel removes a cgroup directory only once no process is in it, and a process killed a
+/// moment ago may still be leaving: removal retries for up to [`CreatedCgroup::REMOVE_WAIT`].
+/// Drop the processes' owner (which kills them) before this.
+#[derive(Debug)]
+pub struct CreatedCgroup {
+    cgroup: Cgroup,
+    removed: bool,
+}
+
+impl CreatedCgroup {
+    /// How long removal waits for the cgroup's last processes to leave.
+    pub const REMOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Removes the cgroup, waiting up to [`CreatedCgroup::REMOVE_WAIT`] for it to empty.
+    pub fn remove(mut self) -> Result<(), String> {
+        self.removed = true;
+        Self::remove_dir(&self.cgroup)
+    }
+
+    fn remove_dir(cgroup: &Cgroup) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + Self::REMOVE_WAIT;
+        loop {
+            match cgroup.remove() {
+                Ok(()) => return Ok(()),
+                Err(e) if std::time::Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for CreatedCgroup {
+    type Target = Cgroup;
+
+    fn deref(&self) -> &Cgroup {
+        &self.cgroup
+    }
+}
+
+impl Drop for CreatedCgroup {
+    fn drop(&mut self) {
+        if !self.removed {
+            if let Err(e) = Self::remove_dir(&self.cgroup) {
+                tracing::warn!(error = %e, "a created cgroup is left behind");
+            }
+        }
     }
 }
 
